@@ -1,0 +1,280 @@
+"""Export a pipeline into a bundle folder, atomically.
+
+Everything is written into a hidden staging folder beside the output; ``manifest.json`` is written last and the
+folder is renamed into place only when every component was exported, checked against PyTorch and built for the
+target. A failed or interrupted export leaves no folder that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lcm_export.errors import ExportError
+from lcm_export.exporter.components import build_components
+from lcm_export.exporter.loading import LoadedPipeline, load_pipeline
+from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, validate_onnx
+from lcm_export.exporter.schedule import lcm_scheduler_from, scheduler_info
+from lcm_export.runtime.manifest import (
+    MANIFEST_NAME,
+    Artifact,
+    Component,
+    Manifest,
+    PipelineInfo,
+    TokenizerInfo,
+    file_entry,
+)
+from lcm_export.runtime.specs import ShapeRange
+
+TARGETS = ("onnx", "tensorrt", "coreml")
+PRECISIONS = ("fp32", "fp16")
+DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """One LoRA to fuse: a safetensors file or a hub id, and its weight λ."""
+
+    source: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything one export needs; the CLI only builds this and calls :func:`export_bundle`."""
+
+    model: str
+    output: Path
+    target: str = "onnx"
+    precision: str = "fp32"
+    loras: tuple[LoraSource, ...] = ()
+    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    max_steps: int = 8
+    opset: int = DEFAULT_OPSET
+    # Shapes engines are built for (ONNX stays dynamic): N or (MIN, OPT, MAX); None = the model's default size.
+    batch: tuple[int, int, int] = (1, 1, 1)
+    height: tuple[int, int, int] | None = None
+    width: tuple[int, int, int] | None = None
+    dynamic: bool = False  # no explicit ranges: batch 1-4 and 0.5x-1.5x the default size
+    tiny_vae: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    target_options: dict[str, Any] = field(default_factory=dict)  # per-target settings (TensorRT, CoreML)
+
+
+def check_config(config: ExportConfig) -> None:
+    """Reject bad options before any model is loaded."""
+    if config.target not in TARGETS:
+        raise ExportError(f"--target {config.target}: pick one of {', '.join(TARGETS)}")
+    if config.precision not in PRECISIONS:
+        raise ExportError(f"--precision {config.precision}: pick one of {', '.join(PRECISIONS)}")
+    if config.output.exists() and not config.overwrite:
+        raise ExportError(f"--output '{config.output}' already exists: pass --overwrite or another folder")
+    if config.output.exists() and not config.output.is_dir():
+        raise ExportError(f"--output '{config.output}' is a file: pass a folder path")
+    unknown = [name for name in config.components if name not in DEFAULT_COMPONENTS]
+    if unknown:
+        raise ExportError(f"unknown component(s) {', '.join(unknown)}: pick from {', '.join(DEFAULT_COMPONENTS)}")
+
+
+def engine_shape_range(config: ExportConfig, info: PipelineInfo, sequence: int) -> ShapeRange:
+    """The min/opt/max shapes engines are built for, from the config and the model's default size."""
+
+    def around(default: int) -> tuple[int, int, int]:
+        if not config.dynamic:
+            return (default, default, default)
+        multiple = info.spatial_multiple
+        low = max(multiple, default // 2 // multiple * multiple)
+        high = (default * 3 // 2 + multiple - 1) // multiple * multiple
+        return (low, default, high)
+
+    height = config.height or around(info.default_height)
+    width = config.width or around(info.default_width)
+    batch = (1, config.batch[1], max(config.batch[2], 4)) if config.dynamic and config.batch == (1, 1, 1) else config.batch
+    for name, values in (("height", height), ("width", width)):
+        if any(value % info.spatial_multiple for value in values):
+            raise ExportError(
+                f"--{name} {':'.join(map(str, values))}: every value must be a multiple of {info.spatial_multiple} "
+                "(the VAE and U-Net down-sampling of this model)"
+            )
+    return ShapeRange(batch, height, width, sequence)
+
+
+def _progress(items: list[str], quiet: bool, description: str):  # noqa: ANN202
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, disable=quiet, unit="component")
+
+
+def _write_ecosystem_files(loaded: LoadedPipeline, staging: Path, config: ExportConfig) -> None:
+    """Tokenizer, scheduler config, per-component config.json and model_index.json, laid out like optimum."""
+    pipeline = loaded.pipeline
+    pipeline.tokenizer.save_pretrained(str(staging / "tokenizer"))
+    scheduler = lcm_scheduler_from(pipeline.scheduler.config)
+    scheduler.save_pretrained(str(staging / "scheduler"))
+    configs = {
+        "text_encoder": pipeline.text_encoder.config.to_dict(),
+        "unet": dict(pipeline.unet.config),
+        "vae_decoder": dict(pipeline.vae.config),
+        "vae_encoder": dict(pipeline.vae.config),
+    }
+    for name in config.components:
+        (staging / name).mkdir(parents=True, exist_ok=True)
+        (staging / name / "config.json").write_text(json.dumps(configs[name], indent=2, default=str) + "\n")
+    index = {key: value for key, value in dict(pipeline.config).items()}
+    index["_class_name"] = type(pipeline).__name__
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    for drop in ("vae", "safety_checker", "feature_extractor", "image_encoder"):
+        index.pop(drop, None)
+    index["vae_decoder"] = ["diffusers", "AutoencoderKL"]
+    if "vae_encoder" in config.components:
+        index["vae_encoder"] = ["diffusers", "AutoencoderKL"]
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2, default=str) + "\n")
+
+
+def _tokenizer_info(loaded: LoadedPipeline, staging: Path) -> TokenizerInfo:
+    tokenizer = loaded.pipeline.tokenizer
+    if not (staging / "tokenizer" / "tokenizer.json").is_file():
+        raise ExportError("the tokenizer could not be saved as tokenizer.json (a fast CLIP tokenizer is required)")
+    return TokenizerInfo(
+        name="tokenizer",
+        path="tokenizer/tokenizer.json",
+        max_length=int(tokenizer.model_max_length),
+        pad_id=int(tokenizer.pad_token_id),
+    )
+
+
+def _provenance(config: ExportConfig) -> dict[str, Any]:
+    import importlib.metadata
+
+    import lcm_export
+
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "peft"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {
+        "source_model": config.model,
+        "exporter": f"lcm-export {lcm_export.__version__}",
+        "opset": config.opset,
+        "versions": versions,
+    }
+
+
+def export_bundle(config: ExportConfig) -> Manifest:
+    """Export ``config.model`` to a bundle at ``config.output``; returns the manifest written."""
+    check_config(config)
+    output = config.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        manifest = _export_into(config, staging)
+        if output.exists():
+            retired = output.parent / f".{output.name}.old-{os.getpid()}"
+            output.rename(retired)
+            shutil.rmtree(retired, ignore_errors=True)
+        staging.rename(output)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_into(config: ExportConfig, staging: Path) -> Manifest:
+    loras: list[dict[str, Any]] = []
+    if config.loras:
+        from lcm_export.exporter.lora import check_lora_sources
+
+        check_lora_sources(config.loras)
+    loaded = load_pipeline(config.model, has_loras=bool(config.loras))
+    if config.loras:
+        from lcm_export.exporter.lora import fuse_loras
+
+        loras = fuse_loras(loaded, config.loras)
+    staging.mkdir(parents=True)
+    _write_ecosystem_files(loaded, staging, config)
+
+    multiple = loaded.spatial_multiple
+    default_height = int(loaded.unet.config.sample_size) * loaded.vae_scale_factor
+    trace_values = ShapeRange.static(1, multiple * 2, multiple * 2).symbol_values("opt", loaded.vae_scale_factor)
+    check_values = ShapeRange.static(2, multiple * 3, multiple * 2).symbol_values("opt", loaded.vae_scale_factor)
+    tokenizer = _tokenizer_info(loaded, staging)
+    trace_values["sequence"] = check_values["sequence"] = tokenizer.max_length
+
+    components: dict[str, Component] = {}
+    exportables = build_components(loaded, list(config.components))
+    for name in _progress(list(exportables), config.quiet, "export ONNX"):
+        component = exportables[name]
+        onnx_path = staging / name / "model.onnx"
+        spec = export_to_onnx(component, onnx_path, trace_values, precision=config.precision, opset=config.opset)
+        report = validate_onnx(component, onnx_path, spec, check_values)
+        if report.failures:
+            details = "; ".join(
+                f"{out}: max abs {report.max_abs_error[out]:.3g} > {report.tolerance[out]:.3g}" for out in report.failures
+            )
+            raise ExportError(f"{name}: the ONNX export does not match PyTorch ({details})")
+        precision = "fp16" if any(t.dtype == "float16" for t in spec.outputs) else "fp32"
+        components[name] = Component(
+            spec=spec,
+            artifacts={"onnx": Artifact("onnx", f"{name}/model.onnx", precision)},
+            validation={"against": "pytorch fp32", **report.to_json()},
+        )
+
+    pipeline_info = PipelineInfo(
+        family=loaded.family,
+        guidance=loaded.guidance,
+        time_cond_proj_dim=loaded.unet.config.time_cond_proj_dim,
+        latent_channels=int(loaded.unet.config.in_channels),
+        vae="autoencoder_kl",
+        vae_scale_factor=loaded.vae_scale_factor,
+        vae_scaling_factor=loaded.vae_scaling_factor,
+        vae_shift_factor=loaded.vae_shift_factor,
+        spatial_multiple=multiple,
+        default_height=default_height,
+        default_width=default_height,
+    )
+    components = _build_target(config, staging, components, pipeline_info, loaded)
+
+    files = tuple(
+        file_entry(staging, path)
+        for path in sorted(staging.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    )
+    manifest = Manifest(
+        target=config.target,
+        precision=config.precision,
+        pipeline=pipeline_info,
+        scheduler=scheduler_info(dict(loaded.pipeline.scheduler.config), config.max_steps),
+        tokenizers=(tokenizer,),
+        components=components,
+        files=files,
+        provenance=_provenance(config),
+        loras=tuple(loras),
+    )
+    manifest.write(staging)
+    return manifest
+
+
+def _build_target(
+    config: ExportConfig,
+    staging: Path,
+    components: dict[str, Component],
+    pipeline_info: PipelineInfo,
+    loaded: LoadedPipeline,
+) -> dict[str, Component]:
+    """Turn the checked ONNX files into the target's artifacts (the ONNX target keeps them as they are)."""
+    if config.target == "onnx":
+        return components
+    if config.target == "tensorrt":
+        from lcm_export.targets.tensorrt import build_bundle_engines
+
+        return build_bundle_engines(config, staging, components, pipeline_info)
+    from lcm_export.targets.coreml import build_bundle_mlpackages
+
+    return build_bundle_mlpackages(config, staging, components, pipeline_info, loaded)

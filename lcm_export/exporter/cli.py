@@ -1,0 +1,128 @@
+"""``lcm-export MODEL --target onnx|tensorrt|coreml --output DIR``: builds an :class:`ExportConfig`, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lcm_export.errors import ExportError, run_cli
+
+
+def parse_lora(value: str):  # noqa: ANN201
+    """``PATH_OR_ID[:WEIGHT]`` -> LoraSource; the weight must be a number."""
+    from lcm_export.exporter.bundle import LoraSource
+
+    source, weight = value, 1.0
+    head, separator, tail = value.rpartition(":")
+    if separator and head and not (len(head) == 1 and head.isalpha()):  # not a Windows drive letter
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise ExportError(
+                f"--lora '{value}': weight '{tail}' is not a number: use PATH_OR_ID or PATH_OR_ID:WEIGHT (e.g. :0.5)"
+            ) from None
+        source = head
+    return LoraSource(source, weight)
+
+
+def _size_triple(name: str, value: str) -> tuple[int, int, int]:
+    """``N`` -> (N, N, N); ``MIN:OPT:MAX`` -> that range."""
+    try:
+        parts = [int(part) for part in value.split(":")]
+    except ValueError:
+        raise ExportError(f"--{name} '{value}': pass an integer or MIN:OPT:MAX") from None
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or not 0 < parts[0] <= parts[1] <= parts[2]:
+        raise ExportError(f"--{name} '{value}': pass an integer or MIN:OPT:MAX with 0 < MIN <= OPT <= MAX")
+    return parts[0], parts[1], parts[2]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lcm-export",
+        description="Export a Latent Consistency Model (or base SD + LCM-LoRA) into a runnable bundle.",
+    )
+    parser.add_argument("model", help="diffusers pipeline folder, hub id, or builtin:tiny-lcm / builtin:tiny-sd")
+    parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write")
+    parser.add_argument("--target", default="onnx", help="onnx (default), tensorrt or coreml")
+    parser.add_argument("--precision", default="fp32", help="fp32 (default) or fp16 (the VAE stays fp32)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:WEIGHT]",
+                        help="LoRA to fuse into the U-Net (repeatable; weight defaults to 1.0)")
+    parser.add_argument("--max-steps", type=int, default=8, help="precompute LCM schedules for 1..N steps")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder (text-to-image only)")
+    parser.add_argument("--height", default=None, help="engine height: N or MIN:OPT:MAX (default: model size)")
+    parser.add_argument("--width", default=None, help="engine width: N or MIN:OPT:MAX (default: model size)")
+    parser.add_argument("--batch", default="1", help="engine images per call: N or MIN:OPT:MAX (default 1)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="engines accept a range of shapes: batch 1-4, 0.5x-1.5x the default size")
+    parser.add_argument("--tiny-vae", default=None, metavar="PATH",
+                        help="AutoencoderTiny (TAESD) folder whose decoder replaces the VAE decoder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    trt = parser.add_argument_group("TensorRT")
+    trt.add_argument("--trt-flavor", default="auto", help="auto, tensorrt or rtx (TensorRT for RTX)")
+    trt.add_argument("--compute-capability", action="append", default=[], metavar="SM",
+                     help="TensorRT-RTX target GPUs, e.g. 86 or SM89 (repeatable; default: the builder's)")
+    trt.add_argument("--builder-optimization-level", type=int, default=3)
+    trt.add_argument("--workspace", default=None, help="builder workspace limit, e.g. 4GiB")
+    trt.add_argument("--timing-cache", type=Path, default=None, help="timing cache file (read and updated)")
+    trt.add_argument("--keep-onnx", action="store_true", help="keep the ONNX the engines were built from")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):  # noqa: ANN201
+    from lcm_export.exporter.bundle import DEFAULT_COMPONENTS, ExportConfig
+
+    components = tuple(c for c in DEFAULT_COMPONENTS if not (args.no_vae_encoder and c == "vae_encoder"))
+    return ExportConfig(
+        model=args.model,
+        output=args.output,
+        target=args.target,
+        precision=args.precision,
+        loras=tuple(parse_lora(value) for value in args.lora),
+        components=components,
+        max_steps=args.max_steps,
+        opset=args.opset,
+        batch=_size_triple("batch", args.batch),
+        height=_size_triple("height", args.height) if args.height else None,
+        width=_size_triple("width", args.width) if args.width else None,
+        dynamic=args.dynamic,
+        tiny_vae=args.tiny_vae,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        target_options={
+            "trt_flavor": args.trt_flavor,
+            "compute_capabilities": tuple(args.compute_capability),
+            "builder_optimization_level": args.builder_optimization_level,
+            "workspace": args.workspace,
+            "timing_cache": args.timing_cache,
+            "keep_onnx": args.keep_onnx,
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    from lcm_export.exporter.bundle import export_bundle
+
+    manifest = export_bundle(config)
+    if not args.quiet:
+        for name, component in manifest.components.items():
+            errors = component.validation.get("max_abs_error", {})
+            worst = max(errors.values()) if errors else float("nan")
+            formats = ", ".join(component.artifacts)
+            print(f"  {name:<13} {formats:<16} max abs vs PyTorch {worst:.2e}")
+        print(f"bundle written to {config.output} (target {manifest.target}, {manifest.precision})")
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry_point()

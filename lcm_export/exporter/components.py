@@ -1,0 +1,169 @@
+"""Per-component specs and the torch modules that implement them.
+
+Each exported component is a :class:`ExportableComponent`: a :class:`ComponentSpec` (names, dtypes, symbolic
+shapes, tolerance) and a small ``torch.nn.Module`` whose ``forward`` takes the spec's inputs in order and returns
+its outputs in order. I/O names follow optimum's ONNX diffusers layout so optimum-style loaders can open bundles.
+
+``timestep_cond`` appears only when the U-Net has ``time_cond_proj_dim``. The next family (SDXL) adds
+``text_embeds`` and ``time_ids`` to the U-Net spec and a second text encoder whose spec lists
+``hidden_states.N`` outputs; nothing else here changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lcm_export.exporter.loading import LoadedPipeline
+from lcm_export.runtime.specs import ComponentSpec, TensorSpec
+
+
+@dataclass
+class ExportableComponent:
+    spec: ComponentSpec
+    module: Any  # torch.nn.Module with forward(*inputs in spec order) -> tuple of outputs in spec order
+
+
+def _text_encoder(loaded: LoadedPipeline) -> ExportableComponent:
+    import torch
+
+    encoder = loaded.pipeline.text_encoder
+    hidden = encoder.config.hidden_size
+    cfg = 2 if loaded.guidance == "cfg" else 1
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            output = self.encoder(input_ids=input_ids, return_dict=True)
+            return output.last_hidden_state, output.pooler_output  # (B, S, D), (B, D)
+
+    spec = ComponentSpec(
+        name="text_encoder",
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        outputs=(
+            TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),
+            TensorSpec("pooler_output", "float32", ("batch", hidden)),
+        ),
+        atol=1e-4,
+        batch_multiplier=cfg,
+    )
+    return ExportableComponent(spec, TextEncoder().eval())
+
+
+def _unet(loaded: LoadedPipeline) -> ExportableComponent:
+    import torch
+
+    unet = loaded.unet
+    config = unet.config
+    channels = config.in_channels
+    has_cond = config.time_cond_proj_dim is not None
+    cfg = 2 if loaded.guidance == "cfg" else 1
+
+    inputs = [
+        TensorSpec("sample", "float32", ("batch", channels, "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ()),  # scalar, like optimum's export
+        TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", config.cross_attention_dim)),
+    ]
+    if has_cond:
+        inputs.append(TensorSpec("timestep_cond", "float32", ("batch", config.time_cond_proj_dim)))
+
+    class UNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):  # noqa: ANN001
+            output = self.unet(
+                sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False
+            )[0]
+            return (output,)  # (B, C, h, w)
+
+    spec = ComponentSpec(
+        name="unet",
+        inputs=tuple(inputs),
+        outputs=(TensorSpec("out_sample", "float32", ("batch", config.out_channels, "latent_height", "latent_width")),),
+        atol=1e-4,
+        batch_multiplier=cfg,
+    )
+    return ExportableComponent(spec, UNet().eval())
+
+
+def _vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
+    import torch
+
+    vae = loaded.pipeline.vae
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.vae.decode(latent_sample, return_dict=False)[0],)  # (B, 3, H, W) in [-1, 1]
+
+    spec = ComponentSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec("latent_sample", "float32", ("batch", vae.config.latent_channels, "latent_height", "latent_width")),),
+        outputs=(TensorSpec("sample", "float32", ("batch", vae.config.out_channels, "image_height", "image_width")),),
+        atol=3e-4,
+        keep_fp32=True,
+    )
+    return ExportableComponent(spec, VaeDecoder().eval())
+
+
+def _vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
+    import torch
+
+    vae = loaded.pipeline.vae
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor]:
+            # Mean and log-variance of the latent distribution, concatenated on channels: (B, 2C, h, w).
+            return (self.vae.encode(sample, return_dict=False)[0].parameters,)
+
+    latent = vae.config.latent_channels
+    spec = ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("sample", "float32", ("batch", vae.config.in_channels, "image_height", "image_width")),),
+        outputs=(TensorSpec("latent_parameters", "float32", ("batch", 2 * latent, "latent_height", "latent_width")),),
+        atol=3e-4,
+        keep_fp32=True,
+    )
+    return ExportableComponent(spec, VaeEncoder().eval())
+
+
+COMPONENT_BUILDERS = {
+    "text_encoder": _text_encoder,
+    "unet": _unet,
+    "vae_decoder": _vae_decoder,
+    "vae_encoder": _vae_encoder,
+}
+
+
+def build_components(loaded: LoadedPipeline, names: list[str]) -> dict[str, ExportableComponent]:
+    """The exportable components of ``loaded``, in ``names`` order."""
+    return {name: COMPONENT_BUILDERS[name](loaded) for name in names}
+
+
+def sample_inputs(spec: ComponentSpec, values: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic sample inputs for tracing and validation, shaped by ``values`` of the spec's symbols."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tensor.concrete_shape(values)
+        if tensor.name == "input_ids":
+            feeds[tensor.name] = rng.integers(0, 1000, size=shape).astype(tensor.dtype)  # any vocab has 1000 ids
+        elif tensor.name == "timestep":
+            feeds[tensor.name] = np.array(499.0, dtype=tensor.dtype)
+        else:
+            feeds[tensor.name] = rng.standard_normal(shape).astype(tensor.dtype)
+    return feeds

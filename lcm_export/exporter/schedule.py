@@ -1,0 +1,62 @@
+"""LCM scheduler tables computed at export with diffusers' own ``LCMScheduler``.
+
+The bundle's scheduler is LCM's, built from the model's scheduler config (``LCMScheduler.from_config``), so a base
+Stable Diffusion model with LCM-LoRA gets the same tables as diffusers gives it after
+``pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)``. Each value is computed exactly as
+``LCMScheduler.step`` computes it (float32 tensors), so the numpy step reproduces it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lcm_export.errors import ExportError
+from lcm_export.runtime.manifest import SchedulerInfo, StepTable
+
+
+def lcm_scheduler_from(config: dict[str, Any]) -> Any:
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(config)
+
+
+def step_table(scheduler: Any, num_inference_steps: int) -> StepTable:
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = scheduler.timesteps  # int64 tensor
+    columns: dict[str, list] = {name: [] for name in StepTable.__dataclass_fields__}
+    for index, timestep in enumerate(timesteps):
+        next_timestep = timesteps[index + 1] if index + 1 < len(timesteps) else timestep
+        alpha = scheduler.alphas_cumprod[timestep]
+        alpha_next = scheduler.alphas_cumprod[next_timestep] if next_timestep >= 0 else scheduler.final_alpha_cumprod
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timestep)
+        columns["timesteps"].append(int(timestep))
+        columns["c_skip"].append(float(c_skip))
+        columns["c_out"].append(float(c_out))
+        columns["sqrt_alpha_prod"].append(float(alpha.sqrt()))
+        columns["sqrt_beta_prod"].append(float((1 - alpha).sqrt()))
+        columns["sqrt_alpha_prod_next"].append(float(alpha_next.sqrt()))
+        columns["sqrt_beta_prod_next"].append(float((1 - alpha_next).sqrt()))
+    return StepTable(**{name: tuple(values) for name, values in columns.items()})
+
+
+def scheduler_info(config: dict[str, Any], max_steps: int) -> SchedulerInfo:
+    """Tables for 1..``max_steps`` steps (capped by the schedule's length) and the step's options."""
+    scheduler = lcm_scheduler_from(config)
+    original_steps = int(scheduler.config.original_inference_steps)
+    if max_steps < 1:
+        raise ExportError(f"--max-steps {max_steps}: pass at least 1")
+    tables = {steps: step_table(scheduler, steps) for steps in range(1, min(max_steps, original_steps) + 1)}
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ExportError(f"scheduler prediction_type {prediction_type!r} is not supported by the LCM step")
+    return SchedulerInfo(
+        prediction_type=prediction_type,
+        tables=tables,
+        init_noise_sigma=float(scheduler.init_noise_sigma),
+        clip_sample=bool(scheduler.config.clip_sample),
+        clip_sample_range=float(scheduler.config.clip_sample_range),
+        thresholding=bool(scheduler.config.thresholding),
+        dynamic_thresholding_ratio=float(scheduler.config.dynamic_thresholding_ratio),
+        sample_max_value=float(scheduler.config.sample_max_value),
+        config={key: value for key, value in dict(scheduler.config).items() if not key.startswith("_")},
+    )

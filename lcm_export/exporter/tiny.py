@@ -1,0 +1,164 @@
+"""Tiny random-weight diffusers pipelines, built with diffusers' own classes and saved with ``save_pretrained``.
+
+They are the built-in demo model (``lcm-export builtin:tiny-lcm``) and the test fixtures: every load then goes
+through the real loading code. The tokenizer is the real CLIP BPE table, taken from the ``open-clip-torch`` wheel
+(installed with ``--no-deps``) without importing ``open_clip``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lcm_export.errors import ExportError
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_BOS_ID = 49406
+CLIP_EOS_ID = 49407
+
+
+@dataclass(frozen=True)
+class TinyPipelineConfig:
+    """Shapes of a tiny pipeline; every field can be varied to test shapes the exporter has not seen."""
+
+    kind: str = "lcm"  # "lcm": U-Net with time_cond_proj_dim; "sd": base Stable Diffusion (for LCM-LoRA)
+    unet_block_out_channels: tuple[int, ...] = (32, 64)
+    unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
+    unet_up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
+    unet_layers_per_block: int = 1
+    attention_head_dim: int | tuple[int, ...] = 8
+    norm_num_groups: int = 8
+    cross_attention_dim: int = 32
+    time_cond_proj_dim: int = 32
+    sample_size: int = 16
+    latent_channels: int = 4
+    vae_block_out_channels: tuple[int, ...] = (16, 32)
+    vae_norm_num_groups: int = 8
+    vae_scaling_factor: float = 0.18215
+    text_hidden_size: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    scheduler: dict = field(default_factory=dict)  # overrides of the LCMScheduler config
+    seed: int = 0
+
+
+def clip_bpe_file() -> Path:
+    """Locate ``bpe_simple_vocab_16e6.txt.gz`` inside the installed open-clip-torch wheel (not imported)."""
+    try:
+        files = importlib.metadata.files("open_clip_torch") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if entry.name == "bpe_simple_vocab_16e6.txt.gz":
+            return Path(str(entry.locate()))
+    raise ExportError(
+        "the CLIP BPE table was not found: install it with `pip install --no-deps open-clip-torch` "
+        "(the tiny pipelines use the real CLIP tokenizer)"
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes), strict=True))
+
+
+def write_clip_tokenizer_files(directory: Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` equal to OpenAI CLIP's, built from the BPE table."""
+    lines = gzip.open(clip_bpe_file(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [token + "</w>" for token in base] + ["".join(pair) for pair in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in merges) + "\n")
+
+
+def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | None = None) -> Path:
+    """Build a random tiny pipeline with diffusers' classes and ``save_pretrained`` it to ``output_dir``."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    config = config or TinyPipelineConfig()
+    output_dir = Path(output_dir)
+    torch.manual_seed(config.seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=config.unet_block_out_channels,
+        layers_per_block=config.unet_layers_per_block,
+        sample_size=config.sample_size,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        down_block_types=config.unet_down_block_types,
+        up_block_types=config.unet_up_block_types,
+        cross_attention_dim=config.cross_attention_dim,
+        attention_head_dim=config.attention_head_dim,
+        norm_num_groups=config.norm_num_groups,
+        time_cond_proj_dim=config.time_cond_proj_dim if config.kind == "lcm" else None,
+    )
+    vae_depth = len(config.vae_block_out_channels)
+    vae = AutoencoderKL(
+        block_out_channels=config.vae_block_out_channels,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * vae_depth,
+        up_block_types=("UpDecoderBlock2D",) * vae_depth,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.vae_norm_num_groups,
+        scaling_factor=config.vae_scaling_factor,
+        sample_size=config.sample_size * 2 ** (vae_depth - 1),
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=config.text_hidden_size,
+            intermediate_size=config.text_hidden_size * 2,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            projection_dim=config.text_hidden_size,
+            max_position_embeddings=77,
+            bos_token_id=CLIP_BOS_ID,
+            eos_token_id=CLIP_EOS_ID,
+            pad_token_id=1,
+        )
+    )
+    tokenizer_dir = output_dir / "_tokenizer_source"
+    write_clip_tokenizer_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
+    scheduler = LCMScheduler(**{"beta_schedule": "scaled_linear", **config.scheduler})
+    components = dict(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+    )
+    if config.kind == "lcm":
+        pipeline = LatentConsistencyModelPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    elif config.kind == "sd":
+        pipeline = StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    else:
+        raise ValueError(f"unknown tiny pipeline kind {config.kind!r}")
+    pipeline.save_pretrained(output_dir)
+    for leftover in tokenizer_dir.iterdir():
+        leftover.unlink()
+    tokenizer_dir.rmdir()
+    return output_dir

@@ -1,0 +1,82 @@
+"""Runtime backends, loaded lazily: a missing backend never breaks another one.
+
+Each backend module defines ``ARTIFACT_FORMAT`` (which artifact of a component it runs: "onnx", "tensorrt",
+"mlpackage"), ``is_available()`` and ``open_session(bundle_dir, component, options) -> Session`` where a session
+has ``run(feeds) -> outputs`` over numpy arrays named as in the component's spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
+
+from lcm_export.errors import UserError
+
+# name -> (module, pip extra that installs it)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("lcm_export.runtime.backends.onnxruntime", "lcm-export"),
+    "openvino": ("lcm_export.runtime.backends.openvino", "lcm-export[openvino]"),
+    "tensorrt": ("lcm_export.runtime.backends.tensorrt", "lcm-export[tensorrt]"),
+    "coreml": ("lcm_export.runtime.backends.coreml", "lcm-export[coreml]"),
+}
+# What "auto" tries, fastest first, for each artifact format.
+AUTO_ORDER = ("tensorrt", "coreml", "openvino", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Load options shared by the backends (each uses what applies to it).
+
+    ``precision``: "fp32" runs float32 everywhere (parity mode); "auto" lets the backend use the device's fastest
+    float (bf16 on CPUs with AVX-512 BF16 / AMX in OpenVINO). ``static_shape`` (batch, height, width) lets a
+    backend specialise the graph when the call shape is known at load.
+    """
+
+    precision: str = "auto"
+    threads: int | None = None
+    cache_dir: str | None = None
+    device: str = "CPU"
+    static_shape: tuple[int, int, int] | None = None
+
+
+class Session(Protocol):
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def backend_module(name: str) -> ModuleType:
+    """Import a backend by name; a clear error says what to install when its library is missing."""
+    if name not in BACKENDS:
+        raise UserError(f"backend '{name}' is unknown: pick one of auto, {', '.join(BACKENDS)}")
+    module_name, extra = BACKENDS[name]
+    module = importlib.import_module(module_name)
+    if not module.is_available():
+        raise UserError(f"backend '{name}' is not installed: pip install '{extra}'")
+    return module
+
+
+def choose_backend(name: str, formats: set[str]) -> str:
+    """Resolve ``auto`` to the first available backend that runs one of the bundle's artifact ``formats``."""
+    if name != "auto":
+        return name
+    for candidate in AUTO_ORDER:
+        module = importlib.import_module(BACKENDS[candidate][0])
+        if module.ARTIFACT_FORMAT in formats and module.is_available():
+            return candidate
+    raise UserError(
+        f"no installed backend runs this bundle's artifacts ({', '.join(sorted(formats))}): "
+        "pip install 'lcm-export[tensorrt]' for engines or 'lcm-export[coreml]' for mlpackages"
+    )
+
+
+def artifact_path(bundle_dir: Path, component, artifact_format: str) -> Path:  # noqa: ANN001
+    if artifact_format not in component.artifacts:
+        raise UserError(
+            f"component '{component.spec.name}' has no {artifact_format} artifact in this bundle "
+            f"(it has: {', '.join(component.artifacts)}): pick a backend for those, or re-export"
+        )
+    return bundle_dir / component.artifacts[artifact_format].path
