@@ -20,7 +20,7 @@ class ExportError(UserError):
     """A model cannot be exported as asked."""
 
 
-def run_cli(main, argv=None) -> int:  # noqa: ANN001
+def run_cli(main, argv=None) -> int:
     """Run a command-line ``main``: a :class:`UserError` becomes one line on stderr and exit code 1.
 
     Other exceptions are bugs and keep their traceback.

@@ -50,7 +50,7 @@ class ExportConfig:
     model: str
     output: Path
     target: str = "onnx"
-    precision: str = "fp32"
+    precision: str | None = None  # None: the target's default (fp32 for ONNX, fp16 for engines and Core ML)
     loras: tuple[LoraSource, ...] = ()
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     max_steps: int = 8
@@ -66,11 +66,18 @@ class ExportConfig:
     target_options: dict[str, Any] = field(default_factory=dict)  # per-target settings (TensorRT, CoreML)
 
 
+DEFAULT_PRECISION = {"onnx": "fp32", "tensorrt": "fp16", "coreml": "fp16"}
+
+
+def resolved_precision(config: ExportConfig) -> str:
+    return config.precision or DEFAULT_PRECISION.get(config.target, "fp32")
+
+
 def check_config(config: ExportConfig) -> None:
     """Reject bad options before any model is loaded."""
     if config.target not in TARGETS:
         raise ExportError(f"--target {config.target}: pick one of {', '.join(TARGETS)}")
-    if config.precision not in PRECISIONS:
+    if resolved_precision(config) not in PRECISIONS:
         raise ExportError(f"--precision {config.precision}: pick one of {', '.join(PRECISIONS)}")
     if config.output.exists() and not config.overwrite:
         raise ExportError(f"--output '{config.output}' already exists: pass --overwrite or another folder")
@@ -94,7 +101,9 @@ def engine_shape_range(config: ExportConfig, info: PipelineInfo, sequence: int) 
 
     height = config.height or around(info.default_height)
     width = config.width or around(info.default_width)
-    batch = (1, config.batch[1], max(config.batch[2], 4)) if config.dynamic and config.batch == (1, 1, 1) else config.batch
+    batch = (
+        (1, config.batch[1], max(config.batch[2], 4)) if config.dynamic and config.batch == (1, 1, 1) else config.batch
+    )
     for name, values in (("height", height), ("width", width)):
         if any(value % info.spatial_multiple for value in values):
             raise ExportError(
@@ -104,7 +113,7 @@ def engine_shape_range(config: ExportConfig, info: PipelineInfo, sequence: int) 
     return ShapeRange(batch, height, width, sequence)
 
 
-def _progress(items: list[str], quiet: bool, description: str):  # noqa: ANN202
+def _progress(items: list[str], quiet: bool, description: str):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=description, disable=quiet, unit="component")
@@ -212,11 +221,14 @@ def _export_into(config: ExportConfig, staging: Path) -> Manifest:
     for name in _progress(list(exportables), config.quiet, "export ONNX"):
         component = exportables[name]
         onnx_path = staging / name / "model.onnx"
-        spec = export_to_onnx(component, onnx_path, trace_values, precision=config.precision, opset=config.opset)
+        spec = export_to_onnx(
+            component, onnx_path, trace_values, precision=resolved_precision(config), opset=config.opset
+        )
         report = validate_onnx(component, onnx_path, spec, check_values)
         if report.failures:
             details = "; ".join(
-                f"{out}: max abs {report.max_abs_error[out]:.3g} > {report.tolerance[out]:.3g}" for out in report.failures
+                f"{out}: max abs {report.max_abs_error[out]:.3g} > {report.tolerance[out]:.3g}"
+                for out in report.failures
             )
             raise ExportError(f"{name}: the ONNX export does not match PyTorch ({details})")
         precision = "fp16" if any(t.dtype == "float16" for t in spec.outputs) else "fp32"
@@ -248,7 +260,7 @@ def _export_into(config: ExportConfig, staging: Path) -> Manifest:
     )
     manifest = Manifest(
         target=config.target,
-        precision=config.precision,
+        precision=resolved_precision(config),
         pipeline=pipeline_info,
         scheduler=scheduler_info(dict(loaded.pipeline.scheduler.config), config.max_steps),
         tokenizers=(tokenizer,),

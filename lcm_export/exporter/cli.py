@@ -9,7 +9,7 @@ from pathlib import Path
 from lcm_export.errors import ExportError, run_cli
 
 
-def parse_lora(value: str):  # noqa: ANN201
+def parse_lora(value: str):
     """``PATH_OR_ID[:WEIGHT]`` -> LoraSource; the weight must be a number."""
     from lcm_export.exporter.bundle import LoraSource
 
@@ -47,25 +47,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="diffusers pipeline folder, hub id, or builtin:tiny-lcm / builtin:tiny-sd")
     parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write")
     parser.add_argument("--target", default="onnx", help="onnx (default), tensorrt or coreml")
-    parser.add_argument("--precision", default="fp32", help="fp32 (default) or fp16 (the VAE stays fp32)")
-    parser.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:WEIGHT]",
-                        help="LoRA to fuse into the U-Net (repeatable; weight defaults to 1.0)")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help="fp32 or fp16 (the VAE stays fp32); default fp32 for onnx, fp16 for tensorrt/coreml",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH_OR_ID[:WEIGHT]",
+        help="LoRA to fuse into the U-Net (repeatable; weight defaults to 1.0)",
+    )
     parser.add_argument("--max-steps", type=int, default=8, help="precompute LCM schedules for 1..N steps")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder (text-to-image only)")
     parser.add_argument("--height", default=None, help="engine height: N or MIN:OPT:MAX (default: model size)")
     parser.add_argument("--width", default=None, help="engine width: N or MIN:OPT:MAX (default: model size)")
     parser.add_argument("--batch", default="1", help="engine images per call: N or MIN:OPT:MAX (default 1)")
-    parser.add_argument("--dynamic", action="store_true",
-                        help="engines accept a range of shapes: batch 1-4, 0.5x-1.5x the default size")
-    parser.add_argument("--tiny-vae", default=None, metavar="PATH",
-                        help="AutoencoderTiny (TAESD) folder whose decoder replaces the VAE decoder")
+    parser.add_argument(
+        "--dynamic", action="store_true", help="engines accept a range of shapes: batch 1-4, 0.5x-1.5x the default size"
+    )
+    parser.add_argument(
+        "--tiny-vae",
+        default=None,
+        metavar="PATH",
+        help="AutoencoderTiny (TAESD) folder whose decoder replaces the VAE decoder",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     trt = parser.add_argument_group("TensorRT")
     trt.add_argument("--trt-flavor", default="auto", help="auto, tensorrt or rtx (TensorRT for RTX)")
-    trt.add_argument("--compute-capability", action="append", default=[], metavar="SM",
-                     help="TensorRT-RTX target GPUs, e.g. 86 or SM89 (repeatable; default: the builder's)")
+    trt.add_argument(
+        "--compute-capability",
+        action="append",
+        default=[],
+        metavar="SM",
+        help="TensorRT-RTX target GPUs, e.g. 86 or SM89 (repeatable; default: the builder's)",
+    )
     trt.add_argument("--builder-optimization-level", type=int, default=3)
     trt.add_argument("--workspace", default=None, help="builder workspace limit, e.g. 4GiB")
     trt.add_argument("--timing-cache", type=Path, default=None, help="timing cache file (read and updated)")
@@ -73,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace):  # noqa: ANN201
+def config_from_args(args: argparse.Namespace):
     from lcm_export.exporter.bundle import DEFAULT_COMPONENTS, ExportConfig
 
     components = tuple(c for c in DEFAULT_COMPONENTS if not (args.no_vae_encoder and c == "vae_encoder"))

@@ -77,10 +77,10 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
             super().__init__()
             self.unet = unet
 
-        def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):  # noqa: ANN001
-            output = self.unet(
-                sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False
-            )[0]
+        def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+            output = self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[
+                0
+            ]
             return (output,)  # (B, C, h, w)
 
     spec = ComponentSpec(
@@ -108,7 +108,11 @@ def _vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
 
     spec = ComponentSpec(
         name="vae_decoder",
-        inputs=(TensorSpec("latent_sample", "float32", ("batch", vae.config.latent_channels, "latent_height", "latent_width")),),
+        inputs=(
+            TensorSpec(
+                "latent_sample", "float32", ("batch", vae.config.latent_channels, "latent_height", "latent_width")
+            ),
+        ),
         outputs=(TensorSpec("sample", "float32", ("batch", vae.config.out_channels, "image_height", "image_width")),),
         atol=3e-4,
         keep_fp32=True,

@@ -117,7 +117,7 @@ def load_pipeline(model: str, *, has_loras: bool = False) -> LoadedPipeline:
         pipeline = DiffusionPipeline.from_pretrained(
             str(path), torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
         )
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0]
         raise ExportError(f"MODEL '{model}' could not be loaded by diffusers: {reason}") from None
     for module_name in ("unet", "vae", "text_encoder"):

@@ -136,9 +136,7 @@ def validate_onnx(
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    onnx_feeds = {
-        tensor.name: feeds[tensor.name].astype(tensor.dtype) for tensor in exported_spec.inputs
-    }
+    onnx_feeds = {tensor.name: feeds[tensor.name].astype(tensor.dtype) for tensor in exported_spec.inputs}
     outputs = session.run(exported_spec.output_names, onnx_feeds)
 
     fp16 = any(t.dtype == "float16" for t in exported_spec.outputs)

@@ -144,9 +144,7 @@ def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | Non
     write_clip_tokenizer_files(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
     scheduler = LCMScheduler(**{"beta_schedule": "scaled_linear", **config.scheduler})
-    components = dict(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
-    )
+    components = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     if config.kind == "lcm":
         pipeline = LatentConsistencyModelPipeline(
             **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False

@@ -82,7 +82,9 @@ class Pipeline:
     def _run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         dtypes = self.input_dtypes[component]
         # np.asarray keeps 0-d arrays 0-d (the scalar timestep); np.require makes them C-contiguous.
-        cast = {name: np.require(np.asarray(value, dtype=dtypes[name]), requirements="C") for name, value in feeds.items()}
+        cast = {
+            name: np.require(np.asarray(value, dtype=dtypes[name]), requirements="C") for name, value in feeds.items()
+        }
         return self.sessions[component].run(cast)
 
     def encode_prompts(self, prompts: list[str], timings: dict[str, Any] | None = None) -> np.ndarray:

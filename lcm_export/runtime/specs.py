@@ -163,9 +163,7 @@ class ShapeRange:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShapeRange:
-        return cls(
-            tuple(data["batch"]), tuple(data["height"]), tuple(data["width"]), int(data.get("sequence", 77))
-        )
+        return cls(tuple(data["batch"]), tuple(data["height"]), tuple(data["width"]), int(data.get("sequence", 77)))
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def choose_backend(name: str, formats: set[str]) -> str:
     )
 
 
-def artifact_path(bundle_dir: Path, component, artifact_format: str) -> Path:  # noqa: ANN001
+def artifact_path(bundle_dir: Path, component, artifact_format: str) -> Path:
     if artifact_format not in component.artifacts:
         raise UserError(
             f"component '{component.spec.name}' has no {artifact_format} artifact in this bundle "

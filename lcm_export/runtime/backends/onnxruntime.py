@@ -27,7 +27,10 @@ class OnnxRuntimeSession:
         if options.threads:
             session_options.intra_op_num_threads = options.threads
         providers = ["CPUExecutionProvider"]
-        if options.device.upper().startswith("CUDA") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        if (
+            options.device.upper().startswith("CUDA")
+            and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        ):
             providers.insert(0, "CUDAExecutionProvider")
         self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
         self.output_names = [output.name for output in self.session.get_outputs()]

@@ -47,9 +47,11 @@ class OpenVinoSession:
             }
             for tensor in component.spec.inputs:
                 if tensor.name == "input_ids":
-                    values["sequence"] = next(d for d in tensor.shape if isinstance(d, int)) if all(
-                        isinstance(d, int) for d in tensor.shape[1:]
-                    ) else values["sequence"]
+                    values["sequence"] = (
+                        next(d for d in tensor.shape if isinstance(d, int))
+                        if all(isinstance(d, int) for d in tensor.shape[1:])
+                        else values["sequence"]
+                    )
             model.reshape({t.name: list(t.concrete_shape(values)) for t in component.spec.inputs if t.shape})
         self.compiled = core.compile_model(model, options.device, config)
         self.request = self.compiled.create_infer_request()
@@ -57,8 +59,13 @@ class OpenVinoSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer(feeds, share_inputs=True)
-        return {name: np.asarray(results[output]) for name, output in zip(self.output_names, self.compiled.outputs)}
+        return {
+            name: np.asarray(results[output])
+            for name, output in zip(self.output_names, self.compiled.outputs, strict=True)
+        }
 
 
-def open_session(bundle_dir: Path, component: Component, options: BackendOptions, vae_scale_factor: int = 8) -> OpenVinoSession:
+def open_session(
+    bundle_dir: Path, component: Component, options: BackendOptions, vae_scale_factor: int = 8
+) -> OpenVinoSession:
     return OpenVinoSession(artifact_path(bundle_dir, component, ARTIFACT_FORMAT), component, options, vae_scale_factor)

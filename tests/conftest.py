@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random pipelines built once per session, exported bundles, and diffusers references."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
+
+
+def export(model: Path | str, output: Path, **options) -> Path:
+    """Export with the library API (what the CLI calls), quietly."""
+    from lcm_export.exporter.bundle import ExportConfig, export_bundle
+
+    export_bundle(ExportConfig(model=str(model), output=Path(output), quiet=True, **options))
+    return Path(output)
+
+
+@contextlib.contextmanager
+def fixed_scheduler_noise(noise: list[np.ndarray]):
+    """Make diffusers' LCMScheduler.step draw ``noise`` in order instead of random tensors."""
+    import torch
+    from diffusers.schedulers import scheduling_lcm
+
+    queue = [torch.from_numpy(np.asarray(n, dtype=np.float32)) for n in noise]
+    original = scheduling_lcm.randn_tensor
+
+    def next_noise(shape, generator=None, device=None, dtype=None, layout=None):
+        tensor = queue.pop(0)
+        assert tuple(tensor.shape) == tuple(shape), (tensor.shape, shape)
+        return tensor.to(dtype=dtype)
+
+    scheduling_lcm.randn_tensor = next_noise
+    try:
+        yield
+        assert not queue, f"{len(queue)} noise tensors were not used"
+    finally:
+        scheduling_lcm.randn_tensor = original
+
+
+def diffusers_images(
+    model_dir: Path,
+    prompt: str | list[str],
+    latents: np.ndarray,
+    noise: list[np.ndarray],
+    *,
+    steps: int = 4,
+    guidance: float = 8.0,
+    num_images_per_prompt: int = 1,
+    negative_prompt: str | list[str] | None = None,
+    pipeline=None,
+) -> np.ndarray:
+    """diffusers' own output (output_type="np") for the same latents and noise."""
+    import torch
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    if pipeline is None:
+        pipeline = DiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+        pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        num_images_per_prompt=num_images_per_prompt,
+        latents=torch.from_numpy(latents),
+        output_type="np",
+    )
+    if negative_prompt is not None:
+        kwargs["negative_prompt"] = negative_prompt
+    with fixed_scheduler_noise(noise), torch.no_grad():
+        return pipeline(prompt, **kwargs).images
+
+
+def random_inputs(shape: tuple[int, ...], steps: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal(shape).astype(np.float32)
+    return latents, [rng.standard_normal(shape).astype(np.float32) for _ in range(steps - 1)]
+
+
+def psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    mse = float(np.mean((reference.astype(np.float64) - image.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lcm-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_dir(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-lcm"), TinyPipelineConfig(kind="lcm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_bundle(tiny_lcm_dir, tmp_path_factory) -> Path:
+    return export(tiny_lcm_dir, tmp_path_factory.mktemp("bundles") / "tiny-lcm")
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_pipeline(tiny_lcm_dir):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(tiny_lcm_dir), safety_checker=None, requires_safety_checker=False)
