@@ -19,6 +19,7 @@ from lcm_export.errors import UserError
 from lcm_export.runtime.backends import BackendOptions, backend_module, choose_backend
 from lcm_export.runtime.manifest import Manifest, load_manifest
 from lcm_export.runtime.scheduler import LCMScheduler, guidance_scale_embedding
+from lcm_export.runtime.specs import ShapeRange
 from lcm_export.runtime.tokenizer import PromptTokenizer
 
 
@@ -47,13 +48,33 @@ class Pipeline:
         missing = [name for name in needed if name not in manifest.components]
         if missing:
             raise UserError(f"BUNDLE '{bundle_dir}' has no {', '.join(missing)}: re-export it")
-        self.sessions = {name: module.open_session(bundle_dir, manifest.components[name], options) for name in needed}
+        self.sessions = {
+            name: module.open_session(bundle_dir, manifest.components[name], options, self._static_shapes(name))
+            for name in needed
+        }
         self.input_dtypes = {
             name: {t.name: np.dtype(t.dtype) for t in manifest.components[name].spec.inputs} for name in needed
         }
         self.tokenizer = PromptTokenizer(bundle_dir, manifest.tokenizers[0])
         self.scheduler = LCMScheduler(manifest.scheduler)
         self._prompt_cache: dict[tuple[str, ...], np.ndarray] = {}
+
+    def _static_shapes(self, name: str) -> dict[str, tuple[int, ...]] | None:
+        """Input shapes of ``name`` for ``options.static_shape`` (batch, height, width); None when dynamic.
+
+        Components fed the CFG batch keep a dynamic batch (-1): guidance <= 1 runs them at 1x, > 1 at 2x.
+        """
+        if self.options.static_shape is None:
+            return None
+        batch, height, width = self.options.static_shape
+        self.check_size(height, width)
+        spec = self.manifest.components[name].spec
+        values = ShapeRange.static(batch, height, width, self.manifest.tokenizers[0].max_length).symbol_values(
+            "opt", self.manifest.pipeline.vae_scale_factor
+        )
+        if spec.batch_multiplier != 1:
+            values["batch"] = -1
+        return spec.input_shapes(values)
 
     @classmethod
     def load(

@@ -1,8 +1,9 @@
 """Runtime backends, loaded lazily: a missing backend never breaks another one.
 
 Each backend module defines ``ARTIFACT_FORMAT`` (which artifact of a component it runs: "onnx", "tensorrt",
-"mlpackage"), ``is_available()`` and ``open_session(bundle_dir, component, options) -> Session`` where a session
-has ``run(feeds) -> outputs`` over numpy arrays named as in the component's spec.
+"mlpackage"), ``is_available()`` and ``open_session(bundle_dir, component, options, static_shapes) -> Session``
+where a session has ``run(feeds) -> outputs`` over numpy arrays named as in the component's spec, and
+``static_shapes`` (input name -> shape, -1 for a dim left dynamic) is given when the call shape is known at load.
 """
 
 from __future__ import annotations

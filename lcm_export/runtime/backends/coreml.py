@@ -17,5 +17,5 @@ def is_available() -> bool:
     return platform.system() == "Darwin" and importlib.util.find_spec("coremltools") is not None
 
 
-def open_session(bundle_dir: Path, component: Component, options: BackendOptions):
+def open_session(bundle_dir: Path, component: Component, options: BackendOptions, static_shapes=None):
     raise UserError("the Core ML runtime backend is not built yet")

@@ -39,5 +39,10 @@ class OnnxRuntimeSession:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
 
-def open_session(bundle_dir: Path, component: Component, options: BackendOptions) -> OnnxRuntimeSession:
+def open_session(
+    bundle_dir: Path,
+    component: Component,
+    options: BackendOptions,
+    static_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> OnnxRuntimeSession:
     return OnnxRuntimeSession(artifact_path(bundle_dir, component, ARTIFACT_FORMAT), options)

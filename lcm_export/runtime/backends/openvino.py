@@ -23,7 +23,7 @@ def is_available() -> bool:
 
 
 class OpenVinoSession:
-    def __init__(self, path: Path, component: Component, options: BackendOptions, vae_scale_factor: int) -> None:
+    def __init__(self, path: Path, options: BackendOptions, static_shapes: dict[str, tuple[int, ...]] | None) -> None:
         import openvino
 
         core = openvino.Core()
@@ -35,24 +35,8 @@ class OpenVinoSession:
         if options.cache_dir:
             config["CACHE_DIR"] = str(options.cache_dir)
         model = core.read_model(str(path))
-        if options.static_shape is not None:
-            batch, height, width = options.static_shape
-            values = {
-                "batch": batch * component.spec.batch_multiplier,
-                "sequence": 77,
-                "image_height": height,
-                "image_width": width,
-                "latent_height": height // vae_scale_factor,
-                "latent_width": width // vae_scale_factor,
-            }
-            for tensor in component.spec.inputs:
-                if tensor.name == "input_ids":
-                    values["sequence"] = (
-                        next(d for d in tensor.shape if isinstance(d, int))
-                        if all(isinstance(d, int) for d in tensor.shape[1:])
-                        else values["sequence"]
-                    )
-            model.reshape({t.name: list(t.concrete_shape(values)) for t in component.spec.inputs if t.shape})
+        if static_shapes:
+            model.reshape({name: list(shape) for name, shape in static_shapes.items() if shape})
         self.compiled = core.compile_model(model, options.device, config)
         self.request = self.compiled.create_infer_request()
         self.output_names = [output.get_any_name() for output in self.compiled.outputs]
@@ -66,6 +50,9 @@ class OpenVinoSession:
 
 
 def open_session(
-    bundle_dir: Path, component: Component, options: BackendOptions, vae_scale_factor: int = 8
+    bundle_dir: Path,
+    component: Component,
+    options: BackendOptions,
+    static_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> OpenVinoSession:
-    return OpenVinoSession(artifact_path(bundle_dir, component, ARTIFACT_FORMAT), component, options, vae_scale_factor)
+    return OpenVinoSession(artifact_path(bundle_dir, component, ARTIFACT_FORMAT), options, static_shapes)

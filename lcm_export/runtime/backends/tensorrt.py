@@ -16,5 +16,5 @@ def is_available() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("tensorrt", "tensorrt_rtx_bindings"))
 
 
-def open_session(bundle_dir: Path, component: Component, options: BackendOptions):
+def open_session(bundle_dir: Path, component: Component, options: BackendOptions, static_shapes=None):
     raise UserError("the TensorRT runtime backend is not built yet")
