@@ -123,8 +123,23 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def require_export_extra() -> None:
+    """The exporter needs torch and diffusers; the plain ``pip install lcm-export`` only has the runtime."""
+    import importlib.util
+
+    missing = [
+        name for name in ("torch", "diffusers", "transformers", "onnx") if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise ExportError(
+            f"the exporter needs {', '.join(missing)}: pip install torch==2.13.0 'lcm-export[export]' "
+            "(torch first, pinned, to get the CPU build)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    require_export_extra()
     config = config_from_args(args)
     from lcm_export.exporter.bundle import export_bundle
 

@@ -1,0 +1,180 @@
+"""Bad input: one line on stderr naming the input and what to do, exit code 1, no traceback, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lcm_export.errors import ExportError
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def export_cli(*args: str) -> subprocess.CompletedProcess:
+    return run("lcm_export.exporter.cli", *args, "--quiet")
+
+
+def lcm_run(*args: str) -> subprocess.CompletedProcess:
+    return run("lcm_export.runtime.cli", *args, "--quiet", "--backend", "onnxruntime")
+
+
+def no_leftovers(output: Path) -> None:
+    assert not output.exists()
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
+
+
+@pytest.fixture
+def bundle_copy(tiny_lcm_bundle, tmp_path) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_lcm_bundle, copy)
+    return copy
+
+
+def test_missing_model_folder(tmp_path) -> None:
+    output = tmp_path / "out"
+    assert_one_line_error(export_cli(tmp_path / "nope", "--output", output), "nope", "does not exist")
+    no_leftovers(output)
+
+
+def test_folder_is_not_a_pipeline(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    output = tmp_path / "out"
+    assert_one_line_error(export_cli(tmp_path / "empty", "--output", output), "model_index.json")
+    no_leftovers(output)
+
+
+def test_pipeline_that_is_not_an_lcm(tmp_path) -> None:
+    from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
+
+    model = build_tiny_pipeline(tmp_path / "sd", TinyPipelineConfig(kind="sd"))
+    output = tmp_path / "out"
+    assert_one_line_error(export_cli(model, "--output", output), "not an LCM", "--lora")
+    no_leftovers(output)
+
+
+def test_unknown_target_and_precision(tiny_lcm_dir, tmp_path) -> None:
+    output = tmp_path / "out"
+    assert_one_line_error(export_cli(tiny_lcm_dir, "--output", output, "--target", "tflite"), "--target tflite")
+    assert_one_line_error(export_cli(tiny_lcm_dir, "--output", output, "--precision", "int4"), "--precision int4")
+    no_leftovers(output)
+
+
+def test_existing_output_needs_overwrite(tiny_lcm_dir, tmp_path) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    assert_one_line_error(export_cli(tiny_lcm_dir, "--output", output), "already exists", "--overwrite")
+    assert (output / "keep.txt").read_text() == "mine"
+
+
+def test_failed_export_leaves_nothing(tiny_lcm_dir, tmp_path, monkeypatch) -> None:
+    from lcm_export.exporter import bundle
+
+    def fail(*args, **kwargs):
+        raise ExportError("unet: simulated failure")
+
+    monkeypatch.setattr(bundle, "scheduler_info", fail)  # the last step before the manifest is written
+    output = tmp_path / "out"
+    with pytest.raises(ExportError, match="simulated"):
+        bundle.export_bundle(bundle.ExportConfig(model=str(tiny_lcm_dir), output=output, quiet=True))
+    no_leftovers(output)
+
+
+def test_overwrite_replaces_a_bundle_only_when_the_new_one_is_complete(tiny_lcm_dir, tmp_path, monkeypatch) -> None:
+    from lcm_export.exporter import bundle
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("old bundle")
+    monkeypatch.setattr(bundle, "scheduler_info", lambda *a, **k: (_ for _ in ()).throw(ExportError("boom")))
+    with pytest.raises(ExportError):
+        bundle.export_bundle(bundle.ExportConfig(model=str(tiny_lcm_dir), output=output, quiet=True, overwrite=True))
+    assert (output / "old.txt").read_text() == "old bundle"  # untouched by the failed export
+
+
+def test_height_the_vae_cannot_take(tiny_lcm_bundle, tmp_path) -> None:
+    line = assert_one_line_error(
+        lcm_run(tiny_lcm_bundle, "a cat", "--height", "30", "--output", tmp_path / "x.png"),
+        "height=30",
+        "multiple of 4",
+    )
+    assert "28" in line and "32" in line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_modified_byte_gives_hash_error(bundle_copy, tmp_path) -> None:
+    unet = bundle_copy / "unet" / "model.onnx"
+    data = bytearray(unet.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    unet.write_bytes(bytes(data))
+    assert_one_line_error(lcm_run(bundle_copy, "a cat", "--output", tmp_path / "x.png"), "unet/model.onnx", "sha256")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_modified_byte_detected_after_a_cached_verification(bundle_copy, tmp_path) -> None:
+    from lcm_export.errors import BundleError
+    from lcm_export.runtime.manifest import load_manifest
+
+    load_manifest(bundle_copy)  # hashes and remembers every file
+    vae = bundle_copy / "vae_decoder" / "model.onnx"
+    data = bytearray(vae.read_bytes())
+    data[-10] ^= 0xFF
+    vae.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"vae_decoder/model\.onnx"):
+        load_manifest(bundle_copy)
+
+
+def test_missing_bundle_file(bundle_copy, tmp_path) -> None:
+    (bundle_copy / "tokenizer" / "tokenizer.json").unlink()
+    assert_one_line_error(
+        lcm_run(bundle_copy, "a cat", "--output", tmp_path / "x.png"), "tokenizer/tokenizer.json", "missing"
+    )
+
+
+def test_other_format_version(bundle_copy, tmp_path) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(lcm_run(bundle_copy, "a cat", "--output", tmp_path / "x.png"), "format version 99")
+
+
+def test_not_a_bundle(tmp_path) -> None:
+    (tmp_path / "folder").mkdir()
+    assert_one_line_error(lcm_run(tmp_path / "folder", "a cat", "--output", tmp_path / "x.png"), "no manifest.json")
+    assert_one_line_error(lcm_run(tmp_path / "nothing", "a cat", "--output", tmp_path / "x.png"), "not a folder")
+
+
+def test_steps_outside_the_bundle_schedules(tiny_lcm_bundle, tmp_path) -> None:
+    assert_one_line_error(
+        lcm_run(tiny_lcm_bundle, "a cat", "--steps", "9", "--output", tmp_path / "x.png"), "num_inference_steps=9"
+    )
+
+
+def test_wrong_latents_and_noise_shapes(tiny_lcm_bundle) -> None:
+    import numpy as np
+
+    from lcm_export.errors import UserError
+    from lcm_export.runtime import Pipeline
+
+    pipe = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    with pytest.raises(UserError, match="latents have shape"):
+        pipe("a cat", latents=np.zeros((2, 4, 8, 8), np.float32))
+    with pytest.raises(UserError, match="noise must be 3 arrays"):
+        pipe("a cat", latents=np.zeros((1, 4, 8, 8), np.float32), noise=[np.zeros((1, 4, 8, 8), np.float32)])
