@@ -92,3 +92,24 @@ def test_tokenizer_ids_equal_transformers(tiny_lcm_bundle, tiny_lcm_dir) -> None
     assert ids.shape == (len(prompts), 77) and ids.dtype == np.int64
     assert ids.tolist() == expected
     assert ids[0, 0] == 49406 and ids[1, 1] == 49407  # real CLIP BOS/EOS, EOS-padded
+
+
+def test_large_weights_go_to_external_data(tiny_lcm_dir, tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
+    """Files over protobuf's 2 GB limit keep weights in model.onnx_data; forced here with a zero threshold."""
+    from conftest import export, random_inputs
+
+    from lcm_export.exporter import onnx_export
+    from lcm_export.runtime import Pipeline
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    bundle = export(tiny_lcm_dir, tmp_path / "external", components=("text_encoder", "unet", "vae_decoder"))
+    unet_dir = bundle / "unet"
+    assert (unet_dir / "model.onnx_data").stat().st_size > 10 * (unet_dir / "model.onnx").stat().st_size
+    manifest = load_manifest(bundle, verify="full")
+    assert "unet/model.onnx_data" in {entry.path for entry in manifest.files}
+    assert "vae_encoder" not in manifest.components
+    latents, noise = random_inputs((1, 4, 16, 16), steps=4)
+    image = Pipeline.load(bundle, backend="onnxruntime")("a cat", latents=latents, noise=noise).images
+    reference = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")("a cat", latents=latents, noise=noise).images
+    assert image.shape == (1, 32, 32, 3) and image.std() > 0.01
+    assert np.abs(image - reference).max() < 1e-5  # same weights, only stored differently
