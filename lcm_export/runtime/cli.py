@@ -27,6 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", help="auto (device's fastest float) or fp32 (parity)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--quiet", "-q", action="store_true")
+    profile = parser.add_argument_group("profiling (--profile: time every stage over repeated runs; no image written)")
+    profile.add_argument("--profile", action="store_true", help="profile latency per stage and print a table")
+    profile.add_argument("--runs", type=int, default=None, help="timed runs (default 5)")
+    profile.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs first (default 1)")
+    profile.add_argument("--json", type=Path, default=None, help="write the full profile report as JSON")
+    profile.add_argument("--chart", type=Path, default=None, help="write a PNG chart of the median per stage")
+    profile.add_argument(
+        "--backend-profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write the backend's own profile into DIR (onnxruntime trace, OpenVINO per-layer times)",
+    )
     return parser
 
 
@@ -43,8 +56,47 @@ def save_images(images: np.ndarray, output: Path) -> list[Path]:
     return paths
 
 
+def run_profile(args: argparse.Namespace) -> int:
+    """``--profile``: hand the flags to :func:`profile_bundle`, print its table, write the JSON and the chart."""
+    from lcm_export.runtime.profile import profile_bundle
+
+    if args.chart is not None and args.chart.suffix.lower() != ".png":
+        raise UserError(f"--chart '{args.chart}': give a .png file name")
+    report = profile_bundle(
+        args.bundle,
+        args.prompt,
+        runs=5 if args.runs is None else args.runs,
+        warmup=1 if args.warmup is None else args.warmup,
+        backend=args.backend,
+        precision=args.precision,
+        threads=args.threads,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        negative_prompt=args.negative_prompt,
+        profiling_dir=args.backend_profile,
+        progress=None if args.quiet else lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    print(report.format_table())
+    if args.json is not None:
+        report.write_json(args.json)
+    if args.chart is not None:
+        report.write_chart(args.chart)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.profile:
+        return run_profile(args)
+    for flag, value in (("--runs", args.runs), ("--warmup", args.warmup), ("--json", args.json)):
+        if value is not None:
+            raise UserError(f"{flag} applies to profiling: add --profile")
+    for flag, value in (("--chart", args.chart), ("--backend-profile", args.backend_profile)):
+        if value is not None:
+            raise UserError(f"{flag} applies to profiling: add --profile")
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output '{args.output}': give a .png file name")
     from lcm_export.runtime.pipeline import Pipeline

@@ -88,13 +88,23 @@ class Pipeline:
         device: str = "CPU",
         static_shape: tuple[int, int, int] | None = None,
         verify: str = "cached",
+        profiling_dir: str | None = None,
     ) -> Pipeline:
-        """Load a bundle: validate the manifest, verify file hashes, open one session per component."""
+        """Load a bundle: validate the manifest, verify file hashes, open one session per component.
+
+        ``profiling_dir`` turns on the backend's own profiler, which writes into that folder (see
+        ``BackendOptions``); the sessions' ``end_profiling()`` finishes the files.
+        """
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir, verify=verify)
         formats = {fmt for component in manifest.components.values() for fmt in component.artifacts}
         options = BackendOptions(
-            precision=precision, threads=threads, cache_dir=cache_dir, device=device, static_shape=static_shape
+            precision=precision,
+            threads=threads,
+            cache_dir=cache_dir,
+            device=device,
+            static_shape=static_shape,
+            profiling_dir=profiling_dir,
         )
         return cls(bundle_dir, manifest, choose_backend(backend, formats), options)
 
@@ -128,6 +138,13 @@ class Pipeline:
             timings["tokenize"] = tokenize_seconds
             timings["text_encoder"] = encode_seconds
         return self._prompt_cache[key]
+
+    def clear_prompt_cache(self) -> None:
+        """Forget cached prompt encodings, so the next call runs the tokenizer and text encoder again.
+
+        A profile calls this before every run: a repeated prompt would otherwise cost nothing after the first.
+        """
+        self._prompt_cache.clear()
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.manifest.pipeline.spatial_multiple

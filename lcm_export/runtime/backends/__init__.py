@@ -4,6 +4,8 @@ Each backend module defines ``ARTIFACT_FORMAT`` (which artifact of a component i
 "mlpackage"), ``is_available()`` and ``open_session(bundle_dir, component, options, static_shapes) -> Session``
 where a session has ``run(feeds) -> outputs`` over numpy arrays named as in the component's spec, and
 ``static_shapes`` (input name -> shape, -1 for a dim left dynamic) is given when the call shape is known at load.
+A backend with a profiler honours ``options.profiling_dir``: its sessions then also have ``end_profiling() ->
+list[Path]``, which stops the profiler and returns the files it wrote into that folder.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class BackendOptions:
 
     ``precision``: "fp32" runs float32 everywhere (parity mode); "auto" lets the backend use the device's fastest
     float (bf16 on CPUs with AVX-512 BF16 / AMX in OpenVINO). ``static_shape`` (batch, height, width) lets a
-    backend specialise the graph when the call shape is known at load.
+    backend specialise the graph when the call shape is known at load. ``profiling_dir`` turns on the backend's
+    own profiler (onnxruntime's trace, OpenVINO's per-layer counters), which writes into that folder; it slows
+    the runs down a little, so it is off unless asked for.
     """
 
     precision: str = "auto"
@@ -43,6 +47,7 @@ class BackendOptions:
     cache_dir: str | None = None
     device: str = "CPU"
     static_shape: tuple[int, int, int] | None = None
+    profiling_dir: str | None = None
 
 
 class Session(Protocol):

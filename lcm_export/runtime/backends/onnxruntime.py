@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ def is_available() -> bool:
 
 
 class OnnxRuntimeSession:
-    def __init__(self, path: Path, options: BackendOptions) -> None:
+    def __init__(self, path: Path, options: BackendOptions, name: str = "model") -> None:
         import onnxruntime
 
         session_options = onnxruntime.SessionOptions()
@@ -26,6 +27,12 @@ class OnnxRuntimeSession:
         session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         if options.threads:
             session_options.intra_op_num_threads = options.threads
+        self.profiling_dir = Path(options.profiling_dir) if options.profiling_dir else None
+        if self.profiling_dir is not None:
+            # onnxruntime's own profiler: a Chrome-trace JSON of every node run, written by end_profiling().
+            self.profiling_dir.mkdir(parents=True, exist_ok=True)
+            session_options.enable_profiling = True
+            session_options.profile_file_prefix = str(self.profiling_dir / f"onnxruntime_{name}")
         providers = ["CPUExecutionProvider"]
         if (
             options.device.upper().startswith("CUDA")
@@ -38,6 +45,18 @@ class OnnxRuntimeSession:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
 
+    def end_profiling(self) -> list[Path]:
+        """Stop the profiler and return its trace (in ``profiling_dir``); [] when profiling is off or ended."""
+        if self.profiling_dir is None:
+            return []
+        written = self.session.end_profiling()  # "" once ended
+        if not written:
+            return []
+        path = Path(written)
+        if path.resolve().parent != self.profiling_dir.resolve():
+            path = Path(shutil.move(str(path), str(self.profiling_dir / path.name)))
+        return [path]
+
 
 def open_session(
     bundle_dir: Path,
@@ -45,4 +64,4 @@ def open_session(
     options: BackendOptions,
     static_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> OnnxRuntimeSession:
-    return OnnxRuntimeSession(artifact_path(bundle_dir, component, ARTIFACT_FORMAT), options)
+    return OnnxRuntimeSession(artifact_path(bundle_dir, component, ARTIFACT_FORMAT), options, component.spec.name)
