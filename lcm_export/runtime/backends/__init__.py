@@ -71,7 +71,9 @@ def choose_backend(name: str, formats: set[str]) -> str:
         return name
     for candidate in AUTO_ORDER:
         module = importlib.import_module(BACKENDS[candidate][0])
-        if module.ARTIFACT_FORMAT in formats and module.is_available():
+        # A backend may be installed yet unusable here (TensorRT without a GPU): ``auto_eligible`` says so.
+        eligible = getattr(module, "auto_eligible", module.is_available)
+        if module.ARTIFACT_FORMAT in formats and eligible():
             return candidate
     raise UserError(
         f"no installed backend runs this bundle's artifacts ({', '.join(sorted(formats))}): "
@@ -86,3 +88,47 @@ def artifact_path(bundle_dir: Path, component, artifact_format: str) -> Path:
             f"(it has: {', '.join(component.artifacts)}): pick a backend for those, or re-export"
         )
     return bundle_dir / component.artifacts[artifact_format].path
+
+
+CACHE_ENVIRONMENT_VARIABLE = "LCM_EXPORT_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """lcm-export's user cache folder: ``$LCM_EXPORT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lcm-export``, else
+    ``~/.cache/lcm-export``. Backends keep compiled or optimised models in subfolders of it."""
+    import os
+
+    root = os.environ.get(CACHE_ENVIRONMENT_VARIABLE)
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "lcm-export"
+
+
+def backend_cache_dir(options: BackendOptions, backend: str) -> Path | None:
+    """Where ``backend`` caches compiled models: ``options.cache_dir`` when given ("" turns caching off), else
+    ``cache_root()/backend``."""
+    if options.cache_dir is not None:
+        return Path(options.cache_dir).expanduser() if options.cache_dir else None
+    return cache_root() / backend
+
+
+def file_identity(path: Path) -> str:
+    """A cache key for a model file that changes when the file does, without reading it: the sha256 the bundle's
+    manifest lists for it (so a copied bundle hits the same cache), else its resolved path, size and mtime."""
+    import hashlib
+    import json
+
+    path = Path(path)
+    manifests = (parent / "manifest.json" for parent in path.parents)
+    manifest_path = next((candidate for candidate in manifests if candidate.is_file()), None)
+    if manifest_path is not None:
+        try:
+            relative = path.resolve().relative_to(manifest_path.parent.resolve()).as_posix()
+            entries = json.loads(manifest_path.read_text()).get("files", [])
+            digests = [entry["sha256"] for entry in entries if entry.get("path", "").startswith(relative)]
+            if digests:
+                return hashlib.sha256("".join(digests).encode()).hexdigest()
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
