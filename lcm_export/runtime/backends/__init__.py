@@ -76,8 +76,9 @@ def choose_backend(name: str, formats: set[str]) -> str:
         if module.ARTIFACT_FORMAT in formats and eligible():
             return candidate
     raise UserError(
-        f"no installed backend runs this bundle's artifacts ({', '.join(sorted(formats))}): "
-        "pip install 'lcm-export[tensorrt]' for engines or 'lcm-export[coreml]' for mlpackages"
+        f"no backend on this machine runs this bundle's artifacts ({', '.join(sorted(formats))}): TensorRT engines "
+        "need 'lcm-export[tensorrt]' and an NVIDIA GPU, Core ML packages need macOS and 'lcm-export[coreml]'; "
+        "for a CPU, export with --target onnx or --keep-onnx"
     )
 
 
