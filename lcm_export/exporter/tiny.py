@@ -160,3 +160,128 @@ def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | Non
         leftover.unlink()
     tokenizer_dir.rmdir()
     return output_dir
+
+
+LORA_FORMATS = ("diffusers", "kohya")
+
+
+def _kohya_lora_state_dict(peft_state_dict: dict, prefix: str, alpha: float, name_prefix: str = "") -> dict:
+    """peft ``<module>.lora_A.weight`` / ``lora_B.weight`` keys -> kohya ``<prefix><module_with_underscores>``.
+
+    kohya-ss names a layer by its module path with dots turned into underscores and stores the down (A) and up (B)
+    matrices and the scalar ``alpha`` next to it; ``name_prefix`` restores a path prefix the loaded model no longer
+    has (``text_model.`` of CLIP in recent transformers) so the file looks like one trained elsewhere.
+    """
+    import torch
+
+    converted: dict = {}
+    for key, tensor in peft_state_dict.items():
+        module, _, parameter = key.rpartition(".lora_")
+        layer = prefix + (name_prefix + module).replace(".", "_")
+        if parameter == "A.weight":
+            converted[f"{layer}.lora_down.weight"] = tensor.contiguous()
+            converted[f"{layer}.alpha"] = torch.tensor(float(alpha))
+        elif parameter == "B.weight":
+            converted[f"{layer}.lora_up.weight"] = tensor.contiguous()
+        else:
+            raise ValueError(f"unexpected LoRA parameter {key!r}")
+    return converted
+
+
+def build_tiny_lora(
+    path: str | Path,
+    pipeline_dir: str | Path,
+    *,
+    rank: int,
+    target_modules: tuple[str, ...] | list[str],
+    text_encoder: bool = False,
+    text_encoder_target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    alpha: float | None = None,
+    seed: int = 0,
+    format: str = "diffusers",
+) -> Path:
+    """Write a random LoRA for the pipeline in ``pipeline_dir`` to the safetensors file ``path``.
+
+    The adapter is made by peft (``LoraConfig(init_lora_weights=False)``: random A *and* B, so the LoRA really
+    changes the model) on the pipeline's own U-Net (and text encoder when ``text_encoder``), then saved the way
+    diffusers' training scripts save one (``StableDiffusionPipeline.save_lora_weights``, with the adapter config
+    in the header so ``alpha`` survives) or, for ``format="kohya"``, as kohya-ss names it
+    (``lora_unet_*`` / ``lora_te_*`` with ``lora_down``, ``lora_up`` and ``alpha``). The same seed and arguments
+    give the same A and B matrices in both formats: the two files describe the same LoRA.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    if format not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {format!r}: pick one of {', '.join(LORA_FORMATS)}")
+    path = Path(path)
+    pipeline_dir = Path(pipeline_dir)
+    alpha = float(rank if alpha is None else alpha)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(str(pipeline_dir), subfolder="unet")
+    unet_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=False)
+    unet.add_adapter(unet_config)
+    unet_layers = get_peft_model_state_dict(unet, save_embedding_layers=False)
+    encoder_layers: dict = {}
+    encoder_config = None
+    encoder_name_prefix = ""
+    if text_encoder:
+        encoder = CLIPTextModel.from_pretrained(str(pipeline_dir), subfolder="text_encoder")
+        encoder_config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=list(text_encoder_target_modules), init_lora_weights=False
+        )
+        encoder.add_adapter(encoder_config)
+        encoder_layers = get_peft_model_state_dict(encoder, save_embedding_layers=False)
+        encoder_name_prefix = "" if hasattr(encoder, "text_model") else "text_model."
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if format == "kohya":
+        state_dict = _kohya_lora_state_dict(unet_layers, "lora_unet_", alpha)
+        state_dict.update(_kohya_lora_state_dict(encoder_layers, "lora_te_", alpha, encoder_name_prefix))
+        save_file(state_dict, str(path), metadata={"format": "pt"})
+        return path
+    # diffusers' training scripts rename peft's lora_A/lora_B to lora.down/lora.up, which covers attention
+    # projections only; a LoRA on other modules keeps peft's names (diffusers reads both, not a mix of the two).
+    diffusers_named = convert_state_dict_to_diffusers(unet_layers)
+    if any(".lora_A." in key for key in diffusers_named):
+        diffusers_named = unet_layers
+    StableDiffusionPipeline.save_lora_weights(
+        str(path.parent),
+        unet_lora_layers=diffusers_named,
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(encoder_layers) if encoder_layers else None,
+        weight_name=path.name,
+        unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=encoder_config.to_dict() if encoder_config is not None else None,
+    )
+    return path
+
+
+def build_tiny_autoencoder_tiny(
+    path: str | Path, *, latent_channels: int = 4, scale_factor_depth: int = 1, seed: int = 0
+) -> Path:
+    """A random-weight, small-channel diffusers ``AutoencoderTiny`` (TAESD's architecture), ``save_pretrained``.
+
+    ``scale_factor_depth`` is the number of x2 up-sampling stages of the decoder (and down-sampling stages of
+    the encoder): the VAE scale factor is ``2 ** scale_factor_depth``, e.g. 1 for the tiny test pipelines whose
+    AutoencoderKL has two blocks, 3 for Stable Diffusion's 8.
+    """
+    import torch
+    from diffusers import AutoencoderTiny
+
+    blocks = scale_factor_depth + 1
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(16,) * blocks,
+        decoder_block_out_channels=(16,) * blocks,
+        num_encoder_blocks=(1,) * blocks,
+        num_decoder_blocks=(1,) * blocks,
+        latent_channels=latent_channels,
+    )
+    path = Path(path)
+    vae.save_pretrained(str(path))
+    return path
