@@ -61,7 +61,9 @@ def backend_module(name: str) -> ModuleType:
     module_name, extra = BACKENDS[name]
     module = importlib.import_module(module_name)
     if not module.is_available():
-        raise UserError(f"backend '{name}' is not installed: pip install '{extra}'")
+        # A backend may be unusable for another reason than a missing package (Core ML off macOS).
+        reason = getattr(module, "unavailable_reason", lambda: None)()
+        raise UserError(reason or f"backend '{name}' is not installed: pip install '{extra}'")
     return module
 
 

@@ -1,21 +1,236 @@
-"""Core ML backend: runs the bundle's mlpackages with coremltools (prediction needs macOS)."""
+"""Core ML backend: runs the bundle's mlpackages with coremltools (prediction needs macOS).
+
+A Core ML model's inputs differ from the component spec in two ways the exporter records in the artifact
+(``coreml_inputs`` / ``coreml_outputs``, see :class:`CoreMLTensor`): Core ML has no rank-0 inputs, so the scalar
+``timestep`` is a ``(1,)`` array, and it has no int64, so ``input_ids`` are int32. A session adapts the feeds
+(:func:`adapt_feeds`), predicts, and returns the outputs under the spec's names as float32
+(:func:`outputs_by_spec_name`). Those two functions are plain numpy so that they are tested on any system.
+
+Compute units follow ``BackendOptions.device``: ``CPU`` (the default of every backend) runs on the CPU only,
+``GPU`` on CPU and GPU, ``ANE`` on CPU and Neural Engine, ``ALL``/``AUTO`` lets Core ML choose.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import platform
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from lcm_export.errors import UserError
-from lcm_export.runtime.backends import BackendOptions
+from lcm_export.runtime.backends import BackendOptions, artifact_path
 from lcm_export.runtime.manifest import Component
 
 ARTIFACT_FORMAT = "mlpackage"
+# BackendOptions.device -> coremltools.ComputeUnit member name.
+COMPUTE_UNITS = {
+    "CPU": "CPU_ONLY",
+    "GPU": "CPU_AND_GPU",
+    "ANE": "CPU_AND_NE",
+    "NE": "CPU_AND_NE",
+    "ALL": "ALL",
+    "AUTO": "ALL",
+}
 
 
 def is_available() -> bool:
     return platform.system() == "Darwin" and importlib.util.find_spec("coremltools") is not None
 
 
-def open_session(bundle_dir: Path, component: Component, options: BackendOptions, static_shapes=None):
-    raise UserError("the Core ML runtime backend is not built yet")
+def unavailable_reason() -> str | None:
+    """Why this backend cannot run here, for the one-line error (None: only the package is missing)."""
+    if platform.system() != "Darwin":
+        return (
+            f"backend 'coreml' runs Core ML packages on macOS only (this is {platform.system()}): run the bundle "
+            "on a Mac, or export with --keep-onnx / --target onnx for this machine"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class CoreMLTensor:
+    """One input or output of a converted Core ML model, as recorded in the artifact's details.
+
+    ``name`` is the feature name inside the mlpackage and ``spec_name`` the component spec's name for it (equal
+    unless a converter renamed it). ``shape`` is the default shape; ``bounds`` holds (min, max) per dim when the
+    model accepts a range of shapes and is None when it is static.
+    """
+
+    name: str
+    dtype: str  # numpy dtype name: "float32", "float16" or "int32"
+    shape: tuple[int, ...]
+    bounds: tuple[tuple[int, int], ...] | None = None
+    spec_name: str = ""
+
+    @property
+    def is_static(self) -> bool:
+        return self.bounds is None
+
+    @property
+    def feed_name(self) -> str:
+        """The spec's name for this tensor (what the pipeline passes and expects)."""
+        return self.spec_name or self.name
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether ``shape`` (after adaptation) fits this tensor's static shape or bounds."""
+        if len(shape) != len(self.shape):
+            return False
+        if self.bounds is None:
+            return tuple(shape) == self.shape
+        return all(low <= size <= high for size, (low, high) in zip(shape, self.bounds, strict=True))
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.bounds is not None:
+            data["bounds"] = [list(pair) for pair in self.bounds]
+        if self.spec_name and self.spec_name != self.name:
+            data["spec_name"] = self.spec_name
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CoreMLTensor:
+        bounds = data.get("bounds")
+        return cls(
+            name=str(data["name"]),
+            dtype=str(data["dtype"]),
+            shape=tuple(int(size) for size in data["shape"]),
+            bounds=tuple((int(low), int(high)) for low, high in bounds) if bounds is not None else None,
+            spec_name=str(data.get("spec_name", "")),
+        )
+
+
+def artifact_tensors(component: Component) -> tuple[tuple[CoreMLTensor, ...], tuple[CoreMLTensor, ...]]:
+    """The Core ML inputs and outputs recorded in ``component``'s mlpackage artifact."""
+    details = component.artifacts[ARTIFACT_FORMAT].details
+    try:
+        inputs = tuple(CoreMLTensor.from_json(entry) for entry in details["coreml_inputs"])
+        outputs = tuple(CoreMLTensor.from_json(entry) for entry in details["coreml_outputs"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(
+            f"component '{component.spec.name}': its mlpackage artifact lacks the Core ML I/O table "
+            f"({type(error).__name__}: {error}): re-export the bundle"
+        ) from None
+    return inputs, outputs
+
+
+def adapt_feeds(feeds: dict[str, np.ndarray], inputs: tuple[CoreMLTensor, ...]) -> dict[str, np.ndarray]:
+    """The spec-shaped ``feeds`` as the Core ML model takes them: its dtypes, names and ranks.
+
+    A rank-0 array becomes ``(1,)`` (Core ML has no scalars); int64 ids become int32 (Core ML has no int64),
+    refusing values int32 cannot hold rather than wrapping them.
+    """
+    adapted: dict[str, np.ndarray] = {}
+    for tensor in inputs:
+        if tensor.feed_name not in feeds:
+            raise UserError(f"Core ML input '{tensor.feed_name}' was not given (got: {', '.join(feeds)})")
+        value = np.asarray(feeds[tensor.feed_name])
+        target = np.dtype(tensor.dtype)
+        if value.dtype.kind in "iu" and target.kind in "iu" and value.size:
+            limits = np.iinfo(target)
+            if value.min() < limits.min or value.max() > limits.max:
+                raise UserError(
+                    f"Core ML input '{tensor.feed_name}': values {value.min()}..{value.max()} do not fit {target}"
+                )
+        if value.ndim == 0 and len(tensor.shape) == 1:
+            value = value.reshape(1)
+        if not tensor.accepts(value.shape):
+            expected = (
+                list(tensor.shape)
+                if tensor.is_static
+                else " x ".join(f"{low}..{high}" for low, high in tensor.bounds or ())
+            )
+            raise UserError(
+                f"Core ML input '{tensor.feed_name}' has shape {list(value.shape)}; this mlpackage was converted for "
+                f"{expected}: re-export with --height/--width/--batch (or --dynamic) covering it"
+            )
+        adapted[tensor.name] = np.ascontiguousarray(value, dtype=target)
+    return adapted
+
+
+def outputs_by_spec_name(
+    predictions: dict[str, Any], outputs: tuple[CoreMLTensor, ...], ranks: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Core ML's ``predict`` result renamed to the spec's output names, as float32 numpy arrays.
+
+    ``ranks`` (spec name -> rank) drops the leading ``(1,)`` Core ML adds to a spec's rank-0 output.
+    """
+    result: dict[str, np.ndarray] = {}
+    for tensor in outputs:
+        if tensor.name not in predictions:
+            raise UserError(
+                f"the Core ML model returned no output '{tensor.name}' (it returned: {', '.join(predictions)}): "
+                "re-export the bundle"
+            )
+        value = np.asarray(predictions[tensor.name], dtype=np.float32)
+        if ranks is not None and ranks.get(tensor.feed_name) == 0 and value.shape == (1,):
+            value = value.reshape(())
+        result[tensor.feed_name] = value
+    return result
+
+
+def check_static_shapes(
+    component: str, static_shapes: dict[str, tuple[int, ...]] | None, inputs: tuple[CoreMLTensor, ...]
+) -> None:
+    """Refuse at load, in one line, a call shape the mlpackage cannot take (Core ML cannot recompile it).
+
+    ``static_shapes`` uses the spec's shapes; -1 marks a dim left open (the CFG batch) and is not checked.
+    """
+    if not static_shapes:
+        return
+    for tensor in inputs:
+        wanted = static_shapes.get(tensor.feed_name)
+        if wanted is None:
+            continue
+        wanted = tuple(wanted) or (1,)  # a spec scalar is a (1,) array in Core ML
+        if len(wanted) == len(tensor.shape):  # an open dim (-1) takes the default, which always fits
+            wanted = tuple(fixed if size == -1 else size for size, fixed in zip(wanted, tensor.shape, strict=True))
+        if not tensor.accepts(wanted):
+            accepted = list(tensor.shape) if tensor.bounds is None else [list(pair) for pair in tensor.bounds]
+            raise UserError(
+                f"{component}: input '{tensor.feed_name}' of shape {list(wanted)} does not fit this mlpackage "
+                f"(converted for {accepted}): re-export with shapes covering it"
+            )
+
+
+class CoreMLSession:
+    """One mlpackage loaded by Core ML; ``run`` takes and returns arrays under the component spec's names."""
+
+    def __init__(self, path: Path, component: Component, options: BackendOptions) -> None:
+        import coremltools
+
+        device = options.device.upper()
+        if device not in COMPUTE_UNITS:
+            raise UserError(
+                f"device '{options.device}' is not a Core ML compute unit: pick one of {', '.join(COMPUTE_UNITS)}"
+            )
+        self.inputs, self.outputs = artifact_tensors(component)
+        self.ranks = {tensor.name: len(tensor.shape) for tensor in component.spec.outputs}
+        compute_units = getattr(coremltools.ComputeUnit, COMPUTE_UNITS[device])
+        self.model = coremltools.models.MLModel(str(path), compute_units=compute_units)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        predictions = self.model.predict(adapt_feeds(feeds, self.inputs))
+        return outputs_by_spec_name(predictions, self.outputs, self.ranks)
+
+
+def open_session(
+    bundle_dir: Path,
+    component: Component,
+    options: BackendOptions,
+    static_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> CoreMLSession:
+    """Open ``component``'s mlpackage; a one-line :class:`UserError` off macOS, where Core ML cannot predict."""
+    if platform.system() != "Darwin":
+        raise UserError(
+            f"Core ML prediction needs macOS (this is {platform.system() or 'an unknown system'}): run the "
+            "mlpackages on a Mac, or export with --keep-onnx and use the onnxruntime or openvino backend"
+        )
+    if importlib.util.find_spec("coremltools") is None:
+        raise UserError("backend 'coreml' is not installed: pip install 'lcm-export[coreml]'")
+    path = artifact_path(bundle_dir, component, ARTIFACT_FORMAT)
+    inputs, _ = artifact_tensors(component)
+    check_static_shapes(component.spec.name, static_shapes, inputs)
+    return CoreMLSession(path, component, options)
