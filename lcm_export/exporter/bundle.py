@@ -16,7 +16,7 @@ from typing import Any
 
 from lcm_export.errors import ExportError
 from lcm_export.exporter.components import build_components
-from lcm_export.exporter.loading import LoadedPipeline, load_pipeline
+from lcm_export.exporter.loading import LoadedPipeline, attach_tiny_vae, load_pipeline, resolve_tiny_vae_path
 from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, validate_onnx
 from lcm_export.exporter.schedule import lcm_scheduler_from, scheduler_info
 from lcm_export.runtime.manifest import (
@@ -86,6 +86,16 @@ def check_config(config: ExportConfig) -> None:
     unknown = [name for name in config.components if name not in DEFAULT_COMPONENTS]
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(unknown)}: pick from {', '.join(DEFAULT_COMPONENTS)}")
+    if config.tiny_vae is not None:
+        resolve_tiny_vae_path(config.tiny_vae)  # a wrong --tiny-vae fails before the pipeline is loaded
+    if config.target == "tensorrt":
+        from lcm_export.targets.tensorrt import preflight
+
+        preflight(config)  # TensorRT installed, flavour and options valid: before the model is loaded
+    if config.target == "coreml":
+        from lcm_export.targets.coreml import preflight as coreml_preflight
+
+        coreml_preflight(config)  # coremltools installed and options valid: before the model is loaded
 
 
 def engine_shape_range(config: ExportConfig, info: PipelineInfo, sequence: int) -> ShapeRange:
@@ -125,11 +135,12 @@ def _write_ecosystem_files(loaded: LoadedPipeline, staging: Path, config: Export
     pipeline.tokenizer.save_pretrained(str(staging / "tokenizer"))
     scheduler = lcm_scheduler_from(pipeline.scheduler.config)
     scheduler.save_pretrained(str(staging / "scheduler"))
+    vae = loaded.bundle_vae  # the pipeline's AutoencoderKL, or the --tiny-vae AutoencoderTiny
     configs = {
         "text_encoder": pipeline.text_encoder.config.to_dict(),
         "unet": dict(pipeline.unet.config),
-        "vae_decoder": dict(pipeline.vae.config),
-        "vae_encoder": dict(pipeline.vae.config),
+        "vae_decoder": dict(vae.config),
+        "vae_encoder": dict(vae.config),
     }
     for name in config.components:
         (staging / name).mkdir(parents=True, exist_ok=True)
@@ -139,9 +150,9 @@ def _write_ecosystem_files(loaded: LoadedPipeline, staging: Path, config: Export
     index["scheduler"] = ["diffusers", "LCMScheduler"]
     for drop in ("vae", "safety_checker", "feature_extractor", "image_encoder"):
         index.pop(drop, None)
-    index["vae_decoder"] = ["diffusers", "AutoencoderKL"]
+    index["vae_decoder"] = ["diffusers", type(vae).__name__]
     if "vae_encoder" in config.components:
-        index["vae_encoder"] = ["diffusers", "AutoencoderKL"]
+        index["vae_encoder"] = ["diffusers", type(vae).__name__]
     (staging / "model_index.json").write_text(json.dumps(index, indent=2, default=str) + "\n")
 
 
@@ -206,6 +217,8 @@ def _export_into(config: ExportConfig, staging: Path) -> Manifest:
         from lcm_export.exporter.lora import fuse_loras
 
         loras = fuse_loras(loaded, config.loras)
+    if config.tiny_vae is not None:
+        loaded = attach_tiny_vae(loaded, config.tiny_vae, with_encoder="vae_encoder" in config.components)
     staging.mkdir(parents=True)
     _write_ecosystem_files(loaded, staging, config)
 
@@ -243,7 +256,7 @@ def _export_into(config: ExportConfig, staging: Path) -> Manifest:
         guidance=loaded.guidance,
         time_cond_proj_dim=loaded.unet.config.time_cond_proj_dim,
         latent_channels=int(loaded.unet.config.in_channels),
-        vae="autoencoder_kl",
+        vae=loaded.vae_kind,
         vae_scale_factor=loaded.vae_scale_factor,
         vae_scaling_factor=loaded.vae_scaling_factor,
         vae_shift_factor=loaded.vae_shift_factor,

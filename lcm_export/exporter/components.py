@@ -145,17 +145,83 @@ def _vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
     return ExportableComponent(spec, VaeEncoder().eval())
 
 
+def _tiny_vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
+    """The AutoencoderTiny (TAESD) decoder under the VAE decoder's names: ``latent_sample`` -> ``sample``.
+
+    ``AutoencoderTiny.decode`` soft-clamps the latents (``tanh(x / 3) * 3``) and returns the image in [-1, 1]
+    like AutoencoderKL's, so the runtime post-processes both alike. TAESD is fp16-safe: no ``keep_fp32``.
+    """
+    import torch
+
+    tiny = loaded.tiny_vae
+
+    class TinyVaeDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = tiny
+
+        def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.vae.decode(latent_sample, return_dict=False)[0],)  # (B, 3, H, W) in [-1, 1]
+
+    spec = ComponentSpec(
+        name="vae_decoder",
+        inputs=(
+            TensorSpec(
+                "latent_sample", "float32", ("batch", tiny.config.latent_channels, "latent_height", "latent_width")
+            ),
+        ),
+        outputs=(TensorSpec("sample", "float32", ("batch", tiny.config.out_channels, "image_height", "image_width")),),
+        atol=3e-4,
+    )
+    return ExportableComponent(spec, TinyVaeDecoder().eval())
+
+
+def _tiny_vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
+    """The AutoencoderTiny encoder: ``sample`` in [-1, 1] -> ``latents`` (B, C, h, w), deterministic.
+
+    TAESD's encoder gives latents, not a distribution, so the output is named after diffusers'
+    ``AutoencoderTinyOutput.latents`` rather than the KL encoder's ``latent_parameters``; multiplied by the
+    manifest's ``vae_scaling_factor`` they are U-Net latents, as in diffusers' img2img with ``vae=AutoencoderTiny``.
+    """
+    import torch
+
+    tiny = loaded.tiny_vae
+
+    class TinyVaeEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = tiny
+
+        def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.vae.encode(sample, return_dict=False)[0],)  # (B, C, h, w)
+
+    latent = tiny.config.latent_channels
+    spec = ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("sample", "float32", ("batch", tiny.config.in_channels, "image_height", "image_width")),),
+        outputs=(TensorSpec("latents", "float32", ("batch", latent, "latent_height", "latent_width")),),
+        atol=3e-4,
+    )
+    return ExportableComponent(spec, TinyVaeEncoder().eval())
+
+
 COMPONENT_BUILDERS = {
     "text_encoder": _text_encoder,
     "unet": _unet,
     "vae_decoder": _vae_decoder,
     "vae_encoder": _vae_encoder,
 }
+# With --tiny-vae, the AutoencoderTiny's decoder and encoder replace the pipeline VAE's.
+TINY_VAE_BUILDERS = {
+    "vae_decoder": _tiny_vae_decoder,
+    "vae_encoder": _tiny_vae_encoder,
+}
 
 
 def build_components(loaded: LoadedPipeline, names: list[str]) -> dict[str, ExportableComponent]:
     """The exportable components of ``loaded``, in ``names`` order."""
-    return {name: COMPONENT_BUILDERS[name](loaded) for name in names}
+    builders = COMPONENT_BUILDERS if loaded.tiny_vae is None else {**COMPONENT_BUILDERS, **TINY_VAE_BUILDERS}
+    return {name: builders[name](loaded) for name in names}
 
 
 def sample_inputs(spec: ComponentSpec, values: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:

@@ -34,10 +34,21 @@ class LoadedPipeline:
     vae_scaling_factor: float
     vae_shift_factor: float | None
     spatial_multiple: int  # height/width must be a multiple of this (VAE x U-Net down-sampling)
+    tiny_vae: Any = None  # diffusers AutoencoderTiny (--tiny-vae) replacing the VAE in the bundle, or None
 
     @property
     def unet(self) -> Any:
         return self.pipeline.unet
+
+    @property
+    def vae_kind(self) -> str:
+        """Which VAE the bundle carries: "autoencoder_kl" (the pipeline's) or "autoencoder_tiny" (TAESD)."""
+        return "autoencoder_kl" if self.tiny_vae is None else "autoencoder_tiny"
+
+    @property
+    def bundle_vae(self) -> Any:
+        """The VAE whose decoder (and encoder) the bundle carries."""
+        return self.pipeline.vae if self.tiny_vae is None else self.tiny_vae
 
 
 def resolve_model_path(model: str) -> Path:
@@ -138,4 +149,101 @@ def load_pipeline(model: str, *, has_loras: bool = False) -> LoadedPipeline:
         vae_scaling_factor=float(vae_config.scaling_factor),
         vae_shift_factor=float(shift) if shift is not None else None,
         spatial_multiple=vae_scale_factor * unet_down_factor,
+    )
+
+
+TINY_VAE_CLASS = "AutoencoderTiny"
+
+
+def resolve_tiny_vae_path(source: str) -> Path:
+    """The folder of the ``--tiny-vae`` AutoencoderTiny: ``source`` itself, its ``vae/`` subfolder, or a hub download.
+
+    Only ``config.json`` is read here (no weights), so a wrong path fails before the pipeline is loaded.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+        if not looks_like_hub_id:
+            raise ExportError(
+                f"--tiny-vae '{source}' does not exist: pass an AutoencoderTiny (TAESD) folder written by "
+                "save_pretrained, or a hub id such as madebyollin/taesd"
+            )
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as error:  # network, auth or missing repo: all user-facing
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ExportError(
+                f"--tiny-vae '{source}' is not a local folder and could not be downloaded from the hub ({reason}): "
+                "download it where a network exists and pass the folder"
+            ) from None
+    if not path.is_dir():
+        raise ExportError(f"--tiny-vae '{source}' is a file: pass the AutoencoderTiny folder (with config.json)")
+    for candidate in (path, path / "vae"):
+        config_path = candidate / "config.json"
+        if config_path.is_file() and _read_json(config_path).get("_class_name") == TINY_VAE_CLASS:
+            return candidate
+    found = _read_json(path / "config.json").get("_class_name") if (path / "config.json").is_file() else None
+    what = f"its config.json describes {found!r}" if found else "it has no config.json"
+    raise ExportError(
+        f"--tiny-vae '{source}' is not an AutoencoderTiny folder ({what}): pass a TAESD folder written by "
+        "AutoencoderTiny.save_pretrained"
+    )
+
+
+def tiny_vae_scale_factors(config: dict[str, Any]) -> tuple[int, int]:
+    """(decoder up-sampling, encoder down-sampling) of an AutoencoderTiny config, counted as diffusers builds it.
+
+    DecoderTiny up-samples by ``upsampling_scaling_factor`` between consecutive decoder blocks; EncoderTiny
+    down-samples by 2 (stride-2 convolution) at the start of every block but the first.
+    """
+    decoder_blocks = len(config.get("num_decoder_blocks") or config.get("decoder_block_out_channels") or (3, 3, 3, 1))
+    encoder_blocks = len(config.get("num_encoder_blocks") or config.get("encoder_block_out_channels") or (1, 3, 3, 3))
+    upsampling = int(config.get("upsampling_scaling_factor", 2))
+    return upsampling ** (decoder_blocks - 1), 2 ** (encoder_blocks - 1)
+
+
+def attach_tiny_vae(loaded: LoadedPipeline, source: str, *, with_encoder: bool) -> LoadedPipeline:
+    """``loaded`` with the AutoencoderTiny at ``source`` as its bundle VAE.
+
+    The tiny VAE must decode the U-Net's latents: same latent channels and the same scale factor as the
+    pipeline's VAE (its encoder's too when ``with_encoder``). The latent scaling (and shift) factors then come
+    from the tiny VAE's config, exactly as diffusers' pipelines use ``vae.config.scaling_factor`` when they are
+    given ``vae=AutoencoderTiny`` (1.0 for TAESD, whose decoder takes the U-Net's latents as they are).
+    """
+    import dataclasses
+
+    path = resolve_tiny_vae_path(source)
+    config = _read_json(path / "config.json")
+    channels = int(config.get("latent_channels", 4))
+    expected_channels = int(loaded.unet.config.in_channels)
+    if channels != expected_channels:
+        raise ExportError(
+            f"--tiny-vae '{source}' has {channels} latent channels but the U-Net of '{loaded.source}' has "
+            f"{expected_channels}: pass a tiny VAE made for this model family"
+        )
+    decoder_factor, encoder_factor = tiny_vae_scale_factors(config)
+    if decoder_factor != loaded.vae_scale_factor or (with_encoder and encoder_factor != loaded.vae_scale_factor):
+        factor = decoder_factor if decoder_factor != loaded.vae_scale_factor else encoder_factor
+        raise ExportError(
+            f"--tiny-vae '{source}' scales latents by {factor} but the VAE of '{loaded.source}' by "
+            f"{loaded.vae_scale_factor}: pass a tiny VAE made for this model family"
+        )
+
+    import torch
+    from diffusers import AutoencoderTiny
+
+    try:
+        tiny = AutoencoderTiny.from_pretrained(str(path), torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ExportError(f"--tiny-vae '{source}' could not be loaded by diffusers: {reason}") from None
+    tiny.eval().requires_grad_(False)
+    shift = getattr(tiny.config, "shift_factor", None)
+    return dataclasses.replace(
+        loaded,
+        tiny_vae=tiny,
+        vae_scaling_factor=float(tiny.config.scaling_factor),
+        vae_shift_factor=float(shift) if shift is not None else None,
     )

@@ -93,9 +93,58 @@ def export_to_onnx(
             )
             exported_spec = spec.with_dtypes("float16")
         else:
-            model = onnx.load(str(traced_path))
+            # fp32: the traced file as it is, its weights streamed tensor by tensor into one data file; loading
+            # and re-saving a 3.4 GB U-Net would hold three copies of its weights in memory at once.
+            repack_onnx(traced_path, output_path)
+            return exported_spec
     save_onnx(model, output_path)
     return exported_spec
+
+
+def _all_tensors(graph: object):
+    """Every TensorProto of ``graph``: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer  # type: ignore[attr-defined]
+    for node in graph.node:  # type: ignore[attr-defined]
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
+
+
+def repack_onnx(source: Path, output_path: Path) -> None:
+    """Copy the ONNX model at ``source`` to ``output_path``; weights kept outside the protobuf (one file or one
+    per tensor, as torch writes models past 2 GB) are streamed into ``<name>_data`` one tensor at a time, at
+    page-aligned offsets so runtimes can map them. Peak memory: the graph and the largest tensor."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(source), load_external_data=False)
+    external = [tensor for tensor in _all_tensors(model.graph) if uses_external_data(tensor)]
+    if not external:
+        save_onnx(model, output_path)
+        return
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = output_path.name + "_data"
+    alignment = 4096
+    with open(output_path.parent / data_name, "wb") as data:
+        for tensor in external:
+            info = ExternalDataInfo(tensor)
+            with open(source.parent / info.location, "rb") as handle:
+                handle.seek(info.offset or 0)
+                payload = handle.read(info.length) if info.length else handle.read()
+            offset = -(-data.tell() // alignment) * alignment
+            data.seek(offset)
+            data.write(payload)
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(output_path))
 
 
 def save_onnx(model: object, output_path: Path) -> None:
@@ -106,7 +155,7 @@ def save_onnx(model: object, output_path: Path) -> None:
     data_name = output_path.name + "_data"
     if (output_path.parent / data_name).exists():
         (output_path.parent / data_name).unlink()
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD  # type: ignore[attr-defined]
+    large = _serialized_size(model) > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(
         model,
         str(output_path),
@@ -115,6 +164,17 @@ def save_onnx(model: object, output_path: Path) -> None:
         location=data_name,
         size_threshold=1024,
     )
+
+
+def _serialized_size(model: object) -> int:
+    """Bytes ``model`` takes as one protobuf; past protobuf's 2 GB limit ``ByteSize`` itself fails (an SD U-Net
+    in fp32 is 3.4 GB), which can only mean "large"."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return int(model.ByteSize())  # type: ignore[attr-defined]
+    except (EncodeError, ValueError):
+        return EXTERNAL_DATA_THRESHOLD + 1
 
 
 def validate_onnx(

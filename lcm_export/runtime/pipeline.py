@@ -156,6 +156,18 @@ class Pipeline:
                     f"{multiple} (e.g. {lower} or {lower + multiple})"
                 )
 
+    def check_static_shape(self, batch: int, height: int, width: int) -> None:
+        """A pipeline loaded with ``static_shape`` runs that shape only: backends compiled their graphs for it, and
+        recompiling on the fly would cost a load's time and memory in the middle of a call."""
+        if self.options.static_shape is None or tuple(self.options.static_shape) == (batch, height, width):
+            return
+        loaded_batch, loaded_height, loaded_width = self.options.static_shape
+        raise UserError(
+            f"this pipeline was loaded with static_shape for {loaded_batch} image(s) of {loaded_width}x{loaded_height} "
+            f"but was called for {batch} image(s) of {width}x{height}: call it with that shape, or load it again "
+            f"with static_shape=({batch}, {height}, {width}) or without static_shape"
+        )
+
     # -- the loop -------------------------------------------------------------------------------------------
 
     def __call__(
@@ -197,6 +209,7 @@ class Pipeline:
         height = height or info.default_height
         width = width or info.default_width
         self.check_size(height, width)
+        self.check_static_shape(batch, height, width)
         latent_shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
 
         # 2. Random draws, in diffusers' order: initial latents, then one noise tensor per step but the last.

@@ -1,4 +1,15 @@
-"""onnxruntime backend (CPU provider by default; CUDA where ``onnxruntime-gpu`` is installed)."""
+"""onnxruntime backend (CPU provider by default; CUDA where ``onnxruntime-gpu`` is installed).
+
+On the CPU provider, the graph onnxruntime optimises at the first load (fusions and the NCHWc layout for this
+CPU's vector width, weights already re-laid out, MatMul weights pre-packed) is saved into the user cache, keyed by
+the ONNX file's sha256, onnxruntime's version and the CPU; later loads open that file with graph optimisations off
+and map its weights from disk instead of copying them. Measured on the SD1.5-shaped U-Net (3.4 GB, 2 cores): a
+load took 22.7 s, from the cache 1.2-1.5 s, with the same run time (1.33 s at 256 px) and outputs; its private
+(anonymous) memory after a run fell from 1.28 GB to 0.23 GB, the weights being file pages the kernel can drop.
+Only onnxruntime's own CPU optimisations are used: its transformers Stable Diffusion optimizer emits contrib ops
+(GroupNorm, NhwcConv, packed attention) that have CUDA kernels only. ``static_shapes`` are not used: fixing the
+free dimensions (``add_free_dimension_override_by_name``) ran the U-Net in 1.49 s against 1.50 s at 256 px.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lcm_export.runtime.backends import BackendOptions, artifact_path
+from lcm_export.runtime.backends import BackendOptions, artifact_path, backend_cache_dir, file_identity
 from lcm_export.runtime.manifest import Component
 
 ARTIFACT_FORMAT = "onnx"
@@ -39,7 +50,37 @@ class OnnxRuntimeSession:
             and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
         ):
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
+        cached = optimized_model_path(path, options) if providers == ["CPUExecutionProvider"] else None
+        self.loaded_from_cache = False
+        if cached is not None and cached.is_file():
+            try:
+                self.session = _open_optimized(onnxruntime, cached, session_options, providers)
+                self.loaded_from_cache = True
+            except Exception:  # an unreadable cache entry (disk full at write, a newer format): rebuild it
+                shutil.rmtree(cached.parent, ignore_errors=True)
+        if not self.loaded_from_cache:
+            session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+            staging = None
+            if cached is not None:
+                staging = _staging_folder(cached)
+                session_options.optimized_model_filepath = str(staging / cached.name)
+                session_options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", cached.name + "_data"
+                )
+                session_options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+                )
+                # MatMul weights also in MLAS's packed layout, mapped from the file at load: no packing at load
+                # or first run, no anonymous copy (U-Net: 1.1 GB less private memory, 1.1 GB more on disk).
+                session_options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+            try:
+                self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
+            except BaseException:
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
+            if cached is not None and staging is not None:
+                _publish(staging, cached.parent)
         self.output_names = [output.name for output in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -56,6 +97,59 @@ class OnnxRuntimeSession:
         if path.resolve().parent != self.profiling_dir.resolve():
             path = Path(shutil.move(str(path), str(self.profiling_dir / path.name)))
         return [path]
+
+
+def _cpu_identity() -> str:
+    """What an optimised graph depends on besides the file: the CPU (model and ISA flags) and onnxruntime."""
+    import platform
+
+    details = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as handle:
+            details += [line for line in handle if line.startswith(("model name", "flags", "Features"))][:2]
+    except OSError:
+        pass
+    return "|".join(details)
+
+
+def optimized_model_path(path: Path, options: BackendOptions) -> Path | None:
+    """Where the optimised copy of ``path`` lives in the cache (None when caching is off)."""
+    import hashlib
+    import json
+
+    import onnxruntime
+
+    cache = backend_cache_dir(options, "onnxruntime")
+    if cache is None:
+        return None
+    key = json.dumps([file_identity(path), onnxruntime.__version__, _cpu_identity(), "ORT_ENABLE_ALL+prepacked"])
+    return cache / hashlib.sha256(key.encode()).hexdigest()[:32] / "model.onnx"
+
+
+def _open_optimized(onnxruntime, cached: Path, session_options, providers: list[str]):
+    """Open an already optimised graph as it is: optimising it again would only cost time."""
+    session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return onnxruntime.InferenceSession(str(cached), session_options, providers=providers)
+
+
+def _staging_folder(cached: Path) -> Path:
+    import os
+
+    staging = cached.parent.parent / f".{cached.parent.name}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Move a written cache entry into place; a concurrent writer that won keeps its copy."""
+    if not any(staging.iterdir()):  # onnxruntime wrote nothing (it may skip saving some graphs)
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    try:
+        staging.rename(final)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def open_session(

@@ -1,0 +1,703 @@
+"""The CPU benchmark in one command: build the SD1.5-shaped random LCM, export it, time every engine side by side.
+
+    python bench/run.py --sizes 256 512      # the full run (results committed under bench/)
+    python bench/run.py --quick              # smoke test: 256 px, 2 runs, no optimum-intel
+
+Stages, each skipped when its output already exists in the work folder (``--work-dir``, default
+``~/.cache/lcm-export/bench``): the random SD1.5-shaped pipeline and TAESD-shaped AutoencoderTiny
+(``bench/models.py``); two bundles exported with ``lcm-export`` (full VAE, and ``--tiny-vae``), each export timed
+with its peak RSS in its own process; optimum-intel in its own venv (``bench/.venv-optimum``, created here with
+torch pinned to the CPU build) and its OpenVINO IR export of the same pipeline.
+
+Then, per image size: every engine is first loaded alone with an empty compile cache (first load; one warm-up run
+measures its memory), then loaded again for the timed runs (second load, warm cache). Engines whose memory fits
+together run in one group, alternating A B C ... A B C ..., one ``run`` command at a time, each engine in its own
+process (``bench/worker.py``): same prompt, latents and noise for all engines in a round, another prompt each
+round (no prompt-cache advantage). Medians of ``--runs`` after ``--warmup``. Engines with the same effective
+configuration on this machine (e.g. "default" precision that resolves to f32 on a CPU without bf16) run once and
+are reported under each name.
+
+Writes ``RESULTS.md`` (tables, ratios against the issue's targets, the exact command), ``results.json`` and
+``results.png`` into ``--output`` (default: this folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+WORKER = BENCH_DIR / "worker.py"
+OPTIMUM_VENV = BENCH_DIR / ".venv-optimum"
+# One pip command (torch pinned: an unpinned one pulls a multi-GB CUDA build); torchvision is then removed (the
+# registry's build does not import on CPU torch; optimum-intel's export and inference work without it).
+OPTIMUM_REQUIREMENTS = ["torch==2.13.0", "torchvision==0.28.*", "optimum-intel[openvino,diffusers]"]
+PROMPT = "a photo of a lighthouse on a cliff at dusk, detailed, round {round}"
+GIGABYTE = 1e9
+
+
+@dataclass(frozen=True)
+class Settings:
+    sizes: tuple[int, ...]
+    runs: int
+    warmup: int
+    threads: int
+    steps: int
+    guidance: float
+    work_dir: Path
+    output_dir: Path
+    optimum: bool
+    memory_budget_gb: float | None
+    re_export: bool
+    command: str
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One row of the results: what runs, in which interpreter, with which settings."""
+
+    name: str
+    label: str
+    kind: str  # "lcm-export", "diffusers" or "optimum-intel"
+    python: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    group_order: int = 0  # engines compared with each other sit next to each other
+
+    def config_key(self, size: int) -> str:
+        """Equal keys: the same computation on this machine (run once, reported under each name)."""
+        spec = {key: value for key, value in self.spec.items() if key != "label"}
+        if spec.get("static_shape"):
+            spec["static_shape"] = [1, size, size]
+        return json.dumps([self.kind, self.python, spec], sort_keys=True)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def measured(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``command`` through ``worker.py measure``: wall time and peak RSS of that process alone."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as handle:
+        result = subprocess.run(
+            [sys.executable, str(WORKER), "measure", "--", *command],
+            stdout=subprocess.PIPE,
+            stderr=handle,
+            text=True,
+            env=env,
+        )
+    if result.returncode != 0:
+        raise SystemExit(f"bench: `{shlex.join(command)}` failed (exit {result.returncode}); see {log_path}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def mem_available_gb() -> float:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIGABYTE
+    return 8.0
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, the ISA flags that matter here, memory and library versions."""
+    import importlib.metadata
+
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+        flags = next(line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags"))
+        info["cpu"] = names[0] if names else platform.processor()
+        info["logical_cpus"] = len(names)
+        wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+        info["isa"] = {flag: flag in flags for flag in wanted}
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIGABYTE, 1)
+    versions = {}
+    for package in ("lcm-export", "onnxruntime", "openvino", "torch", "diffusers", "transformers", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    info["versions"] = versions
+    return info
+
+
+# -- stages -------------------------------------------------------------------------------------------------
+
+
+def build_models(settings: Settings) -> dict[str, Any]:
+    """The random SD1.5-shaped LCM and TAESD-shaped AutoencoderTiny (reused when already built)."""
+    log("models: SD1.5-shaped random LCM pipeline + TAESD-shaped AutoencoderTiny")
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "models.py"), str(settings.work_dir)],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def export_bundles(settings: Settings) -> dict[str, Any]:
+    """Export the full-VAE and the tiny-VAE bundles with lcm-export, each timed in its own process."""
+    metrics_path = settings.work_dir / "exports.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    model = settings.work_dir / "sd15-lcm"
+    jobs = {
+        "full": [],
+        "fast": ["--tiny-vae", str(settings.work_dir / "taesd")],
+    }
+    for name, extra in jobs.items():
+        bundle = settings.work_dir / f"bundle-{name}"
+        if (bundle / "manifest.json").is_file() and name in metrics and not settings.re_export:
+            log(f"export {name}: reusing {bundle} (exported in {metrics[name]['seconds']:.0f} s)")
+            continue
+        command = [sys.executable, "-m", "lcm_export.exporter.cli", str(model), "-o", str(bundle), "--overwrite"]
+        command += [*extra, "--quiet"]
+        log(f"export {name}: {shlex.join(command)}")
+        result = measured(command, settings.work_dir / "logs" / f"export-{name}.log")
+        metrics[name] = {**result, "command": shlex.join(command), "date": time.strftime("%Y-%m-%d %H:%M")}
+        log(f"export {name}: {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def optimum_python() -> str:
+    return str(OPTIMUM_VENV / "bin" / "python")
+
+
+def setup_optimum(settings: Settings) -> dict[str, Any]:
+    """optimum-intel's venv (created once) and its OpenVINO IR export of the same pipeline (once)."""
+    python = optimum_python()
+    probe = [python, "-c", "import optimum.intel, openvino; print(openvino.__version__)"]
+    if not Path(python).exists() or subprocess.run(probe, capture_output=True).returncode != 0:
+        log(f"optimum-intel: creating {OPTIMUM_VENV} (pip install {' '.join(OPTIMUM_REQUIREMENTS)})")
+        subprocess.run([sys.executable, "-m", "venv", str(OPTIMUM_VENV)], check=True)
+        pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, *OPTIMUM_REQUIREMENTS], check=True)
+        subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "-y", "torchvision"], check=True)
+    versions = subprocess.run(
+        [
+            python,
+            "-c",
+            "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+            "('optimum-intel', 'openvino', 'torch', 'diffusers', 'transformers')}))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    info: dict[str, Any] = {"versions": json.loads(versions.stdout)}
+    ov_dir = settings.work_dir / "optimum-ov"
+    metrics_path = settings.work_dir / "optimum-export.json"
+    if not (ov_dir / "model_index.json").is_file() or not metrics_path.is_file():
+        command = [python, str(WORKER), "optimum-export", str(settings.work_dir / "sd15-lcm"), str(ov_dir)]
+        log(f"optimum-intel export: {shlex.join(command)}")
+        result = measured(command, settings.work_dir / "logs" / "optimum-export.log")
+        metrics_path.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"optimum-intel export: {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
+    info["export"] = json.loads(metrics_path.read_text())
+    info["model"] = str(ov_dir)
+    return info
+
+
+def openvino_default_precision() -> str:
+    """What OpenVINO's CPU plugin runs by default here ("f32" on CPUs without bf16/fp16)."""
+    try:
+        import openvino
+
+        return openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    except Exception:
+        return "unknown"
+
+
+def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[Engine]:
+    """Every row: ours (parity, default, fast, each backend), diffusers, optimum-intel (default, f32)."""
+    from lcm_export.runtime.backends import choose_backend
+
+    python = sys.executable
+    work = settings.work_dir
+    auto = choose_backend("auto", {"onnx"})
+    ov_default = openvino_default_precision()
+
+    def ours(backend: str, precision: str, bundle: str) -> dict[str, Any]:
+        # What the precision option resolves to, so equal computations share a key (and a run).
+        if backend == "onnxruntime":
+            precision = "fp32"  # the CPU provider runs the bundle's fp32 graph
+        elif backend == "openvino" and precision == "auto" and ov_default == "f32":
+            precision = "fp32"
+        return {
+            "engine": "lcm-export",
+            "bundle": str(work / bundle),
+            "backend": backend,
+            "precision": precision,
+            "static_shape": True,  # the size is known at load: static shapes (see README)
+        }
+
+    def engine(name: str, label: str, kind: str, spec: dict[str, Any], order: int, venv: str = python) -> Engine:
+        return Engine(name, label, kind, venv, spec, order)
+
+    diffusers = {"engine": "diffusers", "model": str(work / "sd15-lcm")}
+    engines = [
+        engine("ours-default", f"ours default ({auto})", "lcm-export", ours(auto, "auto", "bundle-full"), 1),
+        engine("ours-fast", f"ours fast (tiny VAE, {auto})", "lcm-export", ours(auto, "auto", "bundle-fast"), 2),
+        engine("diffusers", "diffusers fp32 (torch)", "diffusers", diffusers, 3),
+        engine("ours-parity", f"ours parity ({auto}, fp32)", "lcm-export", ours(auto, "fp32", "bundle-full"), 4),
+        engine(
+            "ours-openvino-default", "ours OpenVINO default", "lcm-export", ours("openvino", "auto", "bundle-full"), 6
+        ),
+        engine("ours-openvino-fp32", "ours OpenVINO fp32", "lcm-export", ours("openvino", "fp32", "bundle-full"), 6),
+        engine(
+            "ours-onnxruntime", "ours onnxruntime fp32", "lcm-export", ours("onnxruntime", "fp32", "bundle-full"), 7
+        ),
+    ]
+    if optimum is not None:
+        venv = optimum_python()
+        default = {
+            "engine": "optimum-intel",
+            "model": optimum["model"],
+            "precision": "fp32" if ov_default == "f32" else "auto",
+        }
+        engines += [
+            engine("optimum-default", "OpenVINO via optimum-intel, default", "optimum-intel", default, 0, venv),
+            engine(
+                "optimum-f32",
+                "OpenVINO via optimum-intel, f32",
+                "optimum-intel",
+                {**default, "precision": "fp32"},
+                5,
+                venv,
+            ),
+        ]
+    return sorted(engines, key=lambda engine: engine.group_order)
+
+
+class Worker:
+    """A running ``worker.py``: JSON commands in, JSON replies out, library output into a log file."""
+
+    def __init__(self, engine: Engine, size: int, settings: Settings, cache_dir: Path, log_path: Path) -> None:
+        spec = {**engine.spec, "threads": settings.threads}
+        if spec.get("static_shape"):
+            spec["static_shape"] = [1, size, size]
+        env = {
+            **os.environ,
+            "LCM_EXPORT_CACHE_DIR": str(cache_dir),
+            "OMP_NUM_THREADS": str(settings.threads),
+            "MKL_NUM_THREADS": str(settings.threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONWARNINGS": "ignore",
+        }
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self.log = open(log_path, "a")
+        self.process = subprocess.Popen(
+            [engine.python, str(WORKER), json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+            env=env,
+            cwd=str(REPO_DIR),
+        )
+        self.name = engine.name
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.process.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            self.process.wait()
+            tail = self.log_path.read_text()[-2000:]
+            raise SystemExit(f"bench: worker {self.name} died (exit {self.process.returncode}):\n{tail}")
+        return json.loads(line)
+
+    def ready(self) -> dict[str, Any]:
+        return self._reply()
+
+    def send(self, command: dict[str, Any]) -> dict[str, Any]:
+        self.process.stdin.write(json.dumps(command) + "\n")  # type: ignore[union-attr]
+        self.process.stdin.flush()  # type: ignore[union-attr]
+        return self._reply()
+
+    def quit(self) -> dict[str, Any]:
+        reply = self.send({"cmd": "quit"})
+        self.process.wait(timeout=120)
+        self.log.close()
+        return reply
+
+
+def run_command(settings: Settings, size: int, round_index: int, save: Path | None = None) -> dict[str, Any]:
+    return {
+        "cmd": "run",
+        "size": size,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "seed": round_index if round_index >= 0 else 20_000 - round_index,  # warm-up rounds are negative
+        "prompt": PROMPT.format(round=round_index),
+        "save": str(save) if save else None,
+    }
+
+
+def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str, Any]:
+    """First loads, memory probe, then the alternating timed runs of every distinct engine at ``size``."""
+    distinct: dict[str, Engine] = {}
+    aliases: dict[str, str] = {}
+    for engine in engines:
+        key = engine.config_key(size)
+        distinct.setdefault(key, engine)
+        aliases[engine.name] = distinct[key].name
+    runnable = list(distinct.values())
+    logs = settings.work_dir / "logs" / str(size)
+    images = settings.work_dir / "images" / str(size)
+    shutil.rmtree(images, ignore_errors=True)
+    results: dict[str, dict[str, Any]] = {engine.name: {"runs": []} for engine in runnable}
+
+    # 1. First load of each engine alone, with an empty compile cache; one run measures its memory at this size.
+    for engine in runnable:
+        cache = settings.work_dir / "cache" / f"{engine.name}-{size}"
+        shutil.rmtree(cache, ignore_errors=True)
+        log(f"{size}px {engine.name}: first load (empty cache)")
+        worker = Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
+        ready = worker.ready()
+        worker.send(run_command(settings, size, 10_000))
+        bye = worker.quit()
+        # Second load right away, in a new process: a restart of the app (warm compile cache, files recently read).
+        second = Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
+        second_ready = second.ready()
+        second.quit()
+        results[engine.name].update(
+            load_first_s=ready["load_s"],
+            load_second_s=second_ready["load_s"],
+            import_s=ready["import_s"],
+            info=ready["info"],
+            info_second=second_ready["info"],
+            probe_peak_rss_gb=bye["peak_rss_gb"],
+        )
+        log(
+            f"{size}px {engine.name}: first load {ready['load_s']:.1f} s, second {second_ready['load_s']:.1f} s, "
+            f"peak RSS with one run {bye['peak_rss_gb']:.2f} GB"
+        )
+
+    # 2. Groups that fit in memory together, in the order that keeps compared engines side by side.
+    budget = settings.memory_budget_gb or 0.8 * mem_available_gb()
+    groups: list[list[Engine]] = []
+    for engine in runnable:
+        need = results[engine.name]["probe_peak_rss_gb"] * 1.1
+        if groups and sum(results[e.name]["probe_peak_rss_gb"] * 1.1 for e in groups[-1]) + need <= budget:
+            groups[-1].append(engine)
+        else:
+            groups.append([engine])
+    log(f"{size}px groups within {budget:.1f} GB: " + " | ".join(", ".join(e.name for e in g) for g in groups))
+
+    # 3. Second load (warm cache), warm-up, then runs alternating across the group's engines.
+    for group in groups:
+        workers = {}
+        for engine in group:
+            cache = settings.work_dir / "cache" / f"{engine.name}-{size}"
+            worker = Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
+            results[engine.name]["load_in_group_s"] = worker.ready()["load_s"]
+            workers[engine.name] = worker
+        for round_index in range(-settings.warmup, settings.runs):
+            for name, worker in workers.items():
+                save = images / f"{name}.npy" if round_index == 0 else None
+                reply = worker.send(run_command(settings, size, round_index, save))
+                if round_index >= 0:
+                    results[name]["runs"].append(reply)
+                log(
+                    f"{size}px {name}: {'warm-up' if round_index < 0 else f'run {round_index + 1}/{settings.runs}'} "
+                    f"{reply['total']:.2f} s (U-Net {reply.get('unet', 0):.2f}, VAE {reply.get('vae_decode', 0):.2f})"
+                )
+        for name, worker in workers.items():
+            bye = worker.quit()
+            results[name].update(peak_rss_gb=bye["peak_rss_gb"], peak_anon_gb=bye["peak_anon_gb"])
+            # Compiled/optimised caches are gigabytes per engine and size: gone once the engine is measured.
+            shutil.rmtree(settings.work_dir / "cache" / f"{name}-{size}", ignore_errors=True)
+    for result in results.values():
+        result["median"] = {
+            stage: statistics.median(run.get(stage, 0.0) for run in result["runs"])
+            for stage in ("total", "unet", "vae_decode", "text_encoder")
+        }
+    rows = {engine.name: {**results[aliases[engine.name]], "same_as": aliases[engine.name]} for engine in engines}
+    return {"rows": rows, "groups": [[e.name for e in g] for g in groups], "images": image_checks(images, aliases)}
+
+
+def image_checks(folder: Path, aliases: dict[str, str]) -> dict[str, Any]:
+    """Parity (max abs difference against diffusers) and PSNR of default against parity, from round 1's images."""
+    import numpy as np
+
+    def load(name: str):
+        path = folder / f"{aliases.get(name, name)}.npy"
+        return np.load(path) if path.is_file() else None
+
+    def psnr(reference, image) -> float:
+        mse = float(np.mean((reference.astype(np.float64) - image.astype(np.float64)) ** 2))
+        return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
+
+    checks: dict[str, Any] = {}
+    reference = load("diffusers")
+    for name in ("ours-parity", "ours-openvino-fp32", "ours-onnxruntime"):
+        image = load(name)
+        if reference is not None and image is not None:
+            checks[f"{name} vs diffusers max abs"] = float(np.abs(image - reference).max())
+    for default, parity in (("ours-default", "ours-parity"), ("ours-openvino-default", "ours-openvino-fp32")):
+        first, second = load(default), load(parity)
+        if first is not None and second is not None:
+            checks[f"{default} vs {parity} PSNR dB"] = psnr(second, first)
+    return checks
+
+
+# -- report -------------------------------------------------------------------------------------------------
+
+
+def ratios(sizes: dict[str, Any], exports: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    checks: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, target: str, met: bool | None) -> None:
+        checks.append({"check": name, "value": value, "target": target, "met": met})
+
+    def ratio(rows: dict[str, Any], numerator: str, denominator: str) -> float | None:
+        """End-to-end median of ``numerator`` over ``denominator`` (None when either did not run)."""
+        if numerator not in rows or denominator not in rows:
+            return None
+        return rows[numerator]["median"]["total"] / rows[denominator]["median"]["total"]
+
+    for size, data in sizes.items():
+        rows = data["rows"]
+
+        value = ratio(rows, "ours-parity", "optimum-f32")
+        add(f"{size}px parity / OpenVINO f32", value, "≤ 1.05", None if value is None else value <= 1.05)
+        value = ratio(rows, "ours-default", "optimum-default")
+        add(f"{size}px default / OpenVINO default", value, "≤ 1.05", None if value is None else value <= 1.05)
+        value = ratio(rows, "diffusers", "ours-fast")
+        add(f"{size}px fast speed-up over diffusers fp32", value, "≥ 4", None if value is None else value >= 4)
+        value = ratio(rows, "optimum-default", "ours-fast")
+        add(f"{size}px fast speed-up over OpenVINO default", value, "≥ 1.5", None if value is None else value >= 1.5)
+        for name in ("ours-default", "ours-fast"):
+            value = rows[name].get("load_second_s") if name in rows else None
+            add(f"{size}px {name} second load (s)", value, "≤ 3", None if value is None else value <= 3)
+        if size == max(sizes):
+            ours = rows.get("ours-default", {}).get("peak_rss_gb")
+            theirs = rows.get("optimum-default", {}).get("peak_rss_gb")
+            add(f"{size}px default peak RSS (GB)", ours, "≤ 4", None if ours is None else ours <= 4)
+            met = None if ours is None or theirs is None else ours < theirs
+            add(
+                f"{size}px default peak RSS below OpenVINO default's ({theirs and round(theirs, 2)} GB)", ours, "<", met
+            )
+    for name, metrics in exports.items():
+        add(f"export {name} time (s)", metrics["seconds"], "≤ 300", metrics["seconds"] <= 300)
+        add(f"export {name} peak RSS (GB)", metrics["peak_rss_gb"], "≤ 12", metrics["peak_rss_gb"] <= 12)
+    return checks
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    machine = results["machine"]
+    isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present) or "?"
+    lines = [
+        "# CPU benchmark: lcm-export against diffusers and OpenVINO (optimum-intel)",
+        "",
+        "```",
+        results["settings"]["command"],
+        "```",
+        "",
+        f"Machine: {machine.get('cpu')} ({machine.get('logical_cpus')} logical CPUs; ISA: {isa}), "
+        f"{machine.get('memory_gb')} GB; {machine.get('platform')}. Run {results['date']}.",
+        f"Versions: {json.dumps(machine.get('versions', {}))}"
+        + (f"; optimum venv: {json.dumps(results['optimum']['versions'])}" if results.get("optimum") else ""),
+        "",
+        f"Model: random weights in LCM_Dreamshaper_v7's shapes (parameters: {json.dumps(results['models'])}). "
+        f"{results['settings']['steps']} steps, guidance {results['settings']['guidance']}, batch 1, "
+        f"{results['settings']['threads']} threads; median of {results['settings']['runs']} runs after "
+        f"{results['settings']['warmup']} warm-up, engines alternating, each in its own process.",
+        "",
+    ]
+    for size, data in results["sizes"].items():
+        lines += [
+            f"## {size}×{size}",
+            "",
+            "| engine | backend, precision | end to end (s) | U-Net total (s) | VAE decode (s) | text (s) | "
+            "first load (s) | second load (s) | peak RSS (GB) | anonymous peak (GB) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, row in data["rows"].items():
+            info = row.get("info", {})
+            backend = f"{info.get('backend', '?')}, {'/'.join(info.get('inference_precision', []))}"
+            alias = f" (= {row['same_as']})" if row["same_as"] != name else ""
+            median = row["median"]
+            lines.append(
+                f"| {results['labels'][name]}{alias} | {backend} | **{_number(median['total'])}** | "
+                f"{_number(median['unet'])} | {_number(median['vae_decode'])} | {_number(median['text_encoder'])} | "
+                f"{_number(row.get('load_first_s'), 1)} | {_number(row.get('load_second_s'), 1)} | "
+                f"{_number(row.get('peak_rss_gb'))} | {_number(row.get('peak_anon_gb'))} |"
+            )
+        lines += ["", f"Groups run together: {' | '.join(', '.join(g) for g in data['groups'])}."]
+        if data["images"]:
+            lines.append("Images: " + "; ".join(f"{k} {v:.3g}" for k, v in data["images"].items()) + ".")
+        lines.append("")
+    lines += ["## Targets (issue 10)", "", "| check | measured | target | met |", "|---|---|---|---|"]
+    for check in results["checks"]:
+        met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
+        lines.append(f"| {check['check']} | {_number(check['value'])} | {check['target']} | {met} |")
+    lines += ["", "## Exports", ""]
+    for name, metrics in results["exports"].items():
+        lines.append(
+            f"- {name}: {metrics['seconds']:.0f} s, peak RSS {metrics['peak_rss_gb']:.2f} GB — `{metrics['command']}`"
+        )
+    if results.get("optimum"):
+        export = results["optimum"]["export"]
+        lines.append(f"- optimum-intel IR export: {export['seconds']:.0f} s, peak RSS {export['peak_rss_gb']:.2f} GB")
+    lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
+    path.write_text("\n".join(lines))
+
+
+def write_chart(results: dict[str, Any], path: Path) -> None:
+    """Stacked bars per engine and size: text encoder, U-Net, VAE decode, the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(results["sizes"])
+    figure, axes = plt.subplots(1, len(sizes), figsize=(7 * len(sizes), 5), squeeze=False)
+    colors = {"text_encoder": "#8da0cb", "unet": "#fc8d62", "vae_decode": "#66c2a5", "other": "#bbbbbb"}
+    for axis, size in zip(axes[0], sizes, strict=True):
+        rows = results["sizes"][size]["rows"]
+        names = list(rows)
+        left = [0.0] * len(names)
+        for stage, color in colors.items():
+            values = []
+            for name in names:
+                median = rows[name]["median"]
+                known = median["text_encoder"] + median["unet"] + median["vae_decode"]
+                values.append(max(median["total"] - known, 0.0) if stage == "other" else median[stage])
+            axis.barh([results["labels"][n] for n in names], values, left=left, color=color, label=stage)
+            left = [a + b for a, b in zip(left, values, strict=True)]
+        for index, total in enumerate(left):
+            axis.text(total, index, f" {total:.1f} s", va="center", fontsize=8)
+        axis.invert_yaxis()
+        axis.set_xlim(0, max(left) * 1.15)
+        axis.set_title(f"{size}×{size}, {results['settings']['steps']} steps, {results['settings']['threads']} threads")
+        axis.set_xlabel("seconds per image (median)")
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, fontsize=8)
+    figure.suptitle(results["settings"]["command"], fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def notes(results: dict[str, Any]) -> list[str]:
+    found = [
+        "Weights are random: timings are those of the real shapes; images only show that engines sharing the same "
+        "weights agree.",
+        "optimum-intel 2.2 (transformers 5.5) reads the text encoder saved by transformers 5.23 with re-initialised "
+        "weights (key prefix change): its timings are valid, its images are not comparable.",
+        "Our engines load with static shapes (the size is known at load); optimum-intel runs as its users run it, "
+        "with dynamic shapes and no compile cache on CPU (its CACHE_DIR default is for GPUs).",
+        "Peak RSS counts file pages the runtimes map (weights read straight from disk, which the kernel can drop at "
+        "any time); the anonymous peak is the memory the process itself allocated.",
+    ]
+    default_precision = results.get("openvino_default_precision")
+    if default_precision == "f32":
+        found.append(
+            "This CPU has no bf16/fp16 path in OpenVINO (its default precision is f32): default and parity modes are "
+            "the same computation here and run once; `auto` picks onnxruntime on such CPUs (see "
+            "lcm_export/runtime/backends/openvino.py for the measurements)."
+        )
+    return found
+
+
+def parse_settings(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description="Benchmark lcm-export against diffusers and optimum-intel on CPU.")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per engine (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--guidance", type=float, default=8.0)
+    parser.add_argument("--work-dir", type=Path, default=Path("~/.cache/lcm-export/bench").expanduser())
+    parser.add_argument("--output", type=Path, default=BENCH_DIR, help="where RESULTS.md, results.json/png go")
+    parser.add_argument("--no-optimum", action="store_true", help="skip optimum-intel (its venv and export)")
+    parser.add_argument("--memory-budget-gb", type=float, default=None, help="default: 80%% of available memory")
+    parser.add_argument("--re-export", action="store_true", help="export the bundles again (and time it)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 256 px, 2 runs, no optimum-intel")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.runs, args.no_optimum = [256], 2, True
+        if args.output == BENCH_DIR:  # never overwrite the committed results with a smoke test's
+            args.output = args.work_dir / "quick"
+    command = "python bench/run.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return Settings(
+        sizes=tuple(args.sizes),
+        runs=args.runs,
+        warmup=args.warmup,
+        threads=args.threads,
+        steps=args.steps,
+        guidance=args.guidance,
+        work_dir=args.work_dir,
+        output_dir=args.output,
+        optimum=not args.no_optimum,
+        memory_budget_gb=args.memory_budget_gb,
+        re_export=args.re_export,
+        command=command.strip(),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    models = build_models(settings)
+    exports = export_bundles(settings)
+    optimum = setup_optimum(settings) if settings.optimum else None
+    engines = define_engines(settings, optimum)
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(settings).items()},
+        "machine": machine_info(),
+        "models": models,
+        "exports": exports,
+        "optimum": optimum,
+        "openvino_default_precision": openvino_default_precision(),
+        "labels": {engine.name: engine.label for engine in engines},
+        "engines": {engine.name: engine.spec for engine in engines},
+        "sizes": {},
+    }
+    for size in settings.sizes:
+        results["sizes"][size] = bench_size(settings, size, engines)
+    results["checks"] = ratios(results["sizes"], exports)
+    results["notes"] = notes(results)
+    results["wall_seconds"] = time.perf_counter() - started
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    (settings.output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_markdown(results, settings.output_dir / "RESULTS.md")
+    try:
+        write_chart(results, settings.output_dir / "results.png")
+    except ImportError:
+        log("matplotlib is not installed: no chart (pip install matplotlib)")
+    log(f"done in {results['wall_seconds'] / 60:.1f} min: {settings.output_dir / 'RESULTS.md'}")
+    print((settings.output_dir / "RESULTS.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

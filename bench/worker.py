@@ -1,0 +1,333 @@
+"""One benchmark engine in its own process: load once, then answer ``run`` commands with JSON timings.
+
+Started by ``bench/run.py`` as ``python worker.py '<engine spec JSON>'`` (for optimum-intel with its own venv's
+python). It reads one JSON command per line on stdin and writes one JSON reply per line on its protocol channel
+(the original stdout; everything the libraries print goes to stderr). Standard library and numpy only at the top:
+each engine imports its own libraries, so the same file runs in the optimum-intel venv.
+
+Commands: ``{"cmd": "run", "size": 256, "steps": 4, "guidance": 8.0, "seed": 0, "prompt": "...", "save": path}``
+-> ``{"event": "result", "total": s, "unet": s, "vae_decode": s, "text_encoder": s, "unet_calls": n}``;
+``{"cmd": "quit"}`` -> ``{"event": "bye", "peak_rss_gb": ..., "peak_anon_gb": ...}``.
+Every engine gets the same initial latents and per-step noise (drawn with numpy from ``seed``), so images of
+engines that share weights can be compared.
+
+Also ``python worker.py measure -- CMD...``: runs CMD and prints its wall time and peak RSS as JSON, and
+``python worker.py optimum-export MODEL OUTPUT``: exports a diffusers folder to OpenVINO IR with optimum-intel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GIGABYTE = 1e9
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIGABYTE
+
+
+def _status_gb(field: str) -> float:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024 / GIGABYTE
+    except OSError:
+        pass
+    return 0.0
+
+
+class AnonymousMemorySampler:
+    """Peak of RssAnon (memory not backed by a file), sampled every 50 ms in a thread.
+
+    Peak RSS also counts file pages a runtime maps (weights read straight from disk), which the kernel can drop
+    at any time; the anonymous peak is the memory the process really needs. The libraries release the GIL while
+    they compute, so the thread keeps sampling.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        thread = threading.Thread(target=self._sample, daemon=True)
+        thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, _status_gb("RssAnon"))
+            time.sleep(0.05)
+
+
+def draw_inputs(seed: int, shape: tuple[int, ...], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Initial latents and one noise tensor per step but the last: the only random draws of an LCM run."""
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal(shape).astype(np.float32)
+    return latents, [rng.standard_normal(shape).astype(np.float32) for _ in range(steps - 1)]
+
+
+class StageTimer:
+    """Seconds spent in wrapped callables, per stage, since the last ``reset``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.seconds, self.calls = {}, {}
+
+    def wrap(self, stage: str, function: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+                self.calls[stage] = self.calls.get(stage, 0) + 1
+
+        return timed
+
+
+# -- engines ------------------------------------------------------------------------------------------------
+
+
+class LcmExportEngine:
+    """This project's runtime on a bundle (no torch in the process)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import importlib
+
+        from lcm_export.runtime import Pipeline
+
+        self.spec = spec
+        backend = spec.get("backend", "auto")
+        if backend != "auto":  # import the backend's library before the load is timed (as for every engine)
+            importlib.import_module({"openvino": "openvino", "onnxruntime": "onnxruntime"}.get(backend, "numpy"))
+        self.Pipeline = Pipeline
+
+    def load(self) -> dict[str, Any]:
+        static = self.spec.get("static_shape")
+        self.pipeline = self.Pipeline.load(
+            self.spec["bundle"],
+            backend=self.spec.get("backend", "auto"),
+            precision=self.spec.get("precision", "auto"),
+            threads=self.spec["threads"],
+            static_shape=tuple(static) if static else None,
+        )
+        sessions = self.pipeline.sessions.values()
+        precisions = sorted({getattr(session, "inference_precision", "f32") for session in sessions})
+        return {
+            "backend": self.pipeline.backend,
+            "inference_precision": precisions,
+            "vae": self.pipeline.manifest.pipeline.vae,
+            "loaded_from_cache": all(getattr(session, "loaded_from_cache", False) for session in sessions),
+        }
+
+    def run(self, prompt: str, latents: np.ndarray, noise: list[np.ndarray], steps: int, guidance: float):
+        output = self.pipeline(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents, noise=noise)
+        timings = output.timings
+        stages = {
+            "total": timings["total"],
+            "unet": float(sum(timings["unet"])),
+            "unet_calls": len(timings["unet"]),
+            "vae_decode": timings["vae_decode"],
+            "text_encoder": timings["text_encoder"] + timings.get("tokenize", 0.0),
+        }
+        return output.images, stages
+
+
+@contextmanager
+def fixed_lcm_noise(noise: list[np.ndarray]):
+    """Make diffusers' LCMScheduler draw ``noise`` in order (the same tensors every engine gets)."""
+    import torch
+    from diffusers.schedulers import scheduling_lcm
+
+    queue = [torch.from_numpy(tensor) for tensor in noise]
+    original = scheduling_lcm.randn_tensor
+
+    def next_noise(shape, generator=None, device=None, dtype=None, layout=None):
+        return queue.pop(0).to(dtype=dtype)
+
+    scheduling_lcm.randn_tensor = next_noise
+    try:
+        yield
+    finally:
+        scheduling_lcm.randn_tensor = original
+
+
+class DiffusersEngine:
+    """diffusers' LatentConsistencyModelPipeline in fp32 on torch's CPU build."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        import diffusers  # noqa: F401  (imported before the load is timed)
+
+        self.spec = spec
+        self.timer = StageTimer()
+
+    def load(self) -> dict[str, Any]:
+        import torch
+        from diffusers import LatentConsistencyModelPipeline
+
+        pipe = LatentConsistencyModelPipeline.from_pretrained(
+            self.spec["model"], torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        )
+        pipe.set_progress_bar_config(disable=True)
+        pipe.unet.forward = self.timer.wrap("unet", pipe.unet.forward)
+        pipe.vae.decode = self.timer.wrap("vae_decode", pipe.vae.decode)
+        pipe.text_encoder.forward = self.timer.wrap("text_encoder", pipe.text_encoder.forward)
+        self.pipe = pipe
+        return {"backend": f"torch {torch.__version__}", "inference_precision": ["f32"], "vae": type(pipe.vae).__name__}
+
+    def run(self, prompt: str, latents: np.ndarray, noise: list[np.ndarray], steps: int, guidance: float):
+        import torch
+
+        self.timer.reset()
+        start = time.perf_counter()
+        with fixed_lcm_noise(noise), torch.no_grad():
+            images = self.pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                latents=torch.from_numpy(latents),
+                output_type="np",
+            ).images
+        total = time.perf_counter() - start
+        return images, {"total": total, **self.timer.seconds, "unet_calls": self.timer.calls.get("unet", 0)}
+
+
+class OptimumIntelEngine:
+    """OpenVINO through optimum-intel's OVLatentConsistencyModelPipeline (its own venv), as its users run it."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        import optimum.intel  # noqa: F401  (imported before the load is timed)
+
+        self.spec = spec
+        self.timer = StageTimer()
+
+    def load(self) -> dict[str, Any]:
+        from optimum.intel import OVLatentConsistencyModelPipeline
+
+        ov_config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(self.spec["threads"])}
+        if self.spec.get("precision") == "fp32":
+            ov_config["INFERENCE_PRECISION_HINT"] = "f32"
+        pipe = OVLatentConsistencyModelPipeline.from_pretrained(self.spec["model"], ov_config=ov_config, compile=True)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.unet.forward = self.timer.wrap("unet", pipe.unet.forward)
+        pipe.vae.decoder.forward = self.timer.wrap("vae_decode", pipe.vae.decoder.forward)
+        pipe.text_encoder.forward = self.timer.wrap("text_encoder", pipe.text_encoder.forward)
+        self.pipe = pipe
+        precision = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        import openvino
+
+        return {"backend": f"optimum-intel + openvino {openvino.__version__}", "inference_precision": [precision]}
+
+    def run(self, prompt: str, latents: np.ndarray, noise: list[np.ndarray], steps: int, guidance: float):
+        import torch
+
+        self.timer.reset()
+        start = time.perf_counter()
+        with fixed_lcm_noise(noise):
+            images = self.pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                latents=torch.from_numpy(latents),
+                output_type="np",
+            ).images
+        total = time.perf_counter() - start
+        return images, {"total": total, **self.timer.seconds, "unet_calls": self.timer.calls.get("unet", 0)}
+
+
+ENGINES = {"lcm-export": LcmExportEngine, "diffusers": DiffusersEngine, "optimum-intel": OptimumIntelEngine}
+
+
+# -- the protocol -------------------------------------------------------------------------------------------
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """Load the engine, then answer commands until ``quit`` or end of input."""
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # library output (C and Python) goes to stderr, never into the protocol
+    sys.stdout = sys.stderr
+
+    def reply(message: dict[str, Any]) -> None:
+        channel.write(json.dumps(message) + "\n")
+
+    sampler = AnonymousMemorySampler()
+    start = time.perf_counter()
+    engine = ENGINES[spec["engine"]](spec)
+    imported = time.perf_counter()
+    info = engine.load()
+    loaded = time.perf_counter()
+    reply(
+        {
+            "event": "ready",
+            "import_s": imported - start,
+            "load_s": loaded - imported,
+            "rss_gb": _status_gb("VmRSS"),
+            "info": info,
+        }
+    )
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "quit":
+            break
+        size = int(command["size"])
+        latent = size // 8
+        latents, noise = draw_inputs(int(command["seed"]), (1, 4, latent, latent), int(command["steps"]))
+        steps, guidance = int(command["steps"]), float(command["guidance"])
+        images, stages = engine.run(command["prompt"], latents, noise, steps, guidance)
+        if command.get("save"):
+            Path(command["save"]).parent.mkdir(parents=True, exist_ok=True)
+            np.save(command["save"], np.asarray(images, dtype=np.float32))
+        reply({"event": "result", **stages, "rss_gb": _status_gb("VmRSS")})
+    reply({"event": "bye", "peak_rss_gb": peak_rss_gb(), "peak_anon_gb": sampler.peak})
+
+
+def measure(command: list[str]) -> None:
+    """Run ``command``; print its wall time, peak RSS (of it and the children it waited for) and exit code."""
+    import subprocess
+
+    start = time.perf_counter()
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    print(json.dumps({"seconds": seconds, "peak_rss_gb": usage.ru_maxrss * 1024 / GIGABYTE, "returncode": code}))
+    sys.exit(code)
+
+
+def optimum_export(model: str, output: str) -> None:
+    """Export the diffusers folder ``model`` to OpenVINO IR with optimum-intel (fp32 weights, no compression)."""
+    from optimum.intel import OVLatentConsistencyModelPipeline
+
+    pipe = OVLatentConsistencyModelPipeline.from_pretrained(model, export=True, compile=False, load_in_8bit=False)
+    pipe.save_pretrained(output)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["measure"]:
+        measure(argv[argv.index("--") + 1 :])
+    elif argv[:1] == ["optimum-export"]:
+        optimum_export(argv[1], argv[2])
+    else:
+        serve(json.loads(argv[0]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,52 @@
+"""onnxruntime's optimised graph is saved once into the user cache and reopened as it is at later loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from conftest import random_inputs
+
+from lcm_export.runtime import Pipeline
+
+
+def _files(root: Path) -> set[Path]:
+    return {path for path in root.rglob("*") if path.is_file()} if root.exists() else set()
+
+
+def test_second_load_opens_the_saved_optimised_graph(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(cache))
+    first = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    assert not any(session.loaded_from_cache for session in first.sessions.values())
+    saved = _files(cache / "onnxruntime")
+    assert len([path for path in saved if path.name == "model.onnx"]) == 3  # one per component
+    assert not [path for path in (cache / "onnxruntime").iterdir() if path.name.startswith(".")]  # no staging left
+
+    second = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    assert all(session.loaded_from_cache for session in second.sessions.values())
+    assert _files(cache / "onnxruntime") == saved
+    latents, noise = random_inputs((1, 4, 16, 24), steps=4, seed=2)
+    expected = first("a cat", latents=latents, noise=noise).images
+    assert np.abs(second("a cat", latents=latents, noise=noise).images - expected).max() < 1e-5
+
+
+def test_a_broken_cache_entry_is_rebuilt(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(cache))
+    Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    for path in _files(cache / "onnxruntime"):
+        if path.name == "model.onnx":
+            path.write_bytes(b"not a model")
+    reloaded = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    assert not any(session.loaded_from_cache for session in reloaded.sessions.values())
+    assert all(
+        session.loaded_from_cache for session in Pipeline.load(tiny_lcm_bundle, backend="onnxruntime").sessions.values()
+    )
+
+
+def test_empty_cache_dir_turns_caching_off(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(tmp_path / "cache"))
+    runtime = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", cache_dir="")
+    assert not any(session.loaded_from_cache for session in runtime.sessions.values())
+    assert not _files(tmp_path / "cache" / "onnxruntime")
