@@ -187,9 +187,20 @@ def _provenance(config: ExportConfig) -> dict[str, Any]:
     }
 
 
+def _silence_library_progress() -> None:
+    """``quiet`` also means no diffusers/transformers loading bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def export_bundle(config: ExportConfig) -> Manifest:
     """Export ``config.model`` to a bundle at ``config.output``; returns the manifest written."""
     check_config(config)
+    if config.quiet:
+        _silence_library_progress()
     output = config.output
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"

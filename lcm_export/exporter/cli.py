@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -139,6 +140,11 @@ def require_export_extra() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library chatter (e.g. transformers' note that torchvision is absent) is not ours to print; errors are.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if args.quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     require_export_extra()
     config = config_from_args(args)
     from lcm_export.exporter.bundle import export_bundle
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             errors = component.validation.get("max_abs_error", {})
             worst = max(errors.values()) if errors else float("nan")
             formats = ", ".join(component.artifacts)
-            print(f"  {name:<13} {formats:<16} max abs vs PyTorch {worst:.2e}")
+            print(f"  {name:<13} {formats:<16} ONNX max abs vs PyTorch {worst:.2e}")
         print(f"bundle written to {config.output} (target {manifest.target}, {manifest.precision})")
     return 0
 

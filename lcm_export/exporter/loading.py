@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,11 @@ def load_pipeline(model: str, *, has_loras: bool = False) -> LoadedPipeline:
     from diffusers import DiffusionPipeline
 
     try:
-        pipeline = DiffusionPipeline.from_pretrained(
-            str(path), torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype; older ones need it
+            pipeline = DiffusionPipeline.from_pretrained(
+                str(path), torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+            )
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0]
         raise ExportError(f"MODEL '{model}' could not be loaded by diffusers: {reason}") from None
