@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", help="auto (device's fastest float) or fp32 (parity)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--quiet", "-q", action="store_true")
-    profile = parser.add_argument_group("profiling (--profile: time every stage over repeated runs; no image written)")
+    profile = parser.add_argument_group(
+        "profiling (--profile: time every stage over repeated runs; --output gets the last run's image)"
+    )
     profile.add_argument("--profile", action="store_true", help="profile latency per stage and print a table")
     profile.add_argument("--runs", type=int, default=None, help="timed runs (default 5)")
     profile.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs first (default 1)")
@@ -80,6 +82,10 @@ def run_profile(args: argparse.Namespace) -> int:
         progress=None if args.quiet else lambda message: print(message, file=sys.stderr, flush=True),
     )
     print(report.format_table())
+    if report.images is not None:
+        paths = save_images(report.images, args.output)
+        if not args.quiet:
+            print(f"last run's image: {', '.join(map(str, paths))}", file=sys.stderr)
     if args.json is not None:
         report.write_json(args.json)
     if args.chart is not None:
@@ -89,6 +95,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.output.suffix.lower() != ".png":
+        raise UserError(f"--output '{args.output}': give a .png file name")
     if args.profile:
         return run_profile(args)
     for flag, value in (("--runs", args.runs), ("--warmup", args.warmup), ("--json", args.json)):
@@ -97,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--chart", args.chart), ("--backend-profile", args.backend_profile)):
         if value is not None:
             raise UserError(f"{flag} applies to profiling: add --profile")
-    if args.output.suffix.lower() != ".png":
-        raise UserError(f"--output '{args.output}': give a .png file name")
     from lcm_export.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(args.bundle, backend=args.backend, precision=args.precision, threads=args.threads)

@@ -278,6 +278,7 @@ class ProfileReport:
     runs: tuple[Mapping[str, float], ...]  # flattened seconds of every timed run
     backend_profiles: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    images: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)  # the last run's
 
     @property
     def stage_names(self) -> list[str]:
@@ -559,6 +560,7 @@ def profile_bundle(
         elif not written:
             notes.append(f"the {pipe.backend} backend wrote no profile")
         notes.append("the backend profiler was on during the timed runs: its overhead is part of the timings")
+    images = output.images
     backend_name, options = pipe.backend, dataclasses.asdict(pipe.options)
     bundle = bundle_summary(bundle_dir, pipe.manifest)
     del pipe, output
@@ -604,4 +606,5 @@ def profile_bundle(
         runs=tuple(timed),
         backend_profiles=tuple(written),
         notes=tuple(notes),
+        images=images,
     )
