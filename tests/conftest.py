@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,18 @@ def export(model: Path | str, output: Path, **options) -> Path:
 
     export_bundle(ExportConfig(model=str(model), output=Path(output), quiet=True, **options))
     return Path(output)
+
+
+def export_cli_blocking(*args: str | Path, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``lcm-export`` as a user would; ``blocked`` modules fail to import (a machine without them)."""
+    code = (
+        "import sys\n"
+        f"for name in {list(blocked)!r}: sys.modules[name] = None\n"
+        "from lcm_export.exporter.cli import entry_point\n"
+        f"sys.argv = ['lcm-export', *{[str(a) for a in args]!r}]\n"
+        "entry_point()\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
 
 @contextlib.contextmanager

@@ -12,12 +12,12 @@ import importlib.util
 import platform
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import export
+from conftest import export_cli_blocking as cli
 
 from lcm_export.errors import BundleError, ExportError, UserError
 from lcm_export.runtime.backends import BackendOptions, choose_backend
@@ -36,18 +36,6 @@ pytestmark = [
 IS_MACOS = platform.system() == "Darwin"
 ALL_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 NUMPY_OF_COREML = {"FLOAT32": "float32", "FLOAT16": "float16", "INT32": "int32"}
-
-
-def cli(*args: str | Path, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run ``lcm-export`` as a user would; ``blocked`` modules fail to import (a machine without them)."""
-    code = (
-        "import sys\n"
-        f"for name in {list(blocked)!r}: sys.modules[name] = None\n"
-        "from lcm_export.exporter.cli import entry_point\n"
-        f"sys.argv = ['lcm-export', *{[str(a) for a in args]!r}]\n"
-        "entry_point()\n"
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

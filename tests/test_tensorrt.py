@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import export, psnr, random_inputs
+from conftest import export_cli_blocking as cli
 
 from lcm_export.errors import ExportError, UserError
 from lcm_export.runtime.backends import BackendOptions
@@ -31,18 +32,6 @@ needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="TensorRT-RTX is not installe
 # steps RMS on [0, 1] (1e-3) is 60 dB. Measured on this tiny model: 71-73 dB. Real SD-sized models accumulate
 # more error over 4 U-Net calls; Apple's gate for converted SD models is 35 dB (ml-stable-diffusion).
 MIN_FP16_PSNR = 60.0
-
-
-def cli(*args: str | Path, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run ``lcm-export`` as a user would; ``blocked`` modules fail to import (a machine without them)."""
-    code = (
-        "import sys\n"
-        f"for name in {list(blocked)!r}: sys.modules[name] = None\n"
-        "from lcm_export.exporter.cli import entry_point\n"
-        f"sys.argv = ['lcm-export', *{[str(a) for a in args]!r}]\n"
-        "entry_point()\n"
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:

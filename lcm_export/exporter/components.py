@@ -93,10 +93,13 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
     return ExportableComponent(spec, UNet().eval())
 
 
-def _vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
-    import torch
+def _decoder(vae: Any, *, keep_fp32: bool) -> ExportableComponent:
+    """A VAE's decoder under optimum's names, ``latent_sample`` -> ``sample`` (B, 3, H, W) in [-1, 1].
 
-    vae = loaded.pipeline.vae
+    Serves AutoencoderKL and AutoencoderTiny alike: both ``decode`` to [-1, 1], so the runtime post-processes
+    them the same way.
+    """
+    import torch
 
     class VaeDecoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -106,18 +109,20 @@ def _vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
         def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor]:
             return (self.vae.decode(latent_sample, return_dict=False)[0],)  # (B, 3, H, W) in [-1, 1]
 
+    latent = vae.config.latent_channels
     spec = ComponentSpec(
         name="vae_decoder",
-        inputs=(
-            TensorSpec(
-                "latent_sample", "float32", ("batch", vae.config.latent_channels, "latent_height", "latent_width")
-            ),
-        ),
+        inputs=(TensorSpec("latent_sample", "float32", ("batch", latent, "latent_height", "latent_width")),),
         outputs=(TensorSpec("sample", "float32", ("batch", vae.config.out_channels, "image_height", "image_width")),),
         atol=3e-4,
-        keep_fp32=True,
+        keep_fp32=keep_fp32,
     )
     return ExportableComponent(spec, VaeDecoder().eval())
+
+
+def _vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
+    """The pipeline's AutoencoderKL decoder; kept fp32 (SD VAEs overflow in fp16)."""
+    return _decoder(loaded.pipeline.vae, keep_fp32=True)
 
 
 def _vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
@@ -146,34 +151,12 @@ def _vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
 
 
 def _tiny_vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
-    """The AutoencoderTiny (TAESD) decoder under the VAE decoder's names: ``latent_sample`` -> ``sample``.
+    """The AutoencoderTiny (TAESD) decoder under the VAE decoder's names.
 
     ``AutoencoderTiny.decode`` soft-clamps the latents (``tanh(x / 3) * 3``) and returns the image in [-1, 1]
-    like AutoencoderKL's, so the runtime post-processes both alike. TAESD is fp16-safe: no ``keep_fp32``.
+    like AutoencoderKL's. TAESD is fp16-safe: no ``keep_fp32``.
     """
-    import torch
-
-    tiny = loaded.tiny_vae
-
-    class TinyVaeDecoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.vae = tiny
-
-        def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor]:
-            return (self.vae.decode(latent_sample, return_dict=False)[0],)  # (B, 3, H, W) in [-1, 1]
-
-    spec = ComponentSpec(
-        name="vae_decoder",
-        inputs=(
-            TensorSpec(
-                "latent_sample", "float32", ("batch", tiny.config.latent_channels, "latent_height", "latent_width")
-            ),
-        ),
-        outputs=(TensorSpec("sample", "float32", ("batch", tiny.config.out_channels, "image_height", "image_width")),),
-        atol=3e-4,
-    )
-    return ExportableComponent(spec, TinyVaeDecoder().eval())
+    return _decoder(loaded.tiny_vae, keep_fp32=False)
 
 
 def _tiny_vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
