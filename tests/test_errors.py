@@ -178,3 +178,10 @@ def test_wrong_latents_and_noise_shapes(tiny_lcm_bundle) -> None:
         pipe("a cat", latents=np.zeros((2, 4, 8, 8), np.float32))
     with pytest.raises(UserError, match="noise must be 3 arrays"):
         pipe("a cat", latents=np.zeros((1, 4, 8, 8), np.float32), noise=[np.zeros((1, 4, 8, 8), np.float32)])
+
+
+def test_hub_id_without_network(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without network sees, without waiting on DNS
+    output = tmp_path / "out"
+    assert_one_line_error(export_cli("nobody/no-such-lcm", "--output", output), "nobody/no-such-lcm", "hub")
+    no_leftovers(output)

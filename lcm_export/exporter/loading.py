@@ -72,14 +72,19 @@ def resolve_model_path(model: str) -> Path:
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise ExportError(f"MODEL '{model}' does not exist: pass a diffusers pipeline folder or a hub id (owner/name)")
+    return snapshot_from_hub(f"MODEL '{model}'", model, ["*.json", "*.txt", "*.safetensors"])
+
+
+def snapshot_from_hub(label: str, repo_id: str, patterns: list[str]) -> Path:
+    """Download a hub repo's files matching ``patterns`` (where a network exists); any failure is one line."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as error:  # network, auth or missing repo: all user-facing
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ExportError(
-            f"MODEL '{model}' is not a local folder and could not be downloaded from the hub ({reason}): "
+            f"{label} is not a local folder and could not be downloaded from the hub ({reason}): "
             "download it where a network exists and pass the folder"
         ) from None
 
@@ -171,16 +176,7 @@ def resolve_tiny_vae_path(source: str) -> Path:
                 f"--tiny-vae '{source}' does not exist: pass an AutoencoderTiny (TAESD) folder written by "
                 "save_pretrained, or a hub id such as madebyollin/taesd"
             )
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
-        except Exception as error:  # network, auth or missing repo: all user-facing
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ExportError(
-                f"--tiny-vae '{source}' is not a local folder and could not be downloaded from the hub ({reason}): "
-                "download it where a network exists and pass the folder"
-            ) from None
+        path = snapshot_from_hub(f"--tiny-vae '{source}'", source, ["*.json", "*.safetensors"])
     if not path.is_dir():
         raise ExportError(f"--tiny-vae '{source}' is a file: pass the AutoencoderTiny folder (with config.json)")
     for candidate in (path, path / "vae"):
