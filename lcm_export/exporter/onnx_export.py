@@ -6,7 +6,6 @@ trace baked in as a constant fails the check instead of failing on a user's devi
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -218,11 +217,3 @@ def validate_onnx(
         max_abs_reference=scales,
         tolerance=tolerances,
     )
-
-
-def remove_partial(path: Path) -> None:
-    """Remove a file or folder left by a failed step (no error when it is not there)."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()

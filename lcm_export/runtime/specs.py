@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SYMBOLS = ("batch", "sequence", "latent_height", "latent_width", "image_height", "image_width")
-NUMPY_DTYPES = ("float32", "float16", "int64", "int32")
 
 
 @dataclass(frozen=True)
