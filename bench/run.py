@@ -237,7 +237,7 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
     auto = choose_backend("auto", {"onnx"})
     ov_default = openvino_default_precision()
 
-    def ours(backend: str, precision: str, bundle: str) -> dict[str, Any]:
+    def ours(backend: str, precision: str, bundle: str, low_memory: bool = False) -> dict[str, Any]:
         # What the precision option resolves to, so equal computations share a key (and a run).
         if backend == "onnxruntime":
             precision = "fp32"  # the CPU provider runs the bundle's fp32 graph
@@ -249,6 +249,7 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
             "backend": backend,
             "precision": precision,
             "static_shape": True,  # the size is known at load: static shapes (see README)
+            "low_memory": low_memory,
         }
 
     def engine(name: str, label: str, kind: str, spec: dict[str, Any], order: int, venv: str = python) -> Engine:
@@ -266,6 +267,13 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
         engine("ours-openvino-fp32", "ours OpenVINO fp32", "lcm-export", ours("openvino", "fp32", "bundle-full"), 6),
         engine(
             "ours-onnxruntime", "ours onnxruntime fp32", "lcm-export", ours("onnxruntime", "fp32", "bundle-full"), 7
+        ),
+        engine(
+            "ours-low-memory",
+            f"ours default, --low-memory ({auto})",
+            "lcm-export",
+            ours(auto, "auto", "bundle-full", low_memory=True),
+            8,
         ),
     ]
     if optimum is not None:
@@ -451,7 +459,7 @@ def image_checks(folder: Path, aliases: dict[str, str]) -> dict[str, Any]:
 
     checks: dict[str, Any] = {}
     reference = load("diffusers")
-    for name in ("ours-parity", "ours-openvino-fp32", "ours-onnxruntime"):
+    for name in ("ours-parity", "ours-openvino-fp32", "ours-onnxruntime", "ours-low-memory"):
         image = load(name)
         if reference is not None and image is not None:
             checks[f"{name} vs diffusers max abs"] = float(np.abs(image - reference).max())
@@ -496,6 +504,8 @@ def ratios(sizes: dict[str, Any], exports: dict[str, Any]) -> list[dict[str, Any
             ours = rows.get("ours-default", {}).get("peak_rss_gb")
             theirs = rows.get("optimum-default", {}).get("peak_rss_gb")
             add(f"{size}px default peak RSS (GB)", ours, "≤ 4", None if ours is None else ours <= 4)
+            low = rows.get("ours-low-memory", {}).get("peak_rss_gb")
+            add(f"{size}px default --low-memory peak RSS (GB)", low, "≤ 4", None if low is None else low <= 4)
             met = None if ours is None or theirs is None else ours < theirs
             add(
                 f"{size}px default peak RSS below OpenVINO default's ({theirs and round(theirs, 2)} GB)", ours, "<", met

@@ -122,6 +122,7 @@ class LcmExportEngine:
             precision=self.spec.get("precision", "auto"),
             threads=self.spec["threads"],
             static_shape=tuple(static) if static else None,
+            low_memory=self.spec.get("low_memory", False),
         )
         sessions = self.pipeline.sessions.values()
         precisions = sorted({getattr(session, "inference_precision", "f32") for session in sessions})

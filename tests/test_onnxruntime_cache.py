@@ -50,3 +50,15 @@ def test_empty_cache_dir_turns_caching_off(tiny_lcm_bundle, tmp_path, monkeypatc
     runtime = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", cache_dir="")
     assert not any(session.loaded_from_cache for session in runtime.sessions.values())
     assert not _files(tmp_path / "cache" / "onnxruntime")
+
+
+def test_low_memory_runs_without_arenas_and_gives_the_same_image(tiny_lcm_bundle) -> None:
+    default = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    low = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", low_memory=True)
+    assert low.options.low_memory and not default.options.low_memory
+    for name, session in low.sessions.items():
+        assert not session.session.get_session_options().enable_cpu_mem_arena, name
+        assert default.sessions[name].session.get_session_options().enable_cpu_mem_arena, name
+    latents, noise = random_inputs((2, 4, 16, 24), steps=4, seed=3)
+    expected = default(["a cat", "a dog"], latents=latents, noise=noise).images
+    assert np.array_equal(low(["a cat", "a dog"], latents=latents, noise=noise).images, expected)

@@ -151,6 +151,19 @@ def test_chart_is_a_png(profiled) -> None:
     assert chart_path.stat().st_size > 5000  # text and bars, not a blank canvas
 
 
+def test_low_memory_is_a_load_option_in_the_report(tiny_lcm_bundle, tmp_path, cache) -> None:
+    report_path = tmp_path / "low.json"
+    result = lcm_run(
+        tiny_lcm_bundle, "a cat", "--profile", "--runs", "1", "--warmup", "0", "--backend", "onnxruntime",
+        "--low-memory", "--json", report_path, "-o", tmp_path / "low.png", "-q", cache=cache,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["backend"]["options"]["low_memory"] is True
+    assert "low memory" in result.stdout.splitlines()[0]
+    assert (tmp_path / "low.png").stat().st_size > 0
+
+
 def test_onnxruntime_backend_profile(tiny_lcm_bundle, tmp_path, cache) -> None:
     folder = tmp_path / "ort"
     result = lcm_run(

@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", help="auto, onnxruntime, openvino, tensorrt or coreml")
     parser.add_argument("--precision", default="auto", help="auto (device's fastest float) or fp32 (parity)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="give each stage's working memory back after it runs: lower peak memory, a few %% slower",
+    )
     parser.add_argument("--quiet", "-q", action="store_true")
     profile = parser.add_argument_group(
         "profiling (--profile: time every stage over repeated runs; --output gets the last run's image)"
@@ -72,6 +77,7 @@ def run_profile(args: argparse.Namespace) -> int:
         backend=args.backend,
         precision=args.precision,
         threads=args.threads,
+        low_memory=args.low_memory,
         height=args.height,
         width=args.width,
         steps=args.steps,
@@ -107,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} applies to profiling: add --profile")
     from lcm_export.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.bundle, backend=args.backend, precision=args.precision, threads=args.threads)
+    pipe = Pipeline.load(
+        args.bundle, backend=args.backend, precision=args.precision, threads=args.threads, low_memory=args.low_memory
+    )
     result = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,

@@ -89,11 +89,13 @@ class Pipeline:
         static_shape: tuple[int, int, int] | None = None,
         verify: str = "cached",
         profiling_dir: str | None = None,
+        low_memory: bool = False,
     ) -> Pipeline:
         """Load a bundle: validate the manifest, verify file hashes, open one session per component.
 
         ``profiling_dir`` turns on the backend's own profiler, which writes into that folder (see
-        ``BackendOptions``); the sessions' ``end_profiling()`` finishes the files.
+        ``BackendOptions``); the sessions' ``end_profiling()`` finishes the files. ``low_memory`` trades some speed
+        for a lower peak memory (``BackendOptions``).
         """
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir, verify=verify)
@@ -105,6 +107,7 @@ class Pipeline:
             device=device,
             static_shape=static_shape,
             profiling_dir=profiling_dir,
+            low_memory=low_memory,
         )
         return cls(bundle_dir, manifest, choose_backend(backend, formats), options)
 

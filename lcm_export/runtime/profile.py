@@ -324,7 +324,8 @@ class ProfileReport:
         threads = self.options.get("threads") or "all"
         return (
             f"{self.bundle.get('name', 'bundle')} on {self.backend} ({self.bundle.get('precision', '?')} bundle, "
-            f"precision={self.options.get('precision', 'auto')}, threads={threads}): "
+            f"precision={self.options.get('precision', 'auto')}, threads={threads}"
+            f"{', low memory' if self.options.get('low_memory') else ''}): "
             f"{settings.width}x{settings.height}, {settings.steps} steps, guidance {settings.guidance:g}"
         )
 
@@ -485,6 +486,7 @@ def profile_bundle(
     backend: str = "auto",
     precision: str = "auto",
     threads: int | None = None,
+    low_memory: bool = False,
     height: int | None = None,
     width: int | None = None,
     steps: int = 4,
@@ -517,7 +519,9 @@ def profile_bundle(
         if profiling_dir.exists() and not profiling_dir.is_dir():
             raise UserError(f"backend profile folder '{profiling_dir}' is a file: give a folder")
         profiling_dir.mkdir(parents=True, exist_ok=True)
-    load_options = dict(backend=backend, precision=precision, threads=threads, cache_dir=cache_dir)
+    load_options = dict(
+        backend=backend, precision=precision, threads=threads, cache_dir=cache_dir, low_memory=low_memory
+    )
 
     report_progress(f"loading {bundle_dir}")
     start = time.perf_counter()

@@ -39,7 +39,9 @@ class BackendOptions:
     float (bf16 on CPUs with AVX-512 BF16 / AMX in OpenVINO). ``static_shape`` (batch, height, width) lets a
     backend specialise the graph when the call shape is known at load. ``profiling_dir`` turns on the backend's
     own profiler (onnxruntime's trace, OpenVINO's per-layer counters), which writes into that folder; it slows
-    the runs down a little, so it is off unless asked for.
+    the runs down a little, so it is off unless asked for. ``low_memory`` gives each stage's working memory back to
+    the system once it has run instead of keeping it for the next run, for a lower peak at some speed (onnxruntime:
+    see its module; the other backends have no such setting and ignore it).
     """
 
     precision: str = "auto"
@@ -48,6 +50,7 @@ class BackendOptions:
     device: str = "CPU"
     static_shape: tuple[int, int, int] | None = None
     profiling_dir: str | None = None
+    low_memory: bool = False
 
 
 class Session(Protocol):
