@@ -62,6 +62,7 @@ class Settings:
     memory_budget_gb: float | None
     re_export: bool
     command: str
+    report_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ class Engine:
     python: str
     spec: dict[str, Any] = field(default_factory=dict)
     group_order: int = 0  # engines compared with each other sit next to each other
+    # Another engine whose compile cache this one reads (the same compiled graphs: saves gigabytes of disk); its
+    # first load then finds a warm cache.
+    shares_cache_of: str | None = None
+
+    def cache_name(self) -> str:
+        return self.shares_cache_of or self.name
 
     def config_key(self, size: int) -> str:
         """Equal keys: the same computation on this machine (run once, reported under each name)."""
@@ -252,8 +259,8 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
             "low_memory": low_memory,
         }
 
-    def engine(name: str, label: str, kind: str, spec: dict[str, Any], order: int, venv: str = python) -> Engine:
-        return Engine(name, label, kind, venv, spec, order)
+    def engine(name: str, label: str, kind: str, spec: dict[str, Any], order: int, venv: str = python, **more):
+        return Engine(name, label, kind, venv, spec, order, **more)
 
     diffusers = {"engine": "diffusers", "model": str(work / "sd15-lcm")}
     engines = [
@@ -274,6 +281,7 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
             "lcm-export",
             ours(auto, "auto", "bundle-full", low_memory=True),
             8,
+            shares_cache_of="ours-default",  # low_memory changes no compiled graph, only how memory is allocated
         ),
     ]
     if optimum is not None:
@@ -377,10 +385,12 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
     results: dict[str, dict[str, Any]] = {engine.name: {"runs": []} for engine in runnable}
 
     # 1. First load of each engine alone, with an empty compile cache; one run measures its memory at this size.
+    names = {engine.name for engine in runnable}
     for engine in runnable:
-        cache = settings.work_dir / "cache" / f"{engine.name}-{size}"
-        shutil.rmtree(cache, ignore_errors=True)
-        log(f"{size}px {engine.name}: first load (empty cache)")
+        cache = settings.work_dir / "cache" / f"{engine.cache_name()}-{size}"
+        if engine.shares_cache_of not in names:  # a cache of its own (or its owner does not run): start empty
+            shutil.rmtree(cache, ignore_errors=True)
+        log(f"{size}px {engine.name}: first load ({'empty cache' if not cache.exists() else 'shared warm cache'})")
         worker = Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
         ready = worker.ready()
         worker.send(run_command(settings, size, 10_000))
@@ -414,10 +424,11 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
     log(f"{size}px groups within {budget:.1f} GB: " + " | ".join(", ".join(e.name for e in g) for g in groups))
 
     # 3. Second load (warm cache), warm-up, then runs alternating across the group's engines.
-    for group in groups:
+    for index, group in enumerate(groups):
+        later = {engine.cache_name() for other in groups[index + 1 :] for engine in other}
         workers = {}
         for engine in group:
-            cache = settings.work_dir / "cache" / f"{engine.name}-{size}"
+            cache = settings.work_dir / "cache" / f"{engine.cache_name()}-{size}"
             worker = Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
             results[engine.name]["load_in_group_s"] = worker.ready()["load_s"]
             workers[engine.name] = worker
@@ -431,11 +442,12 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
                     f"{size}px {name}: {'warm-up' if round_index < 0 else f'run {round_index + 1}/{settings.runs}'} "
                     f"{reply['total']:.2f} s (U-Net {reply.get('unet', 0):.2f}, VAE {reply.get('vae_decode', 0):.2f})"
                 )
-        for name, worker in workers.items():
-            bye = worker.quit()
-            results[name].update(peak_rss_gb=bye["peak_rss_gb"], peak_anon_gb=bye["peak_anon_gb"])
-            # Compiled/optimised caches are gigabytes per engine and size: gone once the engine is measured.
-            shutil.rmtree(settings.work_dir / "cache" / f"{name}-{size}", ignore_errors=True)
+        for engine in group:
+            bye = workers[engine.name].quit()
+            results[engine.name].update(peak_rss_gb=bye["peak_rss_gb"], peak_anon_gb=bye["peak_anon_gb"])
+            # Compiled/optimised caches are gigabytes per engine and size: gone once no later engine reads them.
+            if engine.cache_name() not in later:
+                shutil.rmtree(settings.work_dir / "cache" / f"{engine.cache_name()}-{size}", ignore_errors=True)
     for result in results.values():
         result["median"] = {
             stage: statistics.median(run.get(stage, 0.0) for run in result["runs"])
@@ -564,6 +576,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         if data["images"]:
             lines.append("Images: " + "; ".join(f"{k} {v:.3g}" for k, v in data["images"].items()) + ".")
         lines.append("")
+    lines += work_and_rate_lines(results)
     lines += ["## Targets (issue 10)", "", "| check | measured | target | met |", "|---|---|---|---|"]
     for check in results["checks"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
@@ -578,6 +591,56 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines.append(f"- optimum-intel IR export: {export['seconds']:.0f} s, peak RSS {export['peak_rss_gb']:.2f} GB")
     lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     path.write_text("\n".join(lines))
+
+
+def work_and_rate_lines(results: dict[str, Any]) -> list[str]:
+    """FLOPs per stage, each engine's U-Net rate against this CPU's matmul rate, and what fast ≥ 4× would need."""
+    work, matmul = results.get("work"), results.get("matmul")
+    if not work or not matmul:
+        return []
+    giga = 1e9
+    peak = matmul["best"]
+    measured = ", ".join(f"{name} {value:.0f}" for name, value in matmul.items() if name not in ("best", "threads"))
+    lines = [
+        "## Work and rate",
+        "",
+        "FLOPs per call (2 per multiply-add; torch's FlopCounterMode on the configs, no weights) and the float32 "
+        f"rate of a 4096² matmul on {matmul['threads']} threads on this CPU: **{peak:.0f} GFLOP/s** ({measured}).",
+        "",
+        "| size | text encoder | U-Net | VAE decoder | TAESD decoder |",
+        "|---|---|---|---|---|",
+    ]
+    for size, counts in work.items():
+        cells = [counts.get(stage) for stage in ("text_encoder", "unet", "vae_decoder", "taesd_decoder")]
+        lines.append(f"| {size} | " + " | ".join(_number(c and c / giga, 1) for c in cells) + " |")
+    lines.append("")
+    for size, data in results["sizes"].items():
+        counts = work.get(str(size))
+        if not counts:
+            continue
+        rows = data["rows"]
+        rates = []
+        for name, row in rows.items():
+            if row.get("same_as", name) != name or not row.get("runs"):
+                continue
+            calls = row["runs"][0].get("unet_calls") or results["settings"]["steps"]
+            rate = counts["unet"] * calls / row["median"]["unet"] / giga
+            rates.append(f"{name} {rate:.0f} ({rate / peak:.0%})")
+        lines.append(f"{size} px, U-Net GFLOP/s (share of the matmul rate): {'; '.join(rates)}.")
+        if "diffusers" in rows and "ours-fast" in rows:
+            fast = rows["ours-fast"]
+            target = rows["diffusers"]["median"]["total"] / 4
+            rest = fast["median"]["total"] - fast["median"]["unet"]
+            calls = fast["runs"][0].get("unet_calls") or results["settings"]["steps"]
+            if target > rest:
+                needed = counts["unet"] * calls / (target - rest) / giga
+                lines.append(
+                    f"Fast mode 4× diffusers at {size} px means ≤ {target:.2f} s end to end; with fast mode's "
+                    f"{rest:.2f} s outside the U-Net, its {calls} calls must run at {needed:.0f} GFLOP/s: "
+                    f"{needed / peak:.2f}× this CPU's float32 matmul rate."
+                )
+        lines.append("")
+    return lines
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:
@@ -623,6 +686,8 @@ def notes(results: dict[str, Any]) -> list[str]:
         "weights (key prefix change): its timings are valid, its images are not comparable.",
         "Our engines load with static shapes (the size is known at load); optimum-intel runs as its users run it, "
         "with dynamic shapes and no compile cache on CPU (its CACHE_DIR default is for GPUs).",
+        "ours-low-memory reads ours-default's compile cache (low_memory changes no compiled graph): its first "
+        "load is a warm one.",
         "Peak RSS counts file pages the runtimes map (weights read straight from disk, which the kernel can drop at "
         "any time); the anonymous peak is the memory the process itself allocated.",
     ]
@@ -650,6 +715,12 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="default: 80%% of available memory")
     parser.add_argument("--re-export", action="store_true", help="export the bundles again (and time it)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 256 px, 2 runs, no optimum-intel")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write RESULTS.md and the chart again from --output's results.json (adding work and matmul rate "
+        "where missing), without timing anything",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.runs, args.no_optimum = [256], 2, True
@@ -669,11 +740,48 @@ def parse_settings(argv: list[str] | None) -> Settings:
         memory_budget_gb=args.memory_budget_gb,
         re_export=args.re_export,
         command=command.strip(),
+        report_only=args.report_only,
     )
+
+
+def add_work_and_rate(results: dict[str, Any], settings: Settings) -> None:
+    """FLOPs per stage at each size and this CPU's float32 matmul rate (``bench/flops.py``), where missing."""
+    from flops import count_flops, matmul_rate
+
+    work = results.setdefault("work", {})
+    for size in results["sizes"] or settings.sizes:
+        if str(size) not in work:
+            log(f"{size}px: counting FLOPs per stage")
+            work[str(size)] = count_flops(settings.work_dir, int(size))
+    if "matmul" not in results:
+        log("timing a float32 matmul (this CPU's rate)")
+        results["matmul"] = matmul_rate(int(results["settings"]["threads"]))
+
+
+def write_reports(results: dict[str, Any], settings: Settings) -> None:
+    results["checks"] = ratios(results["sizes"], results["exports"])
+    results["notes"] = notes(results)
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    (settings.output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_markdown(results, settings.output_dir / "RESULTS.md")
+    try:
+        write_chart(results, settings.output_dir / "results.png")
+    except ImportError:
+        log("matplotlib is not installed: no chart (pip install matplotlib)")
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
+    if settings.report_only:
+        path = settings.output_dir / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"error: --report-only needs {path}: run the bench first")
+        results = json.loads(path.read_text())
+        results["sizes"] = {int(size): data for size, data in results["sizes"].items()}
+        add_work_and_rate(results, settings)
+        write_reports(results, settings)
+        print((settings.output_dir / "RESULTS.md").read_text())
+        return 0
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     models = build_models(settings)
@@ -692,18 +800,11 @@ def main(argv: list[str] | None = None) -> int:
         "engines": {engine.name: engine.spec for engine in engines},
         "sizes": {},
     }
+    add_work_and_rate(results, settings)  # before the engines: the matmul is timed on a quiet machine
     for size in settings.sizes:
         results["sizes"][size] = bench_size(settings, size, engines)
-    results["checks"] = ratios(results["sizes"], exports)
-    results["notes"] = notes(results)
     results["wall_seconds"] = time.perf_counter() - started
-    settings.output_dir.mkdir(parents=True, exist_ok=True)
-    (settings.output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    write_markdown(results, settings.output_dir / "RESULTS.md")
-    try:
-        write_chart(results, settings.output_dir / "results.png")
-    except ImportError:
-        log("matplotlib is not installed: no chart (pip install matplotlib)")
+    write_reports(results, settings)
     log(f"done in {results['wall_seconds'] / 60:.1f} min: {settings.output_dir / 'RESULTS.md'}")
     print((settings.output_dir / "RESULTS.md").read_text())
     return 0

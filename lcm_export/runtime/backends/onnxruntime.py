@@ -6,8 +6,12 @@ the ONNX file's sha256, onnxruntime's version and the CPU; later loads open that
 and map its weights from disk instead of copying them. Measured on the SD1.5-shaped U-Net (3.4 GB, 2 cores): a
 load took 22.7 s, from the cache 1.2-1.5 s, with the same run time (1.33 s at 256 px) and outputs; its private
 (anonymous) memory after a run fell from 1.28 GB to 0.23 GB, the weights being file pages the kernel can drop.
-Only onnxruntime's own CPU optimisations are used: its transformers Stable Diffusion optimizer emits contrib ops
-(GroupNorm, NhwcConv, packed attention) that have CUDA kernels only. ``static_shapes`` are not used: fixing the
+Only onnxruntime's own CPU optimisations are used. Its transformers Stable Diffusion optimizer mostly emits contrib
+ops with CUDA kernels only (GroupNorm, NhwcConv, BiasSplitGelu); its attention fusion alone (MultiHeadAttention /
+Attention, which have CPU kernels) was measured on the U-Net at 512 px: 6.0 s a call against 6.2-6.6 s, 1.2 GB
+less working memory, outputs within 1.3e-6, but it needs the ``onnx`` package at load (not a runtime dependency),
+took 140 s on top of the first load, and onnxruntime 1.32's fusion code fails under numpy 2 (``int()`` of a
+1-element array) without a patch, so it is not used. ``static_shapes`` are not used: fixing the
 free dimensions (``add_free_dimension_override_by_name``) ran the U-Net in 1.49 s against 1.50 s at 256 px.
 
 ``low_memory`` turns off the sessions' memory arenas. An arena keeps the largest working set its session ever
