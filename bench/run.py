@@ -557,17 +557,19 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines += [
             f"## {size}×{size}",
             "",
-            "| engine | backend, precision | end to end (s) | U-Net total (s) | VAE decode (s) | text (s) | "
-            "first load (s) | second load (s) | peak RSS (GB) | anonymous peak (GB) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| engine | backend, precision | end to end (s) | runs min–max (s) | U-Net total (s) | VAE decode (s) | "
+            "text (s) | first load (s) | second load (s) | peak RSS (GB) | anonymous peak (GB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in data["rows"].items():
             info = row.get("info", {})
             backend = f"{info.get('backend', '?')}, {'/'.join(info.get('inference_precision', []))}"
             alias = f" (= {row['same_as']})" if row["same_as"] != name else ""
             median = row["median"]
+            totals = [run["total"] for run in row.get("runs", [])]
+            spread = f"{min(totals):.1f}–{max(totals):.1f}" if totals else "—"
             lines.append(
-                f"| {results['labels'][name]}{alias} | {backend} | **{_number(median['total'])}** | "
+                f"| {results['labels'][name]}{alias} | {backend} | **{_number(median['total'])}** | {spread} | "
                 f"{_number(median['unet'])} | {_number(median['vae_decode'])} | {_number(median['text_encoder'])} | "
                 f"{_number(row.get('load_first_s'), 1)} | {_number(row.get('load_second_s'), 1)} | "
                 f"{_number(row.get('peak_rss_gb'))} | {_number(row.get('peak_anon_gb'))} |"
@@ -691,6 +693,18 @@ def notes(results: dict[str, Any]) -> list[str]:
         "Peak RSS counts file pages the runtimes map (weights read straight from disk, which the kernel can drop at "
         "any time); the anonymous peak is the memory the process itself allocated.",
     ]
+    for size, data in results["sizes"].items():
+        spreads = {
+            name: (max(totals) - min(totals)) / row["median"]["total"]
+            for name, row in data["rows"].items()
+            if row["same_as"] == name and len(totals := [run["total"] for run in row.get("runs", [])]) > 1
+        }
+        if spreads:
+            worst = max(spreads, key=spreads.get)
+            found.append(
+                f"At {size} px an engine's end-to-end times spread by up to {spreads[worst]:.0%} of its median across "
+                f"its runs ({worst}): a ratio within that margin of its target is not decided by this run."
+            )
     default_precision = results.get("openvino_default_precision")
     if default_precision == "f32":
         found.append(
