@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.backends import cpu_model_and_flags
 
 PROFILE_FORMAT = "lcm-export-profile"
 PROFILE_VERSION = 1
@@ -174,19 +175,9 @@ class MachineInfo:
 
 def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, tuple[str, ...] | None]:
     """CPU model name and the ISA flags of interest it has, from Linux's ``/proc/cpuinfo``; Nones elsewhere."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
+    model, flags = cpu_model_and_flags(path)
+    if flags is None:
         return None, None
-    model = None
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and model is None and value.strip():
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
     return model, tuple(flag for flag in ISA_FLAGS_OF_INTEREST if flag in flags)
 
 

@@ -11,6 +11,10 @@ list[Path]``, which stops the profiler and returns the files it wrote into that 
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -96,6 +100,25 @@ def artifact_path(bundle_dir: Path, component, artifact_format: str) -> Path:
     return bundle_dir / component.artifacts[artifact_format].path
 
 
+def cpu_model_and_flags(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, frozenset[str] | None]:
+    """The CPU's model name and feature flags from Linux's ``/proc/cpuinfo`` (x86 "flags", ARM "Features"):
+    (None, None) where it cannot be read; an empty set where it lists no flags."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None, None
+    model = None
+    flags: frozenset[str] = frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and model is None and value.strip():
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
 CACHE_ENVIRONMENT_VARIABLE = "LCM_EXPORT_CACHE_DIR"
 
 
@@ -116,6 +139,26 @@ def backend_cache_dir(options: BackendOptions, backend: str) -> Path | None:
     if options.cache_dir is not None:
         return Path(options.cache_dir).expanduser() if options.cache_dir else None
     return cache_root() / backend
+
+
+@contextmanager
+def cache_entry_writer(final: Path) -> Iterator[Path]:
+    """Write the cache entry folder ``final`` atomically: the block writes into the empty staging folder it is
+    given (beside ``final``, named for this process), which is renamed to ``final`` when the block ends without
+    error and wrote something. A concurrent writer that published first keeps its copy; nothing half-written is
+    left behind. Whether ``final`` exists afterwards is the caller's to check where it matters."""
+    staging = final.parent / f".{final.name}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if any(staging.iterdir()):  # a library may skip writing (onnxruntime does for some graphs)
+            try:
+                staging.rename(final)
+            except OSError:
+                pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def file_identity(path: Path) -> str:

@@ -26,11 +26,19 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-from lcm_export.runtime.backends import BackendOptions, artifact_path, backend_cache_dir, file_identity
+from lcm_export.runtime.backends import (
+    BackendOptions,
+    artifact_path,
+    backend_cache_dir,
+    cache_entry_writer,
+    cpu_model_and_flags,
+    file_identity,
+)
 from lcm_export.runtime.manifest import Component
 
 ARTIFACT_FORMAT = "onnx"
@@ -46,7 +54,6 @@ class OnnxRuntimeSession:
 
         session_options = onnxruntime.SessionOptions()
         session_options.log_severity_level = 3
-        session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         if options.threads:
             session_options.intra_op_num_threads = options.threads
         # Each session's arena keeps its largest working set for the next run, so the peak is the sum over the
@@ -74,27 +81,10 @@ class OnnxRuntimeSession:
                 shutil.rmtree(cached.parent, ignore_errors=True)
         if not self.loaded_from_cache:
             session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            staging = None
-            if cached is not None:
-                staging = _staging_folder(cached)
-                session_options.optimized_model_filepath = str(staging / cached.name)
-                session_options.add_session_config_entry(
-                    "session.optimized_model_external_initializers_file_name", cached.name + "_data"
-                )
-                session_options.add_session_config_entry(
-                    "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
-                )
-                # MatMul weights also in MLAS's packed layout, mapped from the file at load: no packing at load
-                # or first run, no anonymous copy (U-Net: 1.1 GB less private memory, 1.1 GB more on disk).
-                session_options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-            try:
-                self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
-            except BaseException:
+            with cache_entry_writer(cached.parent) if cached is not None else nullcontext() as staging:
                 if staging is not None:
-                    shutil.rmtree(staging, ignore_errors=True)
-                raise
-            if cached is not None and staging is not None:
-                _publish(staging, cached.parent)
+                    _save_optimized_into(session_options, staging / cached.name)
+                self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
         self.output_names = [output.name for output in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -117,13 +107,8 @@ def _cpu_identity() -> str:
     """What an optimised graph depends on besides the file: the CPU (model and ISA flags) and onnxruntime."""
     import platform
 
-    details = [platform.machine(), platform.processor()]
-    try:
-        with open("/proc/cpuinfo") as handle:
-            details += [line for line in handle if line.startswith(("model name", "flags", "Features"))][:2]
-    except OSError:
-        pass
-    return "|".join(details)
+    model, flags = cpu_model_and_flags()
+    return "|".join([platform.machine(), platform.processor(), model or "", " ".join(sorted(flags or ()))])
 
 
 def optimized_model_path(path: Path, options: BackendOptions) -> Path | None:
@@ -146,24 +131,16 @@ def _open_optimized(onnxruntime, cached: Path, session_options, providers: list[
     return onnxruntime.InferenceSession(str(cached), session_options, providers=providers)
 
 
-def _staging_folder(cached: Path) -> Path:
-    import os
-
-    staging = cached.parent.parent / f".{cached.parent.name}.{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _publish(staging: Path, final: Path) -> None:
-    """Move a written cache entry into place; a concurrent writer that won keeps its copy."""
-    if not any(staging.iterdir()):  # onnxruntime wrote nothing (it may skip saving some graphs)
-        shutil.rmtree(staging, ignore_errors=True)
-        return
-    try:
-        staging.rename(final)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
+def _save_optimized_into(session_options, target: Path) -> None:
+    """Have onnxruntime save the graph it optimises at this load to ``target``, weights in ``<name>_data``."""
+    session_options.optimized_model_filepath = str(target)
+    session_options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", target.name + "_data"
+    )
+    session_options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    # MatMul weights also in MLAS's packed layout, mapped from the file at load: no packing at load or first run,
+    # no anonymous copy (U-Net: 1.1 GB less private memory, 1.1 GB more on disk).
+    session_options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
 
 
 def open_session(

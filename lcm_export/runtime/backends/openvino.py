@@ -37,7 +37,14 @@ from typing import Any
 import numpy as np
 
 from lcm_export.errors import UserError
-from lcm_export.runtime.backends import BackendOptions, artifact_path, backend_cache_dir, file_identity
+from lcm_export.runtime.backends import (
+    BackendOptions,
+    artifact_path,
+    backend_cache_dir,
+    cache_entry_writer,
+    cpu_model_and_flags,
+    file_identity,
+)
 from lcm_export.runtime.manifest import Component
 
 ARTIFACT_FORMAT = "onnx"
@@ -51,26 +58,14 @@ def is_available() -> bool:
 FAST_FLOAT_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_fp16", "avx512_fp16", "asimdhp", "fphp"})
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", ARM "Features"); None where there is none."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def auto_eligible() -> bool:
     """Whether ``auto`` picks OpenVINO: installed, and the CPU runs a float faster than f32 with it (see the
     module docstring for the measurements behind this). Read from the CPU flags where the OS lists them, so that
     choosing another backend does not cost OpenVINO's import (1.7 s here)."""
     if not is_available():
         return False
-    flags = _cpu_flags()
-    if flags is not None:
+    flags = cpu_model_and_flags()[1]
+    if flags:  # listed by the OS; otherwise ask OpenVINO
         return bool(flags & FAST_FLOAT_CPU_FLAGS)
     import openvino
 
@@ -153,7 +148,6 @@ def compile_onnx(
 def _static_ir(core: Any, path: Path, shapes: dict[str, list[int]], cache: Path) -> Path:
     """The reshaped model as IR in ``cache/static-ir/<key>/model.xml``, written once (atomically) per key."""
     import hashlib
-    import os
 
     import openvino
 
@@ -164,21 +158,17 @@ def _static_ir(core: Any, path: Path, shapes: dict[str, list[int]], cache: Path)
     xml = folder / "model.xml"
     if xml.is_file() and (folder / "model.bin").is_file():
         return xml
-    import shutil
-
-    staging = cache / "static-ir" / f".{key}.{os.getpid()}"
-    staging.mkdir(parents=True, exist_ok=True)
     try:
-        model = core.read_model(str(path))
-        model.reshape(shapes)
-        openvino.save_model(model, str(staging / "model.xml"), compress_to_fp16=False)
-        del model
-        staging.rename(folder)
+        with cache_entry_writer(folder) as staging:
+            model = core.read_model(str(path))
+            model.reshape(shapes)
+            openvino.save_model(model, str(staging / "model.xml"), compress_to_fp16=False)
+            del model
     except OSError:
         if not xml.is_file():  # not another process that wrote it first: a real failure
             raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not xml.is_file():
+        raise OSError(f"the static-shape OpenVINO IR could not be moved into the cache at {folder}")
     return xml
 
 
