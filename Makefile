@@ -1,15 +1,20 @@
 # Two commands for a newcomer:
 #   make demo   set up .venv, export the built-in tiny LCM, run it: PNG + per-stage latency profile
 #   make test   set up .venv (all extras that install on CPU-only Linux) and run the test suite
-# The venv pins torch==2.13.0 (the CPU build): an unpinned torch pulls a multi-GB CUDA build.
+# Every install goes through constraints/lock.txt (versions known to work together), so a new release upstream
+# cannot break a fresh machine; `make test-latest` tries the newest releases on purpose, in its own venv.
+# torch is pinned to 2.13.0 (the CPU build) in every pip command: an unpinned torch pulls a multi-GB CUDA build.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+LOCK := constraints/lock.txt
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 DEMO := build/demo
+LATEST_VENV := .venv-latest
 
-.PHONY: setup setup-all demo test lint bench clean
+.PHONY: setup setup-all demo test lint bench test-latest lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,18 +23,16 @@ $(BIN)/python:
 # The exporter side: torch (CPU), diffusers, ONNX. open-clip-torch only carries the real CLIP BPE table for the
 # tiny models; --no-deps keeps it from pulling torchvision.
 setup: $(BIN)/python
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[export]'
-	$(BIN)/pip install --quiet --no-deps open-clip-torch
+	$(PIP) -c $(LOCK) $(TORCH) -e '.[export]'
+	$(PIP) -c $(LOCK) --no-deps open-clip-torch
 
 setup-all: $(BIN)/python
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[all]' $(TORCH)
-	$(BIN)/pip install --quiet --no-deps open-clip-torch
+	$(PIP) -c $(LOCK) $(TORCH) -e '.[all]'
+	$(PIP) -c $(LOCK) --no-deps open-clip-torch
 
 demo: setup
 	$(BIN)/lcm-export builtin:tiny-lcm --output $(DEMO)/bundle --overwrite
-	$(BIN)/lcm-run $(DEMO)/bundle "a photo of a cat" --seed 0 --steps 4 --guidance 8 --output $(DEMO)/cat.png \
+	$(BIN)/lcm-run $(DEMO)/bundle "a photo of a cat" --seed 0 --steps 4 --output $(DEMO)/cat.png \
 		--profile --runs 5 --warmup 1 --json $(DEMO)/profile.json --chart $(DEMO)/profile.png
 
 test: setup-all
@@ -42,5 +45,21 @@ lint: setup-all
 bench: setup-all
 	$(BIN)/python bench/run.py
 
+# The newest releases the ranges in setup.cfg allow (torch still pinned), in their own venv: run it before
+# moving the lock. CI stays on the lock.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH) -e '.[all]'
+	$(LATEST_VENV)/bin/python -m pip install --quiet --no-deps open-clip-torch
+	$(LATEST_VENV)/bin/python -m pytest -q tests
+
+# Write the lock from the venv `make test-latest` just proved.
+lock:
+	{ sed -n '1,/^$$/p' $(LOCK) | grep '^#'; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
 clean:
-	rm -rf build $(VENV) .pytest_cache
+	rm -rf build $(VENV) $(LATEST_VENV) .pytest_cache

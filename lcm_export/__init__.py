@@ -10,3 +10,8 @@ The package is split so that dependencies point one way:
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+# The distribution's name on the package registry. "lcm-export" there is an unrelated 2019 project (an LCM
+# log-file exporter) that also ships an ``lcm_export`` module and an ``lcm-export`` command; the commands and the
+# import package keep their names, the distribution takes a free one. Install hints are built from this.
+DISTRIBUTION = "lcm-edge"

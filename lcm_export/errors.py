@@ -16,18 +16,50 @@ class BundleError(UserError):
     """A bundle is missing, incomplete, modified or of another format version."""
 
 
+class NonFiniteError(UserError):
+    """A stage produced NaN or inf (an fp16 overflow, an extreme guidance): reported, never saved as an image."""
+
+
 class ExportError(UserError):
     """A model cannot be exported as asked."""
+
+
+def check_no_conflicting_distribution() -> None:
+    """Refuse to run beside the registry's unrelated ``lcm-export`` (an LCM log-file exporter, 2019).
+
+    It installs a module of the same import name, ``lcm_export``, and an ``lcm-export`` command, so in one
+    environment the two overwrite each other's files; whichever ran would be broken in ways no message explains.
+    """
+    import importlib.metadata
+
+    try:
+        other = importlib.metadata.distribution("lcm-export")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    summary = other.metadata.get("Summary") or ""
+    if "Latent Consistency" in summary:  # this project installed under its old distribution name
+        return
+    raise UserError(
+        f"the unrelated package 'lcm-export' {other.version} ({summary.strip() or 'not this project'}) is installed "
+        "here and uses the same module name lcm_export: pip uninstall lcm-export, then reinstall lcm-edge"
+    )
 
 
 def run_cli(main, argv=None) -> int:
     """Run a command-line ``main``: a :class:`UserError` becomes one line on stderr and exit code 1.
 
-    Other exceptions are bugs and keep their traceback.
+    Other exceptions are bugs and keep their traceback. Warnings (e.g. a prompt cut to the text encoder's length)
+    print as one ``warning:`` line each.
     """
     import sys
+    import warnings
 
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line_warning
     try:
+        check_no_conflicting_distribution()
         return int(main(argv) or 0)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -30,7 +30,7 @@ from lcm_export.targets import coreml as coreml_target
 pytestmark = [
     pytest.mark.coreml,
     pytest.mark.skipif(
-        importlib.util.find_spec("coremltools") is None, reason="coremltools is not installed: lcm-export[coreml]"
+        importlib.util.find_spec("coremltools") is None, reason="coremltools is not installed: lcm-edge[coreml]"
     ),
 ]
 IS_MACOS = platform.system() == "Darwin"
@@ -211,7 +211,7 @@ def test_without_coremltools_the_cli_fails_before_loading_the_model(tmp_path):
     line = one_line_error(
         cli(tmp_path / "no-such-model", "--target", "coreml", "--output", tmp_path / "out", blocked=("coremltools",))
     )
-    assert "pip install 'lcm-export[coreml]'" in line and "no-such-model" not in line
+    assert "pip install 'lcm-edge[coreml]'" in line and "no-such-model" not in line
     assert not (tmp_path / "out").exists()
 
 

@@ -125,7 +125,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def require_export_extra() -> None:
-    """The exporter needs torch and diffusers; the plain ``pip install lcm-export`` only has the runtime."""
+    """The exporter needs torch and diffusers; the plain ``pip install lcm-edge`` only has the runtime."""
     import importlib.util
 
     missing = [
@@ -133,7 +133,7 @@ def require_export_extra() -> None:
     ]
     if missing:
         raise ExportError(
-            f"the exporter needs {', '.join(missing)}: pip install torch==2.13.0 'lcm-export[export]' "
+            f"the exporter needs {', '.join(missing)}: pip install torch==2.13.0 'lcm-edge[export]' "
             "(torch first, pinned, to get the CPU build)"
         )
 

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from lcm_export.exporter.components import ExportableComponent
     from lcm_export.exporter.loading import LoadedPipeline
 
-PIP_EXTRA = "lcm-export[coreml]"
+PIP_EXTRA = "lcm-edge[coreml]"
 PACKAGE_NAME = "model.mlpackage"
 # iOS 16 / macOS 13 is the first with fp16 model inputs and outputs; later targets add ops, never remove them.
 DEPLOYMENT_TARGETS = {"iOS16": "macOS13", "iOS17": "macOS14", "iOS18": "macOS15"}

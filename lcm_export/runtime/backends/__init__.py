@@ -27,9 +27,9 @@ from lcm_export.errors import UserError
 # name -> (module, pip extra that installs it)
 BACKENDS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("lcm_export.runtime.backends.onnxruntime", "lcm-export"),
-    "openvino": ("lcm_export.runtime.backends.openvino", "lcm-export[openvino]"),
-    "tensorrt": ("lcm_export.runtime.backends.tensorrt", "lcm-export[tensorrt]"),
-    "coreml": ("lcm_export.runtime.backends.coreml", "lcm-export[coreml]"),
+    "openvino": ("lcm_export.runtime.backends.openvino", "lcm-edge[openvino]"),
+    "tensorrt": ("lcm_export.runtime.backends.tensorrt", "lcm-edge[tensorrt]"),
+    "coreml": ("lcm_export.runtime.backends.coreml", "lcm-edge[coreml]"),
 }
 # What "auto" tries, fastest first, for each artifact format.
 AUTO_ORDER = ("tensorrt", "coreml", "openvino", "onnxruntime")
@@ -86,7 +86,7 @@ def choose_backend(name: str, formats: set[str]) -> str:
             return candidate
     raise UserError(
         f"no backend on this machine runs this bundle's artifacts ({', '.join(sorted(formats))}): TensorRT engines "
-        "need 'lcm-export[tensorrt]' and an NVIDIA GPU, Core ML packages need macOS and 'lcm-export[coreml]'; "
+        "need 'lcm-edge[tensorrt]' and an NVIDIA GPU, Core ML packages need macOS and 'lcm-edge[coreml]'; "
         "for a CPU, export with --target onnx or --keep-onnx"
     )
 

@@ -229,7 +229,7 @@ def open_session(
             "mlpackages on a Mac, or export with --keep-onnx and use the onnxruntime or openvino backend"
         )
     if importlib.util.find_spec("coremltools") is None:
-        raise UserError("backend 'coreml' is not installed: pip install 'lcm-export[coreml]'")
+        raise UserError("backend 'coreml' is not installed: pip install 'lcm-edge[coreml]'")
     path = artifact_path(bundle_dir, component, ARTIFACT_FORMAT)
     inputs, _ = artifact_tensors(component)
     check_static_shapes(component.spec.name, static_shapes, inputs)

@@ -40,7 +40,7 @@ ARTIFACT_FORMAT = "tensorrt"
 FLAVOR_MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx_bindings"}
 FLAVOR_NAMES = {"tensorrt": "TensorRT", "rtx": "TensorRT-RTX"}
 FLAVOR_INSTALL = {
-    "rtx": "pip install 'lcm-export[tensorrt]'",
+    "rtx": "pip install 'lcm-edge[tensorrt]'",
     "tensorrt": "pip install tensorrt (standard TensorRT, on a machine with an NVIDIA GPU)",
 }
 # TensorRT ``DataType`` member names -> numpy dtype names (bfloat16 has no numpy dtype; kept by name).
@@ -262,7 +262,7 @@ def _cuda_runtime() -> Any:
     try:
         from cuda.bindings import runtime
     except ImportError:
-        raise UserError("the tensorrt backend needs cuda-bindings: pip install 'lcm-export[tensorrt]'") from None
+        raise UserError("the tensorrt backend needs cuda-bindings: pip install 'lcm-edge[tensorrt]'") from None
     return runtime
 
 
