@@ -7,6 +7,7 @@ checks before deserializing (version, compute capability, binding plans, profile
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from conftest import export, psnr, random_inputs
 from conftest import export_cli_blocking as cli
 
 from lcm_export.errors import ExportError, UserError
+from lcm_export.exporter.onnx_export import FINITE_MASK_FILL_KEY, use_finite_mask_fills
 from lcm_export.runtime.backends import BackendOptions
 from lcm_export.runtime.backends import tensorrt as trt_backend
 from lcm_export.runtime.manifest import Artifact, Component, load_manifest
@@ -27,7 +29,7 @@ from lcm_export.targets import tensorrt as trt_target
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 HAS_RTX = trt_backend.import_flavor("rtx") is not None
 HAS_STANDARD = trt_backend.import_flavor("tensorrt") is not None
-needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="TensorRT-RTX is not installed: pip install 'lcm-export[tensorrt]'")
+needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="TensorRT-RTX is not installed: pip install 'lcm-edge[tensorrt]'")
 # fp16 vs fp32 images of the tiny model: fp16 rounds to 2**-11 (4.9e-4) relative; an image off by about two fp16
 # steps RMS on [0, 1] (1e-3) is 60 dB. Measured on this tiny model: 71-73 dB. Real SD-sized models accumulate
 # more error over 4 U-Net calls; Apple's gate for converted SD models is 35 dB (ml-stable-diffusion).
@@ -245,6 +247,166 @@ def test_external_weights_resolve_from_the_model_folder(tmp_path, monkeypatch) -
     assert [t.name for t in trt_target.network_io(flavor, network)] == ["x", "y"]
 
 
+# -- (1b) causal masks of text encoders with unusual head sizes ------------------------------------------------
+
+
+def mask_fill_constants(onnx_path: Path) -> dict[str, int]:
+    """How many float16 constants hold -inf and how many hold -65504, initializers and Constant nodes alike."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    tensors = [*graph.initializer]
+    tensors += [attribute.t for node in graph.node for attribute in node.attribute if attribute.HasField("t")]
+    counts = {"-inf": 0, "-65504": 0}
+    for tensor in tensors:
+        if tensor.data_type == onnx.TensorProto.FLOAT16:
+            values = numpy_helper.to_array(tensor)
+            counts["-inf"] += bool(np.isneginf(values).any())
+            counts["-65504"] += bool((values == np.float16(-65504)).any())
+    return counts
+
+
+def onnx_metadata(onnx_path: Path) -> dict[str, str]:
+    import onnx
+
+    return {entry.key: entry.value for entry in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
+
+@pytest.fixture(scope="module")
+def head_size_10_dir(tmp_path_factory) -> Path:
+    """A tiny LCM whose CLIP text encoder has 4 heads of size 10 (hidden 40); the U-Net attends to 40 features."""
+    from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
+
+    config = TinyPipelineConfig(text_hidden_size=40, text_heads=4, cross_attention_dim=40)
+    return build_tiny_pipeline(tmp_path_factory.mktemp("head-size-10"), config)
+
+
+@pytest.fixture(scope="module")
+def head_size_10_bundle(head_size_10_dir, tmp_path_factory) -> Path:
+    """Static TensorRT-RTX engines of that pipeline with the ONNX kept, through the library API."""
+    if not HAS_RTX:
+        pytest.skip("TensorRT-RTX is not installed")
+    start = time.perf_counter()
+    bundle = export(
+        head_size_10_dir,
+        tmp_path_factory.mktemp("trt") / "head-size-10",
+        target="tensorrt",
+        target_options={"keep_onnx": True},
+    )
+    print(f"\nhead size 10 TensorRT-RTX bundle (export + 4 engines): {time.perf_counter() - start:.1f} s")
+    return bundle
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_text_encoder_with_head_size_10_builds(head_size_10_bundle) -> None:
+    """With the -inf mask fill TensorRT-RTX 1.7 stops in Myelin (CHECK(op->input_layouts().size() > idx));
+    the exporter writes -65504 for this encoder, and every engine builds."""
+    manifest = check_engines(head_size_10_bundle, keep_onnx=True)  # all four: listed, hashed, > 100 kB, I/O
+    for name, component in manifest.components.items():
+        details = component.artifacts["tensorrt"].details
+        print(
+            f"{name}: {(head_size_10_bundle / name / 'model.plan').stat().st_size / 2**20:.2f} MiB, "
+            f"built in {details['build_seconds']} s"
+        )
+    text_encoder_onnx = head_size_10_bundle / "text_encoder" / "model.onnx"
+    assert onnx_metadata(text_encoder_onnx)[FINITE_MASK_FILL_KEY] == "2"  # one causal mask per layer
+    assert mask_fill_constants(text_encoder_onnx) == {"-inf": 0, "-65504": 2}
+    assert FINITE_MASK_FILL_KEY not in onnx_metadata(head_size_10_bundle / "unet" / "model.onnx")
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_finite_mask_fills_keep_the_onnxruntime_outputs(head_size_10_dir, head_size_10_bundle, tmp_path) -> None:
+    """The text encoder's fp16 ONNX in the bundle against the same export without the rewrite: equal outputs
+    (masked scores softmax to exactly 0 either way). Measured: max abs diff 0.0 on both outputs."""
+    import onnxruntime
+
+    from lcm_export.exporter.components import build_components, sample_inputs
+    from lcm_export.exporter.loading import load_pipeline
+    from lcm_export.exporter.onnx_export import export_to_onnx
+
+    component = build_components(load_pipeline(str(head_size_10_dir)), ["text_encoder"])["text_encoder"]
+    assert component.finite_mask_fills
+    unfixed = tmp_path / "unfixed" / "model.onnx"
+    export_to_onnx(
+        dataclasses.replace(component, finite_mask_fills=False), unfixed, {"batch": 1, "sequence": 77}, precision="fp16"
+    )
+    assert mask_fill_constants(unfixed) == {"-inf": 2, "-65504": 0}  # what TensorRT-RTX cannot build
+    fixed = head_size_10_bundle / "text_encoder" / "model.onnx"
+
+    feeds = sample_inputs(component.spec, {"batch": 3, "sequence": 77}, seed=5)
+    outputs = {}
+    for label, path in (("unfixed", unfixed), ("fixed", fixed)):
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs[label] = session.run(component.spec.output_names, feeds)
+    for name, before, after in zip(component.spec.output_names, outputs["unfixed"], outputs["fixed"], strict=True):
+        assert after.dtype == np.float16 and np.isfinite(after).all() and after.std() > 0.1
+        difference = float(np.abs(before.astype(np.float32) - after.astype(np.float32)).max())
+        print(f"{name}: max abs diff {difference} (max abs {float(np.abs(before).max()):.3g})")
+        assert difference == 0.0, name
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_head_size_8_text_encoder_keeps_its_mask(rtx_bundle) -> None:
+    """The fix stays out of encoders that build without it: head size 8 (and CLIP-L's 64) keep the -inf."""
+    text_encoder_onnx = rtx_bundle / "text_encoder" / "model.onnx"
+    assert FINITE_MASK_FILL_KEY not in onnx_metadata(text_encoder_onnx)
+    assert mask_fill_constants(text_encoder_onnx) == {"-inf": 2, "-65504": 0}
+
+
+def test_finite_mask_fills_only_rewrite_float16_softmax_masks() -> None:
+    """-inf becomes -65504 where it only masks a Softmax; a fill on its way to a ReduceMax or a graph output, and
+    an fp32 one, stay -inf."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def constant(name: str, value: float, dtype: type = np.float16) -> onnx.NodeProto:
+        tensor = numpy_helper.from_array(np.array([value], dtype=dtype), name)
+        return helper.make_node("Constant", [], [name], value=tensor)
+
+    nodes = [
+        constant("mask_fill", -np.inf),
+        constant("zero", 0.0),
+        helper.make_node("Where", ["condition", "mask_fill", "zero"], ["mask"]),
+        helper.make_node("Add", ["scores", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["probabilities"], axis=-1),
+        constant("max_fill", -np.inf),
+        helper.make_node("Where", ["condition", "scores", "max_fill"], ["kept"]),
+        helper.make_node("ReduceMax", ["kept"], ["maximum"], keepdims=1),
+        constant("output_fill", -np.inf),
+        helper.make_node("Add", ["scores", "output_fill"], ["shifted"]),
+        constant("fp32_fill", -np.inf, np.float32),
+        helper.make_node("Cast", ["scores"], ["scores32"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["scores32", "fp32_fill"], ["masked32"]),
+        helper.make_node("Softmax", ["masked32"], ["probabilities32"], axis=-1),
+    ]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "masks",
+        [value("scores", TensorProto.FLOAT16, [2, 2]), value("condition", TensorProto.BOOL, [2, 2])],
+        [
+            value("probabilities", TensorProto.FLOAT16, [2, 2]),
+            value("maximum", TensorProto.FLOAT16, [2, 1]),
+            value("shifted", TensorProto.FLOAT16, [2, 2]),
+            value("probabilities32", TensorProto.FLOAT, [2, 2]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert use_finite_mask_fills(model) == 1
+    fills = {
+        node.output[0]: numpy_helper.to_array(node.attribute[0].t)[0]
+        for node in model.graph.node
+        if node.op_type == "Constant" and node.output[0].endswith("_fill")
+    }
+    assert fills["mask_fill"] == np.float16(-65504)
+    assert np.isneginf([fills["max_fill"], fills["output_fill"], fills["fp32_fill"]]).all()
+    assert {entry.key: entry.value for entry in model.metadata_props} == {FINITE_MASK_FILL_KEY: "1"}
+
+
 # -- (2) fp16 image quality ------------------------------------------------------------------------------------
 
 
@@ -341,7 +503,7 @@ ERROR_CASES = {
     "no TensorRT at all": (
         (),
         ("tensorrt", "tensorrt_rtx_bindings"),
-        ("--target tensorrt needs TensorRT", "pip install 'lcm-export[tensorrt]'", "pip install tensorrt"),
+        ("--target tensorrt needs TensorRT", "pip install 'lcm-edge[tensorrt]'", "pip install tensorrt"),
     ),
     "bad workspace": (("--workspace", "lots"), (), ("--workspace 'lots'", "4GiB")),
 }

@@ -19,11 +19,23 @@ import numpy as np
 from lcm_export.exporter.loading import LoadedPipeline
 from lcm_export.runtime.specs import ComponentSpec, TensorSpec
 
+# TensorRT-RTX 1.7 cannot build an fp16 causal mask filled with -inf when the attention head size is above 8 and
+# not a multiple of 8. The fill is made finite wherever the head size is not a multiple of 8 (at 8 or less that
+# builds the same kernels); multiples keep the -inf, with which CLIP-L (64) builds the engine it always had.
+MASK_FILL_HEAD_MULTIPLE = 8
+
 
 @dataclass
 class ExportableComponent:
+    """A spec and the torch module that implements it.
+
+    ``finite_mask_fills``: in fp16, write its attention masks' ``-inf`` as -65504
+    (:func:`lcm_export.exporter.onnx_export.use_finite_mask_fills`), for graphs TensorRT-RTX cannot build otherwise.
+    """
+
     spec: ComponentSpec
     module: Any  # torch.nn.Module with forward(*inputs in spec order) -> tuple of outputs in spec order
+    finite_mask_fills: bool = False
 
 
 def _text_encoder(loaded: LoadedPipeline) -> ExportableComponent:
@@ -31,6 +43,7 @@ def _text_encoder(loaded: LoadedPipeline) -> ExportableComponent:
 
     encoder = loaded.pipeline.text_encoder
     hidden = encoder.config.hidden_size
+    head_size = hidden // encoder.config.num_attention_heads
     cfg = 2 if loaded.guidance == "cfg" else 1
 
     class TextEncoder(torch.nn.Module):
@@ -52,7 +65,7 @@ def _text_encoder(loaded: LoadedPipeline) -> ExportableComponent:
         atol=1e-4,
         batch_multiplier=cfg,
     )
-    return ExportableComponent(spec, TextEncoder().eval())
+    return ExportableComponent(spec, TextEncoder().eval(), finite_mask_fills=head_size % MASK_FILL_HEAD_MULTIPLE != 0)
 
 
 def _unet(loaded: LoadedPipeline) -> ExportableComponent:

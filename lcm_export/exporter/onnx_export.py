@@ -2,6 +2,13 @@
 
 The trace uses one set of shapes and the check another (other batch, other spatial size), so a dim that the
 trace baked in as a constant fails the check instead of failing on a user's device.
+
+fp16 graphs of components marked ``finite_mask_fills`` get one rewrite after the conversion
+(:func:`use_finite_mask_fills`): the ``-inf`` that attention masks add before a Softmax becomes float16's lowest
+finite value, which TensorRT-RTX builds where it cannot build the ``-inf`` (CLIP text encoders with a head size
+like 10); the masked positions still softmax to exactly 0. Other graphs keep the ``-inf``: with it TensorRT-RTX
+builds a different engine for CLIP-L (head size 64), one that builds today and whose speed cannot be compared
+without a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ from lcm_export.runtime.specs import ComponentSpec
 DEFAULT_OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf cannot hold more than 2 GB in one file
 FP16_RELATIVE_TOLERANCE = 2e-2  # fp16 outputs: max abs error / max abs reference
+FLOAT16_LOWEST = float(np.finfo(np.float16).min)  # -65504
+FINITE_MASK_FILL_KEY = "lcm_export.finite_mask_fills"  # ONNX metadata: how many mask constants were rewritten
+# Ops a mask goes through between its constant fill and the Softmax it masks (fill, add to the scores, reshape).
+MASK_PATH_OPS = frozenset({"Where", "Add", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast", "Slice"})
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ def export_to_onnx(
 
     ``precision="fp16"`` converts float weights and activations to fp16 except for components marked
     ``keep_fp32`` (the VAE, which overflows in fp16); the returned spec carries the resulting I/O dtypes.
+    Components marked ``finite_mask_fills`` then get their mask fills made finite (:func:`use_finite_mask_fills`).
     """
     import onnx
     import torch
@@ -90,6 +102,8 @@ def export_to_onnx(
             model = convert_float_to_float16(
                 onnx.load(str(inferred_path)), keep_io_types=False, disable_shape_infer=True
             )
+            if component.finite_mask_fills:
+                use_finite_mask_fills(model)
             exported_spec = spec.with_dtypes("float16")
         else:
             # fp32: the traced file as it is, its weights streamed tensor by tensor into one data file; loading
@@ -98,6 +112,68 @@ def export_to_onnx(
             return exported_spec
     save_onnx(model, output_path)
     return exported_spec
+
+
+def use_finite_mask_fills(model: object) -> int:
+    """Replace ``-inf`` by -65504 in the float16 constants that only mask Softmax inputs; return how many.
+
+    The TorchScript exporter writes ``scaled_dot_product_attention(is_causal=True)`` as
+    ``Add(scores, Where(Equal(Trilu(ones), 0), -inf, 0)) -> Softmax``, and the fp16 conversion keeps the
+    ``-inf``. TensorRT-RTX 1.7 fails to build that in fp16 when the head size is above 8 and not a multiple of 8
+    (Myelin ``CHECK(op->input_layouts().size() > idx)``); with -65504 it builds. The Softmax result is the same:
+    it subtracts the row's maximum, at least the unmasked diagonal score, so a masked entry lands some 65504
+    below it and its ``exp`` is exactly 0 in fp16 and fp32, as ``exp(-inf)`` is (a causal row always keeps its
+    diagonal, so no row is all masked). A constant with any other use on its way (a ReduceMax, a graph output)
+    is left alone. The count is recorded in the model's metadata under ``FINITE_MASK_FILL_KEY``.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph  # type: ignore[attr-defined]
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {output.name for output in graph.output}
+
+    def only_masks_softmax(value: str, depth: int = 0) -> bool:
+        """Every use of ``value`` reaches a Softmax through mask ops (no more than 8 of them)."""
+        uses = consumers.get(value, [])
+        if not uses or value in graph_outputs or depth > 8:
+            return False
+        for node in uses:
+            if node.op_type == "Softmax":
+                continue
+            if node.op_type not in MASK_PATH_OPS or not all(
+                only_masks_softmax(output, depth + 1) for output in node.output
+            ):
+                return False
+        return True
+
+    def finite(tensor: object) -> bool:
+        """Rewrite ``tensor`` in place when it is float16 with a -inf; whether it was."""
+        if tensor.data_type != TensorProto.FLOAT16 or tensor.data_location == TensorProto.EXTERNAL:
+            return False  # mask fills are small constants, never external data
+        values = numpy_helper.to_array(tensor)
+        if not np.isneginf(values).any():
+            return False
+        fixed = np.where(np.isneginf(values), np.float16(FLOAT16_LOWEST), values).astype(np.float16)
+        tensor.CopyFrom(numpy_helper.from_array(fixed, tensor.name))  # type: ignore[attr-defined]
+        return True
+
+    rewritten = 0
+    for initializer in graph.initializer:
+        if only_masks_softmax(initializer.name) and finite(initializer):
+            rewritten += 1
+    for node in graph.node:
+        if node.op_type not in ("Constant", "ConstantOfShape") or not only_masks_softmax(node.output[0]):
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "value" and attribute.HasField("t") and finite(attribute.t):
+                rewritten += 1
+    if rewritten:
+        entry = model.metadata_props.add()  # type: ignore[attr-defined]
+        entry.key, entry.value = FINITE_MASK_FILL_KEY, str(rewritten)
+    return rewritten
 
 
 def _all_tensors(graph: object):
