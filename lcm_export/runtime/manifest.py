@@ -5,24 +5,132 @@ optimum-style ``model_index.json`` and ``manifest.json``. The manifest carries a
 I/O (names, dtypes, symbolic shapes), its artifacts per format, precision and target, the LCM scheduler tables
 computed at export, the tokenizer settings, the VAE factors read from the model, provenance, and every file's size
 and sha256. :func:`load_manifest` validates all of it and verifies the hashes before anything is run.
+
+``manifest.json`` is untrusted input, so it is validated whole, here at the border, and the runtime trusts it
+inside. Every field is typed (a bool is not an integer, nor is 2.0; an integer is accepted where a number is, as
+JSON writers may drop the ``.0``), enums and ranges are checked, and the parts are checked against each other:
+
+- the components the runtime runs take exactly the tensors it feeds and give the ones it reads, with the shapes
+  the pipeline implies (latent channels, ``timestep_cond`` exactly when ``time_cond_proj_dim`` is set), and every
+  float tensor has the dtype of its artifacts' precision;
+- the scheduler tables are LCM tables: one per step count 1..N, timesteps strictly decreasing in
+  [0, num_train_timesteps), values in their ranges, sqrt_alpha² + sqrt_beta² = 1 and c_skip + c_out² = 1
+  (diffusers' boundary condition: c_skip = σ²/(τ² + σ²), c_out = τ/√(τ² + σ²)), each next-step column equal to
+  the next row, and every value a function of the timestep alone (equal across tables, monotonic in t);
+- every path is relative, POSIX and stays inside the bundle, also after following symlinks; every artifact and
+  tokenizer file is listed in ``files`` (for a folder artifact such as an mlpackage, every file inside), so no
+  file is used without its sha256 check.
+
+Any problem raises one :class:`BundleError` line naming the field, e.g. ``BUNDLE 'x': manifest.json field
+pipeline.vae_scale_factor must be an integer from 1 to 64 (got "8"): re-export the bundle``.
+
+Unknown keys are ignored (forward compatibility: a newer exporter may add information this runtime does not need;
+a change of meaning bumps ``format_version``). Unknown component names, enum values and shape symbols are rejected:
+this runtime would not know what to do with them. ``pipeline.default_guidance_scale`` is the one field a bundle
+may lack (bundles written before it existed): it then defaults to :data:`DEFAULT_GUIDANCE_SCALE` of the guidance.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lcm_export.errors import BundleError
-from lcm_export.runtime.specs import ComponentSpec
+from lcm_export.runtime.specs import (
+    MAX_DIM,
+    TENSOR_NAME,
+    TENSOR_NAME_MEANING,
+    ComponentSpec,
+    Fields,
+    ManifestFieldError,
+    ShapeRange,
+    TensorSpec,
+    as_float,
+    as_int,
+    as_list,
+    as_str,
+    describe,
+    field_path,
+)
 
 FORMAT_NAME = "lcm-export-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 HASH_CHUNK = 8 * 1024 * 1024
+
+# -- the contract's vocabulary ------------------------------------------------------------------------------------
+
+TARGETS = ("onnx", "tensorrt", "coreml")
+TARGET_FORMATS = {"onnx": "onnx", "tensorrt": "tensorrt", "coreml": "mlpackage"}  # target -> the format it runs
+ARTIFACT_SUFFIXES = {"onnx": ".onnx", "tensorrt": ".plan", "mlpackage": ".mlpackage"}
+FOLDER_FORMATS = ("mlpackage",)  # artifacts that are folders: every file inside must be listed in ``files``
+PRECISIONS = ("fp32", "fp16")
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16"}  # the dtype of every float tensor of such an artifact
+FLOAT_DTYPES = ("float32", "float16")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+GUIDANCE_MODES = ("embedding", "cfg")
+# What a call without guidance_scale uses: diffusers' LatentConsistencyModelPipeline default for the w-embedding;
+# 1.0 (no unconditional pass) for LCM-LoRA with classifier-free guidance, whose documented range is 1-2.
+DEFAULT_GUIDANCE_SCALE = {"embedding": 8.5, "cfg": 1.0}
+MAX_GUIDANCE_SCALE = 50.0
+VAE_KINDS = ("autoencoder_kl", "autoencoder_tiny")
+FAMILIES = ("sd",)
+RUNTIME_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # what Pipeline runs
+COMPONENT_NAMES = (*RUNTIME_COMPONENTS, "vae_encoder")
+TOKENIZER_FILE = "tokenizer.json"  # the ``tokenizers`` library's format
+
+# Ranges: generous bounds on what real models have, tight enough that no value overflows the runtime.
+MAX_IMAGE_SIDE = 16384
+MAX_VAE_SCALE_FACTOR = 64
+MAX_CHANNELS = 65536
+MAX_SEQUENCE = 8192
+MAX_TOKEN_ID = 2**31 - 1
+MAX_TRAIN_TIMESTEPS = 100_000
+MAX_SCHEDULES = 1000  # step counts with a table (the exporter's --max-steps limit)
+MAX_VAE_FACTOR = 100.0  # |vae_scaling_factor| and |vae_shift_factor|: SD 0.18215, SDXL 0.13025, SD3 1.5305
+MAX_SCHEDULER_VALUE = 1e4  # init_noise_sigma, clip_sample_range, sample_max_value
+TABLE_TOLERANCE = 1e-5  # the identities hold to float32 rounding (~3e-7)
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+COMPONENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
+STEP_COUNT = re.compile(r"[1-9][0-9]{0,3}")  # a table key: "1" .. "1000"
+COMPUTE_CAPABILITY = re.compile(r"(?:[sS][mM]_?)?(?:\d{1,2}\.\d|\d{2,3})")  # what the TensorRT backend parses
+
+
+def as_bundle_path(value: Any, where: str) -> str:
+    """A path inside the bundle as the exporter writes it: relative, "/"-separated, no empty, "." or ".." part.
+
+    Whether it stays inside after following symlinks needs the folder: :func:`check_bundle_paths`.
+    """
+    text = as_str(value, where, meaning="a path relative to the bundle folder")
+    if not text or len(text) > 4096:
+        problem = "must be a path relative to the bundle folder"
+    elif text.startswith("/") or WINDOWS_DRIVE.match(text):
+        problem = "must be relative to the bundle folder, not absolute"
+    elif "\\" in text:
+        problem = "must use / as its separator"
+    elif any(ord(character) < 32 or character == "\x7f" for character in text):
+        problem = "must not contain control characters"
+    elif any(part in ("", ".", "..") for part in text.split("/")):
+        problem = "must stay inside the bundle folder: no '..', '.' or empty parts"
+    else:
+        return text
+    raise ManifestFieldError(where, f"{problem} (got {describe(text)})")
+
+
+def _same_json(first: Any, second: Any) -> bool:
+    """Equal as JSON values: 1 == 1.0, but true is not 1."""
+    return first == second and isinstance(first, bool) == isinstance(second, bool)
+
+
+# -- the manifest's parts -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -33,6 +141,18 @@ class FileEntry:
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> FileEntry:
+        fields = Fields.of(data, where)
+        path = as_bundle_path(fields.get("path"), fields.path("path"))
+        if path == MANIFEST_NAME:
+            raise ManifestFieldError(fields.path("path"), f"must not be {MANIFEST_NAME} (it cannot hold its own hash)")
+        return cls(
+            path,
+            fields.integer("size", minimum=0),
+            fields.string("sha256", pattern=SHA256_HEX, meaning="64 lowercase hexadecimal digits"),
+        )
 
 
 @dataclass(frozen=True)
@@ -48,9 +168,19 @@ class Artifact:
         return {"format": self.format, "path": self.path, "precision": self.precision, **self.details}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Artifact:
-        details = {k: v for k, v in data.items() if k not in ("format", "path", "precision")}
-        return cls(str(data["format"]), str(data["path"]), str(data["precision"]), details)
+    def from_json(cls, data: Any, where: str) -> Artifact:
+        """Format, path (ending in the format's suffix) and precision; the other keys are the details."""
+        fields = Fields.of(data, where)
+        artifact_format = fields.string("format", choices=tuple(ARTIFACT_SUFFIXES))
+        path = as_bundle_path(fields.get("path"), fields.path("path"))
+        suffix = ARTIFACT_SUFFIXES[artifact_format]
+        if not path.endswith(suffix) or path.rsplit("/", 1)[-1] == suffix:
+            raise ManifestFieldError(
+                fields.path("path"), f"must name a {suffix} {artifact_format} artifact (got {describe(path)})"
+            )
+        precision = fields.string("precision", choices=PRECISIONS)
+        details = {key: value for key, value in fields.data.items() if key not in ("format", "path", "precision")}
+        return cls(artifact_format, path, precision, details)
 
 
 @dataclass(frozen=True)
@@ -65,6 +195,37 @@ class Component:
             "artifacts": {fmt: artifact.to_json() for fmt, artifact in self.artifacts.items()},
             "validation": self.validation,
         }
+
+    @classmethod
+    def from_json(cls, name: str, data: Any, where: str) -> Component:
+        """The spec, at least one artifact (each under its format's key) and the free-form validation report."""
+        fields = Fields.of(data, where)
+        spec = ComponentSpec.from_json(name, data, where)
+        listed = fields.object("artifacts")
+        if not listed.data:
+            raise ManifestFieldError(listed.where, "must hold at least one artifact")
+        artifacts: dict[str, Artifact] = {}
+        for artifact_format, entry in listed.data.items():
+            artifact = Artifact.from_json(entry, listed.path(artifact_format))
+            if artifact.format != artifact_format:
+                raise ManifestFieldError(
+                    field_path(listed.path(artifact_format), "format"),
+                    f"must equal its key {describe(artifact_format)} (got {describe(artifact.format)})",
+                )
+            artifacts[artifact_format] = artifact
+        return cls(spec, artifacts, fields.object("validation", default={}).data)
+
+
+# Ranges of the table columns (diffusers' LCMScheduler): alpha_bar_t in (0, 1); c_skip(t) > 0 and c_out(t) in
+# [0, 1] for the boundary condition above.
+_TABLE_RANGES: dict[str, dict[str, float]] = {
+    "c_skip": {"above": 0.0, "maximum": 1.0},
+    "c_out": {"minimum": 0.0, "maximum": 1.0},
+    "sqrt_alpha_prod": {"above": 0.0, "maximum": 1.0},
+    "sqrt_beta_prod": {"minimum": 0.0, "maximum": 1.0},
+    "sqrt_alpha_prod_next": {"above": 0.0, "maximum": 1.0},
+    "sqrt_beta_prod_next": {"minimum": 0.0, "maximum": 1.0},
+}
 
 
 @dataclass(frozen=True)
@@ -83,12 +244,64 @@ class StepTable:
         return {name: list(getattr(self, name)) for name in self.__dataclass_fields__}
 
     @classmethod
-    def from_json(cls, data: dict[str, list]) -> StepTable:
-        table = cls(**{name: tuple(data[name]) for name in cls.__dataclass_fields__})
-        lengths = {len(getattr(table, name)) for name in cls.__dataclass_fields__}
-        if len(lengths) != 1:
-            raise ValueError("step table columns differ in length")
+    def from_json(cls, data: Any, where: str = "table", steps: int | None = None) -> StepTable:
+        """Read the columns (each ``steps`` long, or as long as ``timesteps``) and check that they are one LCM
+        schedule (see the module docstring)."""
+        fields = Fields.of(data, where)
+        if steps is None:
+            steps = len(as_list(fields.get("timesteps"), fields.path("timesteps"), min_length=1))
+        columns: dict[str, tuple] = {}
+        for name in cls.__dataclass_fields__:
+            items = fields.array(name, min_length=steps, max_length=steps)
+            if name == "timesteps":
+                limit = MAX_TRAIN_TIMESTEPS - 1
+                columns[name] = tuple(as_int(value, at, minimum=0, maximum=limit) for at, value in items)
+            else:
+                columns[name] = tuple(as_float(value, at, **_TABLE_RANGES[name]) for at, value in items)
+        table = cls(**columns)
+        table._check(fields)
         return table
+
+    def _check(self, fields: Fields) -> None:
+        for index in range(len(self.timesteps)):
+            if index and self.timesteps[index] >= self.timesteps[index - 1]:
+                raise ManifestFieldError(
+                    f"{fields.path('timesteps')}[{index}]",
+                    f"must be below the timestep before it, {self.timesteps[index - 1]} (timesteps strictly "
+                    f"decrease; got {self.timesteps[index]})",
+                )
+            alpha, beta = self.sqrt_alpha_prod[index], self.sqrt_beta_prod[index]
+            if abs(alpha * alpha + beta * beta - 1) > TABLE_TOLERANCE:
+                raise ManifestFieldError(
+                    f"{fields.path('sqrt_beta_prod')}[{index}]",
+                    f"does not go with sqrt_alpha_prod[{index}]: their squares must add up to 1 (got {beta!r} and "
+                    f"{alpha!r})",
+                )
+            c_skip, c_out = self.c_skip[index], self.c_out[index]
+            if abs(c_skip + c_out * c_out - 1) > TABLE_TOLERANCE:
+                raise ManifestFieldError(
+                    f"{fields.path('c_out')}[{index}]",
+                    f"does not go with c_skip[{index}]: c_skip + c_out² must be 1 (got {c_out!r} and {c_skip!r})",
+                )
+            if index + 1 < len(self.timesteps):  # the next-step columns at the last step are not used
+                for column in ("sqrt_alpha_prod", "sqrt_beta_prod"):
+                    if getattr(self, f"{column}_next")[index] != getattr(self, column)[index + 1]:
+                        raise ManifestFieldError(
+                            f"{fields.path(column + '_next')}[{index}]",
+                            f"must equal {column}[{index + 1}], the next step's (got "
+                            f"{getattr(self, column + '_next')[index]!r} and {getattr(self, column)[index + 1]!r})",
+                        )
+
+
+# Scheduler options that the exporter copies from the scheduler config: both copies must agree.
+_CONFIG_COPIES = (
+    "prediction_type",
+    "clip_sample",
+    "clip_sample_range",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+)
 
 
 @dataclass(frozen=True)
@@ -109,10 +322,77 @@ class SchedulerInfo:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SchedulerInfo:
-        values = {name: data[name] for name in cls.__dataclass_fields__ if name in data and name != "tables"}
-        tables = {int(steps): StepTable.from_json(table) for steps, table in data["tables"].items()}
-        return cls(tables=tables, **values)
+    def from_json(cls, data: Any, where: str = "scheduler") -> SchedulerInfo:
+        fields = Fields.of(data, where)
+        config = fields.object("config")
+        num_train_timesteps = config.integer("num_train_timesteps", minimum=1, maximum=MAX_TRAIN_TIMESTEPS)
+        info = cls(
+            prediction_type=fields.string("prediction_type", choices=PREDICTION_TYPES),
+            tables=_read_tables(fields.object("tables"), num_train_timesteps),
+            init_noise_sigma=fields.number("init_noise_sigma", above=0, maximum=MAX_SCHEDULER_VALUE),
+            clip_sample=fields.boolean("clip_sample"),
+            clip_sample_range=fields.number("clip_sample_range", above=0, maximum=MAX_SCHEDULER_VALUE),
+            thresholding=fields.boolean("thresholding"),
+            dynamic_thresholding_ratio=fields.number("dynamic_thresholding_ratio", above=0, maximum=1),
+            sample_max_value=fields.number("sample_max_value", above=0, maximum=MAX_SCHEDULER_VALUE),
+            config=config.data,
+        )
+        for name in _CONFIG_COPIES:
+            value = getattr(info, name)
+            if config.has(name) and not _same_json(config.get(name), value):
+                raise ManifestFieldError(
+                    config.path(name),
+                    f"must equal {fields.path(name)}, {describe(value)}, which the runtime uses "
+                    f"(got {describe(config.get(name))})",
+                )
+        return info
+
+
+def _read_tables(tables: Fields, num_train_timesteps: int) -> dict[int, StepTable]:
+    """One table per step count 1..N, and across them every value a function of the timestep alone."""
+    present: set[int] = set()
+    for key in tables.data:
+        if not STEP_COUNT.fullmatch(key) or int(key) > MAX_SCHEDULES:
+            raise ManifestFieldError(tables.path(key), f"is not a step count from 1 to {MAX_SCHEDULES}")
+        present.add(int(key))
+    if not present:
+        raise ManifestFieldError(tables.where, "must hold the tables for 1..N steps (it is empty)")
+    count = max(present)
+    missing = [steps for steps in range(1, count + 1) if steps not in present]
+    if missing:
+        raise ManifestFieldError(
+            tables.path(str(missing[0])), f"is missing: the tables cover every step count from 1 to N (here {count})"
+        )
+    result: dict[int, StepTable] = {}
+    rows: dict[int, tuple[tuple[float, ...], str]] = {}  # timestep -> (c_skip, c_out, sqrt_alpha, sqrt_beta), field
+    for steps in range(1, count + 1):
+        where = tables.path(str(steps))
+        table = StepTable.from_json(tables.get(str(steps)), where, steps)
+        for index, timestep in enumerate(table.timesteps):
+            at = f"{where}.timesteps[{index}]"
+            if timestep >= num_train_timesteps:
+                raise ManifestFieldError(
+                    at, f"must be below scheduler.config.num_train_timesteps, {num_train_timesteps} (got {timestep})"
+                )
+            row = (table.c_skip[index], table.c_out[index], table.sqrt_alpha_prod[index], table.sqrt_beta_prod[index])
+            if timestep in rows and rows[timestep][0] != row:
+                raise ManifestFieldError(
+                    at,
+                    f"is {timestep} with other c_skip, c_out or sqrt_alpha/beta_prod values than at "
+                    f"{rows[timestep][1]} (each is a function of the timestep)",
+                )
+            rows.setdefault(timestep, (row, at))
+        result[steps] = table
+    # alpha_bar_t and c_skip(t) decrease as t grows (float32 rounding keeps that order, not always strictly).
+    ordered = sorted(rows.items())
+    for (smaller, (lower, lower_at)), (timestep, (higher, at)) in itertools.pairwise(ordered):
+        if higher[0] > lower[0] or higher[2] > lower[2]:
+            raise ManifestFieldError(
+                at,
+                f"is {timestep}, but its c_skip or sqrt_alpha_prod is above the one of the smaller timestep "
+                f"{smaller} at {lower_at} (both decrease as the timestep grows)",
+            )
+    return result
 
 
 @dataclass(frozen=True)
@@ -124,6 +404,20 @@ class TokenizerInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.path, "max_length": self.max_length, "pad_id": self.pad_id}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> TokenizerInfo:
+        fields = Fields.of(data, where)
+        name = fields.string("name", pattern=COMPONENT_NAME, meaning="a name of letters, digits and _")
+        path = as_bundle_path(fields.get("path"), fields.path("path"))
+        if path.rsplit("/", 1)[-1] != TOKENIZER_FILE:
+            raise ManifestFieldError(fields.path("path"), f"must name a {TOKENIZER_FILE} file (got {describe(path)})")
+        return cls(
+            name,
+            path,
+            fields.integer("max_length", minimum=1, maximum=MAX_SEQUENCE),
+            fields.integer("pad_id", minimum=0, maximum=MAX_TOKEN_ID),
+        )
 
 
 @dataclass(frozen=True)
@@ -139,9 +433,58 @@ class PipelineInfo:
     spatial_multiple: int
     default_height: int
     default_width: int
+    default_guidance_scale: float  # what a call without guidance_scale uses (see DEFAULT_GUIDANCE_SCALE)
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "pipeline") -> PipelineInfo:
+        fields = Fields.of(data, where)
+        guidance = fields.string("guidance", choices=GUIDANCE_MODES)
+        # The w-embedding's frequencies divide by (dim // 2 - 1), so it needs at least 4 dims.
+        time_cond_proj_dim = fields.integer("time_cond_proj_dim", minimum=4, maximum=MAX_CHANNELS, nullable=True)
+        if (guidance == "embedding") != (time_cond_proj_dim is not None):
+            raise ManifestFieldError(
+                fields.path("time_cond_proj_dim"),
+                f'must be set exactly when {fields.path("guidance")} is "embedding" (the w-embedding is fed as '
+                f"timestep_cond); got {describe(time_cond_proj_dim)} with guidance {describe(guidance)}",
+            )
+        vae_scale_factor = fields.integer("vae_scale_factor", minimum=1, maximum=MAX_VAE_SCALE_FACTOR)
+        spatial_multiple = fields.integer("spatial_multiple", minimum=1, maximum=MAX_IMAGE_SIDE)
+        if spatial_multiple % vae_scale_factor:
+            raise ManifestFieldError(
+                fields.path("spatial_multiple"),
+                f"must be a multiple of {fields.path('vae_scale_factor')}, {vae_scale_factor} (got {spatial_multiple})",
+            )
+        sides: dict[str, int] = {}
+        for key in ("default_height", "default_width"):
+            sides[key] = fields.integer(key, minimum=1, maximum=MAX_IMAGE_SIDE)
+            if sides[key] % spatial_multiple:
+                raise ManifestFieldError(
+                    fields.path(key), f"must be a multiple of spatial_multiple, {spatial_multiple} (got {sides[key]})"
+                )
+        return cls(
+            family=fields.string("family", choices=FAMILIES),
+            guidance=guidance,
+            time_cond_proj_dim=time_cond_proj_dim,
+            latent_channels=fields.integer("latent_channels", minimum=1, maximum=MAX_CHANNELS),
+            vae=fields.string("vae", choices=VAE_KINDS),
+            vae_scale_factor=vae_scale_factor,
+            vae_scaling_factor=fields.number("vae_scaling_factor", above=0, maximum=MAX_VAE_FACTOR),
+            vae_shift_factor=fields.number(
+                "vae_shift_factor", minimum=-MAX_VAE_FACTOR, maximum=MAX_VAE_FACTOR, nullable=True
+            ),
+            spatial_multiple=spatial_multiple,
+            default_height=sides["default_height"],
+            default_width=sides["default_width"],
+            default_guidance_scale=fields.number(
+                "default_guidance_scale",
+                minimum=0,
+                maximum=MAX_GUIDANCE_SCALE,
+                default=DEFAULT_GUIDANCE_SCALE[guidance],
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -173,31 +516,330 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        components = {
-            name: Component(
-                spec=ComponentSpec.from_json(name, entry),
-                artifacts={fmt: Artifact.from_json(a) for fmt, a in entry["artifacts"].items()},
-                validation=entry.get("validation", {}),
-            )
-            for name, entry in data["components"].items()
-        }
-        pipeline = data["pipeline"]
+    def from_json(cls, data: Any) -> Manifest:
+        """Read and validate a whole manifest (see the module docstring); raises :class:`ManifestFieldError`.
+
+        What needs the bundle folder (symlinks, the files inside folder artifacts) is :func:`check_bundle_paths`.
+        """
+        top = Fields.of(data, "")
+        top.string("format", choices=(FORMAT_NAME,))
+        format_version = top.integer("format_version", minimum=FORMAT_VERSION, maximum=FORMAT_VERSION)
+        target = top.string("target", choices=TARGETS)
+        precision = top.string("precision", choices=PRECISIONS)
+        pipeline = PipelineInfo.from_json(top.get("pipeline"), top.path("pipeline"))
+        scheduler = SchedulerInfo.from_json(top.get("scheduler"), top.path("scheduler"))
+        files = _read_files(top)
+        listed = {entry.path for entry in files}
+        tokenizers = _read_tokenizers(top, listed)
+        components = _read_components(top, pipeline, target, precision, listed)
+        loras = tuple(_read_lora(item, at).data for at, item in top.array("loras")) if top.has("loras") else ()
         return cls(
-            target=str(data["target"]),
-            precision=str(data["precision"]),
-            pipeline=PipelineInfo(**{name: pipeline[name] for name in PipelineInfo.__dataclass_fields__}),
-            scheduler=SchedulerInfo.from_json(data["scheduler"]),
-            tokenizers=tuple(TokenizerInfo(**t) for t in data["tokenizers"]),
+            target=target,
+            precision=precision,
+            pipeline=pipeline,
+            scheduler=scheduler,
+            tokenizers=tokenizers,
             components=components,
-            files=tuple(FileEntry(**f) for f in data["files"]),
-            provenance=dict(data.get("provenance", {})),
-            loras=tuple(data.get("loras", ())),
-            format_version=int(data["format_version"]),
+            files=files,
+            provenance=top.object("provenance", default={}).data,
+            loras=loras,
+            format_version=format_version,
         )
 
     def write(self, bundle_dir: Path) -> None:
         (bundle_dir / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def _read_files(top: Fields) -> tuple[FileEntry, ...]:
+    files: list[FileEntry] = []
+    first: dict[str, str] = {}  # path -> field of its first entry
+    for at, item in top.array("files", min_length=1):
+        entry = FileEntry.from_json(item, at)
+        if entry.path in first:
+            raise ManifestFieldError(f"{at}.path", f"repeats {first[entry.path]} ({describe(entry.path)})")
+        first[entry.path] = f"{at}.path"
+        files.append(entry)
+    return tuple(files)
+
+
+def _read_tokenizers(top: Fields, listed: set[str]) -> tuple[TokenizerInfo, ...]:
+    tokenizers: list[TokenizerInfo] = []
+    for at, item in top.array("tokenizers", min_length=1):
+        tokenizer = TokenizerInfo.from_json(item, at)
+        if tokenizer.name in {other.name for other in tokenizers}:
+            raise ManifestFieldError(f"{at}.name", f"repeats the tokenizer name {describe(tokenizer.name)}")
+        if tokenizer.path not in listed:
+            raise ManifestFieldError(f"{at}.path", _unlisted(tokenizer.path))
+        tokenizers.append(tokenizer)
+    return tuple(tokenizers)
+
+
+def _read_lora(item: Any, where: str) -> Fields:
+    """A LoRA record (provenance: what was fused, with which weight, from which file)."""
+    fields = Fields.of(item, where)
+    fields.string("source")
+    fields.number("weight")
+    if fields.has("sha256"):
+        fields.string("sha256", pattern=SHA256_HEX, meaning="64 lowercase hexadecimal digits")
+    return fields
+
+
+def _unlisted(path: str) -> str:
+    return (
+        f"names {describe(path)}, which manifest.json files does not list (it would be used without its sha256 check)"
+    )
+
+
+def _read_components(
+    top: Fields, pipeline: PipelineInfo, target: str, precision: str, listed: set[str]
+) -> dict[str, Component]:
+    entries = top.object("components")
+    if not entries.data:
+        raise ManifestFieldError(entries.where, "must hold at least one component")
+    components: dict[str, Component] = {}
+    for name, entry in entries.data.items():
+        where = entries.path(name)
+        if name not in COMPONENT_NAMES:
+            raise ManifestFieldError(where, f"is not a component this runtime knows ({', '.join(COMPONENT_NAMES)})")
+        component = Component.from_json(name, entry, where)
+        _check_artifacts(component, where, pipeline, target, precision, listed)
+        _check_io(component, where, pipeline)
+        components[name] = component
+    for name in RUNTIME_COMPONENTS:
+        # A bundle exported without a component has no files in its folder; one whose entry was lost has.
+        orphans = sorted(path for path in listed if path.startswith(f"{name}/"))
+        if name not in components and orphans:
+            raise ManifestFieldError(
+                entries.path(name), f"is missing although files lists {describe(orphans[0])} of it"
+            )
+    text_encoder, unet = components.get("text_encoder"), components.get("unet")
+    if text_encoder is not None and unet is not None:
+        hidden = _tensor(text_encoder.spec, "last_hidden_state").shape[2]
+        context = _tensor(unet.spec, "encoder_hidden_states")
+        if context.shape[2] != hidden:
+            index = unet.spec.inputs.index(context)
+            raise ManifestFieldError(
+                f"{entries.path('unet')}.inputs[{index}].shape[2]",
+                f"must be the text encoder's hidden size, {hidden} (got {context.shape[2]})",
+            )
+    return components
+
+
+def _check_artifacts(
+    component: Component, where: str, pipeline: PipelineInfo, target: str, precision: str, listed: set[str]
+) -> None:
+    """The target's artifact is there (ONNX may be kept beside it), inside the component's folder, hashed, and all
+    artifacts share one precision that every float tensor of the spec has."""
+    name, spec = component.spec.name, component.spec
+    runs = TARGET_FORMATS[target]
+    if runs not in component.artifacts:
+        raise ManifestFieldError(
+            f"{where}.artifacts",
+            f"has no {runs} artifact, which a {target} bundle runs (it has {', '.join(component.artifacts)})",
+        )
+    component_precision = component.artifacts[runs].precision
+    for artifact_format, artifact in component.artifacts.items():
+        at = f"{where}.artifacts.{artifact_format}"
+        if artifact_format not in (runs, "onnx"):
+            raise ManifestFieldError(at, f"is not an artifact of a {target} bundle ({runs}, and onnx if kept)")
+        if not artifact.path.startswith(f"{name}/"):
+            raise ManifestFieldError(f"{at}.path", f"must be inside the folder {name}/ (got {describe(artifact.path)})")
+        if artifact_format in FOLDER_FORMATS:
+            if artifact.path in listed or not any(path.startswith(f"{artifact.path}/") for path in listed):
+                raise ManifestFieldError(f"{at}.path", "names a folder none of whose files manifest.json files lists")
+        elif artifact.path not in listed:
+            raise ManifestFieldError(f"{at}.path", _unlisted(artifact.path))
+        if artifact.precision != component_precision:
+            raise ManifestFieldError(
+                f"{at}.precision", f"must equal the {runs} artifact's, {component_precision} (got {artifact.precision})"
+            )
+        if precision == "fp32" and artifact.precision != "fp32":
+            raise ManifestFieldError(f"{at}.precision", "must be fp32 in an fp32 bundle (manifest precision)")
+        if artifact_format == "tensorrt":
+            _check_tensorrt_details(artifact, spec, pipeline, at)
+        elif artifact_format == "mlpackage":
+            _check_coreml_details(artifact, spec, at)
+    dtype = PRECISION_DTYPES[component_precision]
+    for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        for index, tensor in enumerate(tensors):
+            if tensor.dtype in FLOAT_DTYPES and tensor.dtype != dtype:
+                raise ManifestFieldError(
+                    f"{where}.{kind}[{index}].dtype",
+                    f"must be {dtype}, as the component's artifacts are {component_precision} (got {tensor.dtype})",
+                )
+    wanted = 2 if pipeline.guidance == "cfg" and name in ("text_encoder", "unet") else 1
+    if spec.batch_multiplier != wanted:
+        raise ManifestFieldError(
+            f"{where}.batch_multiplier",
+            f"must be {wanted} for {name} with guidance {describe(pipeline.guidance)} (got {spec.batch_multiplier})",
+        )
+
+
+_ANY = 0  # in an expected shape: any positive integer
+
+
+def _expected_io(name: str, pipeline: PipelineInfo) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(inputs, outputs) name -> expected shape of what the runtime feeds and reads (``_ANY``: any size).
+
+    The inputs are exactly these; the outputs at least these (the text encoder also gives ``pooler_output``).
+    """
+    channels = pipeline.latent_channels
+    latent = ("batch", channels, "latent_height", "latent_width")
+    image = ("batch", _ANY, "image_height", "image_width")
+    if name == "text_encoder":
+        return {"input_ids": ("batch", "sequence")}, {"last_hidden_state": ("batch", "sequence", _ANY)}
+    if name == "unet":
+        inputs = {"sample": latent, "timestep": (), "encoder_hidden_states": ("batch", "sequence", _ANY)}
+        if pipeline.time_cond_proj_dim is not None:
+            inputs["timestep_cond"] = ("batch", pipeline.time_cond_proj_dim)
+        return inputs, {"out_sample": latent}
+    if name == "vae_decoder":
+        return {"latent_sample": latent}, {"sample": image}
+    # vae_encoder: KL's mean and log-variance (2C channels), or the tiny VAE's latents.
+    if pipeline.vae == "autoencoder_kl":
+        return {"sample": image}, {"latent_parameters": ("batch", 2 * channels, "latent_height", "latent_width")}
+    return {"sample": image}, {"latents": latent}
+
+
+def _check_io(component: Component, where: str, pipeline: PipelineInfo) -> None:
+    spec = component.spec
+    inputs, outputs = _expected_io(spec.name, pipeline)
+    if sorted(spec.input_names) != sorted(inputs):
+        raise ManifestFieldError(
+            f"{where}.inputs",
+            f"must be exactly {', '.join(inputs)}, what the runtime feeds (got {', '.join(spec.input_names)})",
+        )
+    missing = [name for name in outputs if name not in spec.output_names]
+    if missing:
+        raise ManifestFieldError(
+            f"{where}.outputs",
+            f"must include {', '.join(missing)}, what the runtime reads (got {', '.join(spec.output_names)})",
+        )
+    for kind, tensors, expected in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
+        for index, tensor in enumerate(tensors):
+            if tensor.name not in expected:
+                continue
+            at = f"{where}.{kind}[{index}]"
+            shape = expected[tensor.name]
+            if len(tensor.shape) != len(shape) or any(
+                dim != want and not (want == _ANY and isinstance(dim, int))
+                for dim, want in zip(tensor.shape, shape, strict=True)
+            ):
+                shown = json.dumps(["N" if want == _ANY else want for want in shape])
+                raise ManifestFieldError(
+                    f"{at}.shape", f"must be {shown} for {tensor.name} (got {json.dumps(list(tensor.shape))})"
+                )
+            dtypes = ("int64",) if tensor.name == "input_ids" else FLOAT_DTYPES
+            if tensor.dtype not in dtypes:
+                raise ManifestFieldError(
+                    f"{at}.dtype", f"must be {' or '.join(dtypes)} for {tensor.name} (got {tensor.dtype})"
+                )
+
+
+def _tensor(spec: ComponentSpec, name: str) -> TensorSpec:
+    return next(tensor for tensor in (*spec.inputs, *spec.outputs) if tensor.name == name)
+
+
+def _check_tensorrt_details(artifact: Artifact, spec: ComponentSpec, pipeline: PipelineInfo, where: str) -> None:
+    """What the TensorRT backend reads: flavour and version, compute capabilities, the engine's I/O (names,
+    dtypes and ranks of the spec's), the optimisation profiles and the VAE scale factor."""
+    details = Fields(artifact.details, where)
+    details.string("flavor")
+    details.string("trt_version")
+    for at, value in details.array("compute_capabilities"):
+        if type(value) is int:
+            as_int(value, at, minimum=10, maximum=999)
+        else:
+            as_str(value, at, pattern=COMPUTE_CAPABILITY, meaning='a compute capability such as 86 or "8.6"')
+    engine: dict[str, tuple[str, str, int, str]] = {}  # name -> (mode, dtype, rank, field)
+    for at, item in details.array("io", min_length=1):
+        tensor = Fields.of(item, at)
+        name = tensor.string("name", pattern=TENSOR_NAME, meaning=TENSOR_NAME_MEANING)
+        mode = tensor.string("mode", choices=("input", "output"))
+        dtype = tensor.string("dtype")
+        shape = [as_int(value, dim_at, minimum=-1, maximum=MAX_DIM) for dim_at, value in tensor.array("shape")]
+        if name in engine:
+            raise ManifestFieldError(f"{at}.name", f"repeats the engine tensor {describe(name)}")
+        engine[name] = (mode, dtype, len(shape), at)
+    for mode, tensors in (("input", spec.inputs), ("output", spec.outputs)):
+        names = sorted(name for name, value in engine.items() if value[0] == mode)
+        if names != sorted(tensor.name for tensor in tensors):
+            raise ManifestFieldError(
+                f"{where}.io",
+                f"must list the spec's {mode}s {', '.join(t.name for t in tensors)} (got {', '.join(names)})",
+            )
+        for tensor in tensors:
+            _, dtype, rank, at = engine[tensor.name]
+            if (dtype, rank) != (tensor.dtype, len(tensor.shape)):
+                raise ManifestFieldError(
+                    at,
+                    f"must have the spec's dtype {tensor.dtype} and rank {len(tensor.shape)} "
+                    f"(got {describe(dtype)} and {rank})",
+                )
+    profiles = details.object("profiles", default={})
+    ranks = {tensor.name: len(tensor.shape) for tensor in spec.inputs}
+    for name, entry in profiles.data.items():
+        at = profiles.path(name)
+        if name not in ranks:
+            raise ManifestFieldError(at, f"is not an input of {spec.name} ({', '.join(ranks)})")
+        ranges = Fields.of(entry, at)
+        low, opt, high = (
+            [
+                as_int(value, dim_at, minimum=1, maximum=MAX_DIM)
+                for dim_at, value in ranges.array(key, ranks[name], ranks[name])
+            ]
+            for key in ("min", "opt", "max")
+        )
+        if not all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
+            raise ManifestFieldError(at, f"must have min <= opt <= max in every dim (got {low}, {opt}, {high})")
+    if details.has("vae_scale_factor"):
+        factor = details.integer("vae_scale_factor", minimum=1, maximum=MAX_VAE_SCALE_FACTOR)
+        if factor != pipeline.vae_scale_factor:
+            raise ManifestFieldError(
+                details.path("vae_scale_factor"),
+                f"must equal pipeline.vae_scale_factor, {pipeline.vae_scale_factor} (got {factor})",
+            )
+    if details.has("shape_range"):
+        ShapeRange.from_json(details.get("shape_range"), details.path("shape_range"))
+
+
+def _check_coreml_details(artifact: Artifact, spec: ComponentSpec, where: str) -> None:
+    """What the Core ML backend reads: the model's inputs and outputs (name, dtype, default shape, optional
+    per-dim bounds, the spec's name for it), one per spec tensor."""
+    details = Fields(artifact.details, where)
+    for key, tensors in (("coreml_inputs", spec.inputs), ("coreml_outputs", spec.outputs)):
+        names: list[str] = []
+        for at, item in details.array(key, min_length=1):
+            tensor = Fields.of(item, at)
+            name = tensor.string("name", pattern=TENSOR_NAME, meaning=TENSOR_NAME_MEANING)
+            tensor.string("dtype", choices=("float32", "float16", "int32"))
+            shape = [as_int(value, dim_at, minimum=1, maximum=MAX_DIM) for dim_at, value in tensor.array("shape", 1, 8)]
+            if tensor.get("bounds", None) is not None:
+                for index, (bound_at, pair) in enumerate(tensor.array("bounds", len(shape), len(shape))):
+                    low, high = (
+                        as_int(value, field_path(bound_at, position), minimum=1, maximum=MAX_DIM)
+                        for position, value in enumerate(as_list(pair, bound_at, min_length=2, max_length=2))
+                    )
+                    if not low <= shape[index] <= high:
+                        raise ManifestFieldError(
+                            bound_at, f"must be [MIN, MAX] around the default size {shape[index]} (got [{low}, {high}])"
+                        )
+            spec_name = (
+                tensor.string("spec_name", pattern=TENSOR_NAME, meaning=TENSOR_NAME_MEANING)
+                if tensor.has("spec_name")
+                else ""
+            )
+            names.append(spec_name or name)
+        if sorted(names) != sorted(tensor.name for tensor in tensors):
+            raise ManifestFieldError(
+                details.path(key),
+                f"must map one to one onto the spec's {', '.join(t.name for t in tensors)} (got {', '.join(names)})",
+            )
+    if details.has("shapes"):
+        ShapeRange.from_json(details.get("shapes"), details.path("shapes"))
+
+
+# -- files and hashes ---------------------------------------------------------------------------------------------
 
 
 def sha256_file(path: Path) -> str:
@@ -210,6 +852,45 @@ def sha256_file(path: Path) -> str:
 
 def file_entry(bundle_dir: Path, path: Path) -> FileEntry:
     return FileEntry(path.relative_to(bundle_dir).as_posix(), path.stat().st_size, sha256_file(path))
+
+
+def check_bundle_paths(bundle_dir: Path, manifest: Manifest) -> None:
+    """What needs the folder: every path the manifest names stays inside it after following symlinks, and every
+    file inside a folder artifact (an mlpackage) is listed in ``files``. Raises :class:`ManifestFieldError`."""
+    root = bundle_dir.resolve()
+    named = [(f"files[{index}].path", entry.path) for index, entry in enumerate(manifest.files)]
+    named += [(f"tokenizers[{index}].path", tokenizer.path) for index, tokenizer in enumerate(manifest.tokenizers)]
+    for name, component in manifest.components.items():
+        for artifact_format, artifact in component.artifacts.items():
+            named.append((f"components.{name}.artifacts.{artifact_format}.path", artifact.path))
+    for where, path in named:
+        try:
+            resolved = (bundle_dir / path).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            raise ManifestFieldError(where, f"cannot be resolved (a symlink loop?) (got {describe(path)})") from None
+        if root not in resolved.parents:
+            raise ManifestFieldError(where, f"leads outside the bundle folder through a symlink (got {describe(path)})")
+    listed = {entry.path for entry in manifest.files}
+    for name, component in manifest.components.items():
+        for artifact_format, artifact in component.artifacts.items():
+            if artifact_format not in FOLDER_FORMATS:
+                continue
+            where = f"components.{name}.artifacts.{artifact_format}.path"
+            folder = bundle_dir / artifact.path
+            if not folder.is_dir():
+                raise ManifestFieldError(
+                    where, f"names a folder that is not in the bundle (got {describe(artifact.path)})"
+                )
+            for directory, subdirectories, filenames in os.walk(folder, followlinks=False):
+                links = [entry for entry in subdirectories if os.path.islink(os.path.join(directory, entry))]
+                for entry in (*filenames, *links):
+                    relative = Path(directory, entry).relative_to(bundle_dir).as_posix()
+                    if relative not in listed:
+                        raise ManifestFieldError(
+                            where,
+                            f"names a folder holding {describe(relative)}, which manifest.json files does not list "
+                            "(it would be used without its sha256 check)",
+                        )
 
 
 class _VerifiedCache:
@@ -284,6 +965,16 @@ def verify_files(bundle_dir: Path, files: tuple[FileEntry, ...], mode: str = "ca
         cache.save()
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key twice in one object is ambiguous (json keeps the last one silently)."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {describe(key)} appears twice in one object")
+        result[key] = value
+    return result
+
+
 def load_manifest(bundle_dir: str | Path, verify: str = "cached") -> Manifest:
     """Read, validate and verify a bundle's manifest. Raises :class:`BundleError` with a one-line message."""
     bundle_dir = Path(bundle_dir)
@@ -296,22 +987,22 @@ def load_manifest(bundle_dir: str | Path, verify: str = "cached") -> Manifest:
             "finish; export it again"
         )
     try:
-        data = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as error:
-        raise BundleError(f"BUNDLE '{bundle_dir}': manifest.json is not valid JSON ({error}): re-export it") from None
+        data = json.loads(manifest_path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except (OSError, ValueError, RecursionError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BundleError(f"BUNDLE '{bundle_dir}': manifest.json is not valid JSON ({reason}): re-export it") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise BundleError(f"BUNDLE '{bundle_dir}': manifest.json is not an lcm-export manifest: re-export the bundle")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise BundleError(
-            f"BUNDLE '{bundle_dir}' has manifest format version {version}; this runtime reads version "
+            f"BUNDLE '{bundle_dir}' has manifest format version {describe(version)}; this runtime reads version "
             f"{FORMAT_VERSION}: re-export the bundle with this lcm-export, or install the matching lcm-export"
         )
     try:
         manifest = Manifest.from_json(data)
-    except (KeyError, TypeError, ValueError) as error:
-        raise BundleError(
-            f"BUNDLE '{bundle_dir}': manifest.json is incomplete ({type(error).__name__}: {error}): re-export it"
-        ) from None
+        check_bundle_paths(bundle_dir, manifest)
+    except ManifestFieldError as error:
+        raise BundleError(f"BUNDLE '{bundle_dir}': {error}: re-export the bundle") from None
     verify_files(bundle_dir, manifest.files, verify)
     return manifest

@@ -13,15 +13,30 @@ CoreML input shapes, the manifest's I/O table and the runtime's input checks. Th
 ``image_width``    pixels
 =================  ===========================================================
 
+It also holds the typed readers with which ``manifest.json`` (untrusted input) is parsed: :class:`Fields` and the
+``as_*`` checks. Each reader raises :class:`ManifestFieldError`, whose one-line message names the field's path
+(``components.unet.inputs[0].shape[1]``), so a bad bundle is reported the same way wherever the problem lies.
+
 This module is standard-library only so that the runtime, the exporter and the targets share it.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lcm_export.errors import BundleError
+
 SYMBOLS = ("batch", "sequence", "latent_height", "latent_width", "image_height", "image_width")
+# numpy dtype names a component's tensors may have: what the exporter writes (float32, float16 for fp16 components,
+# int64 token ids) and int32 (Core ML's token ids).
+TENSOR_DTYPES = ("float32", "float16", "int64", "int32")
+MAX_DIM = 2**31 - 1  # a fixed tensor dim: int32, as TensorRT and Core ML hold them
+TENSOR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,255}")
+TENSOR_NAME_MEANING = "a tensor name (a letter or _, then letters, digits and _.:/-)"
 
 
 @dataclass(frozen=True)
@@ -47,8 +62,14 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+    def from_json(cls, data: Any, where: str = "tensor") -> TensorSpec:
+        """Read ``{"name", "dtype", "shape"}``: a tensor name, a dtype of :data:`TENSOR_DTYPES`, and a shape whose
+        entries are positive ints or symbols of :data:`SYMBOLS` (``[]`` for a scalar)."""
+        fields = Fields.of(data, where)
+        name = fields.string("name", pattern=TENSOR_NAME, meaning=TENSOR_NAME_MEANING)
+        dtype = fields.string("dtype", choices=TENSOR_DTYPES)
+        shape = tuple(as_dim(entry, entry_where) for entry_where, entry in fields.array("shape", max_length=8))
+        return cls(name, dtype, shape)
 
 
 @dataclass(frozen=True)
@@ -106,12 +127,26 @@ class ComponentSpec:
         }
 
     @classmethod
-    def from_json(cls, name: str, data: dict[str, Any]) -> ComponentSpec:
+    def from_json(cls, name: str, data: Any, where: str | None = None) -> ComponentSpec:
+        """Read a component's ``inputs``, ``outputs`` (at least one each, names unique) and ``batch_multiplier``
+        (1, or 2 for a component fed the classifier-free-guidance batch)."""
+        where = where or field_path("components", name)
+        fields = Fields.of(data, where)
+        inputs = tuple(TensorSpec.from_json(item, item_where) for item_where, item in fields.array("inputs", 1))
+        outputs = tuple(TensorSpec.from_json(item, item_where) for item_where, item in fields.array("outputs", 1))
+        seen: set[str] = set()
+        for kind, tensors in (("inputs", inputs), ("outputs", outputs)):
+            for index, tensor in enumerate(tensors):
+                if tensor.name in seen:
+                    raise ManifestFieldError(
+                        f"{fields.path(kind)}[{index}].name", f"repeats the tensor name {describe(tensor.name)}"
+                    )
+                seen.add(tensor.name)
         return cls(
             name=name,
-            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
-            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
-            batch_multiplier=int(data.get("batch_multiplier", 1)),
+            inputs=inputs,
+            outputs=outputs,
+            batch_multiplier=fields.integer("batch_multiplier", minimum=1, maximum=2),
         )
 
 
@@ -161,8 +196,23 @@ class ShapeRange:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ShapeRange:
-        return cls(tuple(data["batch"]), tuple(data["height"]), tuple(data["width"]), int(data.get("sequence", 77)))
+    def from_json(cls, data: Any, where: str = "shape range") -> ShapeRange:
+        """Read ``{"batch", "height", "width": [MIN, OPT, MAX], "sequence"}`` with 0 < MIN <= OPT <= MAX."""
+        fields = Fields.of(data, where)
+
+        def span(key: str) -> tuple[int, int, int]:
+            low, opt, high = (
+                as_int(value, value_where, minimum=1, maximum=MAX_DIM)
+                for value_where, value in fields.array(key, min_length=3, max_length=3)
+            )
+            if not low <= opt <= high:
+                raise ManifestFieldError(
+                    fields.path(key), f"must be [MIN, OPT, MAX] with MIN <= OPT <= MAX (got {[low, opt, high]})"
+                )
+            return low, opt, high
+
+        sequence = fields.integer("sequence", minimum=1, maximum=MAX_DIM, default=77)
+        return cls(span("batch"), span("height"), span("width"), sequence)
 
 
 @dataclass(frozen=True)
@@ -186,3 +236,240 @@ class ComponentProfiles:
             name: {"min": list(self.minimum[name]), "opt": list(self.optimum[name]), "max": list(self.maximum[name])}
             for name in self.minimum
         }
+
+
+# -- reading untrusted JSON --------------------------------------------------------------------------------------
+
+
+class ManifestFieldError(BundleError):
+    """A field of ``manifest.json`` is missing or invalid. ``field`` is its path, e.g. ``pipeline.guidance``.
+
+    The message is one line (values are shown JSON-quoted and shortened); :func:`load_manifest` prefixes the
+    bundle's path and suffixes what to do.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"manifest.json field {field} {problem}" if field else f"manifest.json {problem}")
+        self.field = field
+        self.problem = problem
+
+
+_MISSING: Any = object()
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def describe(value: Any) -> str:
+    """A JSON value shown in one short line: strings quoted and escaped, containers by their kind."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return f"a list of {len(value)} entries" if value else "an empty list"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    text = json.dumps(value)  # one line: newlines and control characters are escaped
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def field_path(parent: str, key: str | int) -> str:
+    """``parent.key`` for a plain key, ``parent[3]`` for a list index, ``parent["odd key"]`` otherwise."""
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    return f"{parent}[{describe(key)}]"
+
+
+def _expected_range(kind: str, minimum: float | None, maximum: float | None, above: float | None = None) -> str:
+    """``a positive integer``, ``an integer from 1 to 64``, ``a finite number above 0 and at most 100``..."""
+    if kind == "integer" and maximum is None and minimum in (0, 1):
+        return "a positive integer" if minimum == 1 else "a non-negative integer"
+    if kind == "integer" and minimum is not None and maximum is not None:
+        return f"an integer from {minimum} to {maximum}"
+    bounds = [f"above {above:g}"] if above is not None else []
+    bounds += [f"at least {minimum:g}"] if minimum is not None else []
+    bounds += [f"at most {maximum:g}"] if maximum is not None else []
+    article = "an integer" if kind == "integer" else "a finite number"
+    return " ".join([article, " and ".join(bounds)]).strip()
+
+
+def as_int(value: Any, where: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """A JSON integer (not a bool, not 2.0) within [minimum, maximum]."""
+    if type(value) is not int or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ManifestFieldError(
+            where, f"must be {_expected_range('integer', minimum, maximum)} (got {describe(value)})"
+        )
+    return value
+
+
+def as_float(
+    value: Any,
+    where: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+) -> float:
+    """A finite JSON number (an int is accepted: JSON writers may drop the ``.0``) within the bounds; ``above`` is
+    an exclusive minimum."""
+    try:
+        number = float(value) if type(value) in (int, float) else math.nan
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    if (
+        not math.isfinite(number)
+        or (minimum is not None and number < minimum)
+        or (maximum is not None and number > maximum)
+        or (above is not None and number <= above)
+    ):
+        expected = _expected_range("number", minimum, maximum, above)
+        raise ManifestFieldError(where, f"must be {expected} (got {describe(value)})")
+    return number
+
+
+def as_bool(value: Any, where: str) -> bool:
+    if type(value) is not bool:
+        raise ManifestFieldError(where, f"must be true or false (got {describe(value)})")
+    return value
+
+
+def as_str(
+    value: Any,
+    where: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    pattern: re.Pattern[str] | None = None,
+    meaning: str = "a string",
+) -> str:
+    """A JSON string: one of ``choices``, or matching ``pattern`` (described to the user as ``meaning``)."""
+    if choices is not None and value not in choices:
+        raise ManifestFieldError(where, f"must be one of {', '.join(choices)} (got {describe(value)})")
+    if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+        raise ManifestFieldError(where, f"must be {meaning} (got {describe(value)})")
+    return value
+
+
+def as_object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestFieldError(where, f"must be an object (got {describe(value)})")
+    return value
+
+
+def as_list(value: Any, where: str, *, min_length: int = 0, max_length: int | None = None) -> list[Any]:
+    if not isinstance(value, list):
+        raise ManifestFieldError(where, f"must be a list (got {describe(value)})")
+    if len(value) < min_length or (max_length is not None and len(value) > max_length):
+        if min_length == max_length:
+            count = f"exactly {min_length}"
+        elif max_length is None:
+            count = f"at least {min_length}"
+        else:
+            count = f"{min_length} to {max_length}"
+        raise ManifestFieldError(where, f"must be a list of {count} entries (got {len(value)})")
+    return value
+
+
+def as_dim(value: Any, where: str) -> int | str:
+    """One entry of a symbolic shape: a positive int or a symbol of :data:`SYMBOLS`."""
+    if isinstance(value, str) and value in SYMBOLS:
+        return value
+    if type(value) is int and 1 <= value <= MAX_DIM:
+        return value
+    raise ManifestFieldError(
+        where, f"must be a positive integer or one of {', '.join(SYMBOLS)} (got {describe(value)})"
+    )
+
+
+@dataclass(frozen=True)
+class Fields:
+    """A JSON object at a field path, read one key at a time with the ``as_*`` checks.
+
+    A reader raises :class:`ManifestFieldError` naming ``where.key`` when the key is missing (unless a ``default``
+    is given, returned as is) or its value is not what the reader expects. Keys nobody reads are ignored: a newer
+    exporter may add information an older runtime does not need (a change of meaning bumps the format version).
+    """
+
+    data: dict[str, Any]
+    where: str
+
+    @classmethod
+    def of(cls, value: Any, where: str) -> Fields:
+        return cls(as_object(value, where), where)
+
+    def path(self, key: str | int) -> str:
+        return field_path(self.where, key)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if default is _MISSING:
+            raise ManifestFieldError(self.path(key), "is missing")
+        return default
+
+    def integer(
+        self,
+        key: str,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
+        nullable: bool = False,
+        default: Any = _MISSING,
+    ) -> Any:
+        if key not in self.data and default is not _MISSING:
+            return default
+        value = self.get(key)
+        if value is None and nullable:
+            return None
+        try:
+            return as_int(value, self.path(key), minimum=minimum, maximum=maximum)
+        except ManifestFieldError as error:
+            if not nullable:
+                raise
+            raise ManifestFieldError(error.field, error.problem.replace("must be ", "must be null or ", 1)) from None
+
+    def number(
+        self,
+        key: str,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+        above: float | None = None,
+        nullable: bool = False,
+        default: Any = _MISSING,
+    ) -> Any:
+        if key not in self.data and default is not _MISSING:
+            return default
+        value = self.get(key)
+        if value is None and nullable:
+            return None
+        try:
+            return as_float(value, self.path(key), minimum=minimum, maximum=maximum, above=above)
+        except ManifestFieldError as error:
+            if not nullable:
+                raise
+            raise ManifestFieldError(error.field, error.problem.replace("must be ", "must be null or ", 1)) from None
+
+    def boolean(self, key: str) -> bool:
+        return as_bool(self.get(key), self.path(key))
+
+    def string(
+        self,
+        key: str,
+        *,
+        choices: tuple[str, ...] | None = None,
+        pattern: re.Pattern[str] | None = None,
+        meaning: str = "a string",
+    ) -> str:
+        return as_str(self.get(key), self.path(key), choices=choices, pattern=pattern, meaning=meaning)
+
+    def object(self, key: str, default: Any = _MISSING) -> Fields:
+        value = self.get(key, default)
+        return Fields.of(value, self.path(key))
+
+    def array(self, key: str, min_length: int = 0, max_length: int | None = None) -> list[tuple[str, Any]]:
+        """The list at ``key`` as (field path, item) pairs."""
+        where = self.path(key)
+        items = as_list(self.get(key), where, min_length=min_length, max_length=max_length)
+        return [(field_path(where, index), item) for index, item in enumerate(items)]
