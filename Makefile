@@ -62,4 +62,4 @@ lock:
 	mv $(LOCK).new $(LOCK)
 
 clean:
-	rm -rf build $(VENV) $(LATEST_VENV) .pytest_cache
+	rm -rf build $(VENV) $(LATEST_VENV) .venv-optimum .pytest_cache

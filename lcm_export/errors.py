@@ -32,17 +32,14 @@ def check_no_conflicting_distribution() -> None:
     """
     import importlib.metadata
 
-    try:
-        other = importlib.metadata.distribution("lcm-export")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    summary = other.metadata.get("Summary") or ""
-    if "Latent Consistency" in summary:  # this project installed under its old distribution name
-        return
-    raise UserError(
-        f"the unrelated package 'lcm-export' {other.version} ({summary.strip() or 'not this project'}) is installed "
-        "here and uses the same module name lcm_export: pip uninstall lcm-export, then reinstall lcm-edge"
-    )
+    for other in importlib.metadata.distributions(name="lcm-export"):
+        summary = other.metadata.get("Summary") or ""
+        if "Latent Consistency" in summary:  # this project, installed under its old distribution name
+            continue
+        raise UserError(
+            f"the unrelated package 'lcm-export' {other.version} ({summary.strip() or 'not this project'}) is "
+            "installed here and uses the same module name lcm_export: pip uninstall lcm-export, then reinstall lcm-edge"
+        )
 
 
 def run_cli(main, argv=None) -> int:

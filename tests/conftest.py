@@ -62,7 +62,7 @@ def diffusers_images(
     noise: list[np.ndarray],
     *,
     steps: int = 4,
-    guidance: float = 8.0,
+    guidance: float | None = None,  # None: diffusers' own default (the bundle's default must equal it)
     num_images_per_prompt: int = 1,
     negative_prompt: str | list[str] | None = None,
     pipeline=None,
@@ -77,11 +77,12 @@ def diffusers_images(
     pipeline.set_progress_bar_config(disable=True)
     kwargs = dict(
         num_inference_steps=steps,
-        guidance_scale=guidance,
         num_images_per_prompt=num_images_per_prompt,
         latents=torch.from_numpy(latents),
         output_type="np",
     )
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
     if negative_prompt is not None:
         kwargs["negative_prompt"] = negative_prompt
     with fixed_scheduler_noise(noise), torch.no_grad():
@@ -119,3 +120,16 @@ def tiny_lcm_pipeline(tiny_lcm_dir):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(str(tiny_lcm_dir), safety_checker=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg_bundle(tmp_path_factory) -> Path:
+    """A classifier-free-guidance bundle: a tiny base SD with one random LoRA fused (LCM-LoRA's shape)."""
+    from lcm_export.exporter.bundle import LoraSource
+    from lcm_export.exporter.tiny import build_tiny_lora
+
+    base = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-base"), TinyPipelineConfig(kind="sd"))
+    lora = build_tiny_lora(
+        tmp_path_factory.mktemp("cfg-lora") / "lcm.safetensors", base, rank=4, target_modules=("to_q", "to_v")
+    )
+    return export(base, tmp_path_factory.mktemp("bundles") / "tiny-cfg", loras=(LoraSource(str(lora)),))

@@ -222,7 +222,7 @@ def test_without_coremltools_the_library_preflight_names_the_extra(monkeypatch, 
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real_find_spec(name, *a)
     )
-    with pytest.raises(ExportError, match=r"pip install 'lcm-export\[coreml\]'"):
+    with pytest.raises(ExportError, match=r"pip install 'lcm-edge\[coreml\]'"):
         check_config(ExportConfig(model="unused", output=tmp_path / "out", target="coreml"))
 
 

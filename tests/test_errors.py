@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lcm_export.errors import ExportError
@@ -97,16 +98,84 @@ def test_failed_export_leaves_nothing(tiny_lcm_dir, tmp_path, monkeypatch) -> No
     no_leftovers(output)
 
 
-def test_overwrite_replaces_a_bundle_only_when_the_new_one_is_complete(tiny_lcm_dir, tmp_path, monkeypatch) -> None:
+def test_overwrite_replaces_a_bundle_only_when_the_new_one_is_complete(
+    tiny_lcm_dir, tiny_lcm_bundle, tmp_path, monkeypatch
+) -> None:
     from lcm_export.exporter import bundle
 
-    output = tmp_path / "out"
-    output.mkdir()
-    (output / "old.txt").write_text("old bundle")
+    output = shutil.copytree(tiny_lcm_bundle, tmp_path / "out")
+    before = {p.name: p.stat().st_mtime_ns for p in output.rglob("*")}
     monkeypatch.setattr(bundle, "scheduler_info", lambda *a, **k: (_ for _ in ()).throw(ExportError("boom")))
-    with pytest.raises(ExportError):
+    with pytest.raises(ExportError, match="boom"):
         bundle.export_bundle(bundle.ExportConfig(model=str(tiny_lcm_dir), output=output, quiet=True, overwrite=True))
-    assert (output / "old.txt").read_text() == "old bundle"  # untouched by the failed export
+    assert {p.name: p.stat().st_mtime_ns for p in output.rglob("*")} == before  # untouched by the failed export
+    no_leftovers(tmp_path / "elsewhere")  # and no staging folder beside it
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_overwrite_replaces_a_bundle_and_an_empty_folder(tiny_lcm_dir, tiny_lcm_bundle, tmp_path) -> None:
+    from lcm_export.exporter import bundle
+
+    old = shutil.copytree(tiny_lcm_bundle, tmp_path / "old")
+    (old / "stale.txt").write_text("from an older export")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for output in (old, empty):
+        bundle.export_bundle(bundle.ExportConfig(model=str(tiny_lcm_dir), output=output, quiet=True, overwrite=True))
+        assert (output / "manifest.json").is_file()
+    assert not (old / "stale.txt").exists()
+
+
+def test_builtin_model_leaves_no_temporary_folder(tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    from lcm_export.exporter import bundle
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    bundle.export_bundle(bundle.ExportConfig(model="builtin:tiny-lcm", output=tmp_path / "out", quiet=True))
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert list(scratch.iterdir()) == []
+
+
+def test_default_guidance_recorded_per_family(tiny_lcm_bundle, tiny_cfg_bundle) -> None:
+    from lcm_export.runtime.manifest import load_manifest
+
+    assert load_manifest(tiny_lcm_bundle).pipeline.default_guidance_scale == 8.5  # diffusers' LCM pipeline default
+    assert load_manifest(tiny_cfg_bundle).pipeline.default_guidance_scale == 1.0  # LCM-LoRA: no CFG by default
+
+
+def test_default_guidance_is_the_bundles(tiny_lcm_bundle) -> None:
+    from lcm_export.runtime import Pipeline
+
+    pipe = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    default = pipe("a cat", seed=3, num_inference_steps=2).images
+    assert np.array_equal(default, pipe("a cat", seed=3, num_inference_steps=2, guidance_scale=8.5).images)
+    assert not np.array_equal(default, pipe("a cat", seed=3, num_inference_steps=2, guidance_scale=8.0).images)
+
+
+def test_non_finite_stage_output_is_an_error_naming_the_stage(tiny_lcm_bundle) -> None:
+    from lcm_export.errors import NonFiniteError, UserError
+    from lcm_export.runtime import Pipeline
+
+    pipe = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    for stage, pattern in (("vae_decoder", "the VAE decoder"), ("unet", r"the U-Net at step 1 \(timestep 999\)")):
+        session = pipe.sessions[stage]
+        original = session.run
+
+        def poisoned(feeds, original=original):
+            outputs = original(feeds)
+            return {name: np.full_like(value, np.nan) for name, value in outputs.items()}
+
+        session.run = poisoned
+        try:
+            with pytest.raises(NonFiniteError, match=pattern):
+                pipe("a cat", seed=0)
+        finally:
+            session.run = original
+    with pytest.raises(UserError, match="latents contain NaN"):
+        pipe("a cat", latents=np.full((1, 4, 8, 8), np.nan, np.float32))
 
 
 def test_height_the_vae_cannot_take(tiny_lcm_bundle, tmp_path) -> None:
@@ -185,3 +254,26 @@ def test_hub_id_without_network(tmp_path, monkeypatch) -> None:
     output = tmp_path / "out"
     assert_one_line_error(export_cli("nobody/no-such-lcm", "--output", output), "nobody/no-such-lcm", "hub")
     no_leftovers(output)
+
+
+def test_the_unrelated_lcm_export_package_is_named(tmp_path) -> None:
+    """The registry's `lcm-export` (an LCM log exporter) installs a module `lcm_export` too: both commands stop."""
+    import os
+
+    site = tmp_path / "site"
+    info = site / "lcm_export-1.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: lcm-export\nVersion: 1.0.1\n"
+        "Summary: Exports lcm log files to Matlab .mat and Python pickle .pkl files.\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(site)}
+    for module in ("lcm_export.runtime.cli", "lcm_export.exporter.cli"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, str(tmp_path), "a cat", "--output", str(tmp_path / "x.png")],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=120,
+        )
+        assert_one_line_error(result, "'lcm-export' 1.0.1", "Exports lcm log files", "pip uninstall lcm-export")

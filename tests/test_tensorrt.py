@@ -559,7 +559,7 @@ def test_version_mismatch_is_one_line_user_error() -> None:
     message = str(caught.value)
     assert "\n" not in message and "unet/model.plan" in message
     assert "TensorRT-RTX 1.7.1.116" in message and "1.8.0.12 is installed" in message and "re-export" in message
-    with pytest.raises(UserError, match=r"not installed: pip install 'lcm-export\[tensorrt\]'"):
+    with pytest.raises(UserError, match=r"not installed: pip install 'lcm-edge\[tensorrt\]'"):
         trt_backend.check_engine_version(LABEL, "rtx", "1.7.1.116", None)
     with pytest.raises(UserError, match="pip install tensorrt"):
         trt_backend.check_engine_version(LABEL, "tensorrt", "10.13.0.35", None)

@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lcm_export.errors import ExportError
 from lcm_export.exporter.components import build_components
+from lcm_export.exporter.ecosystem import TOKENIZER_LIBRARY_CLASS, write_tokenizer
 from lcm_export.exporter.loading import LoadedPipeline, attach_tiny_vae, load_pipeline, resolve_tiny_vae_path
 from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, validate_onnx
 from lcm_export.exporter.schedule import lcm_scheduler_from, scheduler_info
 from lcm_export.runtime.manifest import (
+    DEFAULT_GUIDANCE_SCALE,
+    FORMAT_NAME,
     MANIFEST_NAME,
     Artifact,
     Component,
@@ -33,6 +37,8 @@ from lcm_export.runtime.specs import ShapeRange
 TARGETS = ("onnx", "tensorrt", "coreml")
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+MAX_STEPS_LIMIT = 1000  # one schedule per step count up to the training timesteps; the model's own cap applies too
+OPSETS = range(14, 21)  # scaled_dot_product_attention needs 14; torch's TorchScript exporter stops at 20
 
 
 @dataclass(frozen=True)
@@ -73,16 +79,57 @@ def resolved_precision(config: ExportConfig) -> str:
     return config.precision or DEFAULT_PRECISION.get(config.target, "fp32")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_output_folder(output: Path, overwrite: bool) -> None:
+    """``--output`` must be new, or (with ``overwrite``) an lcm-export bundle or an empty folder.
+
+    ``--overwrite`` replaces a bundle; it never deletes a folder of other files that happens to be named there.
+    """
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ExportError(f"--output '{output}' is a file: pass a folder path")
+    if not overwrite:
+        raise ExportError(f"--output '{output}' already exists: pass --overwrite or another folder")
+    entries = sorted(path.name for path in output.iterdir())
+    if not entries:
+        return
+    try:
+        is_bundle = json.loads((output / MANIFEST_NAME).read_text()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        is_bundle = False
+    if not is_bundle:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ExportError(
+            f"--output '{output}' is not an lcm-export bundle (it holds {shown}): --overwrite only replaces a "
+            "bundle or an empty folder; pass another folder"
+        )
+
+
 def check_config(config: ExportConfig) -> None:
     """Reject bad options before any model is loaded."""
     if config.target not in TARGETS:
         raise ExportError(f"--target {config.target}: pick one of {', '.join(TARGETS)}")
     if resolved_precision(config) not in PRECISIONS:
         raise ExportError(f"--precision {config.precision}: pick one of {', '.join(PRECISIONS)}")
-    if config.output.exists() and not config.overwrite:
-        raise ExportError(f"--output '{config.output}' already exists: pass --overwrite or another folder")
-    if config.output.exists() and not config.output.is_dir():
-        raise ExportError(f"--output '{config.output}' is a file: pass a folder path")
+    if not _is_int(config.max_steps) or not 1 <= config.max_steps <= MAX_STEPS_LIMIT:
+        raise ExportError(
+            f"--max-steps {config.max_steps}: pass an integer from 1 to {MAX_STEPS_LIMIT} (schedules for 1..N "
+            "steps are precomputed; 8 is the default)"
+        )
+    if not _is_int(config.opset) or config.opset not in OPSETS:
+        raise ExportError(
+            f"--opset {config.opset}: pick one from {OPSETS[0]} to {OPSETS[-1]} (default {DEFAULT_OPSET})"
+        )
+    for name, values in (("batch", config.batch), ("height", config.height), ("width", config.width)):
+        if values is None:
+            continue
+        if len(values) != 3 or not all(_is_int(v) for v in values) or not 0 < values[0] <= values[1] <= values[2]:
+            raise ExportError(f"--{name} {values}: pass an integer or MIN:OPT:MAX with 0 < MIN <= OPT <= MAX")
+    check_output_folder(config.output, config.overwrite)
     unknown = [name for name in config.components if name not in DEFAULT_COMPONENTS]
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(unknown)}: pick from {', '.join(DEFAULT_COMPONENTS)}")
@@ -132,7 +179,7 @@ def _progress(items: list[str], quiet: bool, description: str):
 def _write_ecosystem_files(loaded: LoadedPipeline, staging: Path, config: ExportConfig) -> None:
     """Tokenizer, scheduler config, per-component config.json and model_index.json, laid out like optimum."""
     pipeline = loaded.pipeline
-    pipeline.tokenizer.save_pretrained(str(staging / "tokenizer"))
+    write_tokenizer(pipeline.tokenizer, staging / "tokenizer")  # loadable by transformers 4.x and 5.x
     scheduler = lcm_scheduler_from(pipeline.scheduler.config)
     scheduler.save_pretrained(str(staging / "scheduler"))
     vae = loaded.bundle_vae  # the pipeline's AutoencoderKL, or the --tiny-vae AutoencoderTiny
@@ -142,12 +189,16 @@ def _write_ecosystem_files(loaded: LoadedPipeline, staging: Path, config: Export
         "vae_decoder": dict(vae.config),
         "vae_encoder": dict(vae.config),
     }
+    # "_name_or_path" is the exporting machine's local path: not the bundle's to carry (and without it the same
+    # model exports to the same bytes).
     for name in config.components:
         (staging / name).mkdir(parents=True, exist_ok=True)
-        (staging / name / "config.json").write_text(json.dumps(configs[name], indent=2, default=str) + "\n")
-    index = {key: value for key, value in dict(pipeline.config).items()}
+        component_config = {key: value for key, value in configs[name].items() if key != "_name_or_path"}
+        (staging / name / "config.json").write_text(json.dumps(component_config, indent=2, default=str) + "\n")
+    index = {key: value for key, value in dict(pipeline.config).items() if key != "_name_or_path"}
     index["_class_name"] = type(pipeline).__name__
     index["scheduler"] = ["diffusers", "LCMScheduler"]
+    index["tokenizer"] = list(TOKENIZER_LIBRARY_CLASS)
     for drop in ("vae", "safety_checker", "feature_extractor", "image_encoder"):
         index.pop(drop, None)
     index["vae_decoder"] = ["diffusers", type(vae).__name__]
@@ -202,28 +253,38 @@ def export_bundle(config: ExportConfig) -> Manifest:
     if config.quiet:
         _silence_library_progress()
     output = config.output
+    created = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    succeeded = False
     try:
-        manifest = _export_into(config, staging)
+        with tempfile.TemporaryDirectory(prefix="lcm-export-") as scratch:  # built-in models are built here
+            manifest = _export_into(config, staging, Path(scratch))
         if output.exists():
             retired = output.parent / f".{output.name}.old-{os.getpid()}"
             output.rename(retired)
             shutil.rmtree(retired, ignore_errors=True)
         staging.rename(output)
+        succeeded = True
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not succeeded:
+            for folder in created:  # the folders this export made for its output, deepest first, while empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
-def _export_into(config: ExportConfig, staging: Path) -> Manifest:
+def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest:
     loras: list[dict[str, Any]] = []
     if config.loras:
         from lcm_export.exporter.lora import check_lora_sources
 
         check_lora_sources(config.loras)
-    loaded = load_pipeline(config.model, has_loras=bool(config.loras))
+    loaded = load_pipeline(config.model, has_loras=bool(config.loras), workdir=scratch)
     if config.loras:
         from lcm_export.exporter.lora import fuse_loras
 
@@ -274,6 +335,7 @@ def _export_into(config: ExportConfig, staging: Path) -> Manifest:
         spatial_multiple=multiple,
         default_height=default_height,
         default_width=default_height,
+        default_guidance_scale=DEFAULT_GUIDANCE_SCALE[loaded.guidance],
     )
     components = _build_target(config, staging, components, pipeline_info, loaded)
 

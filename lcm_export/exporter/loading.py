@@ -52,12 +52,16 @@ class LoadedPipeline:
         return self.pipeline.vae if self.tiny_vae is None else self.tiny_vae
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local folder for ``model``: itself, a built-in tiny model, or a hub download (where a network exists)."""
+def resolve_model_path(model: str, workdir: Path | None = None) -> Path:
+    """A local folder for ``model``: itself, a built-in tiny model, or a hub download (where a network exists).
+
+    A built-in model is built into ``workdir`` (the caller's scratch folder, removed by the caller); without one,
+    into a new temporary folder that the caller owns.
+    """
     if model in BUILTIN_MODELS:
         from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
 
-        folder = Path(tempfile.mkdtemp(prefix="lcm-export-tiny-"))
+        folder = workdir / "builtin-model" if workdir is not None else Path(tempfile.mkdtemp(prefix="lcm-export-"))
         return build_tiny_pipeline(folder, TinyPipelineConfig(kind=BUILTIN_MODELS[model]))
     path = Path(model).expanduser()
     if path.exists():
@@ -122,9 +126,9 @@ def inspect_model_folder(model: str, path: Path, has_loras: bool) -> None:
         )
 
 
-def load_pipeline(model: str, *, has_loras: bool = False) -> LoadedPipeline:
-    """Load ``model`` in fp32 on the CPU and classify it."""
-    path = resolve_model_path(model)
+def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None = None) -> LoadedPipeline:
+    """Load ``model`` in fp32 on the CPU and classify it (``workdir``: scratch space for built-in models)."""
+    path = resolve_model_path(model, workdir)
     inspect_model_folder(model, path, has_loras)
 
     import torch

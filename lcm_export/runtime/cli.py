@@ -17,7 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="text prompt")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (CFG bundles, guidance > 1)")
     parser.add_argument("--steps", type=int, default=4, help="LCM steps (default 4)")
-    parser.add_argument("--guidance", type=float, default=8.0, help="guidance scale (default 8.0)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale (default: the bundle's, 8.5 for distilled LCMs, 1.0 for LCM-LoRA)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -50,16 +55,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_writable(output: Path) -> None:
+    """Fail before any work when ``--output`` cannot be written: its nearest existing folder must take a file.
+
+    Nothing is created here: the folders are made when the image is saved.
+    """
+    import tempfile
+
+    if output.is_dir():
+        raise UserError(f"--output '{output}' is a folder: give a .png file name")
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"'{folder}' is a file")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lcm-run-check-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserError(f"--output '{output}' cannot be written ({reason}): pass a path in a writable folder") from None
+
+
 def save_images(images: np.ndarray, output: Path) -> list[Path]:
-    """Write (N, H, W, 3) floats in [0, 1] as PNG files; returns their paths."""
+    """Write (N, H, W, 3) floats in [0, 1] as PNG files; returns their paths.
+
+    Each file is written beside its final name and renamed into place, so a failure leaves no partial PNG.
+    """
     from PIL import Image
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, image in enumerate(images):
-        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
-        Image.fromarray((image * 255).round().astype(np.uint8)).save(path)
-        paths.append(path)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            path = output if len(images) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+            partial = path.with_name(f".{path.name}.partial")
+            try:
+                Image.fromarray((image * 255).round().astype(np.uint8)).save(partial, format="PNG")
+                partial.replace(path)
+            finally:
+                partial.unlink(missing_ok=True)
+            paths.append(path)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserError(
+            f"--output '{output}' could not be written ({reason}): pass a path in a writable folder"
+        ) from None
     return paths
 
 
@@ -103,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output '{args.output}': give a .png file name")
+    check_output_writable(args.output)
     if args.profile:
         return run_profile(args)
     for flag, value in (("--runs", args.runs), ("--warmup", args.warmup), ("--json", args.json)):

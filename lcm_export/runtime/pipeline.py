@@ -15,8 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from lcm_export.errors import UserError
+from lcm_export.errors import NonFiniteError, UserError
 from lcm_export.runtime.backends import BackendOptions, backend_module, choose_backend
+from lcm_export.runtime.inputs import (
+    MemoryModel,
+    check_guidance,
+    check_integer,
+    check_memory,
+    check_negative_prompt,
+    check_prompts,
+    check_seed,
+)
 from lcm_export.runtime.manifest import Manifest, load_manifest
 from lcm_export.runtime.scheduler import LCMScheduler, guidance_scale_embedding
 from lcm_export.runtime.specs import ShapeRange
@@ -57,6 +66,7 @@ class Pipeline:
         }
         self.tokenizer = PromptTokenizer(bundle_dir, manifest.tokenizers[0])
         self.scheduler = LCMScheduler(manifest.scheduler)
+        self.memory_model = MemoryModel.from_bundle(bundle_dir)
         self._prompt_cache: dict[tuple[str, ...], np.ndarray] = {}
 
     def _static_shapes(self, name: str) -> dict[str, tuple[int, ...]] | None:
@@ -133,6 +143,7 @@ class Pipeline:
             ids = self.tokenizer(prompts)  # (B, S)
             tokenize_seconds = time.perf_counter() - mark
             hidden = self._run("text_encoder", {"input_ids": ids})["last_hidden_state"]
+            _check_finite(hidden, "the text encoder")
             encode_seconds = time.perf_counter() - mark - tokenize_seconds
             if len(self._prompt_cache) >= 16:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
@@ -152,6 +163,8 @@ class Pipeline:
     def check_size(self, height: int, width: int) -> None:
         multiple = self.manifest.pipeline.spatial_multiple
         for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise UserError(f"{name}={value!r}: pass an integer multiple of {multiple}")
             if value <= 0 or value % multiple:
                 lower = max(multiple, value // multiple * multiple)
                 raise UserError(
@@ -179,7 +192,7 @@ class Pipeline:
         *,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 4,
-        guidance_scale: float = 8.0,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
@@ -188,16 +201,26 @@ class Pipeline:
         noise: list[np.ndarray] | None = None,
     ) -> PipelineOutput:
         """Generate images. ``latents`` (B*n, C, h, w) and ``noise`` (steps - 1 tensors of that shape) make
-        the run reproduce diffusers exactly; otherwise they are drawn from ``seed`` with numpy."""
+        the run reproduce diffusers exactly; otherwise they are drawn from ``seed`` with numpy.
+
+        ``guidance_scale`` defaults to the bundle's (``manifest.pipeline.default_guidance_scale``: 8.5 for a
+        distilled LCM as in diffusers, about 1-2 for LCM-LoRA). Every argument is checked before anything runs;
+        a NaN or inf coming out of a stage raises :class:`NonFiniteError` naming the stage.
+        """
         start = time.perf_counter()
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         info = self.manifest.pipeline
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise UserError("prompt is empty: pass a string or a non-empty list of strings")
+        prompts = check_prompts(prompt)
+        num_images_per_prompt = check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        num_inference_steps = check_integer("num_inference_steps", num_inference_steps, minimum=1)
+        guidance_scale = check_guidance(info.default_guidance_scale if guidance_scale is None else guidance_scale)
+        seed = check_seed(seed)
         batch = len(prompts) * num_images_per_prompt
         table = self.scheduler.table(num_inference_steps)
         use_cfg = info.guidance == "cfg" and guidance_scale > 1.0
+        negatives = check_negative_prompt(
+            negative_prompt, len(prompts), guidance_kind=info.guidance, guidance_scale=guidance_scale
+        )
 
         # 1. Shapes: from the latents when given, else from height/width (default: the model's sample size).
         if latents is not None:
@@ -208,12 +231,23 @@ class Pipeline:
                     f"latents have shape {list(latents.shape)}: expected ({batch}, {info.latent_channels}, h, w) "
                     f"for {len(prompts)} prompt(s) x {num_images_per_prompt} image(s)"
                 )
+            if not np.isfinite(latents).all():
+                raise UserError("latents contain NaN or inf: pass finite initial latents")
             height, width = latents.shape[2] * info.vae_scale_factor, latents.shape[3] * info.vae_scale_factor
-        height = height or info.default_height
-        width = width or info.default_width
+        height = info.default_height if height is None else height
+        width = info.default_width if width is None else width
         self.check_size(height, width)
         self.check_static_shape(batch, height, width)
         latent_shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
+        check_memory(
+            self.memory_model,
+            batch=batch,
+            unet_batch=batch * (2 if use_cfg else 1),
+            height=height,
+            width=width,
+            latent_height=latent_shape[2],
+            latent_width=latent_shape[3],
+        )
 
         # 2. Random draws, in diffusers' order: initial latents, then one noise tensor per step but the last.
         rng = np.random.default_rng(seed)
@@ -227,11 +261,13 @@ class Pipeline:
                 f"noise must be {num_inference_steps - 1} arrays of shape {list(latent_shape)} "
                 f"(one per step but the last); got {len(noise)}"
             )
+        elif not all(np.isfinite(n).all() for n in noise):
+            raise UserError("noise contains NaN or inf: pass finite noise tensors")
 
         # 3. Prompt encodings, repeated per image; with CFG the unconditional half comes first.
         timings["prepare"] = time.perf_counter() - start
         if use_cfg:
-            encoded = self.encode_prompts(self._negative_prompts(negative_prompt, len(prompts)) + prompts, timings)
+            encoded = self.encode_prompts(negatives + prompts, timings)
         else:
             encoded = self.encode_prompts(prompts, timings)
         hidden = np.repeat(encoded, num_images_per_prompt, axis=0)  # (B*n[*2], S, D)
@@ -252,6 +288,7 @@ class Pipeline:
             if use_cfg:
                 unconditional, conditional = np.split(prediction, 2)
                 prediction = unconditional + np.float32(guidance_scale) * (conditional - unconditional)
+            _check_finite(prediction, f"the U-Net at step {index + 1} (timestep {timestep})")
             after_unet = time.perf_counter()
             step_noise = noise[index] if index < len(noise) else None
             latents, denoised = self.scheduler.step(table, index, prediction, latents, step_noise)
@@ -263,7 +300,9 @@ class Pipeline:
         scaled = denoised / np.float32(info.vae_scaling_factor)
         if info.vae_shift_factor is not None:
             scaled = scaled + np.float32(info.vae_shift_factor)
+        _check_finite(denoised, f"the LCM step at step {len(table.timesteps)}")
         decoded = self._run("vae_decoder", {"latent_sample": scaled})["sample"]  # (B*n, 3, H, W) in [-1, 1]
+        _check_finite(decoded, "the VAE decoder")
         timings["vae_decode"] = time.perf_counter() - mark
         mark = time.perf_counter()
         images = np.clip(decoded.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)  # (B*n, H, W, 3)
@@ -272,11 +311,11 @@ class Pipeline:
         timings["total"] = time.perf_counter() - start
         return PipelineOutput(images=images, timings=timings)
 
-    @staticmethod
-    def _negative_prompts(negative_prompt: str | list[str] | None, count: int) -> list[str]:
-        if negative_prompt is None:
-            return [""] * count
-        negatives = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != count:
-            raise UserError(f"negative_prompt has {len(negatives)} entries for {count} prompt(s): pass one per prompt")
-        return negatives
+
+def _check_finite(values: np.ndarray, stage: str) -> None:
+    """A NaN or inf is an error naming the stage (fp16 overflow, an extreme guidance), never a black image."""
+    if not np.isfinite(values).all():
+        raise NonFiniteError(
+            f"{stage} produced NaN or inf values: an fp16 overflow or an extreme guidance scale; "
+            "try a lower guidance, or load with precision='fp32'"
+        )

@@ -481,7 +481,7 @@ def profile_bundle(
     height: int | None = None,
     width: int | None = None,
     steps: int = 4,
-    guidance: float = 8.0,
+    guidance: float | None = None,
     seed: int = 0,
     negative_prompt: str | None = None,
     cache_dir: str | None = None,
@@ -556,6 +556,7 @@ def profile_bundle(
             notes.append(f"the {pipe.backend} backend wrote no profile")
         notes.append("the backend profiler was on during the timed runs: its overhead is part of the timings")
     images = output.images
+    bundle_default_guidance = pipe.manifest.pipeline.default_guidance_scale
     backend_name, options = pipe.backend, dataclasses.asdict(pipe.options)
     bundle = bundle_summary(bundle_dir, pipe.manifest)
     del pipe, output
@@ -583,7 +584,7 @@ def profile_bundle(
         settings=RunSettings(
             prompt=prompt,
             steps=steps,
-            guidance=guidance,
+            guidance=float(guidance if guidance is not None else bundle_default_guidance),
             height=int(image_height),
             width=int(image_width),
             seed=seed,

@@ -1,0 +1,111 @@
+"""docs/reliability.md is the table of every bad input and fault the commands handle; this test runs each row.
+
+A row gives the command (placeholders: ``{bundle}`` a copy of the tiny LCM bundle, ``{cfg_bundle}`` a copy of a
+tiny LCM-LoRA (CFG) bundle, ``{model}`` the tiny LCM pipeline folder, ``{tmp}`` the row's own folder holding
+``notes.txt``, a file ``a-file`` and an empty folder ``folder.png``), the exit code, the exact message (``…``
+stands for text that depends on the machine, e.g. free memory) and what is on disk afterwards: ``nothing`` (no
+file at ``--output``, no partial file beside it), ``unchanged`` (what was at ``--output`` is exactly as before)
+or ``image`` (the PNG was written). The table and the commands cannot drift apart: a message changed in the code
+fails here until the document says the same.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
+COMMANDS = {"lcm-run": "lcm_export.runtime.cli", "lcm-export": "lcm_export.exporter.cli"}
+DISK_STATES = ("nothing", "unchanged", "image")
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    command: str
+    exit_code: int
+    message: str
+    on_disk: str
+
+
+def read_rows() -> list[Row]:
+    """Rows of the tables in docs/reliability.md whose command cell starts with `lcm-run` or `lcm-export`."""
+    rows = []
+    for line in DOCUMENT.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or not cells[1].startswith(("`lcm-run ", "`lcm-export ")):
+            continue
+        case, command, exit_code, message, on_disk = cells
+        rows.append(Row(case, command.strip("`"), int(exit_code), message.strip("`"), on_disk))
+    return rows
+
+
+ROWS = read_rows()
+
+
+def test_the_document_has_the_rows() -> None:
+    assert len(ROWS) >= 15, [row.case for row in ROWS]
+    assert {row.on_disk for row in ROWS} <= set(DISK_STATES)
+
+
+def message_pattern(message: str, values: dict[str, str]) -> re.Pattern:
+    parts = [re.escape(part) for part in message.format(**values).split("…")]
+    return re.compile("^" + ".+?".join(parts) + "$")
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file at or under ``path`` with its bytes (an empty folder counts as itself)."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.case for row in ROWS])
+def test_row(row: Row, tiny_lcm_bundle, tiny_cfg_bundle, tiny_lcm_dir, tmp_path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    values = {"tmp": str(work), "model": str(tiny_lcm_dir)}
+    if "{bundle}" in row.command:
+        values["bundle"] = str(shutil.copytree(tiny_lcm_bundle, tmp_path / "bundle"))
+    if "{cfg_bundle}" in row.command:
+        values["cfg_bundle"] = str(shutil.copytree(tiny_cfg_bundle, tmp_path / "cfg-bundle"))
+    (work / "notes.txt").write_text("my notes")  # a user's file, for the rows about --overwrite
+    (work / "a-file").write_text("not a folder")
+    (work / "folder.png").mkdir()
+    arguments = shlex.split(row.command.format(**values))
+    output = Path(arguments[arguments.index("--output") + 1]) if "--output" in arguments else None
+    before = snapshot(output) if output is not None and output.exists() else None
+
+    environment = {**os.environ, "TMPDIR": str(tmp_path)}  # what a run leaves in the temp folder is checked too
+    result = subprocess.run(
+        [sys.executable, "-m", COMMANDS[arguments[0]], *arguments[1:]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
+
+    assert result.returncode == row.exit_code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("error:", "warning:"))]
+    assert len(lines) == 1, result.stderr
+    assert message_pattern(row.message, values).match(lines[0]), (lines[0], row.message)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(("lcm-export-", "tmp"))]
+    assert not leftovers, leftovers  # no temporary folder left behind (built-in models are built in one)
+    if row.on_disk == "image":
+        assert output is not None and output.is_file() and output.stat().st_size > 0
+    elif row.on_disk == "unchanged":
+        assert output is not None and snapshot(output) == before
+    else:
+        assert output is None or not output.exists()
+    if output is not None and output.parent.is_dir():
+        partial = [p.name for p in output.parent.iterdir() if ".partial" in p.name or p.name.startswith(".lcm-")]
+        assert not partial, partial
