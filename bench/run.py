@@ -6,8 +6,8 @@
 Stages, each skipped when its output already exists in the work folder (``--work-dir``, default
 ``~/.cache/lcm-export/bench``): the random SD1.5-shaped pipeline and TAESD-shaped AutoencoderTiny
 (``bench/models.py``); two bundles exported with ``lcm-export`` (full VAE, and ``--tiny-vae``), each export timed
-with its peak RSS in its own process; optimum-intel in its own venv (``bench/.venv-optimum``, created here with
-torch pinned to the CPU build) and its OpenVINO IR export of the same pipeline.
+with its peak RSS in its own process; optimum-intel in its own venv (``bench/.venv-optimum``, installed here from
+``constraints/bench-optimum-intel.txt``) and its OpenVINO IR export of the same pipeline.
 
 Then, per image size: every engine is first loaded alone with an empty compile cache (first load; one warm-up run
 measures its memory), then loaded again for the timed runs (second load, warm cache). Engines whose memory fits
@@ -24,6 +24,7 @@ Writes ``RESULTS.md`` (tables, ratios against the issue's targets, the exact com
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -41,9 +42,15 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 WORKER = BENCH_DIR / "worker.py"
 OPTIMUM_VENV = BENCH_DIR / ".venv-optimum"
+# Every package of that venv pinned exactly (`--relock-optimum` rewrites it); the venv is reused while the marker
+# file in it holds the hash of the lock and the requirements, and is otherwise built again from scratch.
+OPTIMUM_LOCK = REPO_DIR / "constraints" / "bench-optimum-intel.txt"
+OPTIMUM_MARKER = "lcm-export-lock.sha256"
 # One pip command (torch pinned: an unpinned one pulls a multi-GB CUDA build); torchvision is then removed (the
 # registry's build does not import on CPU torch; optimum-intel's export and inference work without it).
 OPTIMUM_REQUIREMENTS = ["torch==2.13.0", "torchvision==0.28.*", "optimum-intel[openvino,diffusers]"]
+OPTIMUM_REMOVED = ["torchvision"]
+OPTIMUM_PROBE = "import openvino; from optimum.intel import OVLatentConsistencyModelPipeline"
 PROMPT = "a photo of a lighthouse on a cliff at dusk, detailed, round {round}"
 GIGABYTE = 1e9
 
@@ -190,16 +197,88 @@ def optimum_python() -> str:
     return str(OPTIMUM_VENV / "bin" / "python")
 
 
+def _optimum_pip(*args: str) -> str:
+    # The lock alone decides this venv's versions: a PIP_CONSTRAINT set for our own venv would clash with it.
+    environment = {name: value for name, value in os.environ.items() if name != "PIP_CONSTRAINT"}
+    command = [optimum_python(), "-m", "pip", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-30:])
+        raise SystemExit(f"error: {shlex.join(command)} failed (exit {result.returncode}):\n{tail}")
+    return result.stdout
+
+
+def _pins(lines: list[str]) -> dict[str, str]:
+    """``name==version`` lines (comments, blanks and pip itself skipped) keyed by the normalised name."""
+    pins = {}
+    for line in lines:
+        name, _, version = line.split("#", 1)[0].strip().partition("==")
+        name = name.strip().lower().replace("_", "-").replace(".", "-")
+        if version and name != "pip":  # pip comes with the venv, from the Python that made it
+            pins[name] = version.strip()
+    return pins
+
+
+def _optimum_lock_hash() -> str:
+    return hashlib.sha256(OPTIMUM_LOCK.read_bytes() + shlex.join(OPTIMUM_REQUIREMENTS).encode()).hexdigest()
+
+
+def _install_optimum(constraints: Path | None) -> list[str]:
+    """A fresh venv with OPTIMUM_REQUIREMENTS in one pip command; its ``pip freeze`` before OPTIMUM_REMOVED go."""
+    shutil.rmtree(OPTIMUM_VENV, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(OPTIMUM_VENV)], check=True)
+    lock = ["--constraint", str(constraints)] if constraints else []
+    _optimum_pip("install", "--quiet", "--disable-pip-version-check", *lock, *OPTIMUM_REQUIREMENTS)
+    frozen = _optimum_pip("freeze", "--all").splitlines()
+    _optimum_pip("uninstall", "--quiet", "-y", *OPTIMUM_REMOVED)
+    return frozen
+
+
+def _mark_optimum_venv() -> None:
+    """Check that optimum-intel's pipeline imports, then write the marker that lets later runs reuse the venv."""
+    probe = subprocess.run([optimum_python(), "-c", OPTIMUM_PROBE], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise SystemExit(f"error: {OPTIMUM_VENV}: `{OPTIMUM_PROBE}` failed:\n{probe.stderr.strip()[-3000:]}")
+    (OPTIMUM_VENV / OPTIMUM_MARKER).write_text(_optimum_lock_hash() + "\n")
+
+
+def ensure_optimum_venv() -> str:
+    """optimum-intel's venv with exactly OPTIMUM_LOCK's pins: reused while its marker holds the lock's hash."""
+    python, marker = optimum_python(), OPTIMUM_VENV / OPTIMUM_MARKER
+    if Path(python).exists() and marker.is_file() and marker.read_text().strip() == _optimum_lock_hash():
+        return python
+    lock = OPTIMUM_LOCK.relative_to(REPO_DIR)
+    log(f"optimum-intel: creating {OPTIMUM_VENV} (pip install -c {lock} {shlex.join(OPTIMUM_REQUIREMENTS)})")
+    started = time.perf_counter()
+    frozen, locked = _pins(_install_optimum(OPTIMUM_LOCK)), _pins(OPTIMUM_LOCK.read_text().splitlines())
+    if frozen != locked:
+        differences = [
+            f"{name} {frozen.get(name, 'missing')} (lock: {locked.get(name, 'absent')})"
+            for name in sorted(frozen.keys() | locked.keys())
+            if frozen.get(name) != locked.get(name)
+        ]
+        raise SystemExit(
+            f"error: pip freeze of {OPTIMUM_VENV} differs from {lock}: {'; '.join(differences)} "
+            "(regenerate the lock: python bench/run.py --relock-optimum)"
+        )
+    _mark_optimum_venv()
+    log(f"optimum-intel: venv ready in {time.perf_counter() - started:.0f} s")
+    return python
+
+
+def relock_optimum() -> None:
+    """Rebuild optimum-intel's venv from the newest releases (no lock) and rewrite OPTIMUM_LOCK from its freeze."""
+    log(f"optimum-intel: relocking, fresh {OPTIMUM_VENV} (pip install {shlex.join(OPTIMUM_REQUIREMENTS)})")
+    frozen = [line for line in _install_optimum(None) if _pins([line])]
+    header = OPTIMUM_LOCK.read_text().split("\n\n", 1)[0] if OPTIMUM_LOCK.is_file() else "# bench optimum-intel lock"
+    OPTIMUM_LOCK.write_text(header.rstrip("\n") + "\n\n" + "\n".join(frozen) + "\n")
+    _mark_optimum_venv()
+    log(f"optimum-intel: wrote {OPTIMUM_LOCK} ({len(frozen)} pins)")
+
+
 def setup_optimum(settings: Settings) -> dict[str, Any]:
-    """optimum-intel's venv (created once) and its OpenVINO IR export of the same pipeline (once)."""
-    python = optimum_python()
-    probe = [python, "-c", "import optimum.intel, openvino; print(openvino.__version__)"]
-    if not Path(python).exists() or subprocess.run(probe, capture_output=True).returncode != 0:
-        log(f"optimum-intel: creating {OPTIMUM_VENV} (pip install {' '.join(OPTIMUM_REQUIREMENTS)})")
-        subprocess.run([sys.executable, "-m", "venv", str(OPTIMUM_VENV)], check=True)
-        pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        subprocess.run([*pip, *OPTIMUM_REQUIREMENTS], check=True)
-        subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "-y", "torchvision"], check=True)
+    """optimum-intel's venv (from its lock, created once) and its OpenVINO IR export of the same pipeline (once)."""
+    python = ensure_optimum_venv()
     versions = subprocess.run(
         [
             python,
@@ -730,12 +809,20 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--re-export", action="store_true", help="export the bundles again (and time it)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 256 px, 2 runs, no optimum-intel")
     parser.add_argument(
+        "--relock-optimum",
+        action="store_true",
+        help=f"rebuild {OPTIMUM_VENV.name} from the newest releases, rewrite {OPTIMUM_LOCK.name} and exit",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="write RESULTS.md and the chart again from --output's results.json (adding work and matmul rate "
         "where missing), without timing anything",
     )
     args = parser.parse_args(argv)
+    if args.relock_optimum:
+        relock_optimum()
+        raise SystemExit(0)
     if args.quick:
         args.sizes, args.runs, args.no_optimum = [256], 2, True
         if args.output == BENCH_DIR:  # never overwrite the committed results with a smoke test's
