@@ -397,8 +397,9 @@ def test_predictions_match_pytorch_on_macos(static_bundle, tiny_lcm_dir):
     """Every component through the runtime backend against PyTorch fp32, over Apple's 35 dB PSNR gate."""
     import torch
 
-    from lcm_export.exporter.components import build_components, sample_inputs
+    from lcm_export.exporter.components import build_components
     from lcm_export.exporter.loading import load_pipeline
+    from lcm_export.runtime.specs import sample_inputs
 
     manifest = load_manifest(static_bundle)
     modules = build_components(load_pipeline(str(tiny_lcm_dir), has_loras=False), list(ALL_COMPONENTS))

@@ -323,9 +323,10 @@ def test_finite_mask_fills_keep_the_onnxruntime_outputs(head_size_10_dir, head_s
     (masked scores softmax to exactly 0 either way). Measured: max abs diff 0.0 on both outputs."""
     import onnxruntime
 
-    from lcm_export.exporter.components import build_components, sample_inputs
+    from lcm_export.exporter.components import build_components
     from lcm_export.exporter.loading import load_pipeline
     from lcm_export.exporter.onnx_export import export_to_onnx
+    from lcm_export.runtime.specs import sample_inputs
 
     component = build_components(load_pipeline(str(head_size_10_dir)), ["text_encoder"])["text_encoder"]
     assert component.finite_mask_fills

@@ -33,9 +33,8 @@ from lcm_export.runtime.manifest import (
     file_entry,
 )
 from lcm_export.runtime.specs import ShapeRange
+from lcm_export.targets import BuildRequest, get_target
 
-TARGETS = ("onnx", "tensorrt", "coreml")
-PRECISIONS = ("fp32", "fp16")
 DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 MAX_STEPS_LIMIT = 1000  # one schedule per step count up to the training timesteps; the model's own cap applies too
 OPSETS = range(14, 21)  # scaled_dot_product_attention needs 14; torch's TorchScript exporter stops at 20
@@ -72,11 +71,9 @@ class ExportConfig:
     target_options: dict[str, Any] = field(default_factory=dict)  # per-target settings (TensorRT, CoreML)
 
 
-DEFAULT_PRECISION = {"onnx": "fp32", "tensorrt": "fp16", "coreml": "fp16"}
-
-
 def resolved_precision(config: ExportConfig) -> str:
-    return config.precision or DEFAULT_PRECISION.get(config.target, "fp32")
+    """The precision asked for, else the target's default (fp32 for ONNX, fp16 for engines and Core ML)."""
+    return config.precision or get_target(config.target).default_precision
 
 
 def _is_int(value: Any) -> bool:
@@ -111,10 +108,9 @@ def check_output_folder(output: Path, overwrite: bool) -> None:
 
 def check_config(config: ExportConfig) -> None:
     """Reject bad options before any model is loaded."""
-    if config.target not in TARGETS:
-        raise ExportError(f"--target {config.target}: pick one of {', '.join(TARGETS)}")
-    if resolved_precision(config) not in PRECISIONS:
-        raise ExportError(f"--precision {config.precision}: pick one of {', '.join(PRECISIONS)}")
+    target = get_target(config.target)  # an unknown target is a one-line error
+    if resolved_precision(config) not in target.precisions:
+        raise ExportError(f"--precision {config.precision}: pick one of {', '.join(target.precisions)}")
     if not _is_int(config.max_steps) or not 1 <= config.max_steps <= MAX_STEPS_LIMIT:
         raise ExportError(
             f"--max-steps {config.max_steps}: pass an integer from 1 to {MAX_STEPS_LIMIT} (schedules for 1..N "
@@ -135,14 +131,7 @@ def check_config(config: ExportConfig) -> None:
         raise ExportError(f"unknown component(s) {', '.join(unknown)}: pick from {', '.join(DEFAULT_COMPONENTS)}")
     if config.tiny_vae is not None:
         resolve_tiny_vae_path(config.tiny_vae)  # a wrong --tiny-vae fails before the pipeline is loaded
-    if config.target == "tensorrt":
-        from lcm_export.targets.tensorrt import preflight
-
-        preflight(config)  # TensorRT installed, flavour and options valid: before the model is loaded
-    if config.target == "coreml":
-        from lcm_export.targets.coreml import preflight as coreml_preflight
-
-        coreml_preflight(config)  # coremltools installed and options valid: before the model is loaded
+    target.preflight(config.target_options)  # installed, options valid: before the model is loaded
 
 
 def engine_shape_range(config: ExportConfig, info: PipelineInfo, sequence: int) -> ShapeRange:
@@ -337,7 +326,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         default_width=default_height,
         default_guidance_scale=DEFAULT_GUIDANCE_SCALE[loaded.guidance],
     )
-    components = _build_target(config, staging, components, pipeline_info, loaded)
+    components = _build_target(config, staging, components, pipeline_info, loaded, tokenizer.max_length)
 
     files = tuple(
         file_entry(staging, path)
@@ -365,14 +354,21 @@ def _build_target(
     components: dict[str, Component],
     pipeline_info: PipelineInfo,
     loaded: LoadedPipeline,
+    sequence: int,
 ) -> dict[str, Component]:
-    """Turn the checked ONNX files into the target's artifacts (the ONNX target keeps them as they are)."""
-    if config.target == "onnx":
-        return components
-    if config.target == "tensorrt":
-        from lcm_export.targets.tensorrt import build_bundle_engines
-
-        return build_bundle_engines(config, staging, components, pipeline_info)
-    from lcm_export.targets.coreml import build_bundle_mlpackages
-
-    return build_bundle_mlpackages(config, staging, components, pipeline_info, loaded)
+    """Hand the checked ONNX files (and, for targets that convert from torch, the modules) to the target."""
+    target = get_target(config.target)
+    request = BuildRequest(
+        staging=staging,
+        components=components,
+        pipeline=pipeline_info,
+        shape_range=engine_shape_range(config, pipeline_info, sequence),
+        options=config.target_options,
+        modules=(
+            {name: c.module for name, c in build_components(loaded, list(components)).items()}
+            if target.needs_modules
+            else {}
+        ),
+        quiet=config.quiet,
+    )
+    return target.build(request)

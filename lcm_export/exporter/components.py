@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from lcm_export.exporter.loading import LoadedPipeline
 from lcm_export.runtime.specs import ComponentSpec, TensorSpec
 
@@ -218,18 +216,3 @@ def build_components(loaded: LoadedPipeline, names: list[str]) -> dict[str, Expo
     """The exportable components of ``loaded``, in ``names`` order."""
     builders = COMPONENT_BUILDERS if loaded.tiny_vae is None else {**COMPONENT_BUILDERS, **TINY_VAE_BUILDERS}
     return {name: builders[name](loaded) for name in names}
-
-
-def sample_inputs(spec: ComponentSpec, values: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic sample inputs for tracing and validation, shaped by ``values`` of the spec's symbols."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for tensor in spec.inputs:
-        shape = tensor.concrete_shape(values)
-        if tensor.name == "input_ids":
-            feeds[tensor.name] = rng.integers(0, 1000, size=shape).astype(tensor.dtype)  # any vocab has 1000 ids
-        elif tensor.name == "timestep":
-            feeds[tensor.name] = np.array(499.0, dtype=tensor.dtype)
-        else:
-            feeds[tensor.name] = rng.standard_normal(shape).astype(tensor.dtype)
-    return feeds

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from lcm_export.errors import ExportError
-from lcm_export.exporter.components import ExportableComponent, sample_inputs
-from lcm_export.runtime.specs import ComponentSpec
+from lcm_export.exporter.components import ExportableComponent
+from lcm_export.runtime.specs import ComponentSpec, sample_inputs
 
 DEFAULT_OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf cannot hold more than 2 GB in one file

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from lcm_export.errors import BundleError
+from lcm_export.runtime.cache import cache_root
 from lcm_export.runtime.specs import (
     MAX_DIM,
     TENSOR_NAME,
@@ -900,10 +901,7 @@ class _VerifiedCache:
     """
 
     def __init__(self) -> None:
-        root = os.environ.get("LCM_EXPORT_CACHE_DIR") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lcm-export"
-        )
-        self.path = Path(root) / "verified-files.json"
+        self.path = cache_root() / "verified-files.json"
         try:
             self.entries: dict[str, list] = json.loads(self.path.read_text())
         except (OSError, ValueError):

@@ -473,3 +473,20 @@ class Fields:
         where = self.path(key)
         items = as_list(self.get(key), where, min_length=min_length, max_length=max_length)
         return [(field_path(where, index), item) for index, item in enumerate(items)]
+
+
+def sample_inputs(spec: ComponentSpec, values: dict[str, int], seed: int = 0) -> dict[str, Any]:
+    """Deterministic sample inputs for tracing and validation, shaped by ``values`` of the spec's symbols."""
+    import numpy as np  # this module is otherwise standard-library only
+
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, Any] = {}
+    for tensor in spec.inputs:
+        shape = tensor.concrete_shape(values)
+        if tensor.name == "input_ids":
+            feeds[tensor.name] = rng.integers(0, 1000, size=shape).astype(tensor.dtype)  # any vocab has 1000 ids
+        elif tensor.name == "timestep":
+            feeds[tensor.name] = np.array(499.0, dtype=tensor.dtype)
+        else:
+            feeds[tensor.name] = rng.standard_normal(shape).astype(tensor.dtype)
+    return feeds

@@ -7,14 +7,14 @@ with torch 2.13. Compute precision follows the exported spec: fp16 components co
 int64 (``input_ids`` are int32) and no rank-0 inputs (``timestep`` is ``(1,)``). Both are recorded in the
 artifact (``coreml_inputs`` / ``coreml_outputs``) and undone by the runtime backend.
 
-Shapes come from the same spec and :func:`engine_shape_range` as the TensorRT profiles. Every dim whose min and
-max agree is static (the default, and what Core ML runs fastest, on the Neural Engine too); every other dim is a
-bounded ``RangeDim``, which Core ML may keep off the Neural Engine. A component fed the CFG batch keeps a batch
-range of 1-2x even in a static export, because guidance <= 1 runs it at 1x. Multi-input ``EnumeratedShapes``
-(the Neural-Engine-friendly alternative) need iOS 18 and are not used. A flexible model whose conversion fails is
-a one-line :class:`ExportError` rather than a silent static fallback: a bundle must take the shapes it was asked
-for. Flexible models capture GroupNorm through :func:`group_norm_decomposition`, which coremltools can convert at
-a symbolic batch size.
+Shapes come from the same spec and shape range (``BuildRequest.shape_range``) as the TensorRT profiles. Every dim
+whose min and max agree is static (the default, and what Core ML runs fastest, on the Neural Engine too); every
+other dim is a bounded ``RangeDim``, which Core ML may keep off the Neural Engine. A component fed the CFG batch
+keeps a batch range of 1-2x even in a static export, because guidance <= 1 runs it at 1x. Multi-input
+``EnumeratedShapes`` (the Neural-Engine-friendly alternative) need iOS 18 and are not used. A flexible model whose
+conversion fails is a one-line :class:`ExportError` rather than a silent static fallback: a bundle must take the
+shapes it was asked for. Flexible models capture GroupNorm through :func:`group_norm_decomposition`, which
+coremltools can convert at a symbolic batch size.
 
 After saving, each package's spec is read back and its I/O names, dtypes and shapes are checked against the
 component spec, which is what Linux can check. On macOS each package also runs on sample inputs and is compared
@@ -35,24 +35,21 @@ import platform
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from lcm_export import DISTRIBUTION
 from lcm_export.errors import ExportError
 from lcm_export.runtime.backends.coreml import ARTIFACT_FORMAT, CoreMLTensor, adapt_feeds, outputs_by_spec_name
 from lcm_export.runtime.manifest import Artifact, Component, PipelineInfo
-from lcm_export.runtime.specs import ComponentSpec, ShapeRange, TensorSpec
+from lcm_export.runtime.specs import ComponentSpec, ShapeRange, TensorSpec, sample_inputs
+from lcm_export.targets import BuildRequest, Target
 
-if TYPE_CHECKING:
-    from lcm_export.exporter.bundle import ExportConfig
-    from lcm_export.exporter.components import ExportableComponent
-    from lcm_export.exporter.loading import LoadedPipeline
-
-PIP_EXTRA = "lcm-edge[coreml]"
+PIP_EXTRA = f"{DISTRIBUTION}[coreml]"
 PACKAGE_NAME = "model.mlpackage"
 # iOS 16 / macOS 13 is the first with fp16 model inputs and outputs; later targets add ops, never remove them.
 DEPLOYMENT_TARGETS = {"iOS16": "macOS13", "iOS17": "macOS14", "iOS18": "macOS15"}
@@ -87,11 +84,11 @@ class CoreMLBuildOptions:
         return cls(minimum_deployment_target=target, keep_onnx=bool(options.get("keep_onnx", False)))
 
 
-def preflight(config: ExportConfig) -> None:
+def preflight(target_options: Mapping[str, Any]) -> None:
     """Fail before the model is loaded when coremltools is missing or a Core ML option is wrong."""
     if importlib.util.find_spec("coremltools") is None:
         raise ExportError(f"--target coreml needs coremltools: pip install '{PIP_EXTRA}'")
-    CoreMLBuildOptions.from_target_options(config.target_options)
+    CoreMLBuildOptions.from_target_options(target_options)
 
 
 # -- shapes ---------------------------------------------------------------------------------------------------
@@ -222,21 +219,21 @@ def drop_alias_nodes(program: Any) -> int:
 
 
 def capture(
-    component: ExportableComponent, values: dict[str, int], dynamic_shapes: tuple[dict[int, Any] | None, ...] | None
+    spec: ComponentSpec,
+    module: Any,
+    values: dict[str, int],
+    dynamic_shapes: tuple[dict[int, Any] | None, ...] | None,
 ) -> Any:
-    """``torch.export`` the component's module on sample inputs shaped by ``values`` (the scalar timestep as (1,))."""
+    """``torch.export`` ``module`` (forward takes ``spec``'s inputs in order) on sample inputs shaped by ``values``
+    (the scalar timestep as (1,))."""
     import torch
 
-    from lcm_export.exporter.components import sample_inputs
-
-    feeds = sample_inputs(component.spec, values)
-    args = tuple(
-        torch.from_numpy(feeds[name]).reshape(feeds[name].shape or (1,)) for name in component.spec.input_names
-    )
+    feeds = sample_inputs(spec, values)
+    args = tuple(torch.from_numpy(feeds[name]).reshape(feeds[name].shape or (1,)) for name in spec.input_names)
     decompositions = {torch.ops.aten.group_norm.default: group_norm_decomposition} if dynamic_shapes else {}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch-internal deprecations and diffusers' tracer notes, not the user's
-        program = torch.export.export(component.module, args, dynamic_shapes=dynamic_shapes)
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
         program = program.run_decompositions(decompositions)
     drop_alias_nodes(program)
     return program
@@ -396,7 +393,8 @@ def psnr(reference: np.ndarray, actual: np.ndarray) -> float:
 
 
 def validate_prediction(
-    component: ExportableComponent,
+    spec: ComponentSpec,
+    module: Any,
     package: Path,
     inputs: tuple[CoreMLTensor, ...],
     outputs: tuple[CoreMLTensor, ...],
@@ -405,13 +403,10 @@ def validate_prediction(
     """macOS only: run the package and PyTorch fp32 on the same sample inputs; every output must pass the gate."""
     import torch
 
-    from lcm_export.exporter.components import sample_inputs
-
     ct = import_coremltools()
-    spec = component.spec
     feeds = sample_inputs(spec, values, seed=1)
     with torch.no_grad():
-        reference = component.module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
+        reference = module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
     expected = {name: tensor.float().numpy() for name, tensor in zip(spec.output_names, reference, strict=True)}
     model = ct.models.MLModel(str(package))
     predicted = outputs_by_spec_name(model.predict(adapt_feeds(feeds, inputs)), outputs)
@@ -440,7 +435,7 @@ def remove_onnx(component_dir: Path) -> None:
 
 
 def build_mlpackage(
-    component: ExportableComponent,
+    module: Any,
     exported: Component,
     package: Path,
     shape_range: ShapeRange,
@@ -452,6 +447,7 @@ def build_mlpackage(
     import coremltools
 
     spec = exported.spec  # the exported dtypes: float16 for fp16 components, float32 for the VAE
+    torch_spec = spec.with_dtypes("float32")  # what the fp32 torch module takes
     values = stage_values(spec, shape_range, pipeline_info.vae_scale_factor)
     inputs, outputs = coreml_io(spec, values)
     flexible = not all(tensor.is_static for tensor in inputs)
@@ -460,9 +456,10 @@ def build_mlpackage(
     dims = export_dims(values, pipeline_info.spatial_multiple, pipeline_info.vae_scale_factor)
     try:
         program = capture(
-            component,
+            torch_spec,
+            module,
             trace_values(values, pipeline_info.spatial_multiple, pipeline_info.vae_scale_factor),
-            dynamic_shapes_for(component.spec, dims),
+            dynamic_shapes_for(torch_spec, dims),
         )
         model = convert(program, inputs, outputs, compute_precision, options, quiet)
     except Exception as error:  # the converters raise anything from AssertionError to NotImplementedError
@@ -481,7 +478,7 @@ def build_mlpackage(
     seconds = time.perf_counter() - started
     check_package(spec.name, package, inputs, outputs)
     if platform.system() == "Darwin":
-        validation = validate_prediction(component, package, inputs, outputs, values["opt"])
+        validation = validate_prediction(torch_spec, module, package, inputs, outputs, values["opt"])
     else:
         validation = {"validated": SPEC_ONLY}
     return Artifact(
@@ -501,35 +498,41 @@ def build_mlpackage(
     )
 
 
-def build_bundle_mlpackages(
-    config: ExportConfig,
-    staging: Path,
-    components: dict[str, Component],
-    pipeline_info: PipelineInfo,
-    loaded: LoadedPipeline,
-) -> dict[str, Component]:
+def build(request: BuildRequest) -> dict[str, Component]:
     """Convert every exported component to ``<component>/model.mlpackage``; drop the ONNX unless ``keep_onnx``."""
     from tqdm.auto import tqdm
 
-    from lcm_export.exporter.bundle import engine_shape_range
-    from lcm_export.exporter.components import build_components
-
-    options = CoreMLBuildOptions.from_target_options(config.target_options)
+    options = CoreMLBuildOptions.from_target_options(request.options)
     import_coremltools()  # once, quietly, before the progress bar
-    sequence = int(loaded.pipeline.tokenizer.model_max_length)
-    shape_range = engine_shape_range(config, pipeline_info, sequence)
-    modules = build_components(loaded, list(components))
     built: dict[str, Component] = {}
-    for name in tqdm(list(components), desc="convert Core ML", disable=config.quiet, unit="component"):
-        exported = components[name]
+    for name in tqdm(list(request.components), desc="convert Core ML", disable=request.quiet, unit="component"):
+        exported = request.components[name]
         artifact = build_mlpackage(
-            modules[name], exported, staging / name / PACKAGE_NAME, shape_range, pipeline_info, options, config.quiet
+            request.modules[name],
+            exported,
+            request.staging / name / PACKAGE_NAME,
+            request.shape_range,
+            request.pipeline,
+            options,
+            request.quiet,
         )
         artifacts = (
             {**exported.artifacts, ARTIFACT_FORMAT: artifact} if options.keep_onnx else {ARTIFACT_FORMAT: artifact}
         )
         built[name] = Component(spec=exported.spec, artifacts=artifacts, validation=exported.validation)
     if not options.keep_onnx:
-        for name in components:
-            remove_onnx(staging / name)
+        for name in request.components:
+            remove_onnx(request.staging / name)
     return built
+
+
+TARGET = Target(
+    name="coreml",
+    artifact_format=ARTIFACT_FORMAT,
+    default_precision="fp16",
+    precisions=("fp16", "fp32"),
+    install_hint=f"pip install '{PIP_EXTRA}'",
+    preflight=preflight,
+    build=build,
+    needs_modules=True,
+)

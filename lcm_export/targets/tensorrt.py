@@ -17,16 +17,17 @@ are cached at run time instead (the runtime backend keeps a TensorRT-RTX runtime
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lcm_export import DISTRIBUTION
 from lcm_export.errors import ExportError
 from lcm_export.runtime.backends.tensorrt import (
     FLAVOR_INSTALL,
@@ -38,11 +39,10 @@ from lcm_export.runtime.backends.tensorrt import (
     import_flavor,
     parse_compute_capability,
 )
-from lcm_export.runtime.manifest import Artifact, Component, PipelineInfo
+from lcm_export.runtime.cache import cache_root
+from lcm_export.runtime.manifest import Artifact, Component
 from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec
-
-if TYPE_CHECKING:
-    from lcm_export.exporter.bundle import ExportConfig
+from lcm_export.targets import BuildRequest, Target
 
 FLAVORS = ("auto", "tensorrt", "rtx")
 OPTIMIZATION_LEVELS = range(0, 6)
@@ -178,23 +178,15 @@ def compute_capability_targets(flavor: Flavor, requested: tuple[int, ...]) -> li
     return [valid[value] for value in requested]
 
 
-def preflight(config: ExportConfig) -> None:
+def preflight(target_options: Mapping[str, Any]) -> None:
     """Everything about ``--target tensorrt`` that can fail before the model is loaded: the options, the
     flavour (installed? a GPU for standard TensorRT?) and the compute capabilities."""
-    options = TensorRTBuildOptions.from_target_options(config.target_options)
+    options = TensorRTBuildOptions.from_target_options(target_options)
     flavor = resolve_flavor(options.flavor)
     compute_capability_targets(flavor, options.compute_capabilities)
 
 
 # -- timing cache (standard TensorRT) -------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """lcm-export's cache folder: ``$LCM_EXPORT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lcm-export`` (~/.cache)."""
-    root = os.environ.get("LCM_EXPORT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lcm-export"
-    )
-    return Path(root)
 
 
 def default_timing_cache_path(flavor: str, version: str) -> Path:
@@ -360,14 +352,6 @@ def build_engine(
     return EngineBuild(bytes(serialized), io, time.perf_counter() - start)
 
 
-def _sequence_length(staging: Path) -> int:
-    """The tokenizer's padded length (what the text encoder and U-Net are fed), as the exporter saved it."""
-    try:
-        return int(json.loads((staging / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ExportError("the tokenizer's model_max_length could not be read back for the engine profiles") from None
-
-
 def _recorded_capabilities(flavor: Flavor, requested: tuple[int, ...]) -> list[int]:
     """What the runtime checks the GPU against: RTX's targets as asked ([] = its default), or the build GPU."""
     if flavor.name == "rtx":
@@ -382,12 +366,7 @@ def _remove_onnx(staging: Path, component: Component) -> None:
         file.unlink(missing_ok=True)
 
 
-def build_bundle_engines(
-    config: ExportConfig,
-    staging: Path,
-    components: dict[str, Component],
-    pipeline_info: PipelineInfo,
-) -> dict[str, Component]:
+def build(request: BuildRequest) -> dict[str, Component]:
     """Build ``<component>/model.plan`` for every component from its checked ONNX file.
 
     Each component gets a "tensorrt" artifact whose details record the flavour, version, compute capabilities,
@@ -396,12 +375,11 @@ def build_bundle_engines(
     """
     from tqdm.auto import tqdm
 
-    from lcm_export.exporter.bundle import engine_shape_range
-
-    options = TensorRTBuildOptions.from_target_options(config.target_options)
+    staging, components, pipeline_info, quiet = request.staging, request.components, request.pipeline, request.quiet
+    options = TensorRTBuildOptions.from_target_options(request.options)
     flavor = resolve_flavor(options.flavor)
     targets = compute_capability_targets(flavor, options.compute_capabilities)
-    shape_range = engine_shape_range(config, pipeline_info, _sequence_length(staging))
+    shape_range = request.shape_range
     capabilities = _recorded_capabilities(flavor, options.compute_capabilities)
 
     timing_cache = timing_cache_path = None
@@ -409,7 +387,7 @@ def build_bundle_engines(
         timing_cache_path = options.timing_cache or default_timing_cache_path(flavor.name, flavor.version)
         cache_builder = flavor.module.Builder(collecting_logger(flavor.module))
         timing_cache, _ = load_timing_cache(cache_builder.create_builder_config(), timing_cache_path)
-    elif options.timing_cache is not None and not config.quiet:
+    elif options.timing_cache is not None and not quiet:
         tqdm.write(
             "note: --timing-cache is ignored with TensorRT-RTX (its timing caches are no-ops since 1.2); "
             "its kernels are cached at run time instead"
@@ -417,7 +395,7 @@ def build_bundle_engines(
 
     built: dict[str, Component] = {}
     progress = tqdm(
-        list(components), desc=f"build {FLAVOR_NAMES[flavor.name]} engines", disable=config.quiet, unit="component"
+        list(components), desc=f"build {FLAVOR_NAMES[flavor.name]} engines", disable=quiet, unit="component"
     )
     for name in progress:
         component = components[name]
@@ -457,3 +435,14 @@ def build_bundle_engines(
         for component in components.values():
             _remove_onnx(staging, component)
     return built
+
+
+TARGET = Target(
+    name="tensorrt",
+    artifact_format="tensorrt",
+    default_precision="fp16",
+    precisions=("fp16", "fp32"),
+    install_hint=f"pip install '{DISTRIBUTION}[tensorrt]' (TensorRT for RTX; builds without a GPU)",
+    preflight=preflight,
+    build=build,
+)

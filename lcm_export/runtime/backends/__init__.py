@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.cache import CACHE_ENVIRONMENT_VARIABLE, cache_root  # noqa: F401 (re-exported)
 
 # name -> (module, pip extra that installs it)
 BACKENDS: dict[str, tuple[str, str]] = {
@@ -117,20 +118,6 @@ def cpu_model_and_flags(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None,
         elif key in ("flags", "features") and not flags:
             flags = frozenset(value.split())
     return model, flags
-
-
-CACHE_ENVIRONMENT_VARIABLE = "LCM_EXPORT_CACHE_DIR"
-
-
-def cache_root() -> Path:
-    """lcm-export's user cache folder: ``$LCM_EXPORT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lcm-export``, else
-    ``~/.cache/lcm-export``. Backends keep compiled or optimised models in subfolders of it."""
-    import os
-
-    root = os.environ.get(CACHE_ENVIRONMENT_VARIABLE)
-    if root:
-        return Path(root).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "lcm-export"
 
 
 def backend_cache_dir(options: BackendOptions, backend: str) -> Path | None:

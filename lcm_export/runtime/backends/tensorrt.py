@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from lcm_export.errors import UserError
-from lcm_export.runtime.backends import BackendOptions, artifact_path
+from lcm_export.runtime.backends import BackendOptions, artifact_path, backend_cache_dir
 from lcm_export.runtime.manifest import Component
 from lcm_export.runtime.specs import ComponentSpec
 
@@ -313,15 +313,6 @@ def device_compute_capability(index: int) -> int:
     return int(major) * 10 + int(minor)
 
 
-def _cache_root(options: BackendOptions) -> Path:
-    root = (
-        options.cache_dir
-        or os.environ.get("LCM_EXPORT_CACHE_DIR")
-        or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lcm-export")
-    )
-    return Path(root)
-
-
 class TensorRTSession:
     """One engine, one execution context, one CUDA stream; ``run(feeds) -> outputs`` over numpy arrays.
 
@@ -391,10 +382,13 @@ class TensorRTSession:
         config = self.engine.create_runtime_config()
         if self.static and hasattr(config, "cuda_graph_strategy"):
             config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        cache_dir = backend_cache_dir(options, "tensorrt")
+        if cache_dir is None:  # caching turned off (cache_dir="")
+            return self.engine.create_execution_context(config)
         try:
             cache = config.create_runtime_cache()
             key = hashlib.sha256(plan).hexdigest()[:24]
-            self._runtime_cache_path = _cache_root(options) / f"trt-rtx-runtime-{trt.__version__}" / f"{key}.cache"
+            self._runtime_cache_path = cache_dir / f"trt-rtx-runtime-{trt.__version__}" / f"{key}.cache"
             if self._runtime_cache_path.is_file():
                 cache.deserialize(self._runtime_cache_path.read_bytes())  # False (ignored) when stale
             config.set_runtime_cache(cache)
