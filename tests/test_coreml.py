@@ -82,9 +82,8 @@ def assert_packages_match_manifest(bundle: Path, manifest: Manifest) -> None:
         inputs, outputs = package_io(package)
         assert [t["name"] for t in inputs] == component.spec.input_names
         assert [t["name"] for t in outputs] == component.spec.output_names
-        dtypes = {
-            t.name: {"int64": "int32"}.get(t.dtype, t.dtype) for t in (*component.spec.inputs, *component.spec.outputs)
-        }
+        spec = component.spec.with_dtypes(component.artifacts["mlpackage"].io_dtype)  # the variant's own dtypes
+        dtypes = {t.name: {"int64": "int32"}.get(t.dtype, t.dtype) for t in (*spec.inputs, *spec.outputs)}
         for tensor in (*inputs, *outputs):
             assert tensor["dtype"] == dtypes[tensor["name"]], (name, tensor)
         low, opt, high = (expected_shapes(manifest, name, stage) for stage in ("min", "opt", "max"))
@@ -403,7 +402,8 @@ def test_predictions_match_pytorch_on_macos(static_bundle, tiny_lcm_dir):
 
     manifest = load_manifest(static_bundle)
     modules = build_components(load_pipeline(str(tiny_lcm_dir), has_loras=False), list(ALL_COMPONENTS))
-    for name, component in manifest.components.items():
+    for name, listed in manifest.components.items():
+        component = listed.resolved(listed.artifacts["mlpackage"])  # one variant, I/O in its dtypes
         session = coreml_backend.open_session(static_bundle, component, BackendOptions(device="ALL"))
         values = ShapeRange.from_json(component.artifacts["mlpackage"].details["shapes"]).symbol_values(
             "opt", manifest.pipeline.vae_scale_factor, component.spec.batch_multiplier

@@ -167,19 +167,12 @@ def test_image_matches_diffusers(runtime, reference_pipeline, base_dir, guidance
 def test_guidance_one_runs_one_unet_call_per_image(runtime) -> None:
     """guidance <= 1 runs the U-Net on the image batch only; > 1 on the [uncond, cond] batch."""
     feeds_seen: list[int] = []
-    session = runtime.sessions["unet"]
-    original = session.run
 
-    def counting_run(feeds):
-        feeds_seen.append(feeds["sample"].shape[0])
-        return original(feeds)
+    def count(event) -> None:
+        feeds_seen.append(event.feeds["sample"].shape[0])
 
-    session.run = counting_run
-    try:
-        runtime(PROMPT, guidance_scale=1.0, num_inference_steps=2, seed=0)
-        runtime(PROMPT, guidance_scale=1.5, num_inference_steps=2, seed=0)
-    finally:
-        session.run = original
+    runtime(PROMPT, guidance_scale=1.0, num_inference_steps=2, seed=0, observer=count)
+    runtime(PROMPT, guidance_scale=1.5, num_inference_steps=2, seed=0, observer=count)
     assert feeds_seen == [1, 1, 2, 2]
 
 

@@ -8,8 +8,11 @@ changes (absolute, ``..``, ``.``, backslashes, another file of the bundle), dele
 list <-> object swaps, duplicated list entries and keys. Fields are drawn evenly, not nodes: the scheduler tables
 and the free-form records (validation reports, provenance) would otherwise take most draws.
 
-A few changes are valid edits of a manifest with another meaning, not malformed ones, so they are not drawn (see
-``LEGITIMATE_EDITS``). Mutating ``manifest.json`` leaves the other files' hashes valid (it is not in ``files``).
+The manifest is format 2: components with a list of ``variants`` (each with its ``files``, hashed in ``files``, and
+its free-form ``produced_by``) and the declared ``conditioning``. Every path field, a variant's ``files`` included,
+gets every path change. A few changes are valid edits of a manifest with another meaning, not malformed ones, so
+they are not drawn (see ``LEGITIMATE_EDITS``). Mutating ``manifest.json`` leaves the other files' hashes valid (it
+is not in ``files``). The same mutations of the manifest written back as format 1 check the upgrade on read.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_manifest import as_format_1
 
 from lcm_export.errors import BundleError
 from lcm_export.runtime import Pipeline
@@ -38,11 +42,24 @@ MUTATIONS = 240
 PROMPT = "a cat"
 STEPS = 2
 GUIDANCE = 8.5  # passed explicitly: a valid pipeline.default_guidance_scale edit must not change the fixed call
-# Subtrees whose content is free-form (reports, provenance): each counts as one field for drawing.
-FREE_FORM = ("validation", "provenance", "loras")
+# Subtrees whose content is free-form (reports, provenance, what made a variant): each counts as one field for
+# drawing.
+FREE_FORM = ("validation", "provenance", "loras", "produced_by")
 # Valid edits with another meaning: tokenizer pad id 0 (SDXL's second tokenizer pads with "!", id 0), a negative
-# VAE shift. The runtime must accept them and their image differs, so the fixed-image oracle cannot judge them.
-LEGITIMATE_EDITS = {("tokenizers[*].pad_id", "zero"), ("pipeline.vae_shift_factor", "negative")}
+# VAE shift, and no guidance_frequencies (null, or the key deleted or renamed: the runtime then computes the
+# w-embedding's frequencies in numpy, as for a format-1 bundle, which moves timestep_cond by ~1e-4 where torch's
+# float32 exp is 1 ulp off). The runtime must accept them and their image differs, so the fixed-image oracle cannot
+# judge them.
+LEGITIMATE_EDITS = {
+    ("tokenizers[*].pad_id", "zero"),
+    ("pipeline.vae_shift_factor", "negative"),
+    ("conditioning.guidance_frequencies", "null"),
+    ("conditioning.guidance_frequencies", "deleted"),
+    ("conditioning.guidance_frequencies", "renamed-key"),
+}
+# Fields that hold bundle paths and get every path change: the files' and tokenizers' paths, each variant's path and
+# the files it is made of (an unlisted one would be used without its sha256 check).
+PATH_FIELD_ENDINGS = (".path", ".files[*]")
 NodePath = tuple[Any, ...]  # keys and indices from the document root
 PATH_KINDS = ("absolute", "dot-dot", "inner-dot-dot", "dot", "backslash", "double-slash", "other-file")
 
@@ -200,7 +217,7 @@ def mutations(document: dict[str, Any], count: int, seed: int) -> list[Mutation]
             chosen[label] = Mutation(label, dumps(options[kind]))
 
     for name in fields:
-        if name.endswith(".path"):
+        if name.endswith(PATH_FIELD_ENDINGS):
             for kind in PATH_KINDS:
                 add(name, rng.choice(by_field[name]), kind)
     for _ in range(count * 50):
@@ -217,9 +234,14 @@ def fixed_call(bundle: Path) -> np.ndarray:
     return pipeline(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=0).images
 
 
-def run_fuzz(bundle: Path, workdir: Path, count: int = MUTATIONS, seed: int = SEED) -> Outcome:
-    """Apply each mutation to a copy of ``bundle`` and judge it (see the module docstring)."""
+def run_fuzz(
+    bundle: Path, workdir: Path, count: int = MUTATIONS, seed: int = SEED, document: dict[str, Any] | None = None
+) -> Outcome:
+    """Apply each mutation to a copy of ``bundle`` (whose manifest is replaced by ``document`` if given) and judge
+    it (see the module docstring)."""
     copy_dir = Path(shutil.copytree(bundle, workdir / "bundle"))
+    if document is not None:
+        (copy_dir / MANIFEST_NAME).write_text(json.dumps(document, indent=2))
     original = (copy_dir / MANIFEST_NAME).read_text()
     reference = fixed_call(copy_dir)
     outcome = Outcome()
@@ -250,23 +272,37 @@ def run_fuzz(bundle: Path, workdir: Path, count: int = MUTATIONS, seed: int = SE
     return outcome
 
 
-def test_every_mutation_is_rejected_in_one_line_or_changes_nothing(tiny_lcm_bundle, tmp_path, capsys) -> None:
-    outcome = run_fuzz(tiny_lcm_bundle, tmp_path)
+def report(capsys, name: str, outcome: Outcome) -> None:
     with capsys.disabled():
         print(
-            f"\nmanifest fuzz: {MUTATIONS} mutations, {len(outcome.rejected)} rejected with one line, "
+            f"\n{name}: {MUTATIONS} mutations, {len(outcome.rejected)} rejected with one line, "
             f"{len(outcome.same_image)} loaded with the same image, {len(outcome.failures)} failed"
         )
+
+
+def test_every_mutation_is_rejected_in_one_line_or_changes_nothing(tiny_lcm_bundle, tmp_path, capsys) -> None:
+    outcome = run_fuzz(tiny_lcm_bundle, tmp_path)
+    report(capsys, "manifest fuzz", outcome)
     assert not outcome.failures, "\n".join(outcome.failures)
     assert len(outcome.rejected) + len(outcome.same_image) == MUTATIONS
     assert len(outcome.rejected) > MUTATIONS // 2  # most mutations break the contract
+
+
+def test_every_format_1_mutation_is_rejected_in_one_line_or_changes_nothing(tiny_lcm_bundle, tmp_path, capsys) -> None:
+    """The same, on the bundle's manifest written back as format 1: the upgrade on read must leave whatever is
+    malformed for the validation to name in one line."""
+    document = as_format_1(json.loads((tiny_lcm_bundle / MANIFEST_NAME).read_text()))
+    outcome = run_fuzz(tiny_lcm_bundle, tmp_path, document=document)
+    report(capsys, "format-1 manifest fuzz", outcome)
+    assert not outcome.failures, "\n".join(outcome.failures)
+    assert len(outcome.rejected) + len(outcome.same_image) == MUTATIONS
 
 
 CLI_MUTATIONS = {
     "vae_scale_factor as a string": lambda data: data["pipeline"].update(vae_scale_factor="8"),
     "absolute files path": lambda data: data["files"][0].update(path="/etc/hostname"),
     "components as a list": lambda data: data.update(components=list(data["components"].values())),
-    "artifact outside the bundle": lambda data: data["components"]["unet"]["artifacts"]["onnx"].update(
+    "artifact outside the bundle": lambda data: data["components"]["unet"]["variants"][0].update(
         path="../other/unet/model.onnx"
     ),
 }

@@ -119,8 +119,8 @@ def test_fp16_bundle_psnr(tiny_lcm_dir, tiny_lcm_bundle, tmp_path) -> None:
     bundle16 = export(tiny_lcm_dir, tmp_path / "fp16", precision="fp16")
     runtime16 = Pipeline.load(bundle16, backend="onnxruntime")
     runtime32 = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
-    assert runtime16.manifest.components["unet"].spec.inputs[0].dtype == "float16"
-    assert runtime16.manifest.components["vae_decoder"].spec.inputs[0].dtype == "float32"  # VAE kept fp32
+    assert runtime16.manifest.components["unet"].artifacts["onnx"].io_dtype == "float16"
+    assert runtime16.manifest.components["vae_decoder"].artifacts["onnx"].io_dtype == "float32"  # VAE kept fp32
     latents, noise = random_inputs((1, 4, 16, 16), steps=4, seed=5)
     image16 = runtime16("a cat", latents=latents, noise=noise).images
     image32 = runtime32("a cat", latents=latents, noise=noise).images

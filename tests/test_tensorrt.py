@@ -81,7 +81,7 @@ def check_engines(bundle: Path, keep_onnx: bool) -> dict:
         assert artifact.details["trt_version"] == tensorrt_rtx_bindings.__version__
         assert artifact.precision == ("fp32" if name.startswith("vae") else "fp16")
         io = [trt_backend.IOTensor.from_json(entry) for entry in artifact.details["io"]]
-        spec = component.spec
+        spec = component.spec.with_dtypes(artifact.io_dtype)  # the engine variant's own dtypes
         assert [t.name for t in io if t.mode == "input"] == spec.input_names
         assert [t.name for t in io if t.mode == "output"] == spec.output_names
         for tensor in (*spec.inputs, *spec.outputs):
@@ -597,7 +597,7 @@ def test_open_session_checks_before_deserializing(rtx_bundle) -> None:
     artifact = unet.artifacts["tensorrt"]
     stale = Artifact(artifact.format, artifact.path, artifact.precision, {**artifact.details, "trt_version": "1.0.0.1"})
     with pytest.raises(UserError, match=r"built with TensorRT-RTX 1\.0\.0\.1 but TensorRT-RTX .* is installed"):
-        trt_backend.open_session(rtx_bundle, Component(unet.spec, {"tensorrt": stale}), BackendOptions())
+        trt_backend.open_session(rtx_bundle, Component(unet.spec, (stale,)), BackendOptions())
     if trt_backend.gpu_count() == 0:
         with pytest.raises(UserError, match="needs an NVIDIA GPU"):
             trt_backend.open_session(rtx_bundle, unet, BackendOptions())

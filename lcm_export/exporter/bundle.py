@@ -7,6 +7,7 @@ target. A failed or interrupted export leaves no folder that looks like a bundle
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,13 +21,14 @@ from lcm_export.exporter.components import build_components
 from lcm_export.exporter.ecosystem import TOKENIZER_LIBRARY_CLASS, write_tokenizer
 from lcm_export.exporter.loading import LoadedPipeline, attach_tiny_vae, load_pipeline, resolve_tiny_vae_path
 from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, validate_onnx
-from lcm_export.exporter.schedule import lcm_scheduler_from, scheduler_info
+from lcm_export.exporter.schedule import guidance_frequencies, lcm_scheduler_from, scheduler_info
 from lcm_export.runtime.manifest import (
     DEFAULT_GUIDANCE_SCALE,
     FORMAT_NAME,
     MANIFEST_NAME,
     Artifact,
     Component,
+    Conditioning,
     Manifest,
     PipelineInfo,
     TokenizerInfo,
@@ -208,6 +210,21 @@ def _tokenizer_info(loaded: LoadedPipeline, staging: Path) -> TokenizerInfo:
     )
 
 
+def _onnx_producer(config: ExportConfig, precision: str) -> dict[str, Any]:
+    """What made an ONNX variant: the exporter, opset and the library versions that decide its bytes."""
+    import importlib.metadata
+
+    producer: dict[str, Any] = {
+        "tool": "torch.onnx.export (TorchScript)",
+        "opset": config.opset,
+        "torch": importlib.metadata.version("torch"),
+        "checked_against": "pytorch fp32",
+    }
+    if precision == "fp16":
+        producer["fp16_conversion"] = f"onnxruntime float16 converter {importlib.metadata.version('onnxruntime')}"
+    return producer
+
+
 def _provenance(config: ExportConfig) -> dict[str, Any]:
     import importlib.metadata
 
@@ -305,10 +322,20 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
                 for out in report.failures
             )
             raise ExportError(f"{name}: the ONNX export does not match PyTorch ({details})")
-        precision = "fp16" if any(t.dtype == "float16" for t in spec.outputs) else "fp32"
+        io_dtype = "float16" if any(t.dtype == "float16" for t in spec.outputs) else "float32"
+        precision = "fp16" if io_dtype == "float16" else "fp32"
+        files = [path for path in (onnx_path, onnx_path.with_name("model.onnx_data")) if path.is_file()]
+        variant = Artifact(
+            format="onnx",
+            path=f"{name}/model.onnx",
+            precision=precision,
+            io_dtype=io_dtype,
+            files=tuple(path.relative_to(staging).as_posix() for path in files),
+            produced_by=_onnx_producer(config, precision),
+        )
         components[name] = Component(
-            spec=spec,
-            artifacts={"onnx": Artifact("onnx", f"{name}/model.onnx", precision)},
+            spec=spec.with_dtypes("float32"),  # the model's logical I/O; the variant carries its own dtype
+            variants=(variant,),
             validation={"against": "pytorch fp32", **report.to_json()},
         )
 
@@ -327,6 +354,9 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         default_guidance_scale=DEFAULT_GUIDANCE_SCALE[loaded.guidance],
     )
     components = _build_target(config, staging, components, pipeline_info, loaded, tokenizer.max_length)
+    conditioning = dataclasses.replace(
+        Conditioning.of_sd(pipeline_info), guidance_frequencies=guidance_frequencies(pipeline_info.time_cond_proj_dim)
+    )
 
     files = tuple(
         file_entry(staging, path)
@@ -343,6 +373,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         files=files,
         provenance=_provenance(config),
         loras=tuple(loras),
+        conditioning=conditioning,
     )
     manifest.write(staging)
     return manifest

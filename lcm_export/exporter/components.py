@@ -33,6 +33,8 @@ class ExportableComponent:
 
     spec: ComponentSpec
     module: Any  # torch.nn.Module with forward(*inputs in spec order) -> tuple of outputs in spec order
+    atol: float = 1e-4  # max abs error of the ONNX export against PyTorch, relative to the output's scale
+    keep_fp32: bool = False  # activations overflow in fp16 (the VAE): an fp16 export keeps this one fp32
     finite_mask_fills: bool = False
 
 
@@ -60,10 +62,11 @@ def _text_encoder(loaded: LoadedPipeline) -> ExportableComponent:
             TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),
             TensorSpec("pooler_output", "float32", ("batch", hidden)),
         ),
-        atol=1e-4,
         batch_multiplier=cfg,
     )
-    return ExportableComponent(spec, TextEncoder().eval(), finite_mask_fills=head_size % MASK_FILL_HEAD_MULTIPLE != 0)
+    return ExportableComponent(
+        spec, TextEncoder().eval(), atol=1e-4, finite_mask_fills=head_size % MASK_FILL_HEAD_MULTIPLE != 0
+    )
 
 
 def _unet(loaded: LoadedPipeline) -> ExportableComponent:
@@ -98,10 +101,9 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
         name="unet",
         inputs=tuple(inputs),
         outputs=(TensorSpec("out_sample", "float32", ("batch", config.out_channels, "latent_height", "latent_width")),),
-        atol=1e-4,
         batch_multiplier=cfg,
     )
-    return ExportableComponent(spec, UNet().eval())
+    return ExportableComponent(spec, UNet().eval(), atol=1e-4)
 
 
 def _decoder(vae: Any, *, keep_fp32: bool) -> ExportableComponent:
@@ -125,10 +127,8 @@ def _decoder(vae: Any, *, keep_fp32: bool) -> ExportableComponent:
         name="vae_decoder",
         inputs=(TensorSpec("latent_sample", "float32", ("batch", latent, "latent_height", "latent_width")),),
         outputs=(TensorSpec("sample", "float32", ("batch", vae.config.out_channels, "image_height", "image_width")),),
-        atol=3e-4,
-        keep_fp32=keep_fp32,
     )
-    return ExportableComponent(spec, VaeDecoder().eval())
+    return ExportableComponent(spec, VaeDecoder().eval(), atol=3e-4, keep_fp32=keep_fp32)
 
 
 def _vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
@@ -155,10 +155,8 @@ def _vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
         name="vae_encoder",
         inputs=(TensorSpec("sample", "float32", ("batch", vae.config.in_channels, "image_height", "image_width")),),
         outputs=(TensorSpec("latent_parameters", "float32", ("batch", 2 * latent, "latent_height", "latent_width")),),
-        atol=3e-4,
-        keep_fp32=True,
     )
-    return ExportableComponent(spec, VaeEncoder().eval())
+    return ExportableComponent(spec, VaeEncoder().eval(), atol=3e-4, keep_fp32=True)
 
 
 def _tiny_vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
@@ -194,9 +192,8 @@ def _tiny_vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
         name="vae_encoder",
         inputs=(TensorSpec("sample", "float32", ("batch", tiny.config.in_channels, "image_height", "image_width")),),
         outputs=(TensorSpec("latents", "float32", ("batch", latent, "latent_height", "latent_width")),),
-        atol=3e-4,
     )
-    return ExportableComponent(spec, TinyVaeEncoder().eval())
+    return ExportableComponent(spec, TinyVaeEncoder().eval(), atol=3e-4)
 
 
 COMPONENT_BUILDERS = {

@@ -92,7 +92,7 @@ def export_to_onnx(
                 dynamo=False,
             )
         exported_spec = spec
-        if precision == "fp16" and not spec.keep_fp32:
+        if precision == "fp16" and not component.keep_fp32:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             # The converter needs value types (e.g. to keep Resize scales fp32); infer them from the file,
@@ -285,7 +285,7 @@ def validate_onnx(
         scale = float(np.abs(expected).max())
         errors[name] = float(np.abs(expected - actual.astype(np.float32)).max())
         scales[name] = scale
-        tolerances[name] = FP16_RELATIVE_TOLERANCE * max(scale, 1.0) if fp16 else spec.atol * max(scale, 1.0)
+        tolerances[name] = FP16_RELATIVE_TOLERANCE * max(scale, 1.0) if fp16 else component.atol * max(scale, 1.0)
     return ValidationReport(
         component=spec.name,
         shapes={name: list(value.shape) for name, value in feeds.items()},

@@ -60,3 +60,19 @@ def scheduler_info(config: dict[str, Any], max_steps: int) -> SchedulerInfo:
         sample_max_value=float(scheduler.config.sample_max_value),
         config={key: value for key, value in dict(scheduler.config).items() if not key.startswith("_")},
     )
+
+
+def guidance_frequencies(time_cond_proj_dim: int | None) -> tuple[float, ...] | None:
+    """The LCM w-embedding's float32 frequencies exactly as diffusers computes them (with torch), or None.
+
+    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` multiplies w = (g - 1) * 1000 by these; numpy's
+    float32 ``exp`` is one ulp off torch's for some of them, which w magnifies to ~5e-4 in the embedding. The
+    manifest carries them so the runtime's embedding is diffusers' own.
+    """
+    if time_cond_proj_dim is None:
+        return None
+    import torch
+
+    half = time_cond_proj_dim // 2
+    exponent = torch.log(torch.tensor(10000.0)) / (half - 1)  # as LatentConsistencyModelPipeline does
+    return tuple(float(value) for value in torch.exp(torch.arange(half, dtype=torch.float32) * -exponent))

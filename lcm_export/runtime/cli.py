@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{', '.join(map(str, paths))}: {result.images.shape[2]}x{result.images.shape[1]}, "
             f"{args.steps} steps on {pipe.backend} in {timings['total']:.3f}s "
-            f"(text {timings['text_encoder']:.3f}s, U-Net {unet:.3f}s, VAE {timings['vae_decode']:.3f}s)"
+            f"(text {timings['text_encoder']:.3f}s, U-Net {unet:.3f}s, VAE {timings['vae_decode']:.3f}s); "
+            f"variants: {pipe.variant_summary()}"
         )
     return 0
 

@@ -32,11 +32,13 @@ may lack (bundles written before it existed): it then defaults to :data:`DEFAULT
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,8 @@ from lcm_export.runtime.specs import (
 )
 
 FORMAT_NAME = "lcm-export-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-component artifact variants, declared conditioning, schedules keyed by strength
+READABLE_VERSIONS = (1, 2)  # a format-1 manifest is upgraded on read (upgrade_format_1)
 MANIFEST_NAME = "manifest.json"
 HASH_CHUNK = 8 * 1024 * 1024
 
@@ -71,8 +74,14 @@ TARGETS = ("onnx", "tensorrt", "coreml")
 TARGET_FORMATS = {"onnx": "onnx", "tensorrt": "tensorrt", "coreml": "mlpackage"}  # target -> the format it runs
 ARTIFACT_SUFFIXES = {"onnx": ".onnx", "tensorrt": ".plan", "mlpackage": ".mlpackage"}
 FOLDER_FORMATS = ("mlpackage",)  # artifacts that are folders: every file inside must be listed in ``files``
-PRECISIONS = ("fp32", "fp16")
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16"}  # the dtype of every float tensor of such an artifact
+PRECISIONS = ("fp32", "fp16", "int8")  # what a variant stores (int8: quantised weights and activations)
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # what an export may be asked for (manifest "precision")
+# The float I/O dtype a variant of each precision takes by default (quantised graphs keep float32 I/O).
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
+VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # e.g. fp32, fp16, int8-qdq
+# Where the U-Net's conditioning inputs come from (runtime/conditioning.py builds each):
+CONDITIONING_SOURCES = ("text_hidden_states", "pooled_text", "guidance_embedding", "size_ids")
+EMPTY_NEGATIVE_MODES = ("encode", "zeros")  # SD encodes "", SDXL zeroes it (force_zeros_for_empty_prompt)
 FLOAT_DTYPES = ("float32", "float16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 GUIDANCE_MODES = ("embedding", "cfg")
@@ -102,6 +111,8 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 COMPONENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 STEP_COUNT = re.compile(r"[1-9][0-9]{0,3}")  # a table key: "1" .. "1000"
+# A partial-strength (img2img) table key: "4@0.5" is 4 steps at strength 0.5.
+STRENGTH_KEY = re.compile(r"([1-9][0-9]{0,3})@(0\.[0-9]{1,6})")
 COMPUTE_CAPABILITY = re.compile(r"(?:[sS][mM]_?)?(?:\d{1,2}\.\d|\d{2,3})")  # what the TensorRT backend parses
 
 
@@ -158,19 +169,49 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Artifact:
-    """One runnable form of a component: ``format`` is "onnx", "tensorrt" or "mlpackage"."""
+    """One variant of a component: a runnable form in one ``format`` ("onnx", "tensorrt", "mlpackage") and one
+    ``precision``, named (``fp32``, ``fp16``, ``int8-qdq``, ...; unique per format) so several sit side by side.
+
+    ``io_dtype`` is the dtype of its float inputs and outputs (the component's spec gives them as float32);
+    ``files`` are the bundle files it is made of (hashed in the manifest's ``files``); ``produced_by`` records what
+    made it (tool, versions, recipe); ``details`` are the format's own (engine profiles, Core ML I/O, ...).
+    """
 
     format: str
     path: str
     precision: str
-    details: dict[str, Any] = field(default_factory=dict)  # target-specific: engine flavour, profiles, ...
+    details: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # defaults to the precision
+    io_dtype: str = ""  # defaults to PRECISION_DTYPES[precision]
+    files: tuple[str, ...] = ()
+    produced_by: dict[str, Any] = field(default_factory=dict)
+    # The sha256 of each of ``files`` once the variant is resolved against a manifest (not written): cache keys.
+    digests: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.precision)
+        if not self.io_dtype:
+            object.__setattr__(self, "io_dtype", PRECISION_DTYPES.get(self.precision, "float32"))
+        if not self.files:
+            object.__setattr__(self, "files", (self.path,))
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": self.format, "path": self.path, "precision": self.precision, **self.details}
+        return {
+            "name": self.name,
+            "format": self.format,
+            "precision": self.precision,
+            "io_dtype": self.io_dtype,
+            "path": self.path,
+            "files": list(self.files),
+            "produced_by": self.produced_by,
+            **self.details,
+        }
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Artifact:
-        """Format, path (ending in the format's suffix) and precision; the other keys are the details."""
+        """Name, format, path (ending in the format's suffix), precision, I/O dtype, files and producer; the
+        other keys are the details."""
         fields = Fields.of(data, where)
         artifact_format = fields.string("format", choices=tuple(ARTIFACT_SUFFIXES))
         path = as_bundle_path(fields.get("path"), fields.path("path"))
@@ -180,41 +221,165 @@ class Artifact:
                 fields.path("path"), f"must name a {suffix} {artifact_format} artifact (got {describe(path)})"
             )
         precision = fields.string("precision", choices=PRECISIONS)
-        details = {key: value for key, value in fields.data.items() if key not in ("format", "path", "precision")}
-        return cls(artifact_format, path, precision, details)
+        name = fields.string("name", pattern=VARIANT_NAME, meaning="a lowercase name such as fp16 or int8-qdq")
+        io_dtype = fields.string("io_dtype", choices=FLOAT_DTYPES)
+        files = tuple(as_bundle_path(value, at) for at, value in fields.array("files", min_length=1))
+        if len(set(files)) != len(files):
+            raise ManifestFieldError(fields.path("files"), "repeats a path")
+        produced_by = fields.object("produced_by", default={}).data
+        known = ("name", "format", "path", "precision", "io_dtype", "files", "produced_by")
+        details = {key: value for key, value in fields.data.items() if key not in known}
+        return cls(artifact_format, path, precision, details, name, io_dtype, files, produced_by)
 
 
 @dataclass(frozen=True)
 class Component:
+    """A component's spec (float tensors as float32: the model's logical I/O) and its variants, in the
+    exporter's order of preference, plus the export's validation report."""
+
     spec: ComponentSpec
-    artifacts: dict[str, Artifact]  # format -> artifact
+    variants: tuple[Artifact, ...]
     validation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def artifacts(self) -> dict[str, Artifact]:
+        """format -> the preferred (first listed) variant of that format."""
+        preferred: dict[str, Artifact] = {}
+        for variant in self.variants:
+            preferred.setdefault(variant.format, variant)
+        return preferred
+
+    def select(self, artifact_format: str, precision: str = "auto") -> Artifact:
+        """The variant a backend running ``artifact_format`` uses for ``precision``.
+
+        A precision some variant has picks it ("int8", "fp16", "fp32"); "auto" (the device's fastest) and compute
+        hints no variant stores ("bf16") pick the exporter's preferred variant; "fp32" (parity) falls back to it
+        where the bundle has no fp32 variant of that format (an fp16 engine bundle). Anything else is a one-line
+        error naming what the bundle has.
+        """
+        of_format = [variant for variant in self.variants if variant.format == artifact_format]
+        if not of_format:
+            raise BundleError(
+                f"component '{self.spec.name}' has no {artifact_format} variant in this bundle (it has: "
+                f"{', '.join(sorted({v.format for v in self.variants}))}): pick a backend for those, or re-export"
+            )
+        for variant in of_format:
+            if variant.precision == precision or variant.name == precision:
+                return variant
+        if precision in ("auto", "bf16", "fp32") or precision not in PRECISIONS:
+            return of_format[0]
+        raise BundleError(
+            f"precision '{precision}': component '{self.spec.name}' has no {precision} {artifact_format} variant "
+            f"(it has {', '.join(v.name for v in of_format)}): pick one of those, or re-export with "
+            f"--precision {precision}"
+        )
+
+    def resolved(self, variant: Artifact, hashes: Mapping[str, str] | None = None) -> Component:
+        """This component as one backend session sees it: only ``variant``, I/O in its float dtype, and the
+        sha256 of its files from ``hashes`` (path -> sha256, the manifest's ``files``)."""
+        digests = tuple(hashes[path] for path in variant.files if path in hashes) if hashes else ()
+        chosen = dataclasses.replace(variant, digests=digests)
+        return Component(self.spec.with_dtypes(variant.io_dtype), (chosen,), self.validation)
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.spec.to_json(),
-            "artifacts": {fmt: artifact.to_json() for fmt, artifact in self.artifacts.items()},
+            "variants": [variant.to_json() for variant in self.variants],
             "validation": self.validation,
         }
 
     @classmethod
     def from_json(cls, name: str, data: Any, where: str) -> Component:
-        """The spec, at least one artifact (each under its format's key) and the free-form validation report."""
+        """The spec, at least one variant (names unique) and the free-form validation report."""
         fields = Fields.of(data, where)
         spec = ComponentSpec.from_json(name, data, where)
-        listed = fields.object("artifacts")
-        if not listed.data:
-            raise ManifestFieldError(listed.where, "must hold at least one artifact")
-        artifacts: dict[str, Artifact] = {}
-        for artifact_format, entry in listed.data.items():
-            artifact = Artifact.from_json(entry, listed.path(artifact_format))
-            if artifact.format != artifact_format:
+        variants: list[Artifact] = []
+        for at, entry in fields.array("variants", min_length=1):
+            variant = Artifact.from_json(entry, at)
+            if (variant.format, variant.name) in {(other.format, other.name) for other in variants}:
                 raise ManifestFieldError(
-                    field_path(listed.path(artifact_format), "format"),
-                    f"must equal its key {describe(artifact_format)} (got {describe(artifact.format)})",
+                    f"{at}.name", f"repeats the {variant.format} variant name {describe(variant.name)}"
                 )
-            artifacts[artifact_format] = artifact
-        return cls(spec, artifacts, fields.object("validation", default={}).data)
+            variants.append(variant)
+        return cls(spec, tuple(variants), fields.object("validation", default={}).data)
+
+
+@dataclass(frozen=True)
+class TextEncoderInfo:
+    """One text encoder of the conditioning: which component, fed by which tokenizer, and which of its outputs
+    are the hidden states (concatenated across encoders on the last axis) and the pooled embedding."""
+
+    component: str
+    tokenizer: str
+    hidden_state: str
+    pooled: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> TextEncoderInfo:
+        fields = Fields.of(data, where)
+        name_rule = {"pattern": COMPONENT_NAME, "meaning": "a name of letters, digits and _"}
+        return cls(
+            component=fields.string("component", **name_rule),
+            tokenizer=fields.string("tokenizer", **name_rule),
+            hidden_state=fields.string("hidden_state", pattern=TENSOR_NAME, meaning=TENSOR_NAME_MEANING),
+            pooled=(
+                fields.string("pooled", pattern=TENSOR_NAME, meaning=TENSOR_NAME_MEANING)
+                if fields.get("pooled", None) is not None
+                else None
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How the U-Net is conditioned, declared so the loop builds its feeds without knowing the model family.
+
+    ``unet_inputs`` maps every U-Net input but ``sample`` and ``timestep`` to a source the runtime knows
+    (:data:`CONDITIONING_SOURCES`): the text encoders' hidden states, the pooled text embedding, the LCM
+    w-embedding, or SDXL's size ids. ``empty_negative`` says how an empty negative prompt is encoded.
+    """
+
+    text_encoders: tuple[TextEncoderInfo, ...]
+    unet_inputs: dict[str, str]
+    empty_negative: str = "encode"
+    # The w-embedding's frequencies exp(-k ln(10000) / (half - 1)), k < time_cond_proj_dim // 2, as diffusers
+    # computes them in float32 (torch's exp is 1 ulp off numpy's for some k, which w up to ~1e4 magnifies):
+    # computed at export so the runtime's embedding is diffusers'. None: computed in numpy (format-1 bundles).
+    guidance_frequencies: tuple[float, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text_encoders": [encoder.to_json() for encoder in self.text_encoders],
+            "unet_inputs": dict(self.unet_inputs),
+            "empty_negative": self.empty_negative,
+            "guidance_frequencies": None if self.guidance_frequencies is None else list(self.guidance_frequencies),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "conditioning") -> Conditioning:
+        fields = Fields.of(data, where)
+        encoders = tuple(TextEncoderInfo.from_json(item, at) for at, item in fields.array("text_encoders", 1, 8))
+        inputs = fields.object("unet_inputs")
+        unet_inputs = {
+            name: as_str(value, inputs.path(name), choices=CONDITIONING_SOURCES) for name, value in inputs.data.items()
+        }
+        frequencies = None
+        if fields.get("guidance_frequencies", None) is not None:
+            frequencies = tuple(
+                as_float(value, at, above=0, maximum=1) for at, value in fields.array("guidance_frequencies", 1)
+            )
+        return cls(encoders, unet_inputs, fields.string("empty_negative", choices=EMPTY_NEGATIVE_MODES), frequencies)
+
+    @classmethod
+    def of_sd(cls, pipeline: PipelineInfo) -> Conditioning:
+        """SD 1.x/2.x: one CLIP encoder's last hidden state; the w-embedding where the U-Net takes one."""
+        inputs = {"encoder_hidden_states": "text_hidden_states"}
+        if pipeline.time_cond_proj_dim is not None:
+            inputs["timestep_cond"] = "guidance_embedding"
+        return cls((TextEncoderInfo("text_encoder", "tokenizer", "last_hidden_state"),), inputs, "encode")
 
 
 # Ranges of the table columns (diffusers' LCMScheduler): alpha_bar_t in (0, 1); c_skip(t) > 0 and c_out(t) in
@@ -308,7 +473,7 @@ _CONFIG_COPIES = (
 @dataclass(frozen=True)
 class SchedulerInfo:
     prediction_type: str  # "epsilon", "v_prediction" or "sample"
-    tables: dict[int, StepTable]  # number of steps -> table
+    tables: dict[int, StepTable]  # number of steps -> text-to-image table (strength 1)
     init_noise_sigma: float = 1.0
     clip_sample: bool = False
     clip_sample_range: float = 1.0
@@ -316,10 +481,15 @@ class SchedulerInfo:
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
     config: dict[str, Any] = field(default_factory=dict)  # the LCMScheduler config, for provenance
+    # (steps, strength < 1) -> the table of an image-to-image run at that strength (key "steps@strength")
+    partial_tables: dict[tuple[int, float], StepTable] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "tables"}
+        skip = ("tables", "partial_tables")
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in skip}
         data["tables"] = {str(steps): table.to_json() for steps, table in sorted(self.tables.items())}
+        for (steps, strength), table in sorted(self.partial_tables.items()):
+            data["tables"][strength_key(steps, strength)] = table.to_json()
         return data
 
     @classmethod
@@ -327,9 +497,11 @@ class SchedulerInfo:
         fields = Fields.of(data, where)
         config = fields.object("config")
         num_train_timesteps = config.integer("num_train_timesteps", minimum=1, maximum=MAX_TRAIN_TIMESTEPS)
+        tables, partial_tables = _read_tables(fields.object("tables"), num_train_timesteps)
         info = cls(
             prediction_type=fields.string("prediction_type", choices=PREDICTION_TYPES),
-            tables=_read_tables(fields.object("tables"), num_train_timesteps),
+            tables=tables,
+            partial_tables=partial_tables,
             init_noise_sigma=fields.number("init_noise_sigma", above=0, maximum=MAX_SCHEDULER_VALUE),
             clip_sample=fields.boolean("clip_sample"),
             clip_sample_range=fields.number("clip_sample_range", above=0, maximum=MAX_SCHEDULER_VALUE),
@@ -349,12 +521,38 @@ class SchedulerInfo:
         return info
 
 
-def _read_tables(tables: Fields, num_train_timesteps: int) -> dict[int, StepTable]:
-    """One table per step count 1..N, and across them every value a function of the timestep alone."""
+def strength_key(steps: int, strength: float) -> str:
+    """The ``tables`` key of a table: "4" at strength 1, "4@0.5" for image-to-image (strength to 6 decimals,
+    written without trailing zeros: one key per table)."""
+    rounded = round(strength, 6)
+    if rounded >= 1:
+        return str(steps)
+    if rounded <= 0:
+        raise ValueError(f"strength {strength} rounds to 0: an image-to-image table needs a strength in (0, 1]")
+    return f"{steps}@{rounded:.6f}".rstrip("0")
+
+
+def _read_tables(
+    tables: Fields, num_train_timesteps: int
+) -> tuple[dict[int, StepTable], dict[tuple[int, float], StepTable]]:
+    """One text-to-image table per step count 1..N, any image-to-image tables ("steps@strength"), and across all
+    of them every value a function of the timestep alone."""
     present: set[int] = set()
+    partial_keys: dict[str, tuple[int, float]] = {}
     for key in tables.data:
+        partial = STRENGTH_KEY.fullmatch(key)
+        if (
+            partial
+            and 1 <= int(partial.group(1)) <= MAX_SCHEDULES
+            and 0 < float(partial.group(2)) < 1
+            and strength_key(int(partial.group(1)), float(partial.group(2))) == key  # one spelling per table
+        ):
+            partial_keys[key] = (int(partial.group(1)), float(partial.group(2)))
+            continue
         if not STEP_COUNT.fullmatch(key) or int(key) > MAX_SCHEDULES:
-            raise ManifestFieldError(tables.path(key), f"is not a step count from 1 to {MAX_SCHEDULES}")
+            raise ManifestFieldError(
+                tables.path(key), f"is not a step count from 1 to {MAX_SCHEDULES} (or STEPS@STRENGTH, e.g. 4@0.5)"
+            )
         present.add(int(key))
     if not present:
         raise ManifestFieldError(tables.where, "must hold the tables for 1..N steps (it is empty)")
@@ -365,10 +563,18 @@ def _read_tables(tables: Fields, num_train_timesteps: int) -> dict[int, StepTabl
             tables.path(str(missing[0])), f"is missing: the tables cover every step count from 1 to N (here {count})"
         )
     result: dict[int, StepTable] = {}
+    partial_result: dict[tuple[int, float], StepTable] = {}
     rows: dict[int, tuple[tuple[float, ...], str]] = {}  # timestep -> (c_skip, c_out, sqrt_alpha, sqrt_beta), field
-    for steps in range(1, count + 1):
-        where = tables.path(str(steps))
-        table = StepTable.from_json(tables.get(str(steps)), where, steps)
+    keys = [(str(steps), steps, None) for steps in range(1, count + 1)]
+    keys += [(key, steps, strength) for key, (steps, strength) in partial_keys.items()]
+    for key, steps, strength in keys:
+        where = tables.path(key)
+        # An image-to-image table may run fewer steps than asked (diffusers' SD img2img slices the schedule).
+        table = StepTable.from_json(tables.get(key), where, steps if strength is None else None)
+        if len(table.timesteps) > steps:
+            raise ManifestFieldError(
+                f"{where}.timesteps", f"has {len(table.timesteps)} steps: a table for {steps} runs at most {steps}"
+            )
         for index, timestep in enumerate(table.timesteps):
             at = f"{where}.timesteps[{index}]"
             if timestep >= num_train_timesteps:
@@ -383,7 +589,10 @@ def _read_tables(tables: Fields, num_train_timesteps: int) -> dict[int, StepTabl
                     f"{rows[timestep][1]} (each is a function of the timestep)",
                 )
             rows.setdefault(timestep, (row, at))
-        result[steps] = table
+        if strength is None:
+            result[steps] = table
+        else:
+            partial_result[(steps, strength)] = table
     # alpha_bar_t and c_skip(t) decrease as t grows (float32 rounding keeps that order, not always strictly).
     ordered = sorted(rows.items())
     for (smaller, (lower, lower_at)), (timestep, (higher, at)) in itertools.pairwise(ordered):
@@ -393,7 +602,7 @@ def _read_tables(tables: Fields, num_train_timesteps: int) -> dict[int, StepTabl
                 f"is {timestep}, but its c_skip or sqrt_alpha_prod is above the one of the smaller timestep "
                 f"{smaller} at {lower_at} (both decrease as the timestep grows)",
             )
-    return result
+    return result, partial_result
 
 
 @dataclass(frozen=True)
@@ -499,15 +708,22 @@ class Manifest:
     files: tuple[FileEntry, ...]
     provenance: dict[str, Any] = field(default_factory=dict)
     loras: tuple[dict[str, Any], ...] = ()
-    format_version: int = FORMAT_VERSION
+    format_version: int = FORMAT_VERSION  # as read (a format-1 bundle reads as 1, upgraded in memory)
+    conditioning: Conditioning | None = None  # None: SD's (Conditioning.of_sd)
+
+    def __post_init__(self) -> None:
+        if self.conditioning is None:
+            object.__setattr__(self, "conditioning", Conditioning.of_sd(self.pipeline))
 
     def to_json(self) -> dict[str, Any]:
+        """Always the current format (a bundle read as format 1 is written back as format 2)."""
         return {
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": FORMAT_VERSION,
             "target": self.target,
             "precision": self.precision,
             "pipeline": self.pipeline.to_json(),
+            "conditioning": self.conditioning.to_json(),
             "scheduler": self.scheduler.to_json(),
             "tokenizers": [t.to_json() for t in self.tokenizers],
             "components": {name: c.to_json() for name, c in self.components.items()},
@@ -524,15 +740,23 @@ class Manifest:
         """
         top = Fields.of(data, "")
         top.string("format", choices=(FORMAT_NAME,))
-        format_version = top.integer("format_version", minimum=FORMAT_VERSION, maximum=FORMAT_VERSION)
+        format_version = top.integer("format_version", minimum=min(READABLE_VERSIONS), maximum=FORMAT_VERSION)
+        if format_version == 1:
+            if top.has("conditioning"):
+                raise ManifestFieldError(
+                    top.path("format_version"), "is 1, but the manifest has format 2's conditioning: say 2"
+                )
+            top = Fields.of(upgrade_format_1(top.data), "")
         target = top.string("target", choices=TARGETS)
-        precision = top.string("precision", choices=PRECISIONS)
+        precision = top.string("precision", choices=EXPORT_PRECISIONS)
         pipeline = PipelineInfo.from_json(top.get("pipeline"), top.path("pipeline"))
+        conditioning = Conditioning.from_json(top.get("conditioning"), top.path("conditioning"))
         scheduler = SchedulerInfo.from_json(top.get("scheduler"), top.path("scheduler"))
         files = _read_files(top)
         listed = {entry.path for entry in files}
         tokenizers = _read_tokenizers(top, listed)
-        components = _read_components(top, pipeline, target, precision, listed)
+        _check_conditioning(conditioning, pipeline, tokenizers, top.path("conditioning"))
+        components = _read_components(top, pipeline, conditioning, target, listed)
         loras = tuple(_read_lora(item, at).data for at, item in top.array("loras")) if top.has("loras") else ()
         return cls(
             target=target,
@@ -545,10 +769,76 @@ class Manifest:
             provenance=top.object("provenance", default={}).data,
             loras=loras,
             format_version=format_version,
+            conditioning=conditioning,
         )
 
     def write(self, bundle_dir: Path) -> None:
         (bundle_dir / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def upgrade_format_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 manifest as format 2 (in memory; the bundle's files and hashes are untouched).
+
+    Format 1 had one artifact per format (``artifacts: {format: artifact}``), float tensors in the artifacts'
+    dtype, no declared conditioning (SD's was implied) and tables keyed by step count only. Each artifact becomes
+    the variant named by its precision, made of its file (and external data) or, for a folder, the files under it;
+    the spec's float tensors become float32 with the artifact's dtype as the variant's ``io_dtype``. Whatever is
+    malformed is left for the format-2 validation to name.
+    """
+    upgraded = dict(data)
+    files = data.get("files")
+    listed = [entry.get("path") for entry in files if isinstance(entry, dict)] if isinstance(files, list) else []
+    components = data.get("components")
+    if isinstance(components, dict):
+        upgraded["components"] = {}
+        for name, entry in components.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("artifacts"), dict):
+                upgraded["components"][name] = entry
+                continue
+            entry = dict(entry)
+            tensors = [t for key in ("inputs", "outputs") if isinstance(entry.get(key), list) for t in entry[key]]
+            float_dtypes = [t.get("dtype") for t in tensors if isinstance(t, dict)]
+            io_dtype = "float16" if "float16" in float_dtypes else "float32"
+            for key in ("inputs", "outputs"):
+                if isinstance(entry.get(key), list):
+                    entry[key] = [
+                        {**t, "dtype": "float32"} if isinstance(t, dict) and t.get("dtype") in FLOAT_DTYPES else t
+                        for t in entry[key]
+                    ]
+            variants = []
+            for artifact_format, artifact in entry.pop("artifacts").items():
+                if not isinstance(artifact, dict):
+                    variants.append(artifact)
+                    continue
+                path = artifact.get("path")
+                if artifact_format in FOLDER_FORMATS and isinstance(path, str):
+                    files = [p for p in listed if isinstance(p, str) and p.startswith(f"{path}/")] or [path]
+                else:
+                    files = [p for p in (path, f"{path}_data") if p in listed] or [path]
+                variants.append(
+                    {
+                        **artifact,
+                        "name": artifact.get("precision"),
+                        "io_dtype": io_dtype,
+                        "files": files,
+                        "produced_by": {"tool": "lcm-export (bundle format 1)"},
+                    }
+                )
+            entry["variants"] = variants
+            upgraded["components"][name] = entry
+    pipeline = data.get("pipeline")
+    if isinstance(pipeline, dict):
+        inputs = {"encoder_hidden_states": "text_hidden_states"}
+        if pipeline.get("time_cond_proj_dim") is not None:
+            inputs["timestep_cond"] = "guidance_embedding"
+        upgraded["conditioning"] = {
+            "text_encoders": [
+                {"component": "text_encoder", "tokenizer": "tokenizer", "hidden_state": "last_hidden_state"}
+            ],
+            "unet_inputs": inputs,
+            "empty_negative": "encode",
+        }
+    return upgraded
 
 
 def _read_files(top: Fields) -> tuple[FileEntry, ...]:
@@ -592,7 +882,7 @@ def _unlisted(path: str) -> str:
 
 
 def _read_components(
-    top: Fields, pipeline: PipelineInfo, target: str, precision: str, listed: set[str]
+    top: Fields, pipeline: PipelineInfo, conditioning: Conditioning, target: str, listed: set[str]
 ) -> dict[str, Component]:
     entries = top.object("components")
     if not entries.data:
@@ -603,8 +893,8 @@ def _read_components(
         if name not in COMPONENT_NAMES:
             raise ManifestFieldError(where, f"is not a component this runtime knows ({', '.join(COMPONENT_NAMES)})")
         component = Component.from_json(name, entry, where)
-        _check_artifacts(component, where, pipeline, target, precision, listed)
-        _check_io(component, where, pipeline)
+        _check_variants(component, where, pipeline, target, listed)
+        _check_io(component, where, pipeline, conditioning)
         components[name] = component
     for name in RUNTIME_COMPONENTS:
         # A bundle exported without a component has no files in its folder; one whose entry was lost has.
@@ -613,60 +903,118 @@ def _read_components(
             raise ManifestFieldError(
                 entries.path(name), f"is missing although files lists {describe(orphans[0])} of it"
             )
-    text_encoder, unet = components.get("text_encoder"), components.get("unet")
-    if text_encoder is not None and unet is not None:
-        hidden = _tensor(text_encoder.spec, "last_hidden_state").shape[2]
-        context = _tensor(unet.spec, "encoder_hidden_states")
-        if context.shape[2] != hidden:
-            index = unet.spec.inputs.index(context)
-            raise ManifestFieldError(
-                f"{entries.path('unet')}.inputs[{index}].shape[2]",
-                f"must be the text encoder's hidden size, {hidden} (got {context.shape[2]})",
-            )
+    unet = components.get("unet")
+    encoders = [components.get(encoder.component) for encoder in conditioning.text_encoders]
+    if unet is not None and all(encoder is not None for encoder in encoders):
+        # The hidden states of every encoder, concatenated on the last axis, are what the U-Net attends to.
+        hidden = sum(
+            _tensor(component.spec, encoder.hidden_state).shape[2]
+            for component, encoder in zip(encoders, conditioning.text_encoders, strict=True)
+        )
+        for input_name, source in conditioning.unet_inputs.items():
+            context = _tensor(unet.spec, input_name)
+            if source == "text_hidden_states" and context.shape[2] != hidden:
+                index = unet.spec.inputs.index(context)
+                raise ManifestFieldError(
+                    f"{entries.path('unet')}.inputs[{index}].shape[2]",
+                    f"must be the text encoders' hidden size, {hidden} (got {context.shape[2]})",
+                )
     return components
 
 
-def _check_artifacts(
-    component: Component, where: str, pipeline: PipelineInfo, target: str, precision: str, listed: set[str]
+def _check_conditioning(
+    conditioning: Conditioning, pipeline: PipelineInfo, tokenizers: tuple[TokenizerInfo, ...], where: str
 ) -> None:
-    """The target's artifact is there (ONNX may be kept beside it), inside the component's folder, hashed, and all
-    artifacts share one precision that every float tensor of the spec has."""
+    """The declaration names known components and tokenizers, and its sources fit the pipeline."""
+    tokenizer_names = {tokenizer.name for tokenizer in tokenizers}
+    seen: set[str] = set()
+    for index, encoder in enumerate(conditioning.text_encoders):
+        at = f"{where}.text_encoders[{index}]"
+        if not encoder.component.startswith("text_encoder") or encoder.component not in COMPONENT_NAMES:
+            raise ManifestFieldError(
+                f"{at}.component", f"is not a text encoder component (got {describe(encoder.component)})"
+            )
+        if encoder.component in seen:
+            raise ManifestFieldError(f"{at}.component", f"repeats {describe(encoder.component)}")
+        seen.add(encoder.component)
+        if encoder.tokenizer not in tokenizer_names:
+            raise ManifestFieldError(
+                f"{at}.tokenizer", f"names no tokenizer of this bundle ({', '.join(sorted(tokenizer_names))})"
+            )
+    sources = set(conditioning.unet_inputs.values())
+    inputs_at = f"{where}.unet_inputs"
+    for name in conditioning.unet_inputs:
+        if name in ("sample", "timestep"):
+            raise ManifestFieldError(f"{inputs_at}.{name}", "is fed by the loop itself, not by the conditioning")
+    if "text_hidden_states" not in sources:
+        raise ManifestFieldError(
+            inputs_at, "must feed the text encoders' hidden states (text_hidden_states) to an input"
+        )
+    if ("guidance_embedding" in sources) != (pipeline.time_cond_proj_dim is not None):
+        raise ManifestFieldError(
+            inputs_at, "must feed guidance_embedding exactly when pipeline.time_cond_proj_dim is set (distilled LCM)"
+        )
+    frequencies = conditioning.guidance_frequencies
+    if frequencies is not None:
+        half = (pipeline.time_cond_proj_dim or 0) // 2
+        if len(frequencies) != half:
+            raise ManifestFieldError(
+                f"{where}.guidance_frequencies",
+                f"must hold time_cond_proj_dim // 2 = {half} frequencies (got {len(frequencies)})",
+            )
+    if "pooled_text" in sources and not any(encoder.pooled for encoder in conditioning.text_encoders):
+        raise ManifestFieldError(inputs_at, "feeds pooled_text, but no text encoder declares a pooled output")
+
+
+def _check_variants(component: Component, where: str, pipeline: PipelineInfo, target: str, listed: set[str]) -> None:
+    """A variant of the target's format is there (ONNX variants may sit beside it); each variant is inside the
+    component's folder and made of files the manifest hashes; the spec's float tensors are float32 (each
+    variant's own float dtype is its ``io_dtype``)."""
     name, spec = component.spec.name, component.spec
     runs = TARGET_FORMATS[target]
-    if runs not in component.artifacts:
+    if runs not in {variant.format for variant in component.variants}:
+        formats = ", ".join(sorted({variant.format for variant in component.variants}))
         raise ManifestFieldError(
-            f"{where}.artifacts",
-            f"has no {runs} artifact, which a {target} bundle runs (it has {', '.join(component.artifacts)})",
+            f"{where}.variants", f"has no {runs} variant, which a {target} bundle runs (it has {formats})"
         )
-    component_precision = component.artifacts[runs].precision
-    for artifact_format, artifact in component.artifacts.items():
-        at = f"{where}.artifacts.{artifact_format}"
-        if artifact_format not in (runs, "onnx"):
-            raise ManifestFieldError(at, f"is not an artifact of a {target} bundle ({runs}, and onnx if kept)")
-        if not artifact.path.startswith(f"{name}/"):
-            raise ManifestFieldError(f"{at}.path", f"must be inside the folder {name}/ (got {describe(artifact.path)})")
-        if artifact_format in FOLDER_FORMATS:
-            if artifact.path in listed or not any(path.startswith(f"{artifact.path}/") for path in listed):
+    for index, variant in enumerate(component.variants):
+        at = f"{where}.variants[{index}]"
+        if variant.format not in (runs, "onnx"):
+            allowed = runs if runs == "onnx" else f"{runs}, and onnx"
+            raise ManifestFieldError(f"{at}.format", f"is not a format of a {target} bundle ({allowed})")
+        if not variant.path.startswith(f"{name}/"):
+            raise ManifestFieldError(f"{at}.path", f"must be inside the folder {name}/ (got {describe(variant.path)})")
+        for file_index, path in enumerate(variant.files):
+            if path not in listed:
+                raise ManifestFieldError(f"{at}.files[{file_index}]", _unlisted(path))
+            if not (path == variant.path or path.startswith(f"{variant.path}/") or path.startswith(f"{name}/")):
+                raise ManifestFieldError(f"{at}.files[{file_index}]", f"must be inside the folder {name}/")
+        if variant.format in FOLDER_FORMATS:
+            inside = {path for path in listed if path.startswith(f"{variant.path}/")}
+            if variant.path in listed or not inside:
                 raise ManifestFieldError(f"{at}.path", "names a folder none of whose files manifest.json files lists")
-        elif artifact.path not in listed:
-            raise ManifestFieldError(f"{at}.path", _unlisted(artifact.path))
-        if artifact.precision != component_precision:
-            raise ManifestFieldError(
-                f"{at}.precision", f"must equal the {runs} artifact's, {component_precision} (got {artifact.precision})"
-            )
-        if precision == "fp32" and artifact.precision != "fp32":
-            raise ManifestFieldError(f"{at}.precision", "must be fp32 in an fp32 bundle (manifest precision)")
-        if artifact_format == "tensorrt":
-            _check_tensorrt_details(artifact, spec, pipeline, at)
-        elif artifact_format == "mlpackage":
-            _check_coreml_details(artifact, spec, at)
-    dtype = PRECISION_DTYPES[component_precision]
+            missing = sorted(inside - set(variant.files))
+            if missing:
+                raise ManifestFieldError(
+                    f"{at}.files", f"must list every file of the folder (not {describe(missing[0])})"
+                )
+        elif variant.path not in listed:
+            raise ManifestFieldError(f"{at}.path", _unlisted(variant.path))
+        elif variant.path not in variant.files:
+            raise ManifestFieldError(f"{at}.files", f"must include the variant's path {describe(variant.path)}")
+        if variant.precision == "fp32" and variant.io_dtype != "float32":
+            raise ManifestFieldError(f"{at}.io_dtype", f"must be float32 for an fp32 variant (got {variant.io_dtype})")
+        if variant.format == "tensorrt":
+            _check_tensorrt_details(variant, spec.with_dtypes(variant.io_dtype), pipeline, at)
+        elif variant.format == "mlpackage":
+            _check_coreml_details(variant, spec, at)
     for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
         for index, tensor in enumerate(tensors):
-            if tensor.dtype in FLOAT_DTYPES and tensor.dtype != dtype:
+            if tensor.dtype in FLOAT_DTYPES and tensor.dtype != "float32":
                 raise ManifestFieldError(
                     f"{where}.{kind}[{index}].dtype",
-                    f"must be {dtype}, as the component's artifacts are {component_precision} (got {tensor.dtype})",
+                    f"must be float32: the spec gives the model's float tensors as float32, each variant its own "
+                    f"io_dtype (got {tensor.dtype})",
                 )
     wanted = 2 if pipeline.guidance == "cfg" and name in ("text_encoder", "unet") else 1
     if spec.batch_multiplier != wanted:
@@ -679,21 +1027,35 @@ def _check_artifacts(
 _ANY = 0  # in an expected shape: any positive integer
 
 
-def _expected_io(name: str, pipeline: PipelineInfo) -> tuple[dict[str, tuple], dict[str, tuple]]:
+def _expected_io(
+    name: str, pipeline: PipelineInfo, conditioning: Conditioning
+) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """(inputs, outputs) name -> expected shape of what the runtime feeds and reads (``_ANY``: any size).
 
     The inputs are exactly these; the outputs at least these (the text encoder also gives ``pooler_output``).
+    The text encoders' outputs and the U-Net's conditioning inputs follow the conditioning declaration.
     """
     channels = pipeline.latent_channels
     latent = ("batch", channels, "latent_height", "latent_width")
     image = ("batch", _ANY, "image_height", "image_width")
-    if name == "text_encoder":
-        return {"input_ids": ("batch", "sequence")}, {"last_hidden_state": ("batch", "sequence", _ANY)}
+    encoders = [encoder for encoder in conditioning.text_encoders if encoder.component == name]
+    if encoders:
+        outputs = {encoders[0].hidden_state: ("batch", "sequence", _ANY)}
+        if encoders[0].pooled:
+            outputs[encoders[0].pooled] = ("batch", _ANY)
+        return {"input_ids": ("batch", "sequence")}, outputs
     if name == "unet":
-        inputs = {"sample": latent, "timestep": (), "encoder_hidden_states": ("batch", "sequence", _ANY)}
-        if pipeline.time_cond_proj_dim is not None:
-            inputs["timestep_cond"] = ("batch", pipeline.time_cond_proj_dim)
+        by_source = {
+            "text_hidden_states": ("batch", "sequence", _ANY),
+            "pooled_text": ("batch", _ANY),
+            "guidance_embedding": ("batch", pipeline.time_cond_proj_dim),
+            "size_ids": ("batch", _ANY),
+        }
+        inputs = {"sample": latent, "timestep": ()}
+        inputs.update({input_name: by_source[source] for input_name, source in conditioning.unet_inputs.items()})
         return inputs, {"out_sample": latent}
+    if name.startswith("text_encoder"):  # a text encoder the conditioning does not use
+        return {"input_ids": ("batch", "sequence")}, {}
     if name == "vae_decoder":
         return {"latent_sample": latent}, {"sample": image}
     # vae_encoder: KL's mean and log-variance (2C channels), or the tiny VAE's latents.
@@ -702,9 +1064,9 @@ def _expected_io(name: str, pipeline: PipelineInfo) -> tuple[dict[str, tuple], d
     return {"sample": image}, {"latents": latent}
 
 
-def _check_io(component: Component, where: str, pipeline: PipelineInfo) -> None:
+def _check_io(component: Component, where: str, pipeline: PipelineInfo, conditioning: Conditioning) -> None:
     spec = component.spec
-    inputs, outputs = _expected_io(spec.name, pipeline)
+    inputs, outputs = _expected_io(spec.name, pipeline, conditioning)
     if sorted(spec.input_names) != sorted(inputs):
         raise ManifestFieldError(
             f"{where}.inputs",
@@ -862,8 +1224,8 @@ def check_bundle_paths(bundle_dir: Path, manifest: Manifest) -> None:
     named = [(f"files[{index}].path", entry.path) for index, entry in enumerate(manifest.files)]
     named += [(f"tokenizers[{index}].path", tokenizer.path) for index, tokenizer in enumerate(manifest.tokenizers)]
     for name, component in manifest.components.items():
-        for artifact_format, artifact in component.artifacts.items():
-            named.append((f"components.{name}.artifacts.{artifact_format}.path", artifact.path))
+        for index, variant in enumerate(component.variants):
+            named.append((f"components.{name}.variants[{index}].path", variant.path))
     for where, path in named:
         try:
             resolved = (bundle_dir / path).resolve()
@@ -873,10 +1235,10 @@ def check_bundle_paths(bundle_dir: Path, manifest: Manifest) -> None:
             raise ManifestFieldError(where, f"leads outside the bundle folder through a symlink (got {describe(path)})")
     listed = {entry.path for entry in manifest.files}
     for name, component in manifest.components.items():
-        for artifact_format, artifact in component.artifacts.items():
-            if artifact_format not in FOLDER_FORMATS:
+        for index, artifact in enumerate(component.variants):
+            if artifact.format not in FOLDER_FORMATS:
                 continue
-            where = f"components.{name}.artifacts.{artifact_format}.path"
+            where = f"components.{name}.variants[{index}].path"
             folder = bundle_dir / artifact.path
             if not folder.is_dir():
                 raise ManifestFieldError(
@@ -992,10 +1354,11 @@ def load_manifest(bundle_dir: str | Path, verify: str = "cached") -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise BundleError(f"BUNDLE '{bundle_dir}': manifest.json is not an lcm-export manifest: re-export the bundle")
     version = data.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise BundleError(
-            f"BUNDLE '{bundle_dir}' has manifest format version {describe(version)}; this runtime reads version "
-            f"{FORMAT_VERSION}: re-export the bundle with this lcm-export, or install the matching lcm-export"
+            f"BUNDLE '{bundle_dir}' has manifest format version {describe(version)}; this runtime reads versions "
+            f"{readable}: re-export the bundle with this lcm-export, or install the matching lcm-export"
         )
     try:
         manifest = Manifest.from_json(data)

@@ -1,5 +1,10 @@
 """``Pipeline.load(bundle)(prompt, ...)``: the LCM text-to-image loop on numpy and one backend.
 
+The loop knows no model family: the text encoders it runs and the U-Net inputs it builds come from the manifest's
+conditioning declaration (:mod:`lcm_export.runtime.conditioning`), and each component runs the variant the
+backend and the requested precision select (:meth:`Component.select`; ``Pipeline.variants`` says which). An
+optional ``observer`` sees every U-Net call's inputs and outputs (calibration, previews, tests).
+
 Given the same initial latents and the same per-step noise, the result equals diffusers'
 ``LatentConsistencyModelPipeline`` (distilled LCM) or ``StableDiffusionPipeline`` with ``LCMScheduler``
 (LCM-LoRA, classifier-free guidance): the only random draws of an LCM run are the initial latents and one noise
@@ -9,6 +14,7 @@ tensor after every step but the last, and both can be passed in.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ import numpy as np
 
 from lcm_export.errors import NonFiniteError, UserError
 from lcm_export.runtime.backends import BackendOptions, backend_module, choose_backend
+from lcm_export.runtime.conditioning import TextConditioning, unet_conditioning_feeds
 from lcm_export.runtime.inputs import (
     MemoryModel,
     check_guidance,
@@ -26,8 +33,8 @@ from lcm_export.runtime.inputs import (
     check_prompts,
     check_seed,
 )
-from lcm_export.runtime.manifest import Manifest, load_manifest
-from lcm_export.runtime.scheduler import LCMScheduler, guidance_scale_embedding
+from lcm_export.runtime.manifest import Artifact, Manifest, load_manifest
+from lcm_export.runtime.scheduler import LCMScheduler
 from lcm_export.runtime.specs import ShapeRange
 from lcm_export.runtime.tokenizer import PromptTokenizer
 
@@ -44,6 +51,19 @@ class PipelineOutput:
     timings: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StepEvent:
+    """What an observer sees at each step: the U-Net's feeds and outputs as run (the CFG batch included), the
+    latents before the step and the denoised sample after it. Arrays are the loop's own: copy what you keep."""
+
+    index: int
+    timestep: int
+    feeds: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    latents: np.ndarray
+    denoised: np.ndarray
+
+
 class Pipeline:
     """A loaded bundle. Sessions are opened once; buffers and tables are reused between calls."""
 
@@ -53,21 +73,40 @@ class Pipeline:
         self.backend = backend
         self.options = options
         module = backend_module(backend)
-        needed = ["text_encoder", "unet", "vae_decoder"]
+        conditioning = manifest.conditioning
+        encoders = [encoder.component for encoder in conditioning.text_encoders]
+        needed = [*encoders, "unet", "vae_decoder"]
         missing = [name for name in needed if name not in manifest.components]
         if missing:
             raise UserError(f"BUNDLE '{bundle_dir}' has no {', '.join(missing)}: re-export it")
+        # One variant per component: the backend's format at the requested precision.
+        self.variants: dict[str, Artifact] = {
+            name: manifest.components[name].select(module.ARTIFACT_FORMAT, options.precision) for name in needed
+        }
+        by_name = {tokenizer.name: tokenizer for tokenizer in manifest.tokenizers}
+        self.tokenizers = {
+            encoder.tokenizer: PromptTokenizer(bundle_dir, by_name[encoder.tokenizer])
+            for encoder in conditioning.text_encoders
+        }
+        hashes = {entry.path: entry.sha256 for entry in manifest.files}
+        resolved = {name: manifest.components[name].resolved(self.variants[name], hashes) for name in needed}
         self.sessions = {
-            name: module.open_session(bundle_dir, manifest.components[name], options, self._static_shapes(name))
-            for name in needed
+            name: module.open_session(bundle_dir, resolved[name], options, self._static_shapes(name)) for name in needed
         }
-        self.input_dtypes = {
-            name: {t.name: np.dtype(t.dtype) for t in manifest.components[name].spec.inputs} for name in needed
-        }
-        self.tokenizer = PromptTokenizer(bundle_dir, manifest.tokenizers[0])
+        self.input_dtypes = {name: {t.name: np.dtype(t.dtype) for t in resolved[name].spec.inputs} for name in needed}
         self.scheduler = LCMScheduler(manifest.scheduler)
         self.memory_model = MemoryModel.from_bundle(bundle_dir)
-        self._prompt_cache: dict[tuple[str, ...], np.ndarray] = {}
+        self._prompt_cache: dict[tuple[str, ...], TextConditioning] = {}
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per prompt (the first text encoder's tokenizer): the ``sequence`` symbol of the specs."""
+        first = self.manifest.conditioning.text_encoders[0].tokenizer
+        return self.tokenizers[first].info.max_length
+
+    def variant_summary(self) -> str:
+        """Which variant each component runs, e.g. "text_encoder fp32, unet int8-qdq, vae_decoder fp32"."""
+        return ", ".join(f"{name} {variant.name}" for name, variant in self.variants.items())
 
     def _static_shapes(self, name: str) -> dict[str, tuple[int, ...]] | None:
         """Input shapes of ``name`` for ``options.static_shape`` (batch, height, width); None when dynamic.
@@ -79,7 +118,7 @@ class Pipeline:
         batch, height, width = self.options.static_shape
         self.check_size(height, width)
         spec = self.manifest.components[name].spec
-        values = ShapeRange.static(batch, height, width, self.manifest.tokenizers[0].max_length).symbol_values(
+        values = ShapeRange.static(batch, height, width, self.sequence_length).symbol_values(
             "opt", self.manifest.pipeline.vae_scale_factor
         )
         if spec.batch_multiplier != 1:
@@ -95,7 +134,7 @@ class Pipeline:
         precision: str = "auto",
         threads: int | None = None,
         cache_dir: str | None = None,
-        device: str = "CPU",
+        device: str = "auto",
         static_shape: tuple[int, int, int] | None = None,
         verify: str = "cached",
         profiling_dir: str | None = None,
@@ -131,23 +170,32 @@ class Pipeline:
         }
         return self.sessions[component].run(cast)
 
-    def encode_prompts(self, prompts: list[str], timings: dict[str, Any] | None = None) -> np.ndarray:
-        """Text encoder hidden states for ``prompts``: (len(prompts), S, D) float32, cached per prompt list.
+    def encode_prompts(self, prompts: list[str], timings: dict[str, Any] | None = None) -> TextConditioning:
+        """The declared text encoders' hidden states (concatenated) and pooled embedding for ``prompts``,
+        float32, cached per prompt list.
 
         ``timings`` receives ``tokenize`` and ``text_encoder`` seconds (zero when the encoding was cached).
         """
         key = tuple(prompts)
         tokenize_seconds = encode_seconds = 0.0
         if key not in self._prompt_cache:
-            mark = time.perf_counter()
-            ids = self.tokenizer(prompts)  # (B, S)
-            tokenize_seconds = time.perf_counter() - mark
-            hidden = self._run("text_encoder", {"input_ids": ids})["last_hidden_state"]
+            hidden_parts: list[np.ndarray] = []
+            pooled = None
+            for encoder in self.manifest.conditioning.text_encoders:
+                mark = time.perf_counter()
+                ids = self.tokenizers[encoder.tokenizer](prompts)  # (B, S)
+                tokenize_seconds += time.perf_counter() - mark
+                mark = time.perf_counter()
+                outputs = self._run(encoder.component, {"input_ids": ids})
+                encode_seconds += time.perf_counter() - mark
+                hidden_parts.append(outputs[encoder.hidden_state].astype(np.float32, copy=False))  # (B, S, D_i)
+                if encoder.pooled is not None:
+                    pooled = outputs[encoder.pooled].astype(np.float32, copy=False)  # (B, P)
+            hidden = hidden_parts[0] if len(hidden_parts) == 1 else np.concatenate(hidden_parts, axis=-1)
             _check_finite(hidden, "the text encoder")
-            encode_seconds = time.perf_counter() - mark - tokenize_seconds
             if len(self._prompt_cache) >= 16:
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))
-            self._prompt_cache[key] = hidden.astype(np.float32, copy=False)
+            self._prompt_cache[key] = TextConditioning(hidden, pooled)
         if timings is not None:
             timings["tokenize"] = tokenize_seconds
             timings["text_encoder"] = encode_seconds
@@ -199,13 +247,15 @@ class Pipeline:
         seed: int | None = None,
         latents: np.ndarray | None = None,
         noise: list[np.ndarray] | None = None,
+        observer: Callable[[StepEvent], None] | None = None,
     ) -> PipelineOutput:
         """Generate images. ``latents`` (B*n, C, h, w) and ``noise`` (steps - 1 tensors of that shape) make
         the run reproduce diffusers exactly; otherwise they are drawn from ``seed`` with numpy.
 
         ``guidance_scale`` defaults to the bundle's (``manifest.pipeline.default_guidance_scale``: 8.5 for a
         distilled LCM as in diffusers, about 1-2 for LCM-LoRA). Every argument is checked before anything runs;
-        a NaN or inf coming out of a stage raises :class:`NonFiniteError` naming the stage.
+        a NaN or inf coming out of a stage raises :class:`NonFiniteError` naming the stage. ``observer`` is
+        called after every step with a :class:`StepEvent` (nothing is recorded when it is None).
         """
         start = time.perf_counter()
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
@@ -264,18 +314,23 @@ class Pipeline:
         elif not all(np.isfinite(n).all() for n in noise):
             raise UserError("noise contains NaN or inf: pass finite noise tensors")
 
-        # 3. Prompt encodings, repeated per image; with CFG the unconditional half comes first.
+        # 3. Prompt encodings, repeated per image; with CFG the unconditional half comes first. A family that
+        #    zeroes an absent negative prompt (SDXL's force_zeros_for_empty_prompt) does not encode it.
         timings["prepare"] = time.perf_counter() - start
-        if use_cfg:
-            encoded = self.encode_prompts(negatives + prompts, timings)
+        conditioning = self.manifest.conditioning
+        if use_cfg and negative_prompt is None and conditioning.empty_negative == "zeros":
+            conditional = self.encode_prompts(prompts, timings)
+            text = TextConditioning.concatenate([conditional.zeros_like(), conditional])
+        elif use_cfg:
+            text = self.encode_prompts(negatives + prompts, timings)
         else:
-            encoded = self.encode_prompts(prompts, timings)
-        hidden = np.repeat(encoded, num_images_per_prompt, axis=0)  # (B*n[*2], S, D)
+            text = self.encode_prompts(prompts, timings)
+        text = text.repeat(num_images_per_prompt)  # (B*n[*2], S, D)
 
-        # 4. The w-embedding of distilled LCMs (no CFG batch): (B*n, time_cond_proj_dim).
-        feeds: dict[str, np.ndarray] = {"encoder_hidden_states": hidden}
-        if info.time_cond_proj_dim is not None:
-            feeds["timestep_cond"] = guidance_scale_embedding(guidance_scale, info.time_cond_proj_dim, hidden.shape[0])
+        # 4. The other U-Net inputs, as the manifest declares them (w-embedding, pooled text, size ids).
+        feeds = unet_conditioning_feeds(
+            conditioning, info, text, guidance_scale=guidance_scale, images=batch, height=height, width=width
+        )
 
         # 5. The LCM loop: U-Net, then the consistency step.
         denoised = latents
@@ -284,16 +339,20 @@ class Pipeline:
             model_input = np.concatenate([latents, latents]) if use_cfg else latents  # (B*n[*2], C, h, w)
             feeds["sample"] = model_input
             feeds["timestep"] = np.array(timestep, dtype=np.float32)
-            prediction = self._run("unet", feeds)["out_sample"].astype(np.float32, copy=False)
+            outputs = self._run("unet", feeds)
+            prediction = outputs["out_sample"].astype(np.float32, copy=False)
             if use_cfg:
                 unconditional, conditional = np.split(prediction, 2)
                 prediction = unconditional + np.float32(guidance_scale) * (conditional - unconditional)
             _check_finite(prediction, f"the U-Net at step {index + 1} (timestep {timestep})")
             after_unet = time.perf_counter()
             step_noise = noise[index] if index < len(noise) else None
+            before = latents
             latents, denoised = self.scheduler.step(table, index, prediction, latents, step_noise)
             timings["unet"].append(after_unet - mark)
             timings["scheduler"].append(time.perf_counter() - after_unet)
+            if observer is not None:
+                observer(StepEvent(index, int(timestep), dict(feeds), outputs, before, denoised))
 
         # 6. Decode the last denoised sample.
         mark = time.perf_counter()

@@ -456,7 +456,7 @@ def bundle_summary(bundle_dir: Path, manifest: Any) -> dict[str, Any]:
         "target": manifest.target,
         "precision": manifest.precision,
         "components": {
-            name: {fmt: artifact.precision for fmt, artifact in component.artifacts.items()}
+            name: {variant.name: f"{variant.format} {variant.precision}" for variant in component.variants}
             for name, component in manifest.components.items()
         },
         "default_size": [pipeline.default_height, pipeline.default_width],
@@ -557,7 +557,8 @@ def profile_bundle(
         notes.append("the backend profiler was on during the timed runs: its overhead is part of the timings")
     images = output.images
     bundle_default_guidance = pipe.manifest.pipeline.default_guidance_scale
-    backend_name, options = pipe.backend, dataclasses.asdict(pipe.options)
+    backend_name = pipe.backend
+    options = {**dataclasses.asdict(pipe.options), "variants": {name: v.name for name, v in pipe.variants.items()}}
     bundle = bundle_summary(bundle_dir, pipe.manifest)
     del pipe, output
     gc.collect()

@@ -22,15 +22,25 @@ class LCMScheduler:
     def __init__(self, info: SchedulerInfo) -> None:
         self.info = info
 
-    def table(self, num_inference_steps: int) -> StepTable:
-        if num_inference_steps not in self.info.tables:
-            available = sorted(self.info.tables)
+    def table(self, num_inference_steps: int, strength: float = 1.0) -> StepTable:
+        """The precomputed table of an ``num_inference_steps``-step run; ``strength`` < 1 is image-to-image."""
+        if strength >= 1.0:
+            if num_inference_steps not in self.info.tables:
+                available = sorted(self.info.tables)
+                raise UserError(
+                    f"num_inference_steps={num_inference_steps}: this bundle has LCM schedules for "
+                    f"{available[0]}-{available[-1]} steps; pick one of those or re-export with --max-steps "
+                    f"{num_inference_steps}"
+                )
+            return self.info.tables[num_inference_steps]
+        key = (num_inference_steps, round(strength, 6))
+        if key not in self.info.partial_tables:
+            available = ", ".join(f"{steps} steps at {value:g}" for steps, value in sorted(self.info.partial_tables))
             raise UserError(
-                f"num_inference_steps={num_inference_steps}: this bundle has LCM schedules for "
-                f"{available[0]}-{available[-1]} steps; pick one of those or re-export with --max-steps "
-                f"{num_inference_steps}"
+                f"strength={strength:g} with num_inference_steps={num_inference_steps}: this bundle has "
+                f"image-to-image schedules for {available or 'no strength'}; pick one of those or re-export"
             )
-        return self.info.tables[num_inference_steps]
+        return self.info.partial_tables[key]
 
     def step(
         self,
@@ -85,13 +95,18 @@ class LCMScheduler:
 
 
 @lru_cache(maxsize=32)
-def _guidance_embedding_row(guidance_scale: float, embedding_dim: int) -> np.ndarray:
+def _guidance_embedding_row(
+    guidance_scale: float, embedding_dim: int, frequencies: tuple[float, ...] | None = None
+) -> np.ndarray:
     # w = (g - 1) * 1000 (LCM's guidance parameterisation), float32 like diffusers.
     w = np.float32(guidance_scale - 1) * np.float32(1000.0)
     half = embedding_dim // 2
-    exponent = np.log(np.float32(10000.0)) / np.float32(half - 1)
-    frequencies = np.exp(np.arange(half, dtype=np.float32) * -exponent)  # (half,)
-    angles = w * frequencies
+    if frequencies is None:  # not in the manifest (format 1): computed here, within ~1 ulp of diffusers'
+        exponent = np.log(np.float32(10000.0)) / np.float32(half - 1)
+        table = np.exp(np.arange(half, dtype=np.float32) * -exponent)  # (half,)
+    else:  # exactly diffusers' float32 frequencies, computed at export
+        table = np.asarray(frequencies, dtype=np.float32)
+    angles = w * table
     row = np.concatenate([np.sin(angles), np.cos(angles)])  # sin first
     if embedding_dim % 2 == 1:
         row = np.pad(row, (0, 1))
@@ -100,6 +115,12 @@ def _guidance_embedding_row(guidance_scale: float, embedding_dim: int) -> np.nda
     return row
 
 
-def guidance_scale_embedding(guidance_scale: float, embedding_dim: int, batch: int) -> np.ndarray:
-    """The w-embedding fed as ``timestep_cond``: (batch, embedding_dim), float32, cached per scale."""
-    return np.broadcast_to(_guidance_embedding_row(float(guidance_scale), embedding_dim), (batch, embedding_dim))
+def guidance_scale_embedding(
+    guidance_scale: float, embedding_dim: int, batch: int, frequencies: tuple[float, ...] | None = None
+) -> np.ndarray:
+    """The w-embedding fed as ``timestep_cond``: (batch, embedding_dim), float32, cached per scale.
+
+    ``frequencies``: the manifest's ``conditioning.guidance_frequencies`` (diffusers' own float32 values).
+    """
+    row = _guidance_embedding_row(float(guidance_scale), embedding_dim, frequencies)
+    return np.broadcast_to(row, (batch, embedding_dim))

@@ -30,6 +30,9 @@ from typing import Any
 
 from lcm_export.errors import BundleError
 
+# CLIP's padded length: only a default for shape ranges built without a bundle (tests, tools). A bundle's own
+# length is its tokenizer's max_length (``TokenizerInfo``), which the exporter and the runtime pass explicitly.
+DEFAULT_SEQUENCE = 77
 SYMBOLS = ("batch", "sequence", "latent_height", "latent_width", "image_height", "image_width")
 # numpy dtype names a component's tensors may have: what the exporter writes (float32, float16 for fp16 components,
 # int64 token ids) and int32 (Core ML's token ids).
@@ -78,15 +81,14 @@ class ComponentSpec:
 
     ``batch_multiplier`` is 2 for the components that see the classifier-free-guidance batch
     ([unconditional, conditional]); shape ranges for engines are derived with it.
-    ``keep_fp32`` marks components whose activations overflow in fp16 (the VAE).
+    How strictly an export must match PyTorch and which components stay fp32 are the exporter's business
+    (``ExportableComponent``): a spec holds only what the manifest records.
     """
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    atol: float = 1e-4
     batch_multiplier: int = 1
-    keep_fp32: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -114,9 +116,7 @@ class ComponentSpec:
             self.name,
             tuple(map(convert, self.inputs)),
             tuple(map(convert, self.outputs)),
-            self.atol,
             self.batch_multiplier,
-            self.keep_fp32,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -160,10 +160,10 @@ class ShapeRange:
     batch: tuple[int, int, int] = (1, 1, 1)
     height: tuple[int, int, int] = (512, 512, 512)
     width: tuple[int, int, int] = (512, 512, 512)
-    sequence: int = 77
+    sequence: int = DEFAULT_SEQUENCE
 
     @classmethod
-    def static(cls, batch: int, height: int, width: int, sequence: int = 77) -> ShapeRange:
+    def static(cls, batch: int, height: int, width: int, sequence: int = DEFAULT_SEQUENCE) -> ShapeRange:
         return cls((batch,) * 3, (height,) * 3, (width,) * 3, sequence)
 
     @property
@@ -211,7 +211,7 @@ class ShapeRange:
                 )
             return low, opt, high
 
-        sequence = fields.integer("sequence", minimum=1, maximum=MAX_DIM, default=77)
+        sequence = fields.integer("sequence", minimum=1, maximum=MAX_DIM, default=DEFAULT_SEQUENCE)
         return cls(span("batch"), span("height"), span("width"), sequence)
 
 
@@ -408,6 +408,20 @@ class Fields:
             raise ManifestFieldError(self.path(key), "is missing")
         return default
 
+    def _optional(self, key: str, nullable: bool, default: Any, read: Any) -> Any:
+        """``read(value, field)`` of ``key``; its default when absent, None when null is allowed."""
+        if key not in self.data and default is not _MISSING:
+            return default
+        value = self.get(key)
+        if value is None and nullable:
+            return None
+        try:
+            return read(value, self.path(key))
+        except ManifestFieldError as error:
+            if not nullable:
+                raise
+            raise ManifestFieldError(error.field, error.problem.replace("must be ", "must be null or ", 1)) from None
+
     def integer(
         self,
         key: str,
@@ -417,17 +431,9 @@ class Fields:
         nullable: bool = False,
         default: Any = _MISSING,
     ) -> Any:
-        if key not in self.data and default is not _MISSING:
-            return default
-        value = self.get(key)
-        if value is None and nullable:
-            return None
-        try:
-            return as_int(value, self.path(key), minimum=minimum, maximum=maximum)
-        except ManifestFieldError as error:
-            if not nullable:
-                raise
-            raise ManifestFieldError(error.field, error.problem.replace("must be ", "must be null or ", 1)) from None
+        return self._optional(
+            key, nullable, default, lambda value, at: as_int(value, at, minimum=minimum, maximum=maximum)
+        )
 
     def number(
         self,
@@ -439,17 +445,12 @@ class Fields:
         nullable: bool = False,
         default: Any = _MISSING,
     ) -> Any:
-        if key not in self.data and default is not _MISSING:
-            return default
-        value = self.get(key)
-        if value is None and nullable:
-            return None
-        try:
-            return as_float(value, self.path(key), minimum=minimum, maximum=maximum, above=above)
-        except ManifestFieldError as error:
-            if not nullable:
-                raise
-            raise ManifestFieldError(error.field, error.problem.replace("must be ", "must be null or ", 1)) from None
+        return self._optional(
+            key,
+            nullable,
+            default,
+            lambda value, at: as_float(value, at, minimum=minimum, maximum=maximum, above=above),
+        )
 
     def boolean(self, key: str) -> bool:
         return as_bool(self.get(key), self.path(key))

@@ -446,8 +446,9 @@ def build_mlpackage(
     """Convert, save and check one component; returns its ``mlpackage`` artifact."""
     import coremltools
 
-    spec = exported.spec  # the exported dtypes: float16 for fp16 components, float32 for the VAE
-    torch_spec = spec.with_dtypes("float32")  # what the fp32 torch module takes
+    onnx_variant = exported.artifacts["onnx"]
+    spec = exported.spec.with_dtypes(onnx_variant.io_dtype)  # float16 for fp16 components, float32 for the VAE
+    torch_spec = exported.spec  # float32: what the fp32 torch module takes
     values = stage_values(spec, shape_range, pipeline_info.vae_scale_factor)
     inputs, outputs = coreml_io(spec, values)
     flexible = not all(tensor.is_static for tensor in inputs)
@@ -481,10 +482,15 @@ def build_mlpackage(
         validation = validate_prediction(torch_spec, module, package, inputs, outputs, values["opt"])
     else:
         validation = {"validated": SPEC_ONLY}
+    bundle_root = package.parent.parent
     return Artifact(
         ARTIFACT_FORMAT,
         f"{spec.name}/{PACKAGE_NAME}",
         "fp16" if compute_precision == "float16" else "fp32",
+        name=onnx_variant.name,
+        io_dtype=onnx_variant.io_dtype,
+        files=tuple(sorted(p.relative_to(bundle_root).as_posix() for p in package.rglob("*") if p.is_file())),
+        produced_by={"tool": f"coremltools {coremltools.__version__} (torch.export)"},
         details={
             "coreml_inputs": [tensor.to_json() for tensor in inputs],
             "coreml_outputs": [tensor.to_json() for tensor in outputs],
@@ -516,10 +522,8 @@ def build(request: BuildRequest) -> dict[str, Component]:
             options,
             request.quiet,
         )
-        artifacts = (
-            {**exported.artifacts, ARTIFACT_FORMAT: artifact} if options.keep_onnx else {ARTIFACT_FORMAT: artifact}
-        )
-        built[name] = Component(spec=exported.spec, artifacts=artifacts, validation=exported.validation)
+        variants = (artifact, *exported.variants) if options.keep_onnx else (artifact,)  # the package first
+        built[name] = Component(spec=exported.spec, variants=variants, validation=exported.validation)
     if not options.keep_onnx:
         for name in request.components:
             remove_onnx(request.staging / name)

@@ -360,10 +360,10 @@ def _recorded_capabilities(flavor: Flavor, requested: tuple[int, ...]) -> list[i
 
 
 def _remove_onnx(staging: Path, component: Component) -> None:
-    artifact = component.artifacts["onnx"]
-    path = staging / artifact.path
-    for file in (path, path.with_name(path.name + "_data")):
-        file.unlink(missing_ok=True)
+    for variant in component.variants:
+        if variant.format == "onnx":
+            for file in variant.files:
+                (staging / file).unlink(missing_ok=True)
 
 
 def build(request: BuildRequest) -> dict[str, Component]:
@@ -404,7 +404,7 @@ def build(request: BuildRequest) -> dict[str, Component]:
         engine = build_engine(
             flavor,
             staging / onnx_artifact.path,
-            component.spec,
+            component.spec.with_dtypes(onnx_artifact.io_dtype),
             profiles,
             options,
             precision=onnx_artifact.precision,
@@ -425,9 +425,17 @@ def build(request: BuildRequest) -> dict[str, Component]:
             "io": [tensor.to_json() for tensor in engine.io],
             "build_seconds": round(engine.seconds, 2),
         }
-        artifact = Artifact("tensorrt", f"{name}/{ENGINE_NAME}", onnx_artifact.precision, details)
-        artifacts = {**component.artifacts, "tensorrt": artifact} if options.keep_onnx else {"tensorrt": artifact}
-        built[name] = Component(spec=component.spec, artifacts=artifacts, validation=component.validation)
+        artifact = Artifact(
+            format="tensorrt",
+            path=f"{name}/{ENGINE_NAME}",
+            precision=onnx_artifact.precision,
+            details=details,
+            name=onnx_artifact.name,
+            io_dtype=onnx_artifact.io_dtype,
+            produced_by={"tool": f"{FLAVOR_NAMES[flavor.name]} {flavor.version}", "from": onnx_artifact.path},
+        )
+        variants = (artifact, *component.variants) if options.keep_onnx else (artifact,)  # the engine first
+        built[name] = Component(spec=component.spec, variants=variants, validation=component.validation)
 
     if timing_cache is not None and timing_cache_path is not None:
         save_timing_cache(timing_cache, timing_cache_path)

@@ -52,10 +52,15 @@ class BackendOptions:
     precision: str = "auto"
     threads: int | None = None
     cache_dir: str | None = None
-    device: str = "CPU"
+    device: str = "auto"  # "auto": each backend's natural device (see device_or)
     static_shape: tuple[int, int, int] | None = None
     profiling_dir: str | None = None
     low_memory: bool = False
+
+    def device_or(self, natural: str) -> str:
+        """``device``, with "auto" meaning the backend's ``natural`` one: the CPU for onnxruntime and OpenVINO,
+        every compute unit for Core ML, the first GPU for TensorRT."""
+        return natural if self.device.lower() == "auto" else self.device
 
 
 class Session(Protocol):
@@ -149,22 +154,22 @@ def cache_entry_writer(final: Path) -> Iterator[Path]:
 
 
 def file_identity(path: Path) -> str:
-    """A cache key for a model file that changes when the file does, without reading it: the sha256 the bundle's
-    manifest lists for it (so a copied bundle hits the same cache), else its resolved path, size and mtime."""
+    """A cache key for a model file without reading it: its resolved path, size and mtime (for files that come
+    without a manifest; a bundle's variants are keyed by their sha256 instead, :func:`artifact_identity`)."""
     import hashlib
-    import json
 
     path = Path(path)
-    manifests = (parent / "manifest.json" for parent in path.parents)
-    manifest_path = next((candidate for candidate in manifests if candidate.is_file()), None)
-    if manifest_path is not None:
-        try:
-            relative = path.resolve().relative_to(manifest_path.parent.resolve()).as_posix()
-            entries = json.loads(manifest_path.read_text()).get("files", [])
-            digests = [entry["sha256"] for entry in entries if entry.get("path", "").startswith(relative)]
-            if digests:
-                return hashlib.sha256("".join(digests).encode()).hexdigest()
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
     stat = path.stat()
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+
+
+def artifact_identity(component, artifact_format: str) -> str | None:
+    """A cache key for the component's ``artifact_format`` variant that changes exactly when its files do: the
+    sha256 of the files' sha256s as the manifest lists them (so a copied bundle hits the same cache). None when
+    the variant carries no digests (then the caller keys by file)."""
+    import hashlib
+
+    variant = component.artifacts.get(artifact_format)
+    if variant is None or not variant.digests:
+        return None
+    return hashlib.sha256("".join(variant.digests).encode()).hexdigest()

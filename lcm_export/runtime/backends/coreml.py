@@ -6,8 +6,8 @@ A Core ML model's inputs differ from the component spec in two ways the exporter
 (:func:`adapt_feeds`), predicts, and returns the outputs under the spec's names as float32
 (:func:`outputs_by_spec_name`). Those two functions are plain numpy so that they are tested on any system.
 
-Compute units follow ``BackendOptions.device``: ``CPU`` (the default of every backend) runs on the CPU only,
-``GPU`` on CPU and GPU, ``ANE`` on CPU and Neural Engine, ``ALL``/``AUTO`` lets Core ML choose.
+Compute units follow ``BackendOptions.device``: ``auto`` (the default) and ``ALL`` let Core ML choose among CPU,
+GPU and Neural Engine; ``CPU`` runs on the CPU only, ``GPU`` on CPU and GPU, ``ANE`` on CPU and Neural Engine.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class CoreMLSession:
     def __init__(self, path: Path, component: Component, options: BackendOptions) -> None:
         import coremltools
 
-        device = options.device.upper()
+        device = options.device_or("ALL").upper()
         if device not in COMPUTE_UNITS:
             raise UserError(
                 f"device '{options.device}' is not a Core ML compute unit: pick one of {', '.join(COMPUTE_UNITS)}"

@@ -33,6 +33,7 @@ import numpy as np
 
 from lcm_export.runtime.backends import (
     BackendOptions,
+    artifact_identity,
     artifact_path,
     backend_cache_dir,
     cache_entry_writer,
@@ -49,7 +50,7 @@ def is_available() -> bool:
 
 
 class OnnxRuntimeSession:
-    def __init__(self, path: Path, options: BackendOptions, name: str = "model") -> None:
+    def __init__(self, path: Path, options: BackendOptions, name: str = "model", identity: str | None = None) -> None:
         import onnxruntime
 
         session_options = onnxruntime.SessionOptions()
@@ -71,7 +72,7 @@ class OnnxRuntimeSession:
             and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
         ):
             providers.insert(0, "CUDAExecutionProvider")
-        cached = optimized_model_path(path, options) if providers == ["CPUExecutionProvider"] else None
+        cached = optimized_model_path(path, options, identity) if providers == ["CPUExecutionProvider"] else None
         self.loaded_from_cache = False
         if cached is not None and cached.is_file():
             try:
@@ -111,7 +112,7 @@ def _cpu_identity() -> str:
     return "|".join([platform.machine(), platform.processor(), model or "", " ".join(sorted(flags or ()))])
 
 
-def optimized_model_path(path: Path, options: BackendOptions) -> Path | None:
+def optimized_model_path(path: Path, options: BackendOptions, identity: str | None = None) -> Path | None:
     """Where the optimised copy of ``path`` lives in the cache (None when caching is off)."""
     import hashlib
     import json
@@ -121,7 +122,9 @@ def optimized_model_path(path: Path, options: BackendOptions) -> Path | None:
     cache = backend_cache_dir(options, "onnxruntime")
     if cache is None:
         return None
-    key = json.dumps([file_identity(path), onnxruntime.__version__, _cpu_identity(), "ORT_ENABLE_ALL+prepacked"])
+    key = json.dumps(
+        [identity or file_identity(path), onnxruntime.__version__, _cpu_identity(), "ORT_ENABLE_ALL+prepacked"]
+    )
     return cache / hashlib.sha256(key.encode()).hexdigest()[:32] / "model.onnx"
 
 
@@ -149,4 +152,5 @@ def open_session(
     options: BackendOptions,
     static_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> OnnxRuntimeSession:
-    return OnnxRuntimeSession(artifact_path(bundle_dir, component, ARTIFACT_FORMAT), options, component.spec.name)
+    path = artifact_path(bundle_dir, component, ARTIFACT_FORMAT)
+    return OnnxRuntimeSession(path, options, component.spec.name, artifact_identity(component, ARTIFACT_FORMAT))

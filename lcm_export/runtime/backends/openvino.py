@@ -29,6 +29,7 @@ re-laid out at load instead of in the first call (first call 1.6 s against 3.6-6
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -39,6 +40,7 @@ import numpy as np
 from lcm_export.errors import UserError
 from lcm_export.runtime.backends import (
     BackendOptions,
+    artifact_identity,
     artifact_path,
     backend_cache_dir,
     cache_entry_writer,
@@ -126,6 +128,7 @@ def compile_onnx(
     options: BackendOptions,
     config: dict[str, str],
     static_shapes: dict[str, tuple[int, ...]] | None,
+    identity: str | None = None,
 ) -> Any:
     """Compile the ONNX file at ``path`` for ``options.device``; the ``ov.Model`` is never kept.
 
@@ -142,17 +145,17 @@ def compile_onnx(
         model = core.read_model(str(path))
         model.reshape(shapes)
         return core.compile_model(model, options.device, config)
-    return core.compile_model(str(_static_ir(core, path, shapes, Path(cache))), options.device, config)
+    return core.compile_model(str(_static_ir(core, path, shapes, Path(cache), identity)), options.device, config)
 
 
-def _static_ir(core: Any, path: Path, shapes: dict[str, list[int]], cache: Path) -> Path:
+def _static_ir(core: Any, path: Path, shapes: dict[str, list[int]], cache: Path, identity: str | None) -> Path:
     """The reshaped model as IR in ``cache/static-ir/<key>/model.xml``, written once (atomically) per key."""
     import hashlib
 
     import openvino
 
     key = hashlib.sha256(
-        json.dumps([file_identity(path), sorted(shapes.items()), openvino.__version__]).encode()
+        json.dumps([identity or file_identity(path), sorted(shapes.items()), openvino.__version__]).encode()
     ).hexdigest()[:32]
     folder = cache / "static-ir" / key
     xml = folder / "model.xml"
@@ -179,6 +182,7 @@ class OpenVinoSession:
         options: BackendOptions,
         static_shapes: dict[str, tuple[int, ...]] | None,
         component_name: str = "model",
+        identity: str | None = None,
     ) -> None:
         import openvino
 
@@ -186,7 +190,7 @@ class OpenVinoSession:
         config = compile_config(core, options)
         if options.profiling_dir:
             config["PERF_COUNT"] = "YES"  # per-layer counters, read after every inference
-        self.compiled = compile_onnx(core, path, options, config, static_shapes)
+        self.compiled = compile_onnx(core, path, options, config, static_shapes, identity)
         self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE"))
         # What the device runs: "f32", "bf16" or "f16" (for "auto", the plugin's choice).
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -274,4 +278,7 @@ def open_session(
     static_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> OpenVinoSession:
     path = artifact_path(bundle_dir, component, ARTIFACT_FORMAT)
-    return OpenVinoSession(path, options, static_shapes, component.spec.name)
+    options = dataclasses.replace(options, device=options.device_or("CPU"))
+    return OpenVinoSession(
+        path, options, static_shapes, component.spec.name, artifact_identity(component, ARTIFACT_FORMAT)
+    )

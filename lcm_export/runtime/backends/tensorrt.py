@@ -291,9 +291,12 @@ def gpu_count() -> int:
 
 
 def device_index(device: str) -> int:
-    """``"CUDA:1"`` / ``"GPU:1"`` -> 1; anything else (e.g. the default "CPU") -> 0."""
+    """``"auto"``, ``"GPU"``, ``"CUDA"`` -> 0; ``"CUDA:1"`` / ``"GPU:1"`` -> 1; anything else (a CPU) is an error:
+    TensorRT runs on a GPU."""
     head, _, tail = device.partition(":")
-    return int(tail) if head.upper() in ("CUDA", "GPU") and tail.isdigit() else 0
+    if device.lower() == "auto" or (head.upper() in ("CUDA", "GPU") and (tail == "" or tail.isdigit())):
+        return int(tail) if tail else 0
+    raise UserError(f"device '{device}': the tensorrt backend runs on an NVIDIA GPU: pass auto, GPU:N or CUDA:N")
 
 
 def device_compute_capability(index: int) -> int:
