@@ -8,6 +8,7 @@ target. A failed or interrupted export leaves no folder that looks like a bundle
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lcm_export.calibration.prompts import CALIBRATION_PROMPTS
 from lcm_export.errors import ExportError
 from lcm_export.exporter.components import build_components
 from lcm_export.exporter.ecosystem import TOKENIZER_LIBRARY_CLASS, write_tokenizer
@@ -71,6 +73,27 @@ class ExportConfig:
     overwrite: bool = False
     quiet: bool = False
     target_options: dict[str, Any] = field(default_factory=dict)  # per-target settings (TensorRT, CoreML)
+    # INT8 (precision "int8"): calibration prompts (None: the shipped set), how many to use, the square size the
+    # trajectories run at (None: the model's default), and whether the float U-Net stays as a second variant.
+    calibration_prompts: tuple[str, ...] | None = None
+    calibration_size: int | None = None
+    calibration_resolution: int | None = None
+    keep_fp32: bool = False
+
+    def int8_settings(self, spatial_multiple: int) -> Any:
+        """The calibration's settings (checked here: the resolution needs the model's spatial multiple)."""
+        from lcm_export.calibration.int8 import Int8Settings
+        from lcm_export.calibration.onnx_qdq import RECIPES
+
+        prompts = self.calibration_prompts or CALIBRATION_PROMPTS
+        count = self.calibration_size or min(8, len(prompts))
+        size = self.calibration_resolution
+        if size is not None and size % spatial_multiple:
+            raise ExportError(
+                f"--calibration-resolution {size}: pass a multiple of {spatial_multiple} (this model's VAE and U-Net)"
+            )
+        recipe = RECIPES.get(self.target, RECIPES["onnx"])
+        return Int8Settings(prompts=tuple(prompts[:count]), height=size, width=size, recipe=recipe)
 
 
 def resolved_precision(config: ExportConfig) -> str:
@@ -128,6 +151,23 @@ def check_config(config: ExportConfig) -> None:
         if len(values) != 3 or not all(_is_int(v) for v in values) or not 0 < values[0] <= values[1] <= values[2]:
             raise ExportError(f"--{name} {values}: pass an integer or MIN:OPT:MAX with 0 < MIN <= OPT <= MAX")
     check_output_folder(config.output, config.overwrite)
+    int8 = resolved_precision(config) == "int8"
+    if not int8 and (config.keep_fp32 or config.calibration_prompts or config.calibration_size):
+        raise ExportError("--keep-fp32 and --calibration-* apply to --precision int8: add it or drop them")
+    if config.calibration_prompts is not None and not config.calibration_prompts:
+        raise ExportError("--calibration-prompts: the file holds no prompt (one per line)")
+    if config.calibration_size is not None:
+        available = len(config.calibration_prompts or CALIBRATION_PROMPTS)
+        if not _is_int(config.calibration_size) or not 1 <= config.calibration_size <= available:
+            raise ExportError(
+                f"--calibration-size {config.calibration_size}: pass 1 to {available} (the prompts there are)"
+            )
+    if config.calibration_resolution is not None and (
+        not _is_int(config.calibration_resolution) or not 8 <= config.calibration_resolution <= 4096
+    ):
+        raise ExportError(
+            f"--calibration-resolution {config.calibration_resolution}: pass a size from 8 to 4096 pixels"
+        )
     unknown = [name for name in config.components if name not in DEFAULT_COMPONENTS]
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(unknown)}: pick from {', '.join(DEFAULT_COMPONENTS)}")
@@ -312,9 +352,8 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
     for name in _progress(list(exportables), config.quiet, "export ONNX"):
         component = exportables[name]
         onnx_path = staging / name / "model.onnx"
-        spec = export_to_onnx(
-            component, onnx_path, trace_values, precision=resolved_precision(config), opset=config.opset
-        )
+        onnx_precision = "fp32" if resolved_precision(config) == "int8" else resolved_precision(config)
+        spec = export_to_onnx(component, onnx_path, trace_values, precision=onnx_precision, opset=config.opset)
         report = validate_onnx(component, onnx_path, spec, check_values)
         if report.failures:
             details = "; ".join(
@@ -353,30 +392,80 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         default_width=default_height,
         default_guidance_scale=DEFAULT_GUIDANCE_SCALE[loaded.guidance],
     )
-    components = _build_target(config, staging, components, pipeline_info, loaded, tokenizer.max_length)
     conditioning = dataclasses.replace(
         Conditioning.of_sd(pipeline_info), guidance_frequencies=guidance_frequencies(pipeline_info.time_cond_proj_dim)
     )
 
-    files = tuple(
-        file_entry(staging, path)
-        for path in sorted(staging.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_NAME
-    )
-    manifest = Manifest(
-        target=config.target,
-        precision=resolved_precision(config),
-        pipeline=pipeline_info,
-        scheduler=scheduler_info(dict(loaded.pipeline.scheduler.config), config.max_steps),
-        tokenizers=(tokenizer,),
-        components=components,
-        files=files,
-        provenance=_provenance(config),
-        loras=tuple(loras),
-        conditioning=conditioning,
-    )
-    manifest.write(staging)
-    return manifest
+    scheduler = scheduler_info(dict(loaded.pipeline.scheduler.config), config.max_steps)
+
+    def write_manifest(components: dict[str, Component], target: str = config.target) -> Manifest:
+        """The manifest of what ``staging`` holds now (written again after each stage that adds files); before
+        the target's build, what it holds is an ONNX bundle (``target="onnx"``)."""
+        files = tuple(
+            file_entry(staging, path)
+            for path in sorted(staging.rglob("*"))
+            if path.is_file() and path.name != MANIFEST_NAME
+        )
+        manifest = Manifest(
+            target=target,
+            precision=resolved_precision(config),
+            pipeline=pipeline_info,
+            scheduler=scheduler,
+            tokenizers=(tokenizer,),
+            components=components,
+            files=files,
+            provenance=_provenance(config),
+            loras=tuple(loras),
+            conditioning=conditioning,
+        )
+        manifest.write(staging)
+        return manifest
+
+    if resolved_precision(config) == "int8":
+        if not get_target(config.target).needs_modules:
+            loaded.pipeline = None  # the torch modules are done with: calibration runs the bundle, not torch
+            gc.collect()
+        components = _add_int8_unet(config, staging, components, pipeline_info, write_manifest)
+    components = _build_target(config, staging, components, pipeline_info, loaded, tokenizer.max_length)
+    return write_manifest(components)
+
+
+def _add_int8_unet(
+    config: ExportConfig,
+    staging: Path,
+    components: dict[str, Component],
+    pipeline_info: PipelineInfo,
+    write_manifest: Any,
+) -> dict[str, Component]:
+    """Calibrate on the float bundle's own trajectories, add the INT8 U-Net as the preferred variant, measure its
+    images against the float ones; the float U-Net stays as a second variant with ``keep_fp32``."""
+    from tqdm.auto import tqdm
+
+    from lcm_export.calibration.int8 import quality_report, quantize_unet
+
+    write_manifest(components, "onnx")  # the float ONNX bundle, complete: what the calibration runs
+    settings = config.int8_settings(pipeline_info.spatial_multiple)
+    bars: dict[str, Any] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        bar = bars.get(label) or bars.setdefault(label, tqdm(total=total, desc=label, disable=config.quiet))
+        bar.n = done
+        bar.refresh()
+
+    int8 = quantize_unet(staging, settings, progress)
+    for bar in bars.values():
+        bar.close()
+    unet = components["unet"]
+    with_int8 = {**components, "unet": dataclasses.replace(unet, variants=(int8, *unet.variants))}
+    write_manifest(with_int8, "onnx")
+    report = quality_report(staging, settings)
+    int8 = dataclasses.replace(int8, details={**int8.details, "quality": report})
+    variants = (int8, *unet.variants) if config.keep_fp32 else (int8,)
+    if not config.keep_fp32:
+        for variant in unet.variants:
+            for file in variant.files:
+                (staging / file).unlink(missing_ok=True)
+    return {**components, "unet": dataclasses.replace(unet, variants=variants)}
 
 
 def _build_target(

@@ -40,6 +40,16 @@ def _size_triple(name: str, value: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
+def read_prompts(path: Path) -> tuple[str, ...]:
+    """``--calibration-prompts FILE``: one prompt per line, blank lines skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise ExportError(f"--calibration-prompts '{path}' cannot be read ({reason}): pass a UTF-8 text file") from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcm-export",
@@ -51,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         default=None,
-        help="fp32 or fp16 (the VAE stays fp32); default fp32 for onnx, fp16 for tensorrt/coreml",
+        help="fp32, fp16 (the VAE stays fp32) or int8 (U-Net calibrated on LCM trajectories; onnx and tensorrt); "
+        "default fp32 for onnx, fp16 for tensorrt/coreml",
     )
     parser.add_argument(
         "--lora",
@@ -76,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="AutoencoderTiny (TAESD) folder whose decoder replaces the VAE decoder",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    int8 = parser.add_argument_group("INT8 (--precision int8)")
+    int8.add_argument(
+        "--calibration-prompts",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="prompts, one per line (default: shipped)",
+    )
+    int8.add_argument("--calibration-size", type=int, default=None, metavar="N", help="prompts to use (default 8)")
+    int8.add_argument(
+        "--calibration-resolution",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="square size the calibration trajectories run at (default: the model's)",
+    )
+    int8.add_argument("--keep-fp32", action="store_true", help="keep the float U-Net beside the INT8 one")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     trt = parser.add_argument_group("TensorRT")
     trt.add_argument("--trt-flavor", default="auto", help="auto, tensorrt or rtx (TensorRT for RTX)")
@@ -112,6 +140,10 @@ def config_from_args(args: argparse.Namespace):
         dynamic=args.dynamic,
         tiny_vae=args.tiny_vae,
         overwrite=args.overwrite,
+        calibration_prompts=read_prompts(args.calibration_prompts) if args.calibration_prompts else None,
+        calibration_size=args.calibration_size,
+        calibration_resolution=args.calibration_resolution,
+        keep_fp32=args.keep_fp32,
         quiet=args.quiet,
         target_options={
             "trt_flavor": args.trt_flavor,
@@ -156,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
             worst = max(errors.values()) if errors else float("nan")
             formats = ", ".join(component.artifacts)
             print(f"  {name:<13} {formats:<16} ONNX max abs vs PyTorch {worst:.2e}")
+        int8 = next((v for v in manifest.components["unet"].variants if v.precision == "int8"), None)
+        if int8 is not None and "quality" in int8.details:
+            quality = int8.details["quality"]
+            print(f"  INT8 U-Net vs float, final images at {quality['size'][1]}x{quality['size'][0]}:")
+            for label, per_guidance in quality["sets"].items():
+                for guidance, scores in per_guidance.items():
+                    print(
+                        f"    {label:<12} guidance {guidance:<4} PSNR {scores['psnr_db_mean']:6.2f} dB "
+                        f"(min {scores['psnr_db_min']:.2f})  SSIM {scores['ssim_mean']:.4f}"
+                    )
         print(f"bundle written to {config.output} (target {manifest.target}, {manifest.precision})")
     return 0
 

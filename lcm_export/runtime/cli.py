@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--output", "-o", type=Path, default=Path("out.png"), help="PNG path (index added for >1)")
     parser.add_argument("--backend", default="auto", help="auto, onnxruntime, openvino, tensorrt or coreml")
-    parser.add_argument("--precision", default="auto", help="auto (device's fastest float) or fp32 (parity)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="auto (the bundle's preferred variant at the device's fastest float), fp32 (parity), int8, fp16",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument(
         "--low-memory",

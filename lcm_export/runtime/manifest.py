@@ -250,13 +250,9 @@ class Component:
         return preferred
 
     def select(self, artifact_format: str, precision: str = "auto") -> Artifact:
-        """The variant a backend running ``artifact_format`` uses for ``precision``.
-
-        A precision some variant has picks it ("int8", "fp16", "fp32"); "auto" (the device's fastest) and compute
-        hints no variant stores ("bf16") pick the exporter's preferred variant; "fp32" (parity) falls back to it
-        where the bundle has no fp32 variant of that format (an fp16 engine bundle). Anything else is a one-line
-        error naming what the bundle has.
-        """
+        """The variant a backend running ``artifact_format`` uses for ``precision``: the one of that precision (or
+        name) where there is one, else the exporter's preferred (first listed) one, e.g. the float text encoder
+        of an INT8 bundle. Whether a forced precision ran anywhere is the pipeline's check (see ``Pipeline``)."""
         of_format = [variant for variant in self.variants if variant.format == artifact_format]
         if not of_format:
             raise BundleError(
@@ -266,13 +262,7 @@ class Component:
         for variant in of_format:
             if variant.precision == precision or variant.name == precision:
                 return variant
-        if precision in ("auto", "bf16", "fp32") or precision not in PRECISIONS:
-            return of_format[0]
-        raise BundleError(
-            f"precision '{precision}': component '{self.spec.name}' has no {precision} {artifact_format} variant "
-            f"(it has {', '.join(v.name for v in of_format)}): pick one of those, or re-export with "
-            f"--precision {precision}"
-        )
+        return of_format[0]
 
     def resolved(self, variant: Artifact, hashes: Mapping[str, str] | None = None) -> Component:
         """This component as one backend session sees it: only ``variant``, I/O in its float dtype, and the

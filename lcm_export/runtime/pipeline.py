@@ -64,6 +64,11 @@ class StepEvent:
     denoised: np.ndarray
 
 
+# Precisions only a variant can give (no backend computes them from a float graph): asking for one that no
+# component has is an error, not a silent float run.
+VARIANT_ONLY_PRECISIONS = ("int8",)
+
+
 class Pipeline:
     """A loaded bundle. Sessions are opened once; buffers and tables are reused between calls."""
 
@@ -88,6 +93,14 @@ class Pipeline:
             encoder.tokenizer: PromptTokenizer(bundle_dir, by_name[encoder.tokenizer])
             for encoder in conditioning.text_encoders
         }
+        if options.precision in VARIANT_ONLY_PRECISIONS and not any(
+            variant.precision == options.precision for variant in self.variants.values()
+        ):
+            have = sorted({v.precision for c in manifest.components.values() for v in c.variants})
+            raise UserError(
+                f"precision '{options.precision}': BUNDLE '{bundle_dir}' has no {options.precision} variant (it has "
+                f"{', '.join(have)}): pick one of those, or re-export with --precision {options.precision}"
+            )
         hashes = {entry.path: entry.sha256 for entry in manifest.files}
         resolved = {name: manifest.components[name].resolved(self.variants[name], hashes) for name in needed}
         self.sessions = {

@@ -79,6 +79,7 @@ def auto_eligible() -> bool:
 # OPTIMIZATION_CAPABILITIES entry a device must list to honour it.
 PRECISION_HINTS: dict[str, tuple[str | None, str | None]] = {
     "auto": (None, None),
+    "int8": (None, None),  # the variant carries the quantisation; the rest runs at the plugin's float
     "fp32": ("f32", None),
     "bf16": ("bf16", "BF16"),
     "fp16": ("f16", "FP16"),

@@ -1,0 +1,129 @@
+"""INT8 U-Net for a bundle: record real trajectories with the float bundle, quantise, measure the images.
+
+The exporter calls :func:`quantize_unet` on its staging folder once the float bundle is complete (a manifest that
+loads), adds the returned variant to the U-Net, and calls :func:`quality_report` on the bundle holding both: PSNR
+and SSIM of the final images, INT8 against float, on the calibration prompts and on held-out ones, per guidance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcm_export.calibration.onnx_qdq import QdqRecipe, quantize_qdq
+from lcm_export.calibration.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
+from lcm_export.calibration.quality import psnr, ssim
+from lcm_export.calibration.trajectories import TrajectorySettings, load_sample, record_trajectories
+from lcm_export.runtime.manifest import Artifact
+from lcm_export.runtime.pipeline import Pipeline
+
+INT8_VARIANT = "int8-qdq"
+INT8_FILE = "model-int8.onnx"
+# Guidance the trajectories are recorded at, per guidance kind: a distilled LCM at diffusers' default; an LCM-LoRA
+# bundle both without CFG (its default, 1.0) and with it (1.5: the unconditional half of the batch is recorded).
+CALIBRATION_GUIDANCE = {"embedding": (8.5,), "cfg": (1.0, 1.5)}
+REPORT_GUIDANCE = {"embedding": (4.0, 8.5), "cfg": (1.0, 1.5)}
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """What the calibration runs: prompts (how many of the default set, or a user's), steps, size."""
+
+    prompts: tuple[str, ...] = CALIBRATION_PROMPTS[:8]
+    held_out: tuple[str, ...] = HELD_OUT_PROMPTS[:4]
+    steps: int = 4
+    height: int | None = None  # None: the bundle's default size
+    width: int | None = None
+    seed: int = 0
+    recipe: QdqRecipe = field(default_factory=QdqRecipe)
+
+
+def _float_pipeline(bundle: Path) -> Pipeline:
+    """The float bundle as the runtime runs it (onnxruntime, fp32; no compile cache for a staging folder)."""
+    return Pipeline.load(bundle, backend="onnxruntime", precision="fp32", cache_dir="", verify="size")
+
+
+def quantize_unet(
+    bundle: Path, settings: Int8Settings, progress: Callable[[str, int, int], None] | None = None
+) -> Artifact:
+    """Record trajectories with the float bundle at ``bundle`` and write ``unet/model-int8.onnx``; returns its
+    variant (not yet in the manifest)."""
+    pipe = _float_pipeline(bundle)
+    info = pipe.manifest.pipeline
+    height, width = settings.height or info.default_height, settings.width or info.default_width
+    float_unet = pipe.variants["unet"]
+    paths = []
+    for guidance in CALIBRATION_GUIDANCE[info.guidance]:
+        trajectory = TrajectorySettings(settings.prompts, settings.steps, guidance, height, width, settings.seed)
+        label = f"calibration trajectories (guidance {guidance:g})"
+        step = (lambda done, total, label=label: progress(label, done, total)) if progress else None
+        paths += record_trajectories(pipe, trajectory, progress=step)
+    del pipe
+    if progress:
+        progress(f"quantising the U-Net on {len(paths)} U-Net calls", 0, 1)
+    output = bundle / "unet" / INT8_FILE
+    before = {path for path in output.parent.iterdir()}
+    report = quantize_qdq(
+        bundle / float_unet.path, output, lambda i: load_sample(paths[i]), len(paths), settings.recipe
+    )
+    files = sorted(path for path in output.parent.iterdir() if path not in before)
+    import onnxruntime
+
+    return Artifact(
+        format="onnx",
+        path=f"unet/{INT8_FILE}",
+        precision="int8",
+        name=INT8_VARIANT,
+        io_dtype="float32",
+        files=tuple(path.relative_to(bundle).as_posix() for path in files),
+        produced_by={
+            "tool": f"onnxruntime.quantization.quantize_static {onnxruntime.__version__}",
+            "from": float_unet.path,
+            "calibration": {
+                "prompts": len(settings.prompts),
+                "steps": settings.steps,
+                "guidance": list(CALIBRATION_GUIDANCE[info.guidance]),
+                "size": [height, width],
+                "unet_calls": len(paths),
+            },
+            **report,
+        },
+    )
+
+
+def quality_report(bundle: Path, settings: Int8Settings) -> dict[str, Any]:
+    """PSNR/SSIM of the INT8 bundle's images against the float bundle's, same prompts, latents and noise."""
+    float_pipe = _float_pipeline(bundle)
+    int8_pipe = Pipeline.load(bundle, backend="onnxruntime", precision="int8", cache_dir="", verify="size")
+    info = float_pipe.manifest.pipeline
+    height, width = settings.height or info.default_height, settings.width or info.default_width
+    report: dict[str, Any] = {"size": [height, width], "steps": settings.steps, "sets": {}}
+    for label, prompts in (("calibration", settings.prompts), ("held_out", settings.held_out)):
+        per_guidance = {}
+        for guidance in REPORT_GUIDANCE[info.guidance]:
+            psnrs, ssims = [], []
+            for index, prompt in enumerate(prompts):
+                call = dict(
+                    num_inference_steps=settings.steps,
+                    guidance_scale=guidance,
+                    height=height,
+                    width=width,
+                    seed=10_000 + index,
+                )
+                reference = float_pipe(prompt, **call).images
+                image = int8_pipe(prompt, **call).images
+                psnrs.append(psnr(reference, image))
+                ssims.append(ssim(reference, image))
+            per_guidance[f"{guidance:g}"] = {
+                "psnr_db_mean": round(float(np.mean(psnrs)), 2),
+                "psnr_db_min": round(float(np.min(psnrs)), 2),
+                "ssim_mean": round(float(np.mean(ssims)), 4),
+                "ssim_min": round(float(np.min(ssims)), 4),
+                "prompts": len(prompts),
+            }
+        report["sets"][label] = per_guidance
+    return report

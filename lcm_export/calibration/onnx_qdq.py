@@ -1,0 +1,175 @@
+"""Static INT8 quantisation of an ONNX U-Net into QDQ form (QuantizeLinear/DequantizeLinear around Conv/MatMul/Gemm).
+
+One QDQ file serves every engine that reads ONNX: onnxruntime fuses the pairs into integer kernels, OpenVINO reads
+QDQ as its own FakeQuantize (the quantisation NNCF would produce), TensorRT builds INT8 layers from explicit QDQ.
+Weights are per output channel, signed 8 bit; activations unsigned 8 bit (MLAS's fast path on AVX2), ranges by
+MinMax over the recorded trajectories, merged one sample at a time (``CalibStridedMinMax``) so calibration memory
+is one sample's activations whatever the number of samples.
+
+What stays float is a rule over the graph's structure (:func:`float_nodes`), not a list of names:
+
+- the first and last convolution (``conv_in`` reads the noisy latents, ``conv_out`` writes the prediction the
+  scheduler divides by sqrt(alpha) at t = 999: small relative errors there are amplified the most);
+- the time and guidance embedding MLPs (``time_embedding``, ``time_emb_proj``, ``cond_proj``): one row per image,
+  no speed to gain, and their outputs shift every ResNet block;
+- attention's activation-by-activation products (Q·Kᵀ and softmax·V, MatMuls with no weight): their ranges vary
+  with the prompt and the timestep far more than weights do.
+
+The measured effect of each part of the rule is in the calibration tests and the issue's note.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FLOAT_RULES = ("first_last_conv", "embeddings", "attention_products")
+EMBEDDING_MARKERS = ("time_embedding", "time_emb_proj", "cond_proj", "add_embedding")
+
+
+@dataclass(frozen=True)
+class QdqRecipe:
+    """How a U-Net is quantised; recorded in the variant's ``produced_by``."""
+
+    op_types: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    per_channel: bool = True
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    calibration: str = "minmax"
+    keep_float: tuple[str, ...] = FLOAT_RULES  # which parts of the float rule apply (see the module docstring)
+    symmetric_activations: bool = False  # zero point 0 (TensorRT parses no other)
+    quantize_bias: bool = True  # int32 biases (onnxruntime); TensorRT takes float biases beside int8 weights
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "QDQ",
+            "op_types": list(self.op_types),
+            "per_channel": self.per_channel,
+            "activations": self.activation_type,
+            "weights": self.weight_type,
+            "calibration": self.calibration,
+            "keep_float": list(self.keep_float),
+            "symmetric_activations": self.symmetric_activations,
+            "quantize_bias": self.quantize_bias,
+        }
+
+
+# The recipe per target: onnxruntime's and OpenVINO's CPU kernels take u8 activations with any zero point (MLAS's
+# fast AVX2 path is u8 x s8); TensorRT parses only symmetric (zero point 0) s8 activations.
+RECIPES = {
+    "onnx": QdqRecipe(),
+    "tensorrt": QdqRecipe(activation_type="int8", symmetric_activations=True, quantize_bias=False),
+}
+
+
+def float_nodes(model: Any, rules: tuple[str, ...] = FLOAT_RULES) -> list[str]:
+    """Names of the Conv/MatMul/Gemm nodes that ``rules`` keep in float (see the module docstring)."""
+    weights = {initializer.name for initializer in model.graph.initializer}
+    constants = {output for node in model.graph.node if node.op_type == "Constant" for output in node.output}
+    convolutions = [node for node in model.graph.node if node.op_type == "Conv"]
+    keep: list[str] = []
+    if "first_last_conv" in rules and convolutions:
+        keep += [convolutions[0].name, convolutions[-1].name]
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        if "embeddings" in rules and any(marker in node.name for marker in EMBEDDING_MARKERS):
+            keep.append(node.name)
+        elif "attention_products" in rules and not any(name in weights or name in constants for name in node.input):
+            keep.append(node.name)
+    return list(dict.fromkeys(keep))
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over recorded samples, one in memory at a time.
+
+    ``load(index)`` reads sample ``index``; strided calibration (``CalibStridedMinMax``) asks for the count and
+    reads the samples range by range (``set_range``).
+    """
+
+    def __init__(self, load: Callable[[int], dict[str, np.ndarray]], count: int, inputs: list[str]) -> None:
+        self.load = load
+        self.count = count
+        self.inputs = inputs
+        self.position, self.end = 0, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.position, self.end = start_index, min(end_index, self.count)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= self.end:
+            return None
+        sample = self.load(self.position)
+        self.position += 1
+        # np.require keeps the 0-d timestep 0-d (ascontiguousarray would make it (1,)).
+        return {name: np.require(sample[name], dtype=np.float32, requirements="C") for name in self.inputs}
+
+
+def quantize_qdq(
+    float_path: Path,
+    output_path: Path,
+    load: Callable[[int], dict[str, np.ndarray]],
+    count: int,
+    recipe: QdqRecipe | None = None,
+) -> dict[str, Any]:
+    """Write the QDQ INT8 model of ``float_path`` to ``output_path`` (with ``<name>_data`` when over 2 GB).
+
+    Returns what the manifest records: the recipe, the float nodes, counts and the time it took.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    recipe = recipe or QdqRecipe()
+    started = time.perf_counter()
+    model = onnx.load(str(float_path), load_external_data=False)
+    keep = float_nodes(model, recipe.keep_float)
+    inputs = [value.name for value in model.graph.input]
+    large = any(initializer.data_location == onnx.TensorProto.EXTERNAL for initializer in model.graph.initializer)
+    del model
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on the root logger: not the user's to read
+    try:
+        quantize_static(
+            str(float_path),
+            str(output_path),
+            _Reader(load, count, inputs),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(recipe.op_types),
+            per_channel=recipe.per_channel,
+            activation_type=types[recipe.activation_type],
+            weight_type=types[recipe.weight_type],
+            nodes_to_exclude=keep,
+            use_external_data_format=large,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={
+                "CalibStridedMinMax": 1,
+                "ActivationSymmetric": recipe.symmetric_activations,
+                "QuantizeBias": recipe.quantize_bias,
+                **recipe.extra,
+            },
+        )
+    finally:
+        root.setLevel(level)
+    quantized = onnx.load(str(output_path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in quantized.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return {
+        "recipe": recipe.to_json(),
+        "float_nodes": keep,
+        "qdq_nodes": counts,
+        "seconds": round(time.perf_counter() - started, 1),
+    }

@@ -1,0 +1,186 @@
+"""INT8: calibration on the bundle's own trajectories, the QDQ U-Net, its quality report, and its use by backends.
+
+Image-quality floor: on the tiny random-weight pipelines the INT8 U-Net's final images measure 35-37 dB PSNR
+against the float bundle's (4 steps, guidance 4 and 8.5, 8 calibration + 4 held-out prompts; 36.4-36.6 dB with the
+float rule, 35.0-35.6 dB with every Conv/MatMul/Gemm quantised). The tests require 30 dB: a broken calibration (a
+wrong range, a dropped half of the CFG batch) lands far below it, at 10-20 dB.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import export, psnr
+
+from lcm_export.calibration.onnx_qdq import float_nodes
+from lcm_export.calibration.trajectories import TrajectorySettings, load_sample, record_trajectories
+from lcm_export.errors import UserError
+from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
+from lcm_export.runtime import Pipeline
+from lcm_export.runtime.manifest import load_manifest
+
+PSNR_FLOOR_DB = 30.0
+CALL = dict(num_inference_steps=4, seed=11)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_lcm_dir, tmp_path_factory) -> Path:
+    return export(tiny_lcm_dir, tmp_path_factory.mktemp("int8") / "bundle", precision="int8", keep_fp32=True)
+
+
+def int8_ops(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    counts["int8 weights"] = sum(init.data_type == onnx.TensorProto.INT8 for init in model.graph.initializer)
+    return counts
+
+
+def test_the_int8_unet_is_quantised_and_listed_first(int8_bundle) -> None:
+    manifest = load_manifest(int8_bundle, verify="full")
+    assert manifest.precision == "int8"
+    unet = manifest.components["unet"]
+    assert [(v.name, v.precision) for v in unet.variants] == [("int8-qdq", "int8"), ("fp32", "fp32")]
+    int8 = unet.variants[0]
+    counts = int8_ops(int8_bundle / int8.path)
+    assert counts.get("QuantizeLinear", 0) > 20 and counts.get("DequantizeLinear", 0) > 20, counts
+    assert counts["int8 weights"] > 10, counts  # weights stored as int8, not float
+    assert (int8_bundle / int8.path).stat().st_size < 0.5 * (int8_bundle / unet.variants[1].path).stat().st_size
+    produced = int8.produced_by
+    assert produced["calibration"]["unet_calls"] == 8 * 4  # 8 prompts x 4 steps at guidance 8.5
+    assert "/unet/conv_in/Conv" in produced["float_nodes"] and "/unet/conv_out/Conv" in produced["float_nodes"]
+    # Other components stay float.
+    assert {v.precision for v in manifest.components["text_encoder"].variants} == {"fp32"}
+
+
+def test_quality_report_in_the_manifest(int8_bundle) -> None:
+    report = load_manifest(int8_bundle).components["unet"].variants[0].details["quality"]
+    assert set(report["sets"]) == {"calibration", "held_out"}
+    for per_guidance in report["sets"].values():
+        assert set(per_guidance) == {"4", "8.5"}
+        for scores in per_guidance.values():
+            assert scores["psnr_db_min"] >= PSNR_FLOOR_DB, scores
+            assert 0.9 <= scores["ssim_mean"] <= 1.0, scores
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "onnxruntime",
+        pytest.param(
+            "openvino",
+            marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="pip install openvino"),
+        ),
+    ],
+)
+def test_int8_runs_on_cpu_backends_near_the_float_image(int8_bundle, backend) -> None:
+    float_image = Pipeline.load(int8_bundle, backend=backend, precision="fp32")("a red car", **CALL).images
+    pipe = Pipeline.load(int8_bundle, backend=backend, precision="int8")
+    assert pipe.variants["unet"].name == "int8-qdq" and pipe.variants["text_encoder"].name == "fp32"
+    image = pipe("a red car", **CALL).images
+    score = psnr(float_image, image)
+    print(f"{backend}: INT8 vs float {score:.1f} dB")
+    assert PSNR_FLOOR_DB <= score < 80, score  # close, and really different (the INT8 graph ran)
+    # "auto" takes the bundle's preferred variant: the INT8 U-Net.
+    assert Pipeline.load(int8_bundle, backend=backend).variants["unet"].name == "int8-qdq"
+
+
+def test_int8_on_a_float_bundle_is_a_one_line_error(tiny_lcm_bundle) -> None:
+    with pytest.raises(UserError, match=r"has no int8 variant \(it has fp32\)"):
+        Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", precision="int8")
+
+
+def test_lcm_run_says_which_variant_ran(int8_bundle, tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lcm_export.runtime.cli", str(int8_bundle), "a cat", "--backend", "onnxruntime"]
+        + ["--output", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "unet int8-qdq" in result.stdout and "text_encoder fp32" in result.stdout
+
+
+def test_trajectories_are_recorded_once_and_hold_the_cfg_batch(tiny_cfg_bundle, tmp_path, monkeypatch) -> None:
+    """A CFG bundle at guidance > 1 records both halves of its batch; a second recording reads the cache."""
+    pipe = Pipeline.load(tiny_cfg_bundle, backend="onnxruntime", precision="fp32")
+    settings = TrajectorySettings(("a cat", "a dog"), steps=2, guidance_scale=1.5, height=32, width=32)
+    paths = record_trajectories(pipe, settings, folder=tmp_path / "samples")
+    assert len(paths) == 2 * 2
+    first = load_sample(paths[0])
+    assert first["sample"].shape[0] == 2 and first["encoder_hidden_states"].shape[0] == 2  # [uncond, cond]
+    assert not np.allclose(first["encoder_hidden_states"][0], first["encoder_hidden_states"][1])
+    calls: list[int] = []
+    original = Pipeline.__call__
+    monkeypatch.setattr(Pipeline, "__call__", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = record_trajectories(pipe, settings, folder=tmp_path / "samples")
+    assert again == paths and not calls
+
+
+def test_the_float_rule_finds_the_layers_it_names(int8_bundle) -> None:
+    import onnx
+
+    model = onnx.load(str(int8_bundle / "unet" / "model.onnx"), load_external_data=False)
+    keep = float_nodes(model)
+    assert keep[:2] == ["/unet/conv_in/Conv", "/unet/conv_out/Conv"]
+    assert any("time_embedding" in name for name in keep)
+    products = [name for name in keep if name.endswith(("attn1/MatMul", "attn1/MatMul_1"))]
+    assert products, keep  # Q.K^T and softmax.V of the self-attention
+    assert not any(name.endswith("to_q/MatMul") for name in keep)  # weight MatMuls are quantised
+
+
+def test_int8_on_an_unseen_shape_and_a_lora_bundle(tmp_path) -> None:
+    """Other block counts, head dims and VAE depth; and a base SD with a LoRA fused (CFG, both halves)."""
+    from lcm_export.exporter.bundle import LoraSource
+    from lcm_export.exporter.tiny import build_tiny_lora
+
+    model = build_tiny_pipeline(
+        tmp_path / "unseen",
+        TinyPipelineConfig(
+            unet_block_out_channels=(32, 32, 64),
+            unet_down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            unet_up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=(4, 8, 8),
+            cross_attention_dim=48,
+            text_hidden_size=48,
+            time_cond_proj_dim=20,
+            vae_block_out_channels=(16, 32, 32),
+            sample_size=8,
+        ),
+    )
+    bundle = export(model, tmp_path / "unseen-int8", precision="int8", calibration_size=4)
+    assert [v.name for v in load_manifest(bundle).components["unet"].variants] == ["int8-qdq"]  # no --keep-fp32
+    assert not (bundle / "unet" / "model.onnx").exists()
+    report = load_manifest(bundle).components["unet"].variants[0].details["quality"]
+    assert min(s["psnr_db_min"] for d in report["sets"].values() for s in d.values()) >= PSNR_FLOOR_DB
+
+    base = build_tiny_pipeline(tmp_path / "sd", TinyPipelineConfig(kind="sd"))
+    lora = build_tiny_lora(tmp_path / "lcm.safetensors", base, rank=4, target_modules=("to_q", "to_v", "conv1"))
+    cfg = export(base, tmp_path / "cfg-int8", precision="int8", loras=(LoraSource(str(lora)),), calibration_size=4)
+    int8 = load_manifest(cfg).components["unet"].variants[0]
+    assert int8.produced_by["calibration"]["guidance"] == [1.0, 1.5]
+    assert int8.produced_by["calibration"]["unet_calls"] == 2 * 4 * 4  # two guidances x 4 prompts x 4 steps
+    assert set(int8.details["quality"]["sets"]["held_out"]) == {"1", "1.5"}
+    for scores in int8.details["quality"]["sets"]["held_out"].values():
+        assert scores["psnr_db_min"] >= PSNR_FLOOR_DB, scores
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx_bindings") is None, reason="pip install 'lcm-edge[tensorrt]'"
+)
+def test_tensorrt_rtx_builds_an_int8_engine_from_the_qdq_unet(tiny_lcm_dir, tmp_path) -> None:
+    bundle = export(tiny_lcm_dir, tmp_path / "trt-int8", target="tensorrt", precision="int8", calibration_size=2)
+    manifest = load_manifest(bundle, verify="full")
+    unet = manifest.components["unet"].artifacts["tensorrt"]
+    assert unet.precision == "int8" and unet.produced_by["from"] == "unet/model-int8.onnx"
+    assert (bundle / unet.path).stat().st_size > 50_000
