@@ -70,6 +70,9 @@ class Settings:
     re_export: bool
     command: str
     report_only: bool = False
+    calibration_size: int = 8
+    calibration_resolution: int = 256
+    only_engines: tuple[str, ...] = ()  # empty: every engine
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class Engine:
     # Another engine whose compile cache this one reads (the same compiled graphs: saves gigabytes of disk); its
     # first load then finds a warm cache.
     shares_cache_of: str | None = None
+    # False: loaded and run once for its image (a quality reference), not timed against the others.
+    timed: bool = True
 
     def cache_name(self) -> str:
         return self.shares_cache_of or self.name
@@ -169,25 +174,60 @@ def build_models(settings: Settings) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def export_jobs(settings: Settings) -> dict[str, list[str]]:
+    """Each bundle's exporter options beyond the model: full VAE, tiny VAE, and both with an INT8 U-Net."""
+    tiny = ["--tiny-vae", str(settings.work_dir / "taesd")]
+    int8 = [
+        "--precision",
+        "int8",
+        "--calibration-size",
+        str(settings.calibration_size),
+        "--calibration-resolution",
+        str(settings.calibration_resolution),
+    ]
+    return {"full": [], "fast": tiny, "int8": [*int8, "--keep-fp32"], "fast-int8": [*tiny, *int8]}
+
+
+def bundle_summary(bundle: Path) -> dict[str, Any]:
+    """Bytes on disk per component folder and in all, and the INT8 variant's calibration and quality report."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    sizes = {
+        folder.name: sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+        for folder in bundle.iterdir()
+        if folder.is_dir()
+    }
+    summary: dict[str, Any] = {"bytes": sum(path.stat().st_size for path in bundle.rglob("*") if path.is_file())}
+    summary["component_bytes"] = sizes
+    for variant in manifest["components"]["unet"]["variants"]:
+        if variant["precision"] == "int8":
+            summary["unet_int8_bytes"] = sum((bundle / path).stat().st_size for path in variant["files"])
+            summary["calibration"] = variant.get("produced_by", {}).get("calibration")
+            summary["quality"] = variant.get("quality")
+    return summary
+
+
 def export_bundles(settings: Settings) -> dict[str, Any]:
-    """Export the full-VAE and the tiny-VAE bundles with lcm-export, each timed in its own process."""
+    """Export every bundle of ``export_jobs`` with lcm-export, each timed in its own process (reused while its
+    command is unchanged)."""
     metrics_path = settings.work_dir / "exports.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     model = settings.work_dir / "sd15-lcm"
-    jobs = {
-        "full": [],
-        "fast": ["--tiny-vae", str(settings.work_dir / "taesd")],
-    }
-    for name, extra in jobs.items():
+    for name, extra in export_jobs(settings).items():
         bundle = settings.work_dir / f"bundle-{name}"
-        if (bundle / "manifest.json").is_file() and name in metrics and not settings.re_export:
-            log(f"export {name}: reusing {bundle} (exported in {metrics[name]['seconds']:.0f} s)")
-            continue
         command = [sys.executable, "-m", "lcm_export.exporter.cli", str(model), "-o", str(bundle), "--overwrite"]
         command += [*extra, "--quiet"]
+        known = metrics.get(name, {})
+        if (
+            (bundle / "manifest.json").is_file()
+            and known.get("command") == shlex.join(command)
+            and not settings.re_export
+        ):
+            log(f"export {name}: reusing {bundle} (exported in {known['seconds']:.0f} s)")
+            continue
         log(f"export {name}: {shlex.join(command)}")
         result = measured(command, settings.work_dir / "logs" / f"export-{name}.log")
         metrics[name] = {**result, "command": shlex.join(command), "date": time.strftime("%Y-%m-%d %H:%M")}
+        metrics[name]["bundle"] = bundle_summary(bundle)
         log(f"export {name}: {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -301,7 +341,41 @@ def setup_optimum(settings: Settings) -> dict[str, Any]:
         log(f"optimum-intel export: {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
     info["export"] = json.loads(metrics_path.read_text())
     info["model"] = str(ov_dir)
+    info.update(build_optimum_int8(settings, python, ov_dir))
     return info
+
+
+def build_optimum_int8(settings: Settings, python: str, ov_dir: Path) -> dict[str, Any]:
+    """The peer's fast pipelines from optimum-intel's IR: TAESD decoder (float U-Net), and the same with an NNCF
+    INT8 U-Net calibrated like ours (the prompts, steps, guidance and size our fast INT8 bundle's manifest records),
+    built once per calibration, timed with its peak RSS in its own process (``worker.py optimum-int8``)."""
+    from lcm_export.calibration.prompts import CALIBRATION_PROMPTS
+
+    manifest = json.loads((settings.work_dir / "bundle-fast-int8" / "manifest.json").read_text())
+    variant = next(v for v in manifest["components"]["unet"]["variants"] if v["precision"] == "int8")
+    calibration = variant["produced_by"]["calibration"]
+    job = {
+        "ir": str(ov_dir),
+        "taesd": str(settings.work_dir / "taesd"),
+        "fast": str(settings.work_dir / "optimum-ov-fast"),
+        "int8": str(settings.work_dir / "optimum-ov-fast-int8"),
+        "prompts": list(CALIBRATION_PROMPTS[: calibration["prompts"]]),
+        "size": calibration["size"][0],
+        "steps": calibration["steps"],
+        "guidance": calibration["guidance"][0],
+    }
+    metrics_path = settings.work_dir / "optimum-int8.json"
+    known = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if known.get("job") != job or not (Path(job["int8"]) / "model_index.json").exists():
+        command = [python, str(WORKER), "optimum-int8", json.dumps(job)]
+        log(f"optimum-intel INT8 (NNCF) + TAESD: {len(job['prompts'])} prompts at {job['size']} px")
+        result = measured(command, settings.work_dir / "logs" / "optimum-int8.log")
+        known = {**result, "job": job, "date": time.strftime("%Y-%m-%d %H:%M")}
+        metrics_path.write_text(json.dumps(known, indent=2) + "\n")
+        log(f"optimum-intel INT8: {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
+    unet = Path(job["int8"]) / "unet"
+    known["unet_int8_bytes"] = sum(path.stat().st_size for path in unet.iterdir() if path.is_file())
+    return {"int8": known, "model_fast": job["fast"], "model_fast_int8": job["int8"]}
 
 
 def openvino_default_precision() -> str:
@@ -325,7 +399,9 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
 
     def ours(backend: str, precision: str, bundle: str, low_memory: bool = False) -> dict[str, Any]:
         # What the precision option resolves to, so equal computations share a key (and a run).
-        if backend == "onnxruntime":
+        if precision == "int8":
+            pass  # the bundle's INT8 variant, on either backend
+        elif backend == "onnxruntime":
             precision = "fp32"  # the CPU provider runs the bundle's fp32 graph
         elif backend == "openvino" and precision == "auto" and ov_default == "f32":
             precision = "fp32"
@@ -362,6 +438,22 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
             8,
             shares_cache_of="ours-default",  # low_memory changes no compiled graph, only how memory is allocated
         ),
+        engine("ours-int8", "ours INT8 (onnxruntime)", "lcm-export", ours("onnxruntime", "int8", "bundle-int8"), 1),
+        engine(
+            "ours-fast-int8",
+            "ours fast INT8 (tiny VAE, onnxruntime)",
+            "lcm-export",
+            ours("onnxruntime", "int8", "bundle-fast-int8"),
+            2,
+        ),
+        engine("ours-openvino-int8", "ours OpenVINO INT8", "lcm-export", ours("openvino", "int8", "bundle-int8"), 6),
+        engine(
+            "ours-openvino-fast-int8",
+            "ours OpenVINO fast INT8 (tiny VAE)",
+            "lcm-export",
+            ours("openvino", "int8", "bundle-fast-int8"),
+            6,
+        ),
     ]
     if optimum is not None:
         venv = optimum_python()
@@ -380,7 +472,29 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
                 5,
                 venv,
             ),
+            engine(
+                "optimum-fast-int8",
+                "OpenVINO via optimum-intel, NNCF INT8 U-Net + TAESD",
+                "optimum-intel",
+                {**default, "model": optimum["model_fast_int8"]},
+                2,
+                venv,
+            ),
+            engine(
+                "optimum-fast",
+                "OpenVINO via optimum-intel, float U-Net + TAESD (image reference)",
+                "optimum-intel",
+                {**default, "model": optimum["model_fast"]},
+                2,
+                venv,
+                timed=False,
+            ),
         ]
+    if settings.only_engines:
+        unknown = set(settings.only_engines) - {engine.name for engine in engines}
+        if unknown:
+            raise SystemExit(f"error: --engines: unknown {', '.join(sorted(unknown))}")
+        engines = [engine for engine in engines if engine.name in settings.only_engines]
     return sorted(engines, key=lambda engine: engine.group_order)
 
 
@@ -472,7 +586,8 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
         log(f"{size}px {engine.name}: first load ({'empty cache' if not cache.exists() else 'shared warm cache'})")
         worker = Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
         ready = worker.ready()
-        worker.send(run_command(settings, size, 10_000))
+        # The same seed and prompt for every engine: its image is the one the image checks compare.
+        worker.send(run_command(settings, size, 10_000, images / f"{engine.name}.npy"))
         bye = worker.quit()
         # Second load right away, in a new process: a restart of the app (warm compile cache, files recently read).
         second = Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
@@ -494,7 +609,7 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
     # 2. Groups that fit in memory together, in the order that keeps compared engines side by side.
     budget = settings.memory_budget_gb or 0.8 * mem_available_gb()
     groups: list[list[Engine]] = []
-    for engine in runnable:
+    for engine in (engine for engine in runnable if engine.timed):
         need = results[engine.name]["probe_peak_rss_gb"] * 1.1
         if groups and sum(results[e.name]["probe_peak_rss_gb"] * 1.1 for e in groups[-1]) + need <= budget:
             groups[-1].append(engine)
@@ -513,8 +628,7 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
             workers[engine.name] = worker
         for round_index in range(-settings.warmup, settings.runs):
             for name, worker in workers.items():
-                save = images / f"{name}.npy" if round_index == 0 else None
-                reply = worker.send(run_command(settings, size, round_index, save))
+                reply = worker.send(run_command(settings, size, round_index))
                 if round_index >= 0:
                     results[name]["runs"].append(reply)
                 log(
@@ -528,16 +642,33 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
             if engine.cache_name() not in later:
                 shutil.rmtree(settings.work_dir / "cache" / f"{engine.cache_name()}-{size}", ignore_errors=True)
     for result in results.values():
-        result["median"] = {
-            stage: statistics.median(run.get(stage, 0.0) for run in result["runs"])
-            for stage in ("total", "unet", "vae_decode", "text_encoder")
-        }
+        if result["runs"]:  # engines run only for their image have none
+            result["median"] = {
+                stage: statistics.median(run.get(stage, 0.0) for run in result["runs"])
+                for stage in ("total", "unet", "vae_decode", "text_encoder")
+            }
     rows = {engine.name: {**results[aliases[engine.name]], "same_as": aliases[engine.name]} for engine in engines}
     return {"rows": rows, "groups": [[e.name for e in g] for g in groups], "images": image_checks(images, aliases)}
 
 
+# PSNR pairs (quantised or default precision, its float reference with the same weights and decoder).
+PSNR_PAIRS = (
+    ("ours-default", "ours-parity"),
+    ("ours-openvino-default", "ours-openvino-fp32"),
+    ("ours-int8", "ours-default"),
+    ("ours-fast-int8", "ours-fast"),
+    ("ours-openvino-fast-int8", "ours-fast"),
+    ("optimum-fast-int8", "optimum-fast"),
+)
+
+
+def psnr_key(image: str, reference: str) -> str:
+    return f"{image} vs {reference} PSNR dB"
+
+
 def image_checks(folder: Path, aliases: dict[str, str]) -> dict[str, Any]:
-    """Parity (max abs difference against diffusers) and PSNR of default against parity, from round 1's images."""
+    """Parity (max abs difference against diffusers) and PSNR of each of ``PSNR_PAIRS``, from the images of the
+    first-load run (the same seed and prompt for every engine)."""
     import numpy as np
 
     def load(name: str):
@@ -554,10 +685,10 @@ def image_checks(folder: Path, aliases: dict[str, str]) -> dict[str, Any]:
         image = load(name)
         if reference is not None and image is not None:
             checks[f"{name} vs diffusers max abs"] = float(np.abs(image - reference).max())
-    for default, parity in (("ours-default", "ours-parity"), ("ours-openvino-default", "ours-openvino-fp32")):
+    for default, parity in PSNR_PAIRS:
         first, second = load(default), load(parity)
         if first is not None and second is not None:
-            checks[f"{default} vs {parity} PSNR dB"] = psnr(second, first)
+            checks[psnr_key(default, parity)] = psnr(second, first)
     return checks
 
 
@@ -573,9 +704,14 @@ def ratios(sizes: dict[str, Any], exports: dict[str, Any]) -> list[dict[str, Any
 
     def ratio(rows: dict[str, Any], numerator: str, denominator: str) -> float | None:
         """End-to-end median of ``numerator`` over ``denominator`` (None when either did not run)."""
-        if numerator not in rows or denominator not in rows:
+        if "median" not in rows.get(numerator, {}) or "median" not in rows.get(denominator, {}):
             return None
         return rows[numerator]["median"]["total"] / rows[denominator]["median"]["total"]
+
+    def unet_per_call(row: dict[str, Any] | None) -> float | None:
+        if not row or "median" not in row:
+            return None
+        return row["median"]["unet"] / (row["runs"][0].get("unet_calls") or 1)
 
     for size, data in sizes.items():
         rows = data["rows"]
@@ -601,10 +737,38 @@ def ratios(sizes: dict[str, Any], exports: dict[str, Any]) -> list[dict[str, Any
             add(
                 f"{size}px default peak RSS below OpenVINO default's ({theirs and round(theirs, 2)} GB)", ours, "<", met
             )
+        add_int8_checks(rows, size, size == max(sizes), add, ratio, unet_per_call, data["images"])
     for name, metrics in exports.items():
-        add(f"export {name} time (s)", metrics["seconds"], "≤ 300", metrics["seconds"] <= 300)
+        limit = 600 if "int8" in name else 300  # INT8: the export with its calibration and quality report
+        add(f"export {name} time (s)", metrics["seconds"], f"≤ {limit}", metrics["seconds"] <= limit)
         add(f"export {name} peak RSS (GB)", metrics["peak_rss_gb"], "≤ 12", metrics["peak_rss_gb"] <= 12)
     return checks
+
+
+def add_int8_checks(rows, size, largest, add, ratio, unet_per_call, images) -> None:
+    """The INT8 issue's targets: U-Net speed-up, fast INT8 against diffusers and the peer, memory, image quality."""
+    for int8, float_ in (("ours-int8", "ours-default"), ("ours-fast-int8", "ours-fast")):
+        quantised, reference = unet_per_call(rows.get(int8)), unet_per_call(rows.get(float_))
+        value = reference / quantised if quantised and reference else None
+        add(f"{size}px U-Net per call {float_} / {int8}", value, "≥ 1.5", None if value is None else value >= 1.5)
+    value = ratio(rows, "diffusers", "ours-fast-int8")
+    add(f"{size}px fast INT8 speed-up over diffusers fp32", value, "≥ 3.5", None if value is None else value >= 3.5)
+    value = ratio(rows, "ours-fast-int8", "optimum-fast-int8")
+    add(
+        f"{size}px fast INT8 / peer INT8 (optimum-intel NNCF + TAESD)",
+        value,
+        "≤ 1",
+        None if value is None else value <= 1,
+    )
+    if largest:
+        value = rows.get("ours-fast-int8", {}).get("peak_rss_gb")
+        add(f"{size}px fast INT8 peak RSS (GB)", value, "≤ 2", None if value is None else value <= 2)
+    ours, peer = (
+        images.get(psnr_key("ours-fast-int8", "ours-fast")),
+        images.get(psnr_key("optimum-fast-int8", "optimum-fast")),
+    )
+    met = None if ours is None or peer is None else ours >= peer
+    add(f"{size}px PSNR (dB) fast INT8 vs its float, ours ≥ peer's ({peer and round(peer, 2)} dB)", ours, "≥ peer", met)
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -644,7 +808,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             info = row.get("info", {})
             backend = f"{info.get('backend', '?')}, {'/'.join(info.get('inference_precision', []))}"
             alias = f" (= {row['same_as']})" if row["same_as"] != name else ""
-            median = row["median"]
+            if "median" not in row:  # run once for its image only
+                median = {"total": None, "unet": None, "vae_decode": None, "text_encoder": None}
+            else:
+                median = row["median"]
             totals = [run["total"] for run in row.get("runs", [])]
             spread = f"{min(totals):.1f}–{max(totals):.1f}" if totals else "—"
             lines.append(
@@ -658,20 +825,52 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             lines.append("Images: " + "; ".join(f"{k} {v:.3g}" for k, v in data["images"].items()) + ".")
         lines.append("")
     lines += work_and_rate_lines(results)
-    lines += ["## Targets (issue 10)", "", "| check | measured | target | met |", "|---|---|---|---|"]
+    lines += ["## Targets (issue 10; INT8 issue)", "", "| check | measured | target | met |", "|---|---|---|---|"]
     for check in results["checks"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
         lines.append(f"| {check['check']} | {_number(check['value'])} | {check['target']} | {met} |")
     lines += ["", "## Exports", ""]
     for name, metrics in results["exports"].items():
+        bundle = metrics.get("bundle", {})
+        size = f", bundle {bundle['bytes'] / GIGABYTE:.2f} GB" if bundle else ""
+        if "unet_int8_bytes" in bundle:
+            size += f" (INT8 U-Net {bundle['unet_int8_bytes'] / GIGABYTE:.2f} GB)"
         lines.append(
-            f"- {name}: {metrics['seconds']:.0f} s, peak RSS {metrics['peak_rss_gb']:.2f} GB — `{metrics['command']}`"
+            f"- {name}: {metrics['seconds']:.0f} s, peak RSS {metrics['peak_rss_gb']:.2f} GB{size} — "
+            f"`{metrics['command']}`"
         )
+        if bundle.get("calibration"):
+            lines.append(f"  - calibration: {json.dumps(bundle['calibration'])}")
+        if bundle.get("quality"):
+            lines.append(
+                f"  - manifest quality report (INT8 vs float, same decoder): {quality_summary(bundle['quality'])}"
+            )
     if results.get("optimum"):
         export = results["optimum"]["export"]
         lines.append(f"- optimum-intel IR export: {export['seconds']:.0f} s, peak RSS {export['peak_rss_gb']:.2f} GB")
+        int8 = results["optimum"].get("int8")
+        if int8:
+            job = int8["job"]
+            lines.append(
+                f"- peer INT8 (TAESD decoder to IR, then `nncf.quantize` of optimum-intel's U-Net IR on the inputs "
+                f"of {len(job['prompts'])} prompts × {job['steps']} steps at {job['size']} px, guidance "
+                f"{job['guidance']}, "
+                f"recorded from optimum-intel's own pipeline): {int8['seconds']:.0f} s, peak RSS "
+                f"{int8['peak_rss_gb']:.2f} GB, INT8 U-Net IR {int8['unet_int8_bytes'] / GIGABYTE:.2f} GB"
+            )
     lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     path.write_text("\n".join(lines))
+
+
+def quality_summary(quality: dict[str, Any]) -> str:
+    """One line from the manifest's INT8 quality report: mean and min PSNR per prompt set and guidance."""
+    parts = [
+        f"{name} g{guidance}: PSNR {metrics['psnr_db_mean']} dB mean / {metrics['psnr_db_min']} min "
+        f"({metrics['prompts']} prompts)"
+        for name, by_guidance in quality.get("sets", {}).items()
+        for guidance, metrics in by_guidance.items()
+    ]
+    return f"{quality.get('size')} px, {quality.get('steps')} steps: " + "; ".join(parts)
 
 
 def work_and_rate_lines(results: dict[str, Any]) -> list[str]:
@@ -708,7 +907,7 @@ def work_and_rate_lines(results: dict[str, Any]) -> list[str]:
             rate = counts["unet"] * calls / row["median"]["unet"] / giga
             rates.append(f"{name} {rate:.0f} ({rate / peak:.0%})")
         lines.append(f"{size} px, U-Net GFLOP/s (share of the matmul rate): {'; '.join(rates)}.")
-        if "diffusers" in rows and "ours-fast" in rows:
+        if "median" in rows.get("diffusers", {}) and "median" in rows.get("ours-fast", {}):
             fast = rows["ours-fast"]
             target = rows["diffusers"]["median"]["total"] / 4
             rest = fast["median"]["total"] - fast["median"]["unet"]
@@ -736,7 +935,7 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     colors = {"text_encoder": "#8da0cb", "unet": "#fc8d62", "vae_decode": "#66c2a5", "other": "#bbbbbb"}
     for axis, size in zip(axes[0], sizes, strict=True):
         rows = results["sizes"][size]["rows"]
-        names = list(rows)
+        names = [name for name in rows if "median" in rows[name]]
         left = [0.0] * len(names)
         for stage, color in colors.items():
             values = []
@@ -784,6 +983,16 @@ def notes(results: dict[str, Any]) -> list[str]:
                 f"At {size} px an engine's end-to-end times spread by up to {spreads[worst]:.0%} of its median across "
                 f"its runs ({worst}): a ratio within that margin of its target is not decided by this run."
             )
+    found += [
+        "INT8 rows: the exporter's QDQ U-Net (per-channel s8 weights, u8 activations, MinMax on the bundle's own "
+        "4-step trajectories; first/last conv, time embeddings and attention activation products float) on "
+        "onnxruntime's CPU provider. Peer INT8: optimum-intel's pipeline with its U-Net IR quantised by "
+        "`nncf.quantize` (model_type TRANSFORMER, bias correction off, as OpenVINO's LCM notebook) and TAESD's decoder "
+        "converted to IR (openvino.convert_model of diffusers' AutoencoderTiny decoder) in place of the VAE decoder.",
+        "PSNR of INT8 against float compares images from the same seed and prompt (the first-load run) with the same "
+        "decoder; optimum-fast (float U-Net + TAESD) runs only for that image. Random weights: PSNR shows how far "
+        "quantisation moves the output of these weights, not the quality of a trained model's images.",
+    ]
     default_precision = results.get("openvino_default_precision")
     if default_precision == "f32":
         found.append(
@@ -808,6 +1017,9 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="default: 80%% of available memory")
     parser.add_argument("--re-export", action="store_true", help="export the bundles again (and time it)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 256 px, 2 runs, no optimum-intel")
+    parser.add_argument("--calibration-size", type=int, default=8, help="INT8 bundles: calibration prompts")
+    parser.add_argument("--calibration-resolution", type=int, default=256, help="INT8 bundles: calibration size (px)")
+    parser.add_argument("--engines", nargs="+", default=[], help="run only these rows (default: every engine)")
     parser.add_argument(
         "--relock-optimum",
         action="store_true",
@@ -842,6 +1054,9 @@ def parse_settings(argv: list[str] | None) -> Settings:
         re_export=args.re_export,
         command=command.strip(),
         report_only=args.report_only,
+        calibration_size=args.calibration_size,
+        calibration_resolution=args.calibration_resolution,
+        only_engines=tuple(args.engines),
     )
 
 

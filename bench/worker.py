@@ -11,8 +11,11 @@ Commands: ``{"cmd": "run", "size": 256, "steps": 4, "guidance": 8.0, "seed": 0, 
 Every engine gets the same initial latents and per-step noise (drawn with numpy from ``seed``), so images of
 engines that share weights can be compared.
 
-Also ``python worker.py measure -- CMD...``: runs CMD and prints its wall time and peak RSS as JSON, and
-``python worker.py optimum-export MODEL OUTPUT``: exports a diffusers folder to OpenVINO IR with optimum-intel.
+Also ``python worker.py measure -- CMD...``: runs CMD and prints its wall time and peak RSS as JSON;
+``python worker.py optimum-export MODEL OUTPUT``: exports a diffusers folder to OpenVINO IR with optimum-intel; and
+``python worker.py optimum-int8 '<JSON>'``: the peer's fast INT8 pipeline (FastSD CPU's recipe) from that IR: the
+TAESD decoder converted to IR in place of the VAE decoder, and the U-Net quantised with ``nncf.quantize`` on inputs
+recorded from optimum-intel's own pipeline (as OpenVINO's LCM notebook does).
 """
 
 from __future__ import annotations
@@ -321,11 +324,105 @@ def optimum_export(model: str, output: str) -> None:
     pipe.save_pretrained(output)
 
 
+def _link_tree(source: Path, target: Path, replaced: str) -> None:
+    """``target`` mirrors ``source`` with symlinks (no copy of gigabytes of IR), except the subfolder ``replaced``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name != replaced and not (target / entry.name).exists():
+            (target / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+
+
+def _taesd_decoder_ir(taesd_dir: Path, output_dir: Path, latent_size: int) -> None:
+    """TAESD's decoder as OpenVINO IR under optimum-intel's VAE decoder names (``latent_sample`` -> ``sample``)."""
+    import shutil
+
+    import openvino
+    import torch
+    from diffusers import AutoencoderTiny
+
+    vae = AutoencoderTiny.from_pretrained(str(taesd_dir)).eval()
+
+    class Decoder(torch.nn.Module):  # (1, 4, H/8, W/8) -> (1, 3, H, W) in [-1, 1], as AutoencoderTiny.decode
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = vae.decoder
+
+        def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+            return self.decoder(latent_sample)
+
+    example = torch.zeros(1, 4, latent_size, latent_size)
+    with torch.no_grad():
+        model = openvino.convert_model(Decoder(), example_input=example, input=[(-1, 4, -1, -1)])
+    model.inputs[0].get_tensor().set_names({"latent_sample"})
+    model.outputs[0].get_tensor().set_names({"sample"})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    openvino.save_model(model, str(output_dir / "openvino_model.xml"), compress_to_fp16=False)
+    shutil.copy(taesd_dir / "config.json", output_dir / "config.json")  # scaling_factor 1.0: what decode divides by
+
+
+def optimum_int8(job: dict[str, Any]) -> None:
+    """The peer's fast INT8 pipeline: ``job`` = {ir, taesd, fast, int8, prompts, size, steps, guidance}.
+
+    ``fast``: optimum-intel's IR with TAESD's decoder in place of the VAE decoder (float U-Net); ``int8``: the same
+    with the U-Net quantised by NNCF's post-training quantisation (``model_type=TRANSFORMER``, bias correction off:
+    OpenVINO's LCM notebook), calibrated on the U-Net inputs of optimum-intel's own pipeline running ``prompts``.
+    """
+    import shutil
+
+    import nncf
+    import openvino
+    from optimum.intel import OVLatentConsistencyModelPipeline
+
+    ir, fast, int8 = Path(job["ir"]), Path(job["fast"]), Path(job["int8"])
+    for folder in (fast, int8):
+        shutil.rmtree(folder, ignore_errors=True)
+    _link_tree(ir, fast, replaced="vae_decoder")
+    _taesd_decoder_ir(Path(job["taesd"]), fast / "vae_decoder", int(job["size"]) // 8)
+
+    pipe = OVLatentConsistencyModelPipeline.from_pretrained(
+        str(fast), ov_config={"INFERENCE_PRECISION_HINT": "f32"}, compile=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    recorded: list[dict[str, np.ndarray]] = []
+    request = pipe.unet.request
+
+    def recording(inputs: dict[str, Any], **kwargs):  # what optimum-intel feeds its compiled U-Net, per call
+        recorded.append({name: np.array(value) for name, value in inputs.items()})
+        return request(inputs, **kwargs)
+
+    pipe.unet.request = recording
+    for prompt in job["prompts"]:
+        pipe(
+            prompt,
+            height=int(job["size"]),
+            width=int(job["size"]),
+            num_inference_steps=int(job["steps"]),
+            guidance_scale=float(job["guidance"]),
+            output_type="np",
+        )
+    del pipe
+    unet = openvino.Core().read_model(str(ir / "unet" / "openvino_model.xml"))
+    quantized = nncf.quantize(
+        unet,
+        nncf.Dataset(recorded),
+        subset_size=len(recorded),
+        model_type=nncf.ModelType.TRANSFORMER,
+        advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True),
+    )
+    _link_tree(fast, int8, replaced="unet")
+    (int8 / "unet").mkdir()
+    openvino.save_model(quantized, str(int8 / "unet" / "openvino_model.xml"), compress_to_fp16=False)
+    shutil.copy(ir / "unet" / "config.json", int8 / "unet" / "config.json")
+    print(json.dumps({"calibration_unet_calls": len(recorded), "nncf": nncf.__version__}), file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["measure"]:
         measure(argv[argv.index("--") + 1 :])
     elif argv[:1] == ["optimum-export"]:
         optimum_export(argv[1], argv[2])
+    elif argv[:1] == ["optimum-int8"]:
+        optimum_int8(json.loads(argv[1]))
     else:
         serve(json.loads(argv[0]))
 

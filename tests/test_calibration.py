@@ -100,8 +100,17 @@ def test_int8_on_a_float_bundle_is_a_one_line_error(tiny_lcm_bundle) -> None:
 
 def test_lcm_run_says_which_variant_ran(int8_bundle, tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lcm_export.runtime.cli", str(int8_bundle), "a cat", "--backend", "onnxruntime"]
-        + ["--output", str(tmp_path / "x.png")],
+        [
+            sys.executable,
+            "-m",
+            "lcm_export.runtime.cli",
+            str(int8_bundle),
+            "a cat",
+            "--backend",
+            "onnxruntime",
+            "--output",
+            str(tmp_path / "x.png"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -396,7 +396,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         Conditioning.of_sd(pipeline_info), guidance_frequencies=guidance_frequencies(pipeline_info.time_cond_proj_dim)
     )
 
-    scheduler = scheduler_info(dict(loaded.pipeline.scheduler.config), config.max_steps)
+    scheduler = scheduler_info(dict(loaded.pipeline.scheduler.config), config.max_steps, loaded.guidance)
 
     def write_manifest(components: dict[str, Component], target: str = config.target) -> Manifest:
         """The manifest of what ``staging`` holds now (written again after each stage that adds files); before

@@ -20,9 +20,37 @@ def lcm_scheduler_from(config: dict[str, Any]) -> Any:
     return LCMScheduler.from_config(config)
 
 
+# Image-to-image strengths a bundle carries tables for (runs at other strengths are refused, not approximated).
+IMG2IMG_STRENGTHS = tuple(round(0.1 * tenth, 1) for tenth in range(1, 10))
+
+
 def step_table(scheduler: Any, num_inference_steps: int) -> StepTable:
     scheduler.set_timesteps(num_inference_steps)
-    timesteps = scheduler.timesteps  # int64 tensor
+    return _table(scheduler, scheduler.timesteps)
+
+
+def img2img_table(scheduler: Any, num_inference_steps: int, strength: float, guidance: str) -> StepTable | None:
+    """The table of an image-to-image run as diffusers makes it, or None where diffusers refuses the combination.
+
+    Distilled LCMs (``LatentConsistencyModelImg2ImgPipeline``) pass the strength to ``set_timesteps``: all steps run,
+    from a lower start. Base SD with LCM-LoRA (``StableDiffusionImg2ImgPipeline`` + ``LCMScheduler``) slices the
+    text-to-image schedule instead: only its last ``int(steps * strength)`` steps run, each stepping to the next
+    timestep of the full schedule, as ``set_begin_index`` makes the scheduler do.
+    """
+    if guidance == "embedding":
+        try:
+            scheduler.set_timesteps(num_inference_steps, strength=strength)
+        except ValueError:  # original_steps x strength shorter than the steps asked for
+            return None
+        return _table(scheduler, scheduler.timesteps)
+    full = step_table(scheduler, num_inference_steps)
+    start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+    if start >= num_inference_steps:
+        return None  # no step would run: diffusers raises
+    return StepTable(**{name: tuple(values[start:]) for name, values in full.to_json().items()})
+
+
+def _table(scheduler: Any, timesteps: Any) -> StepTable:
     columns: dict[str, list] = {name: [] for name in StepTable.__dataclass_fields__}
     for index, timestep in enumerate(timesteps):
         next_timestep = timesteps[index + 1] if index + 1 < len(timesteps) else timestep
@@ -39,13 +67,20 @@ def step_table(scheduler: Any, num_inference_steps: int) -> StepTable:
     return StepTable(**{name: tuple(values) for name, values in columns.items()})
 
 
-def scheduler_info(config: dict[str, Any], max_steps: int) -> SchedulerInfo:
-    """Tables for 1..``max_steps`` steps (capped by the schedule's length) and the step's options."""
+def scheduler_info(config: dict[str, Any], max_steps: int, guidance: str = "embedding") -> SchedulerInfo:
+    """Tables for 1..``max_steps`` steps (capped by the schedule's length), image-to-image tables at
+    :data:`IMG2IMG_STRENGTHS` for the pipeline kind (``guidance``), and the step's options."""
     scheduler = lcm_scheduler_from(config)
     original_steps = int(scheduler.config.original_inference_steps)
     if max_steps < 1:
         raise ExportError(f"--max-steps {max_steps}: pass at least 1")
     tables = {steps: step_table(scheduler, steps) for steps in range(1, min(max_steps, original_steps) + 1)}
+    partial_tables = {}
+    for steps in tables:
+        for strength in IMG2IMG_STRENGTHS:
+            table = img2img_table(scheduler, steps, strength, guidance)
+            if table is not None:
+                partial_tables[(steps, strength)] = table
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ExportError(f"scheduler prediction_type {prediction_type!r} is not supported by the LCM step")
@@ -59,6 +94,7 @@ def scheduler_info(config: dict[str, Any], max_steps: int) -> SchedulerInfo:
         dynamic_thresholding_ratio=float(scheduler.config.dynamic_thresholding_ratio),
         sample_max_value=float(scheduler.config.sample_max_value),
         config={key: value for key, value in dict(scheduler.config).items() if not key.startswith("_")},
+        partial_tables=partial_tables,
     )
 
 

@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="give each stage's working memory back after it runs: lower peak memory, a few %% slower",
     )
     parser.add_argument("--quiet", "-q", action="store_true")
+    image = parser.add_argument_group("image-to-image")
+    image.add_argument("--image", type=Path, default=None, help="input image (PNG, JPEG, ...): image-to-image")
+    image.add_argument("--strength", type=float, default=0.5, help="how much of the image is replaced, (0, 1]")
+    image.add_argument(
+        "--stream",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a folder of frames (one size), each styled in turn into the --output folder; reports frames/s",
+    )
     profile = parser.add_argument_group(
         "profiling (--profile: time every stage over repeated runs; --output gets the last run's image)"
     )
@@ -146,6 +156,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stream is not None:
+        return run_stream(args)
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output '{args.output}': give a .png file name")
     check_output_writable(args.output)
@@ -162,16 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.load(
         args.bundle, backend=args.backend, precision=args.precision, threads=args.threads, low_memory=args.low_memory
     )
-    result = pipe(
-        args.prompt,
+    common = dict(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
-        height=args.height,
-        width=args.width,
         seed=args.seed,
     )
+    if args.image is not None:
+        for flag, value in (("--height", args.height), ("--width", args.width)):
+            if value is not None:
+                raise UserError(f"{flag} does not apply with --image: the image's own size is used")
+        result = pipe.img2img(args.image, args.prompt, strength=args.strength, **common)
+    else:
+        result = pipe(args.prompt, height=args.height, width=args.width, **common)
     paths = save_images(result.images, args.output)
     if not args.quiet:
         timings = result.timings
@@ -181,6 +197,48 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.steps} steps on {pipe.backend} in {timings['total']:.3f}s "
             f"(text {timings['text_encoder']:.3f}s, U-Net {unet:.3f}s, VAE {timings['vae_decode']:.3f}s); "
             f"variants: {pipe.variant_summary()}"
+        )
+    return 0
+
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    """``--stream DIR --output DIR``: every frame of DIR through one ``Pipeline.stream``; frames/s and latency."""
+    from lcm_export.runtime.pipeline import Pipeline
+
+    if args.image is not None:
+        raise UserError("--image and --stream are two modes: pass one (a folder of frames is --stream)")
+    if not args.stream.is_dir():
+        raise UserError(f"--stream '{args.stream}' is not a folder: pass a folder of frames (PNG, JPEG, ...)")
+    frames = sorted(path for path in args.stream.iterdir() if path.suffix.lower() in FRAME_SUFFIXES)
+    if not frames:
+        raise UserError(f"--stream '{args.stream}' holds no frames ({', '.join(FRAME_SUFFIXES)})")
+    if args.output.suffix:
+        raise UserError(f"--output '{args.output}': with --stream pass a folder for the styled frames")
+    if args.output.exists() and not args.output.is_dir():
+        raise UserError(f"--output '{args.output}' is a file: pass a folder")
+    check_output_writable(args.output / "frame.png")
+    pipe = Pipeline.load(
+        args.bundle, backend=args.backend, precision=args.precision, threads=args.threads, low_memory=args.low_memory
+    )
+    stream = pipe.stream(
+        args.prompt,
+        strength=args.strength,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+    )
+    for frame in frames:
+        save_images(stream(frame)[None], args.output / f"{frame.stem}.png")
+    latencies = np.array(stream.latencies[1:] or stream.latencies)  # the first frame also opens the encoder
+    if not args.quiet:
+        print(
+            f"{len(frames)} frames -> {args.output}: {1 / latencies.mean():.2f} frames/s, latency per frame median "
+            f"{np.median(latencies):.3f}s p90 {np.percentile(latencies, 90):.3f}s on {pipe.backend} "
+            f"({args.steps} steps at strength {args.strength:g}; variants: {pipe.variant_summary()})"
         )
     return 0
 

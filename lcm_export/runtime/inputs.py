@@ -53,6 +53,17 @@ def check_guidance(guidance_scale: Any) -> float:
     return value
 
 
+def check_strength(strength: Any) -> float:
+    """Image-to-image strength in (0, 1]: 1 replaces the image entirely, small values keep most of it."""
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(strength, bool) or not math.isfinite(value) or not 0 < value <= 1:
+        raise UserError(f"strength={strength!r}: pass a number in (0, 1] (e.g. 0.5)")
+    return value
+
+
 def check_prompts(prompt: Any, name: str = "prompt") -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):

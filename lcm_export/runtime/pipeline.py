@@ -24,6 +24,7 @@ import numpy as np
 from lcm_export.errors import NonFiniteError, UserError
 from lcm_export.runtime.backends import BackendOptions, backend_module, choose_backend
 from lcm_export.runtime.conditioning import TextConditioning, unet_conditioning_feeds
+from lcm_export.runtime.images import load_image
 from lcm_export.runtime.inputs import (
     MemoryModel,
     check_guidance,
@@ -32,6 +33,7 @@ from lcm_export.runtime.inputs import (
     check_negative_prompt,
     check_prompts,
     check_seed,
+    check_strength,
 )
 from lcm_export.runtime.manifest import Artifact, Manifest, load_manifest
 from lcm_export.runtime.scheduler import LCMScheduler
@@ -101,15 +103,26 @@ class Pipeline:
                 f"precision '{options.precision}': BUNDLE '{bundle_dir}' has no {options.precision} variant (it has "
                 f"{', '.join(have)}): pick one of those, or re-export with --precision {options.precision}"
             )
-        hashes = {entry.path: entry.sha256 for entry in manifest.files}
-        resolved = {name: manifest.components[name].resolved(self.variants[name], hashes) for name in needed}
-        self.sessions = {
-            name: module.open_session(bundle_dir, resolved[name], options, self._static_shapes(name)) for name in needed
-        }
-        self.input_dtypes = {name: {t.name: np.dtype(t.dtype) for t in resolved[name].spec.inputs} for name in needed}
+        self._module = module
+        self.sessions: dict[str, Any] = {}
+        self.input_dtypes: dict[str, dict[str, np.dtype]] = {}
+        for name in needed:
+            self._open(name)
         self.scheduler = LCMScheduler(manifest.scheduler)
         self.memory_model = MemoryModel.from_bundle(bundle_dir)
         self._prompt_cache: dict[tuple[str, ...], TextConditioning] = {}
+
+    def _open(self, name: str) -> None:
+        """Open ``name``'s session on its selected variant (the VAE encoder only when image-to-image needs it)."""
+        manifest = self.manifest
+        if name not in self.variants:
+            self.variants[name] = manifest.components[name].select(self._module.ARTIFACT_FORMAT, self.options.precision)
+        hashes = {entry.path: entry.sha256 for entry in manifest.files}
+        resolved = manifest.components[name].resolved(self.variants[name], hashes)
+        self.sessions[name] = self._module.open_session(
+            self.bundle_dir, resolved, self.options, self._static_shapes(name)
+        )
+        self.input_dtypes[name] = {t.name: np.dtype(t.dtype) for t in resolved.spec.inputs}
 
     @property
     def sequence_length(self) -> int:
@@ -317,19 +330,164 @@ class Pipeline:
         if latents is None:
             latents = rng.standard_normal(latent_shape, dtype=np.float32)
         latents = latents * np.float32(self.manifest.scheduler.init_noise_sigma)
-        if noise is None:
-            noise = [rng.standard_normal(latent_shape, dtype=np.float32) for _ in range(num_inference_steps - 1)]
-        elif len(noise) != num_inference_steps - 1 or any(np.shape(n) != latent_shape for n in noise):
-            raise UserError(
-                f"noise must be {num_inference_steps - 1} arrays of shape {list(latent_shape)} "
-                f"(one per step but the last); got {len(noise)}"
-            )
-        elif not all(np.isfinite(n).all() for n in noise):
-            raise UserError("noise contains NaN or inf: pass finite noise tensors")
+        noise = _draw_steps(noise, len(table.timesteps) - 1, latent_shape, rng)
 
+        # 3-6. Prompt encodings, the loop from the initial latents, the decode.
+        timings["prepare"] = time.perf_counter() - start
+        return self._generate(
+            prompts,
+            negatives,
+            negative_prompt,
+            num_images_per_prompt,
+            guidance_scale,
+            table,
+            latents,
+            noise,
+            height,
+            width,
+            observer,
+            timings,
+            start,
+        )
+
+    def img2img(
+        self,
+        image: Any,
+        prompt: str | list[str],
+        *,
+        strength: float = 0.5,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 4,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        sample_noise: np.ndarray | None = None,
+        image_noise: np.ndarray | None = None,
+        noise: list[np.ndarray] | None = None,
+        observer: Callable[[StepEvent], None] | None = None,
+    ) -> PipelineOutput:
+        """Image-to-image: ``image`` (a PIL image, a float (H, W, 3) array in [0, 1], or a path) is encoded by the
+        bundle's VAE encoder, noised to the first timestep of the ``strength`` schedule and denoised from there.
+
+        The timesteps are diffusers' for that strength and pipeline kind, computed at export (distilled:
+        ``LatentConsistencyModelImg2ImgPipeline``, all steps from a lower start; LCM-LoRA:
+        ``StableDiffusionImg2ImgPipeline`` + ``LCMScheduler``, the last ``int(steps * strength)`` steps). Every
+        random draw can be passed: ``sample_noise`` (the VAE's latent sample; not drawn by a tiny VAE),
+        ``image_noise`` (added to the encoded image), ``noise`` (one per step but the last), each latent-shaped.
+        """
+        start = time.perf_counter()
+        timings: dict[str, Any] = {"unet": [], "scheduler": []}
+        info = self.manifest.pipeline
+        prompts = check_prompts(prompt)
+        num_images_per_prompt = check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        num_inference_steps = check_integer("num_inference_steps", num_inference_steps, minimum=1)
+        strength = check_strength(strength)
+        guidance_scale = check_guidance(info.default_guidance_scale if guidance_scale is None else guidance_scale)
+        seed = check_seed(seed)
+        batch = len(prompts) * num_images_per_prompt
+        table = self.scheduler.table(num_inference_steps, strength)
+        negatives = check_negative_prompt(
+            negative_prompt, len(prompts), guidance_kind=info.guidance, guidance_scale=guidance_scale
+        )
+        if "vae_encoder" not in self.manifest.components:
+            raise UserError(f"BUNDLE '{self.bundle_dir}' has no vae_encoder: re-export it without --no-vae-encoder")
+        pixels = load_image(image, info.spatial_multiple)  # (H, W, 3) in [0, 1]
+        height, width = pixels.shape[:2]
+        self.check_static_shape(batch, height, width)
+        latent_shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
+        check_memory(
+            self.memory_model,
+            batch=batch,
+            unet_batch=batch * (2 if info.guidance == "cfg" and guidance_scale > 1.0 else 1),
+            height=height,
+            width=width,
+            latent_height=latent_shape[2],
+            latent_width=latent_shape[3],
+        )
+
+        # 1. Random draws, in diffusers' order: the VAE's latent sample, the image noise, one noise per step.
+        rng = np.random.default_rng(seed)
+        tiny = info.vae == "autoencoder_tiny"
+        sample_noise = None if tiny else _draw("sample_noise", sample_noise, latent_shape, rng)
+        image_noise = _draw("image_noise", image_noise, latent_shape, rng)
+        noise = _draw_steps(noise, len(table.timesteps) - 1, latent_shape, rng)
+
+        # 2. Encode: (B, 3, H, W) in [-1, 1] -> latents, sampled from the KL VAE's distribution, scaled.
+        mark = time.perf_counter()
+        if self.sessions.get("vae_encoder") is None:
+            self._open("vae_encoder")
+        encoder_input = np.repeat((pixels * 2 - 1).transpose(2, 0, 1)[None], batch, axis=0)
+        outputs = self._run("vae_encoder", {"sample": encoder_input})
+        if tiny:
+            encoded = outputs["latents"].astype(np.float32)
+        else:
+            mean, log_variance = np.split(outputs["latent_parameters"].astype(np.float32), 2, axis=1)
+            std = np.exp(0.5 * np.clip(log_variance, -30.0, 20.0))
+            encoded = mean + std * sample_noise
+        _check_finite(encoded, "the VAE encoder")
+        if info.vae_shift_factor is not None:
+            encoded = encoded - np.float32(info.vae_shift_factor)
+        encoded = encoded * np.float32(info.vae_scaling_factor)
+        # 3. Noise it to the schedule's first timestep (the scheduler's add_noise).
+        sqrt_alpha, sqrt_beta = np.float32(table.sqrt_alpha_prod[0]), np.float32(table.sqrt_beta_prod[0])
+        latents = sqrt_alpha * encoded + sqrt_beta * image_noise
+        timings["vae_encode"] = time.perf_counter() - mark
+        timings["prepare"] = time.perf_counter() - start - timings["vae_encode"]
+        return self._generate(
+            prompts,
+            negatives,
+            negative_prompt,
+            num_images_per_prompt,
+            guidance_scale,
+            table,
+            latents,
+            noise,
+            height,
+            width,
+            observer,
+            timings,
+            start,
+        )
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        strength: float = 0.5,
+        num_inference_steps: int = 4,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+    ) -> FrameStream:
+        """A frame loop: ``stream(frame) -> image`` for frames of one size, with the prompt encoded once and the
+        same noise for every frame (so a still input gives a still output, and consecutive frames do not flicker
+        from fresh noise)."""
+        check_strength(strength)
+        self.scheduler.table(check_integer("num_inference_steps", num_inference_steps, minimum=1), strength)
+        return FrameStream(self, prompt, strength, num_inference_steps, guidance_scale, negative_prompt, seed)
+
+    def _generate(
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        negative_prompt: Any,
+        num_images_per_prompt: int,
+        guidance_scale: float,
+        table: Any,
+        latents: np.ndarray,
+        noise: list[np.ndarray],
+        height: int,
+        width: int,
+        observer: Callable[[StepEvent], None] | None,
+        timings: dict[str, Any],
+        start: float,
+    ) -> PipelineOutput:
+        """Encode the prompts, run the LCM loop from ``latents`` over ``table``, decode: shared by both modes."""
+        info = self.manifest.pipeline
+        use_cfg = info.guidance == "cfg" and guidance_scale > 1.0
+        batch = len(prompts) * num_images_per_prompt
         # 3. Prompt encodings, repeated per image; with CFG the unconditional half comes first. A family that
         #    zeroes an absent negative prompt (SDXL's force_zeros_for_empty_prompt) does not encode it.
-        timings["prepare"] = time.perf_counter() - start
         conditioning = self.manifest.conditioning
         if use_cfg and negative_prompt is None and conditioning.empty_negative == "zeros":
             conditional = self.encode_prompts(prompts, timings)
@@ -382,6 +540,85 @@ class Pipeline:
         timings["postprocess"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - start
         return PipelineOutput(images=images, timings=timings)
+
+
+class FrameStream:
+    """Frames in, styled frames out (see :meth:`Pipeline.stream`); ``latencies`` holds each frame's seconds."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        prompt: str,
+        strength: float,
+        steps: int,
+        guidance_scale: float | None,
+        negative_prompt: str | None,
+        seed: int,
+    ) -> None:
+        self.pipe = pipe
+        self.call = dict(
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+        )
+        self.prompt = prompt
+        self.seed = seed
+        self.size: tuple[int, int] | None = None
+        self.draws: dict[str, Any] = {}
+        self.latencies: list[float] = []
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        """One frame (anything ``img2img`` takes) -> (H, W, 3) float32 in [0, 1]."""
+        start = time.perf_counter()
+        info = self.pipe.manifest.pipeline
+        pixels = load_image(frame, info.spatial_multiple)
+        size = pixels.shape[:2]
+        if self.size is None:
+            self.size = size
+            shape = (1, info.latent_channels, size[0] // info.vae_scale_factor, size[1] // info.vae_scale_factor)
+            steps = len(self.pipe.scheduler.table(self.call["num_inference_steps"], self.call["strength"]).timesteps)
+            rng = np.random.default_rng(self.seed)
+            self.draws = {
+                "sample_noise": rng.standard_normal(shape, dtype=np.float32),
+                "image_noise": rng.standard_normal(shape, dtype=np.float32),
+                "noise": [rng.standard_normal(shape, dtype=np.float32) for _ in range(steps - 1)],
+            }
+        elif size != self.size:
+            raise UserError(
+                f"frame {len(self.latencies) + 1} is {size[1]}x{size[0]} but the stream started at "
+                f"{self.size[1]}x{self.size[0]}: pass frames of one size (start a new stream for another)"
+            )
+        image = self.pipe.img2img(pixels, self.prompt, **self.call, **self.draws).images[0]
+        self.latencies.append(time.perf_counter() - start)
+        return image
+
+
+def _draw(name: str, given: np.ndarray | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """A standard-normal draw of ``shape``, or the caller's array checked against it."""
+    if given is None:
+        return rng.standard_normal(shape, dtype=np.float32)
+    array = np.asarray(given, dtype=np.float32)
+    if array.shape != shape:
+        raise UserError(f"{name} has shape {list(array.shape)}: expected {list(shape)}")
+    if not np.isfinite(array).all():
+        raise UserError(f"{name} contains NaN or inf: pass finite values")
+    return array
+
+
+def _draw_steps(
+    given: list[np.ndarray] | None, count: int, shape: tuple[int, ...], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The noise added after every step but the last: drawn, or the caller's list checked."""
+    if given is None:
+        return [rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
+    if len(given) != count or any(np.shape(n) != shape for n in given):
+        raise UserError(
+            f"noise must be {count} arrays of shape {list(shape)} (one per step but the last); got {len(given)}"
+        )
+    if not all(np.isfinite(n).all() for n in given):
+        raise UserError("noise contains NaN or inf: pass finite noise tensors")
+    return [np.asarray(n, dtype=np.float32) for n in given]
 
 
 def _check_finite(values: np.ndarray, stage: str) -> None:
