@@ -161,3 +161,33 @@ def test_mismatched_tiny_vae_is_one_line_error(tiny_lcm_dir, tmp_path, channels,
     result = _export_cli(str(tiny_lcm_dir), "-o", str(output), "--tiny-vae", str(tiny))
     _assert_one_line_error(result, "--tiny-vae", fragment)
     assert not output.parent.exists() or list(output.parent.iterdir()) == []
+
+
+def test_img2img_with_the_tiny_vae_encoder_matches_diffusers(tiny_lcm_dir, tiny_vae_dir, tiny_vae_bundle) -> None:
+    """AutoencoderTiny encodes to latents directly: diffusers draws no latent sample, nor does the runtime."""
+    import torch
+    from diffusers import AutoencoderTiny, LatentConsistencyModelImg2ImgPipeline
+    from diffusers.pipelines.latent_consistency_models import pipeline_latent_consistency_img2img as module
+    from test_img2img import diffusers_img2img, make_image
+
+    pixels = np.asarray((make_image(32, 32, 3) * 255).round(), np.uint8).astype(np.float32) / 255
+    runtime = Pipeline.load(tiny_vae_bundle, backend="onnxruntime", precision="fp32")
+    table = runtime.scheduler.table(4, 0.6)
+    rng = np.random.default_rng(5)
+    shape = (1, 4, 16, 16)
+    image_noise = rng.standard_normal(shape).astype(np.float32)
+    step_noise = [rng.standard_normal(shape).astype(np.float32) for _ in range(len(table.timesteps) - 1)]
+    pipeline = LatentConsistencyModelImg2ImgPipeline.from_pretrained(
+        str(tiny_lcm_dir),
+        vae=AutoencoderTiny.from_pretrained(str(tiny_vae_dir), torch_dtype=torch.float32),
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    unused = np.zeros(shape, np.float32)  # the KL sample diffusers would draw; the tiny VAE draws none
+    expected = diffusers_img2img(pipeline, module, "a cat", pixels, 0.6, 4, 8.5, (unused, image_noise, step_noise))
+    result = runtime.img2img(
+        pixels, "a cat", strength=0.6, guidance_scale=8.5, image_noise=image_noise, noise=step_noise
+    )
+    error = float(np.abs(result.images - expected).max())
+    print(f"tiny VAE img2img: max abs {error:.2e}")
+    assert error < 2e-3, error
