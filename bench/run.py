@@ -490,12 +490,15 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
                 timed=False,
             ),
         ]
-    if settings.only_engines:
-        unknown = set(settings.only_engines) - {engine.name for engine in engines}
-        if unknown:
-            raise SystemExit(f"error: --engines: unknown {', '.join(sorted(unknown))}")
-        engines = [engine for engine in engines if engine.name in settings.only_engines]
     return sorted(engines, key=lambda engine: engine.group_order)
+
+
+def selected(engines: list[Engine], only: tuple[str, ...]) -> list[Engine]:
+    """The engines ``--engines`` names (all when it names none)."""
+    unknown = set(only) - {engine.name for engine in engines}
+    if unknown:
+        raise SystemExit(f"error: --engines: unknown {', '.join(sorted(unknown))}")
+    return [engine for engine in engines if not only or engine.name in only]
 
 
 class Worker:
@@ -590,12 +593,14 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
         worker.send(run_command(settings, size, 10_000, images / f"{engine.name}.npy"))
         bye = worker.quit()
         # Second load right away, in a new process: a restart of the app (warm compile cache, files recently read).
-        second = Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
-        second_ready = second.ready()
-        second.quit()
+        second_ready = ready
+        if engine.timed:
+            second = Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
+            second_ready = second.ready()
+            second.quit()
         results[engine.name].update(
             load_first_s=ready["load_s"],
-            load_second_s=second_ready["load_s"],
+            load_second_s=second_ready["load_s"] if engine.timed else None,
             import_s=ready["import_s"],
             info=ready["info"],
             info_second=second_ready["info"],
@@ -993,6 +998,11 @@ def notes(results: dict[str, Any]) -> list[str]:
         "decoder; optimum-fast (float U-Net + TAESD) runs only for that image. Random weights: PSNR shows how far "
         "quantisation moves the output of these weights, not the quality of a trained model's images.",
     ]
+    if results.get("engines_not_run"):
+        found.append(
+            f"Not re-run in this run (`--engines`): {', '.join(results['engines_not_run'])}; their figures are those "
+            "of the previous full run (bench/RESULTS.md in git history)."
+        )
     default_precision = results.get("openvino_default_precision")
     if default_precision == "f32":
         found.append(
@@ -1094,6 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --report-only needs {path}: run the bench first")
         results = json.loads(path.read_text())
         results["sizes"] = {int(size): data for size, data in results["sizes"].items()}
+        if results["settings"].get("only_engines") and "engines_not_run" not in results:
+            every_engine = define_engines(settings, results.get("optimum"))
+            results["engines_not_run"] = [e.name for e in every_engine if e.name not in results["engines"]]
         add_work_and_rate(results, settings)
         write_reports(results, settings)
         print((settings.output_dir / "RESULTS.md").read_text())
@@ -1103,7 +1116,8 @@ def main(argv: list[str] | None = None) -> int:
     models = build_models(settings)
     exports = export_bundles(settings)
     optimum = setup_optimum(settings) if settings.optimum else None
-    engines = define_engines(settings, optimum)
+    every_engine = define_engines(settings, optimum)
+    engines = selected(every_engine, settings.only_engines)
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in asdict(settings).items()},
@@ -1114,12 +1128,14 @@ def main(argv: list[str] | None = None) -> int:
         "openvino_default_precision": openvino_default_precision(),
         "labels": {engine.name: engine.label for engine in engines},
         "engines": {engine.name: engine.spec for engine in engines},
+        "engines_not_run": [engine.name for engine in every_engine if engine not in engines],
         "sizes": {},
     }
     add_work_and_rate(results, settings)  # before the engines: the matmul is timed on a quiet machine
     for size in settings.sizes:
         results["sizes"][size] = bench_size(settings, size, engines)
-    results["wall_seconds"] = time.perf_counter() - started
+        results["wall_seconds"] = time.perf_counter() - started
+        write_reports(results, settings)  # each size as it finishes: a run cut short keeps what it measured
     write_reports(results, settings)
     log(f"done in {results['wall_seconds'] / 60:.1f} min: {settings.output_dir / 'RESULTS.md'}")
     print((settings.output_dir / "RESULTS.md").read_text())

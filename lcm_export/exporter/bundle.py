@@ -19,7 +19,7 @@ from typing import Any
 
 from lcm_export.calibration.prompts import CALIBRATION_PROMPTS
 from lcm_export.errors import ExportError
-from lcm_export.exporter.components import build_components
+from lcm_export.exporter.components import build_components, penultimate_hidden_state_name
 from lcm_export.exporter.ecosystem import TOKENIZER_LIBRARY_CLASS, write_tokenizer
 from lcm_export.exporter.loading import LoadedPipeline, attach_tiny_vae, load_pipeline, resolve_tiny_vae_path
 from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, validate_onnx
@@ -33,6 +33,7 @@ from lcm_export.runtime.manifest import (
     Conditioning,
     Manifest,
     PipelineInfo,
+    TextEncoderInfo,
     TokenizerInfo,
     file_entry,
 )
@@ -207,44 +208,58 @@ def _progress(items: list[str], quiet: bool, description: str):
     return tqdm(items, desc=description, disable=quiet, unit="component")
 
 
-def _write_ecosystem_files(loaded: LoadedPipeline, staging: Path, config: ExportConfig) -> None:
-    """Tokenizer, scheduler config, per-component config.json and model_index.json, laid out like optimum."""
+def component_names(config: ExportConfig, loaded: LoadedPipeline) -> list[str]:
+    """The components this export writes: the configured ones, with every text encoder of the model's family
+    where the configuration names the text encoder (SDXL's ``text_encoder_2`` goes with ``text_encoder``)."""
+    names: list[str] = []
+    for name in config.components:
+        if name == "text_encoder":
+            names.extend(encoder for encoder, _ in loaded.text_encoders)
+        else:
+            names.append(name)
+    return names
+
+
+def _write_ecosystem_files(loaded: LoadedPipeline, staging: Path, names: list[str]) -> None:
+    """Tokenizers, scheduler config, per-component config.json and model_index.json, laid out like optimum."""
     pipeline = loaded.pipeline
-    write_tokenizer(pipeline.tokenizer, staging / "tokenizer")  # loadable by transformers 4.x and 5.x
+    for _, tokenizer in loaded.text_encoders:  # loadable by transformers 4.x and 5.x
+        write_tokenizer(getattr(pipeline, tokenizer), staging / tokenizer)
     scheduler = lcm_scheduler_from(pipeline.scheduler.config)
     scheduler.save_pretrained(str(staging / "scheduler"))
     vae = loaded.bundle_vae  # the pipeline's AutoencoderKL, or the --tiny-vae AutoencoderTiny
     configs = {
-        "text_encoder": pipeline.text_encoder.config.to_dict(),
+        **{encoder: getattr(pipeline, encoder).config.to_dict() for encoder, _ in loaded.text_encoders},
         "unet": dict(pipeline.unet.config),
         "vae_decoder": dict(vae.config),
         "vae_encoder": dict(vae.config),
     }
     # "_name_or_path" is the exporting machine's local path: not the bundle's to carry (and without it the same
     # model exports to the same bytes).
-    for name in config.components:
+    for name in names:
         (staging / name).mkdir(parents=True, exist_ok=True)
         component_config = {key: value for key, value in configs[name].items() if key != "_name_or_path"}
         (staging / name / "config.json").write_text(json.dumps(component_config, indent=2, default=str) + "\n")
     index = {key: value for key, value in dict(pipeline.config).items() if key != "_name_or_path"}
     index["_class_name"] = type(pipeline).__name__
     index["scheduler"] = ["diffusers", "LCMScheduler"]
-    index["tokenizer"] = list(TOKENIZER_LIBRARY_CLASS)
+    for _, tokenizer in loaded.text_encoders:
+        index[tokenizer] = list(TOKENIZER_LIBRARY_CLASS)
     for drop in ("vae", "safety_checker", "feature_extractor", "image_encoder"):
         index.pop(drop, None)
     index["vae_decoder"] = ["diffusers", type(vae).__name__]
-    if "vae_encoder" in config.components:
+    if "vae_encoder" in names:
         index["vae_encoder"] = ["diffusers", type(vae).__name__]
     (staging / "model_index.json").write_text(json.dumps(index, indent=2, default=str) + "\n")
 
 
-def _tokenizer_info(loaded: LoadedPipeline, staging: Path) -> TokenizerInfo:
-    tokenizer = loaded.pipeline.tokenizer
-    if not (staging / "tokenizer" / "tokenizer.json").is_file():
-        raise ExportError("the tokenizer could not be saved as tokenizer.json (a fast CLIP tokenizer is required)")
+def _tokenizer_info(loaded: LoadedPipeline, staging: Path, name: str) -> TokenizerInfo:
+    tokenizer = getattr(loaded.pipeline, name)
+    if not (staging / name / "tokenizer.json").is_file():
+        raise ExportError(f"the {name} could not be saved as tokenizer.json (a fast CLIP tokenizer is required)")
     return TokenizerInfo(
-        name="tokenizer",
-        path="tokenizer/tokenizer.json",
+        name=name,
+        path=f"{name}/tokenizer.json",
         max_length=int(tokenizer.model_max_length),
         pad_id=int(tokenizer.pad_token_id),
     )
@@ -338,17 +353,25 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
     if config.tiny_vae is not None:
         loaded = attach_tiny_vae(loaded, config.tiny_vae, with_encoder="vae_encoder" in config.components)
     staging.mkdir(parents=True)
-    _write_ecosystem_files(loaded, staging, config)
+    names = component_names(config, loaded)
+    _write_ecosystem_files(loaded, staging, names)
 
     multiple = loaded.spatial_multiple
     default_height = int(loaded.unet.config.sample_size) * loaded.vae_scale_factor
     trace_values = ShapeRange.static(1, multiple * 2, multiple * 2).symbol_values("opt", loaded.vae_scale_factor)
     check_values = ShapeRange.static(2, multiple * 3, multiple * 2).symbol_values("opt", loaded.vae_scale_factor)
-    tokenizer = _tokenizer_info(loaded, staging)
-    trace_values["sequence"] = check_values["sequence"] = tokenizer.max_length
+    tokenizers = tuple(_tokenizer_info(loaded, staging, tokenizer) for _, tokenizer in loaded.text_encoders)
+    if len({tokenizer.max_length for tokenizer in tokenizers}) != 1:
+        raise ExportError(
+            "the tokenizers pad to different lengths ("
+            + ", ".join(f"{tokenizer.name} {tokenizer.max_length}" for tokenizer in tokenizers)
+            + "): their hidden states cannot be concatenated"
+        )
+    sequence = tokenizers[0].max_length
+    trace_values["sequence"] = check_values["sequence"] = sequence
 
     components: dict[str, Component] = {}
-    exportables = build_components(loaded, list(config.components))
+    exportables = build_components(loaded, names)
     for name in _progress(list(exportables), config.quiet, "export ONNX"):
         component = exportables[name]
         onnx_path = staging / name / "model.onnx"
@@ -393,7 +416,8 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         default_guidance_scale=DEFAULT_GUIDANCE_SCALE[loaded.guidance],
     )
     conditioning = dataclasses.replace(
-        Conditioning.of_sd(pipeline_info), guidance_frequencies=guidance_frequencies(pipeline_info.time_cond_proj_dim)
+        _conditioning(loaded, pipeline_info),
+        guidance_frequencies=guidance_frequencies(pipeline_info.time_cond_proj_dim),
     )
 
     scheduler = scheduler_info(dict(loaded.pipeline.scheduler.config), config.max_steps, loaded.guidance)
@@ -411,7 +435,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             precision=resolved_precision(config),
             pipeline=pipeline_info,
             scheduler=scheduler,
-            tokenizers=(tokenizer,),
+            tokenizers=tokenizers,
             components=components,
             files=files,
             provenance=_provenance(config),
@@ -426,8 +450,34 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             loaded.pipeline = None  # the torch modules are done with: calibration runs the bundle, not torch
             gc.collect()
         components = _add_int8_unet(config, staging, components, pipeline_info, write_manifest)
-    components = _build_target(config, staging, components, pipeline_info, loaded, tokenizer.max_length)
+    components = _build_target(config, staging, components, pipeline_info, loaded, sequence)
     return write_manifest(components)
+
+
+def _conditioning(loaded: LoadedPipeline, pipeline_info: PipelineInfo) -> Conditioning:
+    """How the exported U-Net is conditioned (without the guidance frequencies, added by the caller).
+
+    SDXL, as diffusers' ``StableDiffusionXLPipeline`` builds it: both encoders' penultimate hidden states
+    concatenated, the second encoder's ``text_embeds`` as the pooled text, the size ids as ``time_ids``; an absent
+    negative prompt is zeros where the pipeline says ``force_zeros_for_empty_prompt``.
+    """
+    if loaded.family == "sd":
+        return Conditioning.of_sd(pipeline_info)
+    pipeline = loaded.pipeline
+    encoders = tuple(
+        TextEncoderInfo(
+            component=encoder,
+            tokenizer=tokenizer,
+            hidden_state=penultimate_hidden_state_name(getattr(pipeline, encoder)),
+            pooled="text_embeds" if encoder == "text_encoder_2" else None,
+        )
+        for encoder, tokenizer in loaded.text_encoders
+    )
+    inputs = {"encoder_hidden_states": "text_hidden_states", "text_embeds": "pooled_text", "time_ids": "size_ids"}
+    if pipeline_info.time_cond_proj_dim is not None:
+        inputs["timestep_cond"] = "guidance_embedding"
+    zeros = bool(pipeline.config.get("force_zeros_for_empty_prompt", False))
+    return Conditioning(encoders, inputs, "zeros" if zeros else "encode")
 
 
 def _add_int8_unet(

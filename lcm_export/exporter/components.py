@@ -4,9 +4,10 @@ Each exported component is a :class:`ExportableComponent`: a :class:`ComponentSp
 shapes, tolerance) and a small ``torch.nn.Module`` whose ``forward`` takes the spec's inputs in order and returns
 its outputs in order. I/O names follow optimum's ONNX diffusers layout so optimum-style loaders can open bundles.
 
-``timestep_cond`` appears only when the U-Net has ``time_cond_proj_dim``. The next family (SDXL) adds
-``text_embeds`` and ``time_ids`` to the U-Net spec and a second text encoder whose spec lists
-``hidden_states.N`` outputs; nothing else here changes.
+``timestep_cond`` appears only when the U-Net has ``time_cond_proj_dim``. SDXL (and SSD-1B) adds ``text_embeds``
+(the second encoder's projected pooled output) and ``time_ids`` (the six size ids) to the U-Net, and its two text
+encoders also give their penultimate hidden state under optimum's name ``hidden_states.N`` (N = layers - 1: entry
+-2 of ``output_hidden_states``, what SDXL's U-Net attends to).
 """
 
 from __future__ import annotations
@@ -38,35 +39,65 @@ class ExportableComponent:
     finite_mask_fills: bool = False
 
 
-def _text_encoder(loaded: LoadedPipeline) -> ExportableComponent:
+def penultimate_hidden_state_name(encoder: Any) -> str:
+    """optimum's name of a CLIP text encoder's penultimate hidden state: ``hidden_states.{layers - 1}``."""
+    return f"hidden_states.{encoder.config.num_hidden_layers - 1}"
+
+
+def _text_encoder_named(loaded: LoadedPipeline, name: str) -> ExportableComponent:
+    """``input_ids`` -> the text encoder's outputs under optimum's names.
+
+    SD: ``last_hidden_state`` and ``pooler_output``. SDXL: also the penultimate hidden state; the second encoder
+    (``CLIPTextModelWithProjection``) gives ``text_embeds`` (projected pooled output) instead of ``pooler_output``.
+    """
     import torch
 
-    encoder = loaded.pipeline.text_encoder
+    encoder = getattr(loaded.pipeline, name)
     hidden = encoder.config.hidden_size
     head_size = hidden // encoder.config.num_attention_heads
     cfg = 2 if loaded.guidance == "cfg" else 1
+    penultimate = penultimate_hidden_state_name(encoder) if loaded.family == "sdxl" else None
+    projected = hasattr(encoder, "text_projection")  # CLIPTextModelWithProjection: text_embeds
 
     class TextEncoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.encoder = encoder
 
-        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            output = self.encoder(input_ids=input_ids, return_dict=True)
-            return output.last_hidden_state, output.pooler_output  # (B, S, D), (B, D)
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            output = self.encoder(input_ids=input_ids, output_hidden_states=penultimate is not None, return_dict=True)
+            pooled = output.text_embeds if projected else output.pooler_output  # (B, P)
+            if penultimate is None:
+                return output.last_hidden_state, pooled  # (B, S, D), (B, D)
+            return output.last_hidden_state, pooled, output.hidden_states[-2]  # ..., (B, S, D)
 
+    pooled_width = encoder.config.projection_dim if projected else hidden
+    outputs = [
+        TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),
+        TensorSpec("text_embeds" if projected else "pooler_output", "float32", ("batch", pooled_width)),
+    ]
+    if penultimate is not None:
+        outputs.append(TensorSpec(penultimate, "float32", ("batch", "sequence", hidden)))
     spec = ComponentSpec(
-        name="text_encoder",
+        name=name,
         inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
-        outputs=(
-            TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),
-            TensorSpec("pooler_output", "float32", ("batch", hidden)),
-        ),
+        outputs=tuple(outputs),
         batch_multiplier=cfg,
     )
     return ExportableComponent(
         spec, TextEncoder().eval(), atol=1e-4, finite_mask_fills=head_size % MASK_FILL_HEAD_MULTIPLE != 0
     )
+
+
+def _text_encoder(loaded: LoadedPipeline) -> ExportableComponent:
+    return _text_encoder_named(loaded, "text_encoder")
+
+
+def _text_encoder_2(loaded: LoadedPipeline) -> ExportableComponent:
+    return _text_encoder_named(loaded, "text_encoder_2")
+
+
+SIZE_IDS = 6  # SDXL's time_ids: original size, crop top-left, target size
 
 
 def _unet(loaded: LoadedPipeline) -> ExportableComponent:
@@ -83,18 +114,31 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
         TensorSpec("timestep", "float32", ()),  # scalar, like optimum's export
         TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", config.cross_attention_dim)),
     ]
+    sdxl = loaded.family == "sdxl"
+    if sdxl:  # the "text_time" added embedding: pooled text (B, P) and size ids (B, 6)
+        pooled_width = int(loaded.pipeline.text_encoder_2.config.projection_dim)
+        inputs.append(TensorSpec("text_embeds", "float32", ("batch", pooled_width)))
+        inputs.append(TensorSpec("time_ids", "float32", ("batch", SIZE_IDS)))
     if has_cond:
         inputs.append(TensorSpec("timestep_cond", "float32", ("batch", config.time_cond_proj_dim)))
+    names = [tensor.name for tensor in inputs]
 
     class UNet(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.unet = unet
 
-        def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
-            output = self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[
-                0
-            ]
+        def forward(self, sample, timestep, encoder_hidden_states, *conditioning):
+            extra = dict(zip(names[3:], conditioning, strict=True))
+            added = {"text_embeds": extra["text_embeds"], "time_ids": extra["time_ids"]} if sdxl else None
+            output = self.unet(
+                sample,
+                timestep,
+                encoder_hidden_states,
+                timestep_cond=extra.get("timestep_cond"),
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
             return (output,)  # (B, C, h, w)
 
     spec = ComponentSpec(
@@ -198,6 +242,7 @@ def _tiny_vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
 
 COMPONENT_BUILDERS = {
     "text_encoder": _text_encoder,
+    "text_encoder_2": _text_encoder_2,
     "unet": _unet,
     "vae_decoder": _vae_decoder,
     "vae_encoder": _vae_encoder,

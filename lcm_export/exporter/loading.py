@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from lcm_export.errors import ExportError
+from lcm_export.runtime.manifest import FAMILY_TEXT_ENCODERS
 
 BUILTIN_MODELS = {
     "builtin:tiny-lcm": "lcm",
     "builtin:tiny-sd": "sd",
+    "builtin:tiny-sdxl-lcm": "sdxl-lcm",
+    "builtin:tiny-sdxl": "sdxl",
 }
 
 
@@ -29,7 +32,7 @@ class LoadedPipeline:
     source: str  # what the user passed
     path: Path  # the folder it was loaded from
     pipeline: Any  # diffusers pipeline (fp32, eval mode)
-    family: str  # "sd" (SD 1.x/2.x-shaped U-Net); "sdxl" would add text_encoder_2, text_embeds and time_ids
+    family: str  # "sd" (SD 1.x/2.x); "sdxl" (SDXL, SSD-1B: text_encoder_2, U-Net text_embeds and time_ids)
     guidance: str  # "embedding" (distilled LCM, timestep_cond) or "cfg" (base SD + LCM-LoRA)
     vae_scale_factor: int
     vae_scaling_factor: float
@@ -40,6 +43,11 @@ class LoadedPipeline:
     @property
     def unet(self) -> Any:
         return self.pipeline.unet
+
+    @property
+    def text_encoders(self) -> tuple[tuple[str, str], ...]:
+        """(text encoder, tokenizer) names of the family, in the order their hidden states are concatenated."""
+        return FAMILY_TEXT_ENCODERS[self.family]
 
     @property
     def vae_kind(self) -> str:
@@ -100,17 +108,20 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ExportError(f"cannot read '{path}': {error}") from None
 
 
-def inspect_model_folder(model: str, path: Path, has_loras: bool) -> None:
-    """Check a pipeline folder before loading weights, so a wrong model fails in a second, not a minute."""
+def model_family(index: dict[str, Any]) -> str:
+    """ "sdxl" for a pipeline with a second text encoder (SDXL, SSD-1B, their LCMs), else "sd"."""
+    return "sdxl" if "text_encoder_2" in index else "sd"
+
+
+def inspect_model_folder(model: str, path: Path, has_loras: bool) -> str:
+    """Check a pipeline folder before loading weights, so a wrong model fails in a second, not a minute; returns
+    the model family."""
     index = _read_json(path / "model_index.json")
-    if "text_encoder_2" in index:
-        raise ExportError(
-            f"MODEL '{model}' is an SDXL-style pipeline (text_encoder_2): only SD1.x/2.x-shaped LCM pipelines "
-            "are exported by this version"
-        )
+    family = model_family(index)
     if "unet" not in index or not (path / "unet" / "config.json").is_file():
         raise ExportError(f"MODEL '{model}' has no U-Net (unet/config.json): only U-Net LCM pipelines are supported")
-    for part in ("text_encoder", "tokenizer", "vae", "scheduler"):
+    text_parts = [part for pair in FAMILY_TEXT_ENCODERS[family] for part in pair]
+    for part in (*text_parts, "vae", "scheduler"):
         if part not in index or not (path / part).is_dir():
             raise ExportError(f"MODEL '{model}' has no '{part}' folder: it is not a complete text-to-image pipeline")
     unet_config = _read_json(path / "unet" / "config.json")
@@ -124,26 +135,33 @@ def inspect_model_folder(model: str, path: Path, has_loras: bool) -> None:
             f"MODEL '{model}' is not an LCM (its U-Net has no time_cond_proj_dim): pass an LCM pipeline, "
             "or a base Stable Diffusion pipeline with --lora pointing at an LCM-LoRA"
         )
+    if family == "sdxl" and unet_config.get("addition_embed_type") != "text_time":
+        raise ExportError(
+            f"MODEL '{model}': its U-Net's addition_embed_type is {unet_config.get('addition_embed_type')!r}: "
+            "an SDXL-shaped pipeline's U-Net takes pooled text and size ids ('text_time')"
+        )
+    return family
 
 
 def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None = None) -> LoadedPipeline:
     """Load ``model`` in fp32 on the CPU and classify it (``workdir``: scratch space for built-in models)."""
     path = resolve_model_path(model, workdir)
-    inspect_model_folder(model, path, has_loras)
+    family = inspect_model_folder(model, path, has_loras)
 
     import torch
     from diffusers import DiffusionPipeline
 
+    # SD pipelines take (and drop) a safety checker; SDXL's have none and would warn about the arguments.
+    no_safety_checker = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype; older ones need it
-            pipeline = DiffusionPipeline.from_pretrained(
-                str(path), torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-            )
+            pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32, **no_safety_checker)
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0]
         raise ExportError(f"MODEL '{model}' could not be loaded by diffusers: {reason}") from None
-    for module_name in ("unet", "vae", "text_encoder"):
+    encoders = [encoder for encoder, _ in FAMILY_TEXT_ENCODERS[family]]
+    for module_name in ("unet", "vae", *encoders):
         getattr(pipeline, module_name).eval().requires_grad_(False)
 
     unet_config = pipeline.unet.config
@@ -155,7 +173,7 @@ def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None =
         source=model,
         path=path,
         pipeline=pipeline,
-        family="sd",
+        family=family,
         guidance="embedding" if unet_config.time_cond_proj_dim is not None else "cfg",
         vae_scale_factor=vae_scale_factor,
         vae_scaling_factor=float(vae_config.scaling_factor),

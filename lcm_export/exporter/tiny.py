@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lcm_export.errors import ExportError
 
@@ -20,18 +21,24 @@ CLIP_BOS_ID = 49406
 CLIP_EOS_ID = 49407
 
 
+KINDS = ("lcm", "sd", "sdxl-lcm", "sdxl")
+SDXL_SIZE_IDS = 6  # original size (2), crop top-left (2), target size (2): SDXL's micro-conditioning
+
+
 @dataclass(frozen=True)
 class TinyPipelineConfig:
     """Shapes of a tiny pipeline; every field can be varied to test shapes the exporter has not seen."""
 
-    kind: str = "lcm"  # "lcm": U-Net with time_cond_proj_dim; "sd": base Stable Diffusion (for LCM-LoRA)
+    # "lcm": U-Net with time_cond_proj_dim; "sd": base Stable Diffusion (for LCM-LoRA); "sdxl-lcm" / "sdxl": the
+    # same two for the SDXL shape (two text encoders, the U-Net's text_time embedding of pooled text and size ids)
+    kind: str = "lcm"
     unet_block_out_channels: tuple[int, ...] = (32, 64)
     unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
     unet_up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
     unet_layers_per_block: int = 1
     attention_head_dim: int | tuple[int, ...] = 8
     norm_num_groups: int = 8
-    cross_attention_dim: int = 32
+    cross_attention_dim: int = 32  # SDXL kinds: ignored, the two encoders' hidden sizes summed
     time_cond_proj_dim: int = 32
     sample_size: int = 16
     latent_channels: int = 4
@@ -41,6 +48,13 @@ class TinyPipelineConfig:
     text_hidden_size: int = 32
     text_layers: int = 2
     text_heads: int = 4
+    # SDXL kinds: the second encoder (CLIPTextModelWithProjection, pads with "!") and the U-Net's added embedding
+    text_2_hidden_size: int = 32
+    text_2_layers: int = 2
+    text_2_heads: int = 4
+    text_2_projection_dim: int = 32
+    addition_time_embed_dim: int = 8
+    transformer_layers_per_block: int | tuple[int, ...] = 1
     scheduler: dict = field(default_factory=dict)  # overrides of the LCMScheduler config
     seed: int = 0
 
@@ -86,21 +100,60 @@ def write_clip_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in merges) + "\n")
 
 
+def _clip_text_config(hidden: int, layers: int, heads: int, projection: int) -> Any:
+    """A CLIP text encoder config with the real CLIP vocabulary and special tokens."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        projection_dim=projection,
+        max_position_embeddings=77,
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,
+        pad_token_id=1,
+    )
+
+
 def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | None = None) -> Path:
-    """Build a random tiny pipeline with diffusers' classes and ``save_pretrained`` it to ``output_dir``."""
+    """Build a random tiny pipeline with diffusers' classes and ``save_pretrained`` it to ``output_dir``.
+
+    SDXL kinds are ``StableDiffusionXLPipeline`` (diffusers has no LCM-SDXL class: a distilled LCM-SDXL is that
+    pipeline with a U-Net that has ``time_cond_proj_dim``, and ``LCMScheduler``).
+    """
     import torch
     from diffusers import (
         AutoencoderKL,
         LatentConsistencyModelPipeline,
         LCMScheduler,
         StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     config = config or TinyPipelineConfig()
+    if config.kind not in KINDS:
+        raise ValueError(f"unknown tiny pipeline kind {config.kind!r}: pick one of {', '.join(KINDS)}")
+    sdxl = config.kind.startswith("sdxl")
+    distilled = config.kind in ("lcm", "sdxl-lcm")
     output_dir = Path(output_dir)
     torch.manual_seed(config.seed)
+    sdxl_unet_options: dict = {}
+    if sdxl:
+        sdxl_unet_options = dict(
+            cross_attention_dim=config.text_hidden_size + config.text_2_hidden_size,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=config.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=(
+                config.addition_time_embed_dim * SDXL_SIZE_IDS + config.text_2_projection_dim
+            ),
+            transformer_layers_per_block=config.transformer_layers_per_block,
+            use_linear_projection=True,
+        )
     unet = UNet2DConditionModel(
         block_out_channels=config.unet_block_out_channels,
         layers_per_block=config.unet_layers_per_block,
@@ -109,10 +162,10 @@ def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | Non
         out_channels=config.latent_channels,
         down_block_types=config.unet_down_block_types,
         up_block_types=config.unet_up_block_types,
-        cross_attention_dim=config.cross_attention_dim,
         attention_head_dim=config.attention_head_dim,
         norm_num_groups=config.norm_num_groups,
-        time_cond_proj_dim=config.time_cond_proj_dim if config.kind == "lcm" else None,
+        time_cond_proj_dim=config.time_cond_proj_dim if distilled else None,
+        **(sdxl_unet_options or {"cross_attention_dim": config.cross_attention_dim}),
     )
     vae_depth = len(config.vae_block_out_channels)
     vae = AutoencoderKL(
@@ -127,34 +180,35 @@ def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | Non
         sample_size=config.sample_size * 2 ** (vae_depth - 1),
     )
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=config.text_hidden_size,
-            intermediate_size=config.text_hidden_size * 2,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=config.text_heads,
-            projection_dim=config.text_hidden_size,
-            max_position_embeddings=77,
-            bos_token_id=CLIP_BOS_ID,
-            eos_token_id=CLIP_EOS_ID,
-            pad_token_id=1,
-        )
+        _clip_text_config(config.text_hidden_size, config.text_layers, config.text_heads, config.text_hidden_size)
     )
     tokenizer_dir = output_dir / "_tokenizer_source"
     write_clip_tokenizer_files(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
     scheduler = LCMScheduler(**{"beta_schedule": "scaled_linear", **config.scheduler})
     components = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-    if config.kind == "lcm":
+    if sdxl:
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config(
+                config.text_2_hidden_size,
+                config.text_2_layers,
+                config.text_2_heads,
+                config.text_2_projection_dim,
+            )
+        )
+        # SDXL's second tokenizer (OpenCLIP's) pads with "!" (id 0), not <|endoftext|>
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77, pad_token="!")
+        pipeline = StableDiffusionXLPipeline(
+            **components, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, force_zeros_for_empty_prompt=True
+        )
+    elif distilled:
         pipeline = LatentConsistencyModelPipeline(
             **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
-    elif config.kind == "sd":
+    else:
         pipeline = StableDiffusionPipeline(
             **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
-    else:
-        raise ValueError(f"unknown tiny pipeline kind {config.kind!r}")
     pipeline.save_pretrained(output_dir)
     for leftover in tokenizer_dir.iterdir():
         leftover.unlink()

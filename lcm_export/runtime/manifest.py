@@ -90,9 +90,15 @@ GUIDANCE_MODES = ("embedding", "cfg")
 DEFAULT_GUIDANCE_SCALE = {"embedding": 8.5, "cfg": 1.0}
 MAX_GUIDANCE_SCALE = 50.0
 VAE_KINDS = ("autoencoder_kl", "autoencoder_tiny")
-FAMILIES = ("sd",)
-RUNTIME_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # what Pipeline runs
-COMPONENT_NAMES = (*RUNTIME_COMPONENTS, "vae_encoder")
+# The (text encoder, tokenizer) pairs of each model family, in the order their hidden states are concatenated:
+# SD 1.x/2.x one CLIP, SDXL (and SSD-1B) CLIP-L then OpenCLIP-bigG.
+FAMILY_TEXT_ENCODERS = {
+    "sd": (("text_encoder", "tokenizer"),),
+    "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
+}
+FAMILIES = tuple(FAMILY_TEXT_ENCODERS)
+RUNTIME_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # what Pipeline runs (and the declared encoders)
+COMPONENT_NAMES = (*RUNTIME_COMPONENTS, "text_encoder_2", "vae_encoder")
 TOKENIZER_FILE = "tokenizer.json"  # the ``tokenizers`` library's format
 
 # Ranges: generous bounds on what real models have, tight enough that no value overflows the runtime.
@@ -622,7 +628,7 @@ class TokenizerInfo:
 
 @dataclass(frozen=True)
 class PipelineInfo:
-    family: str  # "sd"
+    family: str  # "sd" or "sdxl" (FAMILY_TEXT_ENCODERS: which text encoders the conditioning declares)
     guidance: str  # "embedding" (LCM w-embedding as timestep_cond) or "cfg" (classifier-free guidance)
     time_cond_proj_dim: int | None
     latent_channels: int
@@ -882,6 +888,11 @@ def _read_components(
         where = entries.path(name)
         if name not in COMPONENT_NAMES:
             raise ManifestFieldError(where, f"is not a component this runtime knows ({', '.join(COMPONENT_NAMES)})")
+        declared = [encoder.component for encoder in conditioning.text_encoders]
+        if name.startswith("text_encoder") and name not in declared:
+            raise ManifestFieldError(
+                where, f"is a text encoder the conditioning does not declare ({', '.join(declared)})"
+            )
         component = Component.from_json(name, entry, where)
         _check_variants(component, where, pipeline, target, listed)
         _check_io(component, where, pipeline, conditioning)
@@ -931,6 +942,16 @@ def _check_conditioning(
             raise ManifestFieldError(
                 f"{at}.tokenizer", f"names no tokenizer of this bundle ({', '.join(sorted(tokenizer_names))})"
             )
+    declared = tuple((encoder.component, encoder.tokenizer) for encoder in conditioning.text_encoders)
+    if declared != FAMILY_TEXT_ENCODERS[pipeline.family]:
+        expected = ", ".join(
+            f"{component} ({tokenizer})" for component, tokenizer in FAMILY_TEXT_ENCODERS[pipeline.family]
+        )
+        raise ManifestFieldError(
+            "pipeline.family",
+            f"is {describe(pipeline.family)}, whose text encoders are {expected}; the conditioning declares "
+            + ", ".join(f"{component} ({tokenizer})" for component, tokenizer in declared),
+        )
     sources = set(conditioning.unet_inputs.values())
     inputs_at = f"{where}.unet_inputs"
     for name in conditioning.unet_inputs:
@@ -1006,7 +1027,8 @@ def _check_variants(component: Component, where: str, pipeline: PipelineInfo, ta
                     f"must be float32: the spec gives the model's float tensors as float32, each variant its own "
                     f"io_dtype (got {tensor.dtype})",
                 )
-    wanted = 2 if pipeline.guidance == "cfg" and name in ("text_encoder", "unet") else 1
+    sees_cfg_batch = name == "unet" or name.startswith("text_encoder")
+    wanted = 2 if pipeline.guidance == "cfg" and sees_cfg_batch else 1
     if spec.batch_multiplier != wanted:
         raise ManifestFieldError(
             f"{where}.batch_multiplier",

@@ -1,0 +1,214 @@
+"""SDXL (and SSD-1B): the second model family, exported and run through the same loop as SD.
+
+The reference is diffusers' ``StableDiffusionXLPipeline`` with ``LCMScheduler`` given the same latents and step
+noise: a distilled LCM-SDXL (U-Net with ``time_cond_proj_dim``, guidance as the w-embedding) and a base SDXL with
+a U-Net LoRA fused (LCM-LoRA's shape: classifier-free guidance above 1, an absent negative prompt as zeros). The
+runtime builds the same conditioning from the manifest: both encoders' penultimate hidden states concatenated,
+the second encoder's ``text_embeds``, ``time_ids`` = [H, W, 0, 0, H, W].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import export, fixed_scheduler_noise, random_inputs
+
+from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_lora, build_tiny_pipeline
+from lcm_export.runtime import Pipeline
+from lcm_export.runtime.pipeline import StepEvent
+
+TOLERANCE = 2e-3
+PROMPT = "a photo of a cat"
+
+
+def diffusers_sdxl_images(
+    pipeline,
+    prompt: str | list[str],
+    latents: np.ndarray,
+    noise: list[np.ndarray],
+    *,
+    guidance: float,
+    negative_prompt: str | None = None,
+    num_images_per_prompt: int = 1,
+    steps: int = 4,
+) -> np.ndarray:
+    """diffusers' SDXL output for these latents and noise, at the size the latents give (the size ids need it)."""
+    import torch
+
+    scale = pipeline.vae_scale_factor
+    kwargs = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
+    pipeline.set_progress_bar_config(disable=True)
+    with fixed_scheduler_noise(noise), torch.no_grad():
+        return pipeline(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=latents.shape[2] * scale,
+            width=latents.shape[3] * scale,
+            num_images_per_prompt=num_images_per_prompt,
+            latents=torch.from_numpy(latents),
+            output_type="np",
+            **kwargs,
+        ).images
+
+
+def _diffusers_pipeline(model_dir: Path, lora: Path | None = None):
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(str(model_dir))
+    if lora is not None:
+        pipeline.load_lora_weights(str(lora))
+        pipeline.fuse_lora()
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def sdxl_lcm_dir(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl-lcm"), TinyPipelineConfig(kind="sdxl-lcm"))
+
+
+@pytest.fixture(scope="module")
+def sdxl_lcm_bundle(sdxl_lcm_dir, tmp_path_factory) -> Path:
+    return export(sdxl_lcm_dir, tmp_path_factory.mktemp("bundles") / "tiny-sdxl-lcm")
+
+
+@pytest.fixture(scope="module")
+def sdxl_lcm_runtime(sdxl_lcm_bundle) -> Pipeline:
+    return Pipeline.load(sdxl_lcm_bundle, backend="onnxruntime", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny base SDXL, a random U-Net LoRA for it, and the bundle of the two fused."""
+    from lcm_export.exporter.bundle import LoraSource
+
+    base = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), TinyPipelineConfig(kind="sdxl"))
+    lora = build_tiny_lora(
+        tmp_path_factory.mktemp("sdxl-lora") / "lcm.safetensors", base, rank=4, target_modules=("to_q", "to_v")
+    )
+    bundle = export(base, tmp_path_factory.mktemp("bundles") / "tiny-sdxl-cfg", loras=(LoraSource(str(lora)),))
+    return base, lora, bundle
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 64)])
+def test_distilled_lcm_sdxl_matches_diffusers(sdxl_lcm_dir, sdxl_lcm_runtime, size) -> None:
+    height, width = size
+    latents, noise = random_inputs((1, 4, height // 2, width // 2), steps=4, seed=height)
+    expected = diffusers_sdxl_images(_diffusers_pipeline(sdxl_lcm_dir), PROMPT, latents, noise, guidance=8.5)
+    result = sdxl_lcm_runtime(PROMPT, guidance_scale=8.5, latents=latents, noise=noise)
+    assert result.images.shape == (1, height, width, 3)
+    error = np.abs(result.images - expected).max()
+    print(f"LCM-SDXL {height}x{width} guidance 8.5: max abs {error:.2e}")
+    assert error < TOLERANCE, error
+    assert result.images.std() > 0.01
+
+
+def test_distilled_batch_and_images_per_prompt(sdxl_lcm_dir, sdxl_lcm_runtime) -> None:
+    prompts = ["a cat", "an astronaut riding a horse on the moon"]
+    latents, noise = random_inputs((4, 4, 16, 16), steps=4, seed=7)
+    expected = diffusers_sdxl_images(
+        _diffusers_pipeline(sdxl_lcm_dir), prompts, latents, noise, guidance=3.0, num_images_per_prompt=2
+    )
+    result = sdxl_lcm_runtime(prompts, guidance_scale=3.0, num_images_per_prompt=2, latents=latents, noise=noise)
+    assert np.abs(result.images - expected).max() < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("guidance", "negative_prompt"),
+    [(1.0, None), (2.0, None), (2.0, ""), (2.0, "blurry, low quality")],
+    ids=["no-cfg", "cfg-zeros", "cfg-empty-negative", "cfg-negative"],
+)
+def test_base_sdxl_with_cfg_matches_diffusers(sdxl_base, guidance, negative_prompt) -> None:
+    base, lora, bundle = sdxl_base
+    runtime = Pipeline.load(bundle, backend="onnxruntime", precision="fp32")
+    latents, noise = random_inputs((1, 4, 16, 24), steps=4, seed=3)
+    expected = diffusers_sdxl_images(
+        _diffusers_pipeline(base, lora), PROMPT, latents, noise, guidance=guidance, negative_prompt=negative_prompt
+    )
+    options = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
+    result = runtime(PROMPT, guidance_scale=guidance, latents=latents, noise=noise, **options)
+    error = np.abs(result.images - expected).max()
+    print(f"base SDXL + LoRA guidance {guidance} negative {negative_prompt!r}: max abs {error:.2e}")
+    assert error < TOLERANCE, error
+
+
+def test_the_cfg_batch_layout_and_size_ids(sdxl_base) -> None:
+    """[unconditional, conditional] for hidden states and text_embeds (zeros for an absent negative prompt, as
+    ``force_zeros_for_empty_prompt``), and time_ids = [H, W, 0, 0, H, W] for every row."""
+    runtime = Pipeline.load(sdxl_base[2], backend="onnxruntime", precision="fp32")
+    events: list[StepEvent] = []
+    latents, noise = random_inputs((1, 4, 16, 24), steps=4, seed=3)
+    runtime(PROMPT, guidance_scale=2.0, latents=latents, noise=noise, observer=events.append)
+    feeds = events[0].feeds
+    assert feeds["encoder_hidden_states"].shape == (2, 77, 64)
+    assert feeds["text_embeds"].shape == (2, 32)
+    assert not feeds["encoder_hidden_states"][0].any() and not feeds["text_embeds"][0].any()
+    assert feeds["text_embeds"][1].any()
+    assert np.array_equal(feeds["time_ids"], np.array([[32, 48, 0, 0, 32, 48]] * 2, dtype=np.float32))
+
+
+def test_the_bundle_describes_the_sdxl_family(sdxl_lcm_bundle) -> None:
+    manifest = Pipeline.load(sdxl_lcm_bundle, backend="onnxruntime").manifest
+    assert manifest.pipeline.family == "sdxl"
+    assert [(t.name, t.pad_id) for t in manifest.tokenizers] == [("tokenizer", 49407), ("tokenizer_2", 0)]
+    conditioning = manifest.conditioning
+    assert [(e.component, e.hidden_state, e.pooled) for e in conditioning.text_encoders] == [
+        ("text_encoder", "hidden_states.1", None),
+        ("text_encoder_2", "hidden_states.1", "text_embeds"),
+    ]
+    assert conditioning.unet_inputs == {
+        "encoder_hidden_states": "text_hidden_states",
+        "text_embeds": "pooled_text",
+        "time_ids": "size_ids",
+        "timestep_cond": "guidance_embedding",
+    }
+    assert conditioning.empty_negative == "zeros"
+    index = json.loads((sdxl_lcm_bundle / "model_index.json").read_text())
+    assert index["tokenizer_2"] == index["tokenizer"] and index["text_encoder_2"][1] == "CLIPTextModelWithProjection"
+    assert json.loads((sdxl_lcm_bundle / "text_encoder_2" / "config.json").read_text())["projection_dim"] == 32
+    assert (sdxl_lcm_bundle / "tokenizer_2" / "tokenizer.json").is_file()
+
+
+# An SSD-1B-like shape the exporter has not seen: three blocks, two transformer layers in the deeper blocks,
+# per-block head dims, encoders of different widths (24 + 40) and depths, another projection and time width.
+UNSEEN_SDXL = TinyPipelineConfig(
+    kind="sdxl-lcm",
+    unet_block_out_channels=(32, 32, 64),
+    unet_down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    unet_up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(4, 8, 16),
+    transformer_layers_per_block=(1, 1, 2),
+    text_hidden_size=24,
+    text_layers=3,
+    text_heads=3,
+    text_2_hidden_size=40,
+    text_2_layers=2,
+    text_2_heads=5,
+    text_2_projection_dim=20,
+    addition_time_embed_dim=4,
+    time_cond_proj_dim=20,
+    vae_block_out_channels=(16, 16, 32),
+    vae_scaling_factor=0.13025,
+    seed=3,
+)
+
+
+def test_an_unseen_sdxl_shape_matches_diffusers(tmp_path) -> None:
+    model = build_tiny_pipeline(tmp_path / "model", UNSEEN_SDXL)
+    runtime = Pipeline.load(export(model, tmp_path / "bundle"), backend="onnxruntime", precision="fp32")
+    info = runtime.manifest.pipeline
+    assert info.vae_scale_factor == 4 and info.spatial_multiple == 16
+    hidden = [e.hidden_state for e in runtime.manifest.conditioning.text_encoders]
+    assert hidden == ["hidden_states.2", "hidden_states.1"]
+    pipeline = _diffusers_pipeline(model)
+    for guidance, (height, width) in [(8.5, (32, 48)), (2.0, (48, 32))]:
+        latents, noise = random_inputs((1, 4, height // 4, width // 4), steps=4, seed=11)
+        expected = diffusers_sdxl_images(pipeline, PROMPT, latents, noise, guidance=guidance)
+        result = runtime(PROMPT, guidance_scale=guidance, latents=latents, noise=noise)
+        assert result.images.shape == (1, height, width, 3)
+        error = np.abs(result.images - expected).max()
+        print(f"unseen SDXL shape {height}x{width} guidance {guidance}: max abs {error:.2e}")
+        assert error < TOLERANCE, error
