@@ -212,3 +212,34 @@ def test_an_unseen_sdxl_shape_matches_diffusers(tmp_path) -> None:
         error = np.abs(result.images - expected).max()
         print(f"unseen SDXL shape {height}x{width} guidance {guidance}: max abs {error:.2e}")
         assert error < TOLERANCE, error
+
+
+@pytest.mark.parametrize("lora_format", ["diffusers", "kohya"])
+def test_a_lora_on_both_text_encoders_fuses_as_diffusers_does(sdxl_base, lora_format, tmp_path) -> None:
+    """An SDXL LoRA adapting the U-Net and both text encoders (kohya: lora_te1_ / lora_te2_), weight 0.7."""
+    from lcm_export.exporter.bundle import LoraSource
+
+    base = sdxl_base[0]
+    lora = build_tiny_lora(
+        tmp_path / f"{lora_format}.safetensors",
+        base,
+        rank=4,
+        target_modules=("to_q", "to_v"),
+        text_encoder=True,
+        text_encoder_target_modules=("q_proj", "v_proj", "out_proj"),
+        format=lora_format,
+        seed=5,
+    )
+    bundle = export(base, tmp_path / "bundle", loras=(LoraSource(str(lora), 0.7),))
+    runtime = Pipeline.load(bundle, backend="onnxruntime", precision="fp32")
+    assert runtime.manifest.loras[0]["layers"] == {"unet": 16, "text_encoder": 6, "text_encoder_2": 6}
+    reference = _diffusers_pipeline(base)
+    reference.load_lora_weights(str(lora), adapter_name="style")
+    reference.set_adapters(["style"], adapter_weights=[0.7])
+    reference.fuse_lora()
+    latents, noise = random_inputs((1, 4, 16, 16), steps=4, seed=9)
+    expected = diffusers_sdxl_images(reference, PROMPT, latents, noise, guidance=2.0)
+    result = runtime(PROMPT, guidance_scale=2.0, latents=latents, noise=noise)
+    error = np.abs(result.images - expected).max()
+    print(f"SDXL LoRA ({lora_format}) on U-Net and both text encoders: max abs {error:.2e}")
+    assert error < TOLERANCE, error

@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lcm-export",
         description="Export a Latent Consistency Model (or base SD + LCM-LoRA) into a runnable bundle.",
     )
-    parser.add_argument("model", help="diffusers pipeline folder, hub id, or builtin:tiny-lcm / builtin:tiny-sd")
+    parser.add_argument(
+        "model",
+        help="diffusers pipeline folder, hub id, or a built-in tiny model: builtin:tiny-lcm, builtin:tiny-sd, "
+        "builtin:tiny-sdxl-lcm, builtin:tiny-sdxl",
+    )
     parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write")
     parser.add_argument("--target", default="onnx", help="onnx (default), tensorrt or coreml")
     parser.add_argument(

@@ -26,7 +26,8 @@ from lcm_export.runtime.manifest import sha256_file
 
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")  # diffusers' test for a kohya-ss file
-LORA_COMPONENTS = ("unet", "text_encoder")  # what StableDiffusionLoraLoaderMixin loads LoRAs into
+# What diffusers' LoRA loader mixins load LoRAs into (SD: the first two; SDXL: all three), in this order.
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Cross-attention width -> the model family it belongs to, to name the architecture a LoRA was made for.
 CROSS_ATTENTION_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 SDXL_ONLY_COMPONENTS = ("text_encoder_2",)
@@ -36,7 +37,7 @@ SDXL_ONLY_COMPONENTS = ("text_encoder_2",)
 class LoraLayer:
     """One adapted module as the LoRA file describes it: down (A) and up (B) matrix shapes."""
 
-    component: str  # "unet", "text_encoder", or a prefix this pipeline does not have
+    component: str  # "unet", "text_encoder", "text_encoder_2", or a prefix this pipeline does not have
     module: str  # module path inside the component, as peft will look it up
     down_shape: tuple[int, ...] | None  # A: (r, in) for Linear, (r, in, kh, kw) for Conv2d
     up_shape: tuple[int, ...] | None  # B: (out, r) or (out, r, 1, 1)
@@ -184,7 +185,7 @@ def _diffusers_state_dict(source: str, tensors: dict[str, Any]) -> dict[str, Any
     return state_dict
 
 
-def _peft_names(component: str, state_dict: dict[str, Any], text_model_prefix: bool) -> dict[str, Any]:
+def _peft_names(component: str, state_dict: dict[str, Any], text_model_prefixed: frozenset[str]) -> dict[str, Any]:
     """Rename one component's keys the way diffusers does before handing them to peft (``….lora_A.weight``)."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
@@ -194,9 +195,9 @@ def _peft_names(component: str, state_dict: dict[str, Any], text_model_prefix: b
     if component == "unet":
         first_key = next(iter(state_dict))  # diffusers decides on the first key too
         return state_dict if "lora_A" in first_key else convert_unet_state_dict_to_peft(state_dict)
-    if component == "text_encoder":
+    if component in ("text_encoder", "text_encoder_2"):
         converted = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state_dict))
-        if not text_model_prefix:  # CLIPTextModel is flattened in recent transformers
+        if component not in text_model_prefixed:  # CLIPTextModel is flattened in recent transformers
             converted = {key.removeprefix("text_model."): value for key, value in converted.items()}
         return converted
     return state_dict
@@ -216,7 +217,7 @@ def _refuse_mixed_naming(source: str, component: str, named: dict[str, Any]) -> 
         )
 
 
-def _layers(state_dict: dict[str, Any], source: str, text_model_prefix: bool) -> tuple[LoraLayer, ...]:
+def _layers(state_dict: dict[str, Any], source: str, text_model_prefixed: frozenset[str]) -> tuple[LoraLayer, ...]:
     """Group a diffusers-named LoRA state dict into adapted modules with their A/B shapes."""
     groups: dict[str, dict[str, Any]] = {}
     for key, tensor in state_dict.items():
@@ -225,7 +226,7 @@ def _layers(state_dict: dict[str, Any], source: str, text_model_prefix: bool) ->
     layers: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
     for component, group in groups.items():
         try:
-            named = _peft_names(component, group, text_model_prefix)
+            named = _peft_names(component, group, text_model_prefixed)
         except ValueError:
             # diffusers recognises none of these names (it would fail on them): keep them as they are, so they
             # are reported as modules this pipeline lacks
@@ -251,13 +252,21 @@ def _layers(state_dict: dict[str, Any], source: str, text_model_prefix: bool) ->
     )
 
 
-def read_lora(lora: Any, text_model_prefix: bool = False) -> LoraFile:
-    """Resolve, read and parse one :class:`LoraSource`; raises :class:`ExportError` on anything unusable."""
+def read_lora(lora: Any, text_model_prefixed: frozenset[str] = frozenset()) -> LoraFile:
+    """Resolve, read and parse one :class:`LoraSource`; raises :class:`ExportError` on anything unusable.
+
+    ``text_model_prefixed``: the text encoders whose modules sit under ``text_model.`` (recent transformers
+    flattens ``CLIPTextModel`` but not ``CLIPTextModelWithProjection``, SDXL's second encoder).
+    """
     path = resolve_lora_file(lora.source)
     tensors = _read_safetensors(lora.source, path)
     state_dict = _diffusers_state_dict(lora.source, tensors)
     parsed = LoraFile(
-        lora.source, float(lora.weight), path, file_format(tensors), _layers(state_dict, lora.source, text_model_prefix)
+        lora.source,
+        float(lora.weight),
+        path,
+        file_format(tensors),
+        _layers(state_dict, lora.source, text_model_prefixed),
     )
     if not parsed.layers:
         raise ExportError(f"--lora '{lora.source}' holds no LoRA layers: pass a LoRA file, not a model checkpoint")
@@ -299,9 +308,17 @@ def _shape_mismatch(layer: LoraLayer, module: Any) -> str | None:
     return f"{layer.component} '{layer.module}' is {lora_in}->{lora_out} in the LoRA, {model_in}->{model_out} here"
 
 
+def lora_components(pipeline: Any) -> tuple[str, ...]:
+    """The components of ``pipeline`` LoRAs are fused into (SDXL has a second text encoder)."""
+    return tuple(component for component in LORA_COMPONENTS if getattr(pipeline, component, None) is not None)
+
+
 def _family_hint(lora: LoraFile, mismatched: list[LoraLayer], pipeline: Any) -> str | None:
     """The model family a LoRA was made for, read from its cross-attention width or its components."""
-    if any(layer.component in SDXL_ONLY_COMPONENTS or "add_embedding" in layer.module for layer in lora.layers):
+    is_sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+    if not is_sdxl and any(
+        layer.component in SDXL_ONLY_COMPONENTS or "add_embedding" in layer.module for layer in lora.layers
+    ):
         return "made for SDXL (it adapts text_encoder_2 / add_embedding)"
     model_width = int(pipeline.unet.config.cross_attention_dim)
     for layer in mismatched:
@@ -319,11 +336,7 @@ def match_lora(lora: LoraFile, pipeline: Any) -> dict[str, int]:
     modules or have other widths (a LoRA for another architecture) are refused: diffusers would drop the former
     with a warning and fail on the latter deep inside peft.
     """
-    modules = {
-        component: dict(getattr(pipeline, component).named_modules())
-        for component in LORA_COMPONENTS
-        if getattr(pipeline, component, None) is not None
-    }
+    modules = {component: dict(getattr(pipeline, component).named_modules()) for component in lora_components(pipeline)}
     missing: list[LoraLayer] = []
     mismatched: list[tuple[LoraLayer, str]] = []
     counts: dict[str, int] = {}
@@ -407,7 +420,7 @@ def _peft_layers_left(pipeline: Any) -> int:
 
     return sum(
         isinstance(module, BaseTunerLayer)
-        for component in LORA_COMPONENTS
+        for component in lora_components(pipeline)
         for module in getattr(pipeline, component).modules()
     )
 
@@ -423,8 +436,12 @@ def fuse_loras(loaded: Any, loras: Iterable[Any]) -> list[dict[str, Any]]:
     pipeline = loaded.pipeline
     if not hasattr(pipeline, "load_lora_weights"):
         raise ExportError(f"MODEL '{loaded.source}' ({type(pipeline).__name__}) does not take LoRAs in diffusers")
-    text_model_prefix = hasattr(pipeline.text_encoder, "text_model")
-    parsed = [read_lora(lora, text_model_prefix) for lora in loras]
+    text_model_prefixed = frozenset(
+        component
+        for component in lora_components(pipeline)
+        if component.startswith("text_encoder") and hasattr(getattr(pipeline, component), "text_model")
+    )
+    parsed = [read_lora(lora, text_model_prefixed) for lora in loras]
     counts = [match_lora(lora, pipeline) for lora in parsed]
 
     adapter_names = [f"lora_{index}" for index in range(len(parsed))]
@@ -443,11 +460,11 @@ def fuse_loras(loaded: Any, loras: Iterable[Any]) -> list[dict[str, Any]]:
                         "the file's layer names are not ones diffusers maps onto this model"
                     )
         pipeline.set_adapters(adapter_names, adapter_weights=[lora.weight for lora in parsed])
-        pipeline.fuse_lora(components=list(LORA_COMPONENTS))
+        pipeline.fuse_lora(components=list(lora_components(pipeline)))
         pipeline.unload_lora_weights()
     if _peft_layers_left(pipeline):  # a diffusers/peft change would otherwise export peft wrappers
         raise RuntimeError("peft LoRA layers are left in the pipeline after unload_lora_weights()")
-    for component in LORA_COMPONENTS:
+    for component in lora_components(pipeline):
         getattr(pipeline, component).eval().requires_grad_(False)
 
     records = []

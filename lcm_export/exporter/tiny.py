@@ -261,15 +261,17 @@ def build_tiny_lora(
     diffusers' training scripts save one (``StableDiffusionPipeline.save_lora_weights``, with the adapter config
     in the header so ``alpha`` survives) or, for ``format="kohya"``, as kohya-ss names it
     (``lora_unet_*`` / ``lora_te_*`` with ``lora_down``, ``lora_up`` and ``alpha``). The same seed and arguments
-    give the same A and B matrices in both formats: the two files describe the same LoRA.
+    give the same A and B matrices in both formats: the two files describe the same LoRA. For an SDXL pipeline,
+    ``text_encoder`` adapts both text encoders (kohya: ``lora_te1_*`` / ``lora_te2_*``), saved as
+    ``StableDiffusionXLPipeline.save_lora_weights`` does.
     """
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if format not in LORA_FORMATS:
         raise ValueError(f"unknown LoRA format {format!r}: pick one of {', '.join(LORA_FORMATS)}")
@@ -281,22 +283,28 @@ def build_tiny_lora(
     unet_config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=False)
     unet.add_adapter(unet_config)
     unet_layers = get_peft_model_state_dict(unet, save_embedding_layers=False)
-    encoder_layers: dict = {}
+    sdxl = (pipeline_dir / "text_encoder_2").is_dir()
+    encoder_names = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
+    encoder_layers: dict[str, dict] = {}
     encoder_config = None
-    encoder_name_prefix = ""
+    encoder_name_prefixes: dict[str, str] = {}
     if text_encoder:
-        encoder = CLIPTextModel.from_pretrained(str(pipeline_dir), subfolder="text_encoder")
         encoder_config = LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=list(text_encoder_target_modules), init_lora_weights=False
         )
-        encoder.add_adapter(encoder_config)
-        encoder_layers = get_peft_model_state_dict(encoder, save_embedding_layers=False)
-        encoder_name_prefix = "" if hasattr(encoder, "text_model") else "text_model."
+        for name in encoder_names:
+            model_class = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            encoder = model_class.from_pretrained(str(pipeline_dir), subfolder=name)
+            encoder.add_adapter(encoder_config)
+            encoder_layers[name] = get_peft_model_state_dict(encoder, save_embedding_layers=False)
+            encoder_name_prefixes[name] = "" if hasattr(encoder, "text_model") else "text_model."
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "kohya":
         state_dict = _kohya_lora_state_dict(unet_layers, "lora_unet_", alpha)
-        state_dict.update(_kohya_lora_state_dict(encoder_layers, "lora_te_", alpha, encoder_name_prefix))
+        kohya_prefixes = {"text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+        for name, layers in encoder_layers.items():
+            state_dict.update(_kohya_lora_state_dict(layers, kohya_prefixes[name], alpha, encoder_name_prefixes[name]))
         save_file(state_dict, str(path), metadata={"format": "pt"})
         return path
     # diffusers' training scripts rename peft's lora_A/lora_B to lora.down/lora.up, which covers attention
@@ -304,13 +312,18 @@ def build_tiny_lora(
     diffusers_named = convert_state_dict_to_diffusers(unet_layers)
     if any(".lora_A." in key for key in diffusers_named):
         diffusers_named = unet_layers
-    StableDiffusionPipeline.save_lora_weights(
+    encoder_metadata = encoder_config.to_dict() if encoder_config is not None else None
+    encoder_options = {}
+    for name, layers in encoder_layers.items():
+        encoder_options[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(layers)
+        encoder_options[f"{name}_lora_adapter_metadata"] = encoder_metadata
+    saver = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    saver.save_lora_weights(
         str(path.parent),
         unet_lora_layers=diffusers_named,
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(encoder_layers) if encoder_layers else None,
         weight_name=path.name,
         unet_lora_adapter_metadata=unet_config.to_dict(),
-        text_encoder_lora_adapter_metadata=encoder_config.to_dict() if encoder_config is not None else None,
+        **encoder_options,
     )
     return path
 
