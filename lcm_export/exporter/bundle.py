@@ -23,7 +23,7 @@ from lcm_export.exporter.components import build_components, penultimate_hidden_
 from lcm_export.exporter.ecosystem import TOKENIZER_LIBRARY_CLASS, write_tokenizer
 from lcm_export.exporter.loading import LoadedPipeline, attach_tiny_vae, load_pipeline, resolve_tiny_vae_path
 from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, validate_onnx
-from lcm_export.exporter.schedule import guidance_frequencies, lcm_scheduler_from, scheduler_info
+from lcm_export.exporter.schedule import guidance_frequencies, img2img_mode, lcm_scheduler_from, scheduler_info
 from lcm_export.runtime.manifest import (
     DEFAULT_GUIDANCE_SCALE,
     FORMAT_NAME,
@@ -420,7 +420,9 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         guidance_frequencies=guidance_frequencies(pipeline_info.time_cond_proj_dim),
     )
 
-    scheduler = scheduler_info(dict(loaded.pipeline.scheduler.config), config.max_steps, loaded.guidance)
+    scheduler = scheduler_info(
+        dict(loaded.pipeline.scheduler.config), config.max_steps, img2img_mode(loaded.family, loaded.guidance)
+    )
 
     def write_manifest(components: dict[str, Component], target: str = config.target) -> Manifest:
         """The manifest of what ``staging`` holds now (written again after each stage that adds files); before

@@ -29,15 +29,16 @@ def step_table(scheduler: Any, num_inference_steps: int) -> StepTable:
     return _table(scheduler, scheduler.timesteps)
 
 
-def img2img_table(scheduler: Any, num_inference_steps: int, strength: float, guidance: str) -> StepTable | None:
+def img2img_table(scheduler: Any, num_inference_steps: int, strength: float, mode: str) -> StepTable | None:
     """The table of an image-to-image run as diffusers makes it, or None where diffusers refuses the combination.
 
-    Distilled LCMs (``LatentConsistencyModelImg2ImgPipeline``) pass the strength to ``set_timesteps``: all steps run,
-    from a lower start. Base SD with LCM-LoRA (``StableDiffusionImg2ImgPipeline`` + ``LCMScheduler``) slices the
-    text-to-image schedule instead: only its last ``int(steps * strength)`` steps run, each stepping to the next
-    timestep of the full schedule, as ``set_begin_index`` makes the scheduler do.
+    ``mode`` "strength" (distilled SD LCMs, ``LatentConsistencyModelImg2ImgPipeline``) passes the strength to
+    ``set_timesteps``: all steps run, from a lower start. "sliced" (``StableDiffusionImg2ImgPipeline`` and
+    ``StableDiffusionXLImg2ImgPipeline`` with ``LCMScheduler``: LCM-LoRA, and LCM-SDXL, which has no LCM img2img
+    pipeline of its own) slices the text-to-image schedule: only its last ``int(steps * strength)`` steps run, each
+    stepping to the next timestep of the full schedule, as ``set_begin_index`` makes the scheduler do.
     """
-    if guidance == "embedding":
+    if mode == "strength":
         try:
             scheduler.set_timesteps(num_inference_steps, strength=strength)
         except ValueError:  # original_steps x strength shorter than the steps asked for
@@ -67,9 +68,14 @@ def _table(scheduler: Any, timesteps: Any) -> StepTable:
     return StepTable(**{name: tuple(values) for name, values in columns.items()})
 
 
-def scheduler_info(config: dict[str, Any], max_steps: int, guidance: str = "embedding") -> SchedulerInfo:
+def img2img_mode(family: str, guidance: str) -> str:
+    """How diffusers' img2img pipeline for this model applies the strength (see :func:`img2img_table`)."""
+    return "strength" if family == "sd" and guidance == "embedding" else "sliced"
+
+
+def scheduler_info(config: dict[str, Any], max_steps: int, img2img: str = "strength") -> SchedulerInfo:
     """Tables for 1..``max_steps`` steps (capped by the schedule's length), image-to-image tables at
-    :data:`IMG2IMG_STRENGTHS` for the pipeline kind (``guidance``), and the step's options."""
+    :data:`IMG2IMG_STRENGTHS` as ``img2img`` (:func:`img2img_mode`) makes them, and the step's options."""
     scheduler = lcm_scheduler_from(config)
     original_steps = int(scheduler.config.original_inference_steps)
     if max_steps < 1:
@@ -78,7 +84,7 @@ def scheduler_info(config: dict[str, Any], max_steps: int, guidance: str = "embe
     partial_tables = {}
     for steps in tables:
         for strength in IMG2IMG_STRENGTHS:
-            table = img2img_table(scheduler, steps, strength, guidance)
+            table = img2img_table(scheduler, steps, strength, img2img)
             if table is not None:
                 partial_tables[(steps, strength)] = table
     prediction_type = scheduler.config.prediction_type
