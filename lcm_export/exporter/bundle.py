@@ -449,7 +449,8 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
 
     if resolved_precision(config) == "int8":
         if not get_target(config.target).needs_modules:
-            loaded.pipeline = None  # the torch modules are done with: calibration runs the bundle, not torch
+            del exportables, component  # the torch modules are done with: calibration runs the bundle
+            loaded.pipeline = None
             gc.collect()
         components = _add_int8_unet(config, staging, components, pipeline_info, write_manifest)
     components = _build_target(config, staging, components, pipeline_info, loaded, sequence)
