@@ -73,6 +73,7 @@ class Settings:
     calibration_size: int = 8
     calibration_resolution: int = 256
     only_engines: tuple[str, ...] = ()  # empty: every engine
+    supplementary: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -660,7 +661,7 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
 PSNR_PAIRS = (
     ("ours-default", "ours-parity"),
     ("ours-openvino-default", "ours-openvino-fp32"),
-    ("ours-int8", "ours-default"),
+    ("ours-int8", "ours-onnxruntime"),
     ("ours-fast-int8", "ours-fast"),
     ("ours-openvino-fast-int8", "ours-fast"),
     ("optimum-fast-int8", "optimum-fast"),
@@ -752,7 +753,13 @@ def ratios(sizes: dict[str, Any], exports: dict[str, Any]) -> list[dict[str, Any
 
 def add_int8_checks(rows, size, largest, add, ratio, unet_per_call, images) -> None:
     """The INT8 issue's targets: U-Net speed-up, fast INT8 against diffusers and the peer, memory, image quality."""
-    for int8, float_ in (("ours-int8", "ours-default"), ("ours-fast-int8", "ours-fast")):
+    # ours-int8 / ours-onnxruntime: the same backend; ours-fast runs `auto`'s backend (OpenVINO bf16 on a bf16 CPU).
+    pairs = (
+        ("ours-int8", "ours-onnxruntime"),
+        ("ours-fast-int8", "ours-fast"),
+        ("ours-openvino-fast-int8", "ours-fast"),
+    )
+    for int8, float_ in pairs:
         quantised, reference = unet_per_call(rows.get(int8)), unet_per_call(rows.get(float_))
         value = reference / quantised if quantised and reference else None
         add(f"{size}px U-Net per call {float_} / {int8}", value, "≥ 1.5", None if value is None else value >= 1.5)
@@ -780,30 +787,12 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def write_markdown(results: dict[str, Any], path: Path) -> None:
-    machine = results["machine"]
-    isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present) or "?"
-    lines = [
-        "# CPU benchmark: lcm-export against diffusers and OpenVINO (optimum-intel)",
-        "",
-        "```",
-        results["settings"]["command"],
-        "```",
-        "",
-        f"Machine: {machine.get('cpu')} ({machine.get('logical_cpus')} logical CPUs; ISA: {isa}), "
-        f"{machine.get('memory_gb')} GB; {machine.get('platform')}. Run {results['date']}.",
-        f"Versions: {json.dumps(machine.get('versions', {}))}"
-        + (f"; optimum venv: {json.dumps(results['optimum']['versions'])}" if results.get("optimum") else ""),
-        "",
-        f"Model: random weights in LCM_Dreamshaper_v7's shapes (parameters: {json.dumps(results['models'])}). "
-        f"{results['settings']['steps']} steps, guidance {results['settings']['guidance']}, batch 1, "
-        f"{results['settings']['threads']} threads; median of {results['settings']['runs']} runs after "
-        f"{results['settings']['warmup']} warm-up, engines alternating, each in its own process.",
-        "",
-    ]
+def size_table_lines(results: dict[str, Any], heading: str = "##") -> list[str]:
+    """Per size: the engines' table, the groups that ran together and the image checks."""
+    lines: list[str] = []
     for size, data in results["sizes"].items():
         lines += [
-            f"## {size}×{size}",
+            f"{heading} {size}×{size}",
             "",
             "| engine | backend, precision | end to end (s) | runs min–max (s) | U-Net total (s) | VAE decode (s) | "
             "text (s) | first load (s) | second load (s) | peak RSS (GB) | anonymous peak (GB) |",
@@ -829,11 +818,43 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         if data["images"]:
             lines.append("Images: " + "; ".join(f"{k} {v:.3g}" for k, v in data["images"].items()) + ".")
         lines.append("")
-    lines += work_and_rate_lines(results)
-    lines += ["## Targets (issue 10; INT8 issue)", "", "| check | measured | target | met |", "|---|---|---|---|"]
-    for check in results["checks"]:
+    return lines
+
+
+def target_lines(checks: list[dict[str, Any]], measured_only: bool = False) -> list[str]:
+    lines = ["| check | measured | target | met |", "|---|---|---|---|"]
+    for check in checks:
+        if measured_only and check["met"] is None:
+            continue
         met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
         lines.append(f"| {check['check']} | {_number(check['value'])} | {check['target']} | {met} |")
+    return lines
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    machine = results["machine"]
+    isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present) or "?"
+    lines = [
+        "# CPU benchmark: lcm-export against diffusers and OpenVINO (optimum-intel)",
+        "",
+        "```",
+        results["settings"]["command"],
+        "```",
+        "",
+        f"Machine: {machine.get('cpu')} ({machine.get('logical_cpus')} logical CPUs; ISA: {isa}), "
+        f"{machine.get('memory_gb')} GB; {machine.get('platform')}. Run {results['date']}.",
+        f"Versions: {json.dumps(machine.get('versions', {}))}"
+        + (f"; optimum venv: {json.dumps(results['optimum']['versions'])}" if results.get("optimum") else ""),
+        "",
+        f"Model: random weights in LCM_Dreamshaper_v7's shapes (parameters: {json.dumps(results['models'])}). "
+        f"{results['settings']['steps']} steps, guidance {results['settings']['guidance']}, batch 1, "
+        f"{results['settings']['threads']} threads; median of {results['settings']['runs']} runs after "
+        f"{results['settings']['warmup']} warm-up, engines alternating, each in its own process.",
+        "",
+    ]
+    lines += size_table_lines(results)
+    lines += work_and_rate_lines(results)
+    lines += ["## Targets (issue 10; INT8 issue)", "", *target_lines(results["checks"])]
     lines += ["", "## Exports", ""]
     for name, metrics in results["exports"].items():
         bundle = metrics.get("bundle", {})
@@ -864,6 +885,17 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 f"{int8['peak_rss_gb']:.2f} GB, INT8 U-Net IR {int8['unet_int8_bytes'] / GIGABYTE:.2f} GB"
             )
     lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
+    for supplement in results.get("supplementary", []):
+        lines += [
+            f"## Supplementary run ({supplement['date']}, separate invocation: not alternated with the rows above)",
+            "",
+            f"```\n{supplement['settings']['command']}\n```",
+            "",
+            *size_table_lines(supplement, heading="###"),
+            *target_lines(ratios(supplement["sizes"], {}), measured_only=True),
+            "",
+        ]
+        lines += [f"- {note}" for note in notes(supplement) if "Not re-run" not in note and "spread" in note] + [""]
     path.write_text("\n".join(lines))
 
 
@@ -1004,6 +1036,12 @@ def notes(results: dict[str, Any]) -> list[str]:
             "of the previous full run (bench/RESULTS.md in git history)."
         )
     default_precision = results.get("openvino_default_precision")
+    if default_precision not in ("f32", None):
+        found.append(
+            f"OpenVINO runs {default_precision} by default on this CPU, so `auto` picks it: ours default and fast run "
+            "OpenVINO here, while ours (fast) INT8 force onnxruntime; ours-fast / ours-fast-int8 is therefore a "
+            "cross-backend ratio, and ours-onnxruntime / ours-int8 the same-backend one."
+        )
     if default_precision == "f32":
         found.append(
             "This CPU has no bf16/fp16 path in OpenVINO (its default precision is f32): default and parity modes are "
@@ -1041,6 +1079,13 @@ def parse_settings(argv: list[str] | None) -> Settings:
         help="write RESULTS.md and the chart again from --output's results.json (adding work and matmul rate "
         "where missing), without timing anything",
     )
+    parser.add_argument(
+        "--supplementary",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="with --report-only: results.json files of other runs to append (rows a time limit left out)",
+    )
     args = parser.parse_args(argv)
     if args.relock_optimum:
         relock_optimum()
@@ -1067,6 +1112,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
         calibration_size=args.calibration_size,
         calibration_resolution=args.calibration_resolution,
         only_engines=tuple(args.engines),
+        supplementary=tuple(args.supplementary),
     )
 
 
@@ -1107,6 +1153,11 @@ def main(argv: list[str] | None = None) -> int:
         if results["settings"].get("only_engines") and "engines_not_run" not in results:
             every_engine = define_engines(settings, results.get("optimum"))
             results["engines_not_run"] = [e.name for e in every_engine if e.name not in results["engines"]]
+        for extra in settings.supplementary:
+            supplement = json.loads(extra.read_text())
+            supplement["sizes"] = {int(size): data for size, data in supplement["sizes"].items()}
+            supplement.pop("supplementary", None)
+            results.setdefault("supplementary", []).append(supplement)
         add_work_and_rate(results, settings)
         write_reports(results, settings)
         print((settings.output_dir / "RESULTS.md").read_text())
