@@ -66,6 +66,23 @@ class StepEvent:
     denoised: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One generation call's checked arguments (text-to-image and image-to-image share them)."""
+
+    prompts: list[str]
+    negatives: list[str]  # the unconditional prompts of a CFG call ("" each when none was given)
+    negative_given: bool
+    images_per_prompt: int
+    guidance_scale: float
+    table: Any  # StepTable
+    seed: int | None
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
+
+
 # Precisions only a variant can give (no backend computes them from a float graph): asking for one that no
 # component has is an error, not a silent float run.
 VARIANT_ONLY_PRECISIONS = ("int8",)
@@ -286,17 +303,10 @@ class Pipeline:
         start = time.perf_counter()
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         info = self.manifest.pipeline
-        prompts = check_prompts(prompt)
-        num_images_per_prompt = check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
-        num_inference_steps = check_integer("num_inference_steps", num_inference_steps, minimum=1)
-        guidance_scale = check_guidance(info.default_guidance_scale if guidance_scale is None else guidance_scale)
-        seed = check_seed(seed)
-        batch = len(prompts) * num_images_per_prompt
-        table = self.scheduler.table(num_inference_steps)
-        use_cfg = info.guidance == "cfg" and guidance_scale > 1.0
-        negatives = check_negative_prompt(
-            negative_prompt, len(prompts), guidance_kind=info.guidance, guidance_scale=guidance_scale
+        request = self._request(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, seed
         )
+        batch = request.batch
 
         # 1. Shapes: from the latents when given, else from height/width (default: the model's sample size).
         if latents is not None:
@@ -305,7 +315,7 @@ class Pipeline:
             if latents.ndim != 4 or latents.shape[:2] != expected_lead:
                 raise UserError(
                     f"latents have shape {list(latents.shape)}: expected ({batch}, {info.latent_channels}, h, w) "
-                    f"for {len(prompts)} prompt(s) x {num_images_per_prompt} image(s)"
+                    f"for {len(request.prompts)} prompt(s) x {request.images_per_prompt} image(s)"
                 )
             if not np.isfinite(latents).all():
                 raise UserError("latents contain NaN or inf: pass finite initial latents")
@@ -315,40 +325,18 @@ class Pipeline:
         self.check_size(height, width)
         self.check_static_shape(batch, height, width)
         latent_shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
-        check_memory(
-            self.memory_model,
-            batch=batch,
-            unet_batch=batch * (2 if use_cfg else 1),
-            height=height,
-            width=width,
-            latent_height=latent_shape[2],
-            latent_width=latent_shape[3],
-        )
+        self._check_memory(request, height, width)
 
         # 2. Random draws, in diffusers' order: initial latents, then one noise tensor per step but the last.
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(request.seed)
         if latents is None:
             latents = rng.standard_normal(latent_shape, dtype=np.float32)
         latents = latents * np.float32(self.manifest.scheduler.init_noise_sigma)
-        noise = _draw_steps(noise, len(table.timesteps) - 1, latent_shape, rng)
+        noise = _draw_steps(noise, len(request.table.timesteps) - 1, latent_shape, rng)
 
         # 3-6. Prompt encodings, the loop from the initial latents, the decode.
         timings["prepare"] = time.perf_counter() - start
-        return self._generate(
-            prompts,
-            negatives,
-            negative_prompt,
-            num_images_per_prompt,
-            guidance_scale,
-            table,
-            latents,
-            noise,
-            height,
-            width,
-            observer,
-            timings,
-            start,
-        )
+        return self._generate(request, latents, noise, height, width, observer, timings, start)
 
     def img2img(
         self,
@@ -378,35 +366,26 @@ class Pipeline:
         start = time.perf_counter()
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         info = self.manifest.pipeline
-        prompts = check_prompts(prompt)
-        num_images_per_prompt = check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
-        num_inference_steps = check_integer("num_inference_steps", num_inference_steps, minimum=1)
-        strength = check_strength(strength)
-        guidance_scale = check_guidance(info.default_guidance_scale if guidance_scale is None else guidance_scale)
-        seed = check_seed(seed)
-        batch = len(prompts) * num_images_per_prompt
-        table = self.scheduler.table(num_inference_steps, strength)
-        negatives = check_negative_prompt(
-            negative_prompt, len(prompts), guidance_kind=info.guidance, guidance_scale=guidance_scale
+        request = self._request(
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            seed,
+            check_strength(strength),
         )
+        batch, table = request.batch, request.table
         if "vae_encoder" not in self.manifest.components:
             raise UserError(f"BUNDLE '{self.bundle_dir}' has no vae_encoder: re-export it without --no-vae-encoder")
         pixels = load_image(image, info.spatial_multiple)  # (H, W, 3) in [0, 1]
         height, width = pixels.shape[:2]
         self.check_static_shape(batch, height, width)
         latent_shape = (batch, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
-        check_memory(
-            self.memory_model,
-            batch=batch,
-            unet_batch=batch * (2 if info.guidance == "cfg" and guidance_scale > 1.0 else 1),
-            height=height,
-            width=width,
-            latent_height=latent_shape[2],
-            latent_width=latent_shape[3],
-        )
+        self._check_memory(request, height, width)
 
         # 1. Random draws, in diffusers' order: the VAE's latent sample, the image noise, one noise per step.
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(request.seed)
         tiny = info.vae == "autoencoder_tiny"
         sample_noise = None if tiny else _draw("sample_noise", sample_noise, latent_shape, rng)
         image_noise = _draw("image_noise", image_noise, latent_shape, rng)
@@ -433,20 +412,42 @@ class Pipeline:
         latents = sqrt_alpha * encoded + sqrt_beta * image_noise
         timings["vae_encode"] = time.perf_counter() - mark
         timings["prepare"] = time.perf_counter() - start - timings["vae_encode"]
-        return self._generate(
-            prompts,
-            negatives,
-            negative_prompt,
-            num_images_per_prompt,
-            guidance_scale,
-            table,
-            latents,
-            noise,
-            height,
-            width,
-            observer,
-            timings,
-            start,
+        return self._generate(request, latents, noise, height, width, observer, timings, start)
+
+    def _request(
+        self,
+        prompt: Any,
+        negative_prompt: Any,
+        num_inference_steps: Any,
+        guidance_scale: Any,
+        num_images_per_prompt: Any,
+        seed: Any,
+        strength: float = 1.0,
+    ) -> _Request:
+        """Check every argument of a call before anything runs (one-line errors naming the argument)."""
+        info = self.manifest.pipeline
+        prompts = check_prompts(prompt)
+        images = check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
+        steps = check_integer("num_inference_steps", num_inference_steps, minimum=1)
+        guidance = check_guidance(info.default_guidance_scale if guidance_scale is None else guidance_scale)
+        seed = check_seed(seed)
+        table = self.scheduler.table(steps, strength)
+        negatives = check_negative_prompt(
+            negative_prompt, len(prompts), guidance_kind=info.guidance, guidance_scale=guidance
+        )
+        return _Request(prompts, negatives, negative_prompt is not None, images, guidance, table, seed)
+
+    def _check_memory(self, request: _Request, height: int, width: int) -> None:
+        info = self.manifest.pipeline
+        cfg = info.guidance == "cfg" and request.guidance_scale > 1.0
+        check_memory(
+            self.memory_model,
+            batch=request.batch,
+            unet_batch=request.batch * (2 if cfg else 1),
+            height=height,
+            width=width,
+            latent_height=height // info.vae_scale_factor,
+            latent_width=width // info.vae_scale_factor,
         )
 
     def stream(
@@ -468,12 +469,7 @@ class Pipeline:
 
     def _generate(
         self,
-        prompts: list[str],
-        negatives: list[str],
-        negative_prompt: Any,
-        num_images_per_prompt: int,
-        guidance_scale: float,
-        table: Any,
+        request: _Request,
         latents: np.ndarray,
         noise: list[np.ndarray],
         height: int,
@@ -482,21 +478,23 @@ class Pipeline:
         timings: dict[str, Any],
         start: float,
     ) -> PipelineOutput:
-        """Encode the prompts, run the LCM loop from ``latents`` over ``table``, decode: shared by both modes."""
+        """Encode the prompts, run the LCM loop from ``latents`` over the request's table, decode: shared by both
+        modes."""
         info = self.manifest.pipeline
+        prompts, negatives, table = request.prompts, request.negatives, request.table
+        guidance_scale, batch = request.guidance_scale, request.batch
         use_cfg = info.guidance == "cfg" and guidance_scale > 1.0
-        batch = len(prompts) * num_images_per_prompt
         # 3. Prompt encodings, repeated per image; with CFG the unconditional half comes first. A family that
         #    zeroes an absent negative prompt (SDXL's force_zeros_for_empty_prompt) does not encode it.
         conditioning = self.manifest.conditioning
-        if use_cfg and negative_prompt is None and conditioning.empty_negative == "zeros":
+        if use_cfg and not request.negative_given and conditioning.empty_negative == "zeros":
             conditional = self.encode_prompts(prompts, timings)
             text = TextConditioning.concatenate([conditional.zeros_like(), conditional])
         elif use_cfg:
             text = self.encode_prompts(negatives + prompts, timings)
         else:
             text = self.encode_prompts(prompts, timings)
-        text = text.repeat(num_images_per_prompt)  # (B*n[*2], S, D)
+        text = text.repeat(request.images_per_prompt)  # (B*n[*2], S, D)
 
         # 4. The other U-Net inputs, as the manifest declares them (w-embedding, pooled text, size ids).
         feeds = unet_conditioning_feeds(
