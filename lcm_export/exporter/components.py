@@ -12,6 +12,7 @@ encoders also give their penultimate hidden state under optimum's name ``hidden_
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +141,11 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
                 return_dict=False,
             )[0]
             return (output,)  # (B, C, h, w)
+
+    # torch.export binds inputs to the forward's signature: name every input (no *args), as the spec orders them.
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    UNet.forward.__signature__ = inspect.Signature(parameters)
 
     spec = ComponentSpec(
         name="unet",
