@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import export, psnr
+from test_parity import UNSEEN_SHAPES
 
 from lcm_export.calibration.onnx_qdq import float_nodes
 from lcm_export.calibration.trajectories import TrajectorySettings, load_sample, record_trajectories
@@ -152,20 +153,7 @@ def test_int8_on_an_unseen_shape_and_a_lora_bundle(tmp_path) -> None:
     from lcm_export.exporter.bundle import LoraSource
     from lcm_export.exporter.tiny import build_tiny_lora
 
-    model = build_tiny_pipeline(
-        tmp_path / "unseen",
-        TinyPipelineConfig(
-            unet_block_out_channels=(32, 32, 64),
-            unet_down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            unet_up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=(4, 8, 8),
-            cross_attention_dim=48,
-            text_hidden_size=48,
-            time_cond_proj_dim=20,
-            vae_block_out_channels=(16, 32, 32),
-            sample_size=8,
-        ),
-    )
+    model = build_tiny_pipeline(tmp_path / "unseen", UNSEEN_SHAPES["three-blocks-vae4"])  # test_parity's
     bundle = export(model, tmp_path / "unseen-int8", precision="int8", calibration_size=4)
     assert [v.name for v in load_manifest(bundle).components["unet"].variants] == ["int8-qdq"]  # no --keep-fp32
     assert not (bundle / "unet" / "model.onnx").exists()
