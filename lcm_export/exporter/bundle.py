@@ -71,6 +71,7 @@ class ExportConfig:
     width: tuple[int, int, int] | None = None
     dynamic: bool = False  # no explicit ranges: batch 1-4 and 0.5x-1.5x the default size
     tiny_vae: str | None = None
+    attention_slicing: bool = False  # the U-Net's attention one head at a time (exporter/attention.py)
     overwrite: bool = False
     quiet: bool = False
     target_options: dict[str, Any] = field(default_factory=dict)  # per-target settings (TensorRT, CoreML)
@@ -265,8 +266,9 @@ def _tokenizer_info(loaded: LoadedPipeline, staging: Path, name: str) -> Tokeniz
     )
 
 
-def _onnx_producer(config: ExportConfig, precision: str) -> dict[str, Any]:
-    """What made an ONNX variant: the exporter, opset and the library versions that decide its bytes."""
+def _onnx_producer(config: ExportConfig, precision: str, component: str) -> dict[str, Any]:
+    """What made an ONNX variant: the exporter, opset, the library versions that decide its bytes, and options
+    that change the graph but not what it computes."""
     import importlib.metadata
 
     producer: dict[str, Any] = {
@@ -277,6 +279,10 @@ def _onnx_producer(config: ExportConfig, precision: str) -> dict[str, Any]:
     }
     if precision == "fp16":
         producer["fp16_conversion"] = f"onnxruntime float16 converter {importlib.metadata.version('onnxruntime')}"
+    if config.attention_slicing and component == "unet":
+        from lcm_export.exporter.attention import ATTENTION_SLICING
+
+        producer["attention"] = ATTENTION_SLICING
     return producer
 
 
@@ -352,6 +358,10 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         loras = fuse_loras(loaded, config.loras)
     if config.tiny_vae is not None:
         loaded = attach_tiny_vae(loaded, config.tiny_vae, with_encoder="vae_encoder" in config.components)
+    if config.attention_slicing:
+        from lcm_export.exporter.attention import slice_attention
+
+        slice_attention(loaded.unet)
     staging.mkdir(parents=True)
     names = component_names(config, loaded)
     _write_ecosystem_files(loaded, staging, names)
@@ -393,7 +403,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             precision=precision,
             io_dtype=io_dtype,
             files=tuple(path.relative_to(staging).as_posix() for path in files),
-            produced_by=_onnx_producer(config, precision),
+            produced_by=_onnx_producer(config, precision, name),
         )
         components[name] = Component(
             spec=spec.with_dtypes("float32"),  # the model's logical I/O; the variant carries its own dtype

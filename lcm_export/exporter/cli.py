@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="AutoencoderTiny (TAESD) folder whose decoder replaces the VAE decoder",
     )
+    parser.add_argument(
+        "--attention-slicing",
+        action="store_true",
+        help="U-Net attention one head at a time: less memory at large sizes on CPUs (ONNX backends)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     int8 = parser.add_argument_group("INT8 (--precision int8)")
     int8.add_argument(
@@ -148,6 +153,7 @@ def config_from_args(args: argparse.Namespace):
         calibration_size=args.calibration_size,
         calibration_resolution=args.calibration_resolution,
         keep_fp32=args.keep_fp32,
+        attention_slicing=args.attention_slicing,
         quiet=args.quiet,
         target_options={
             "trt_flavor": args.trt_flavor,
