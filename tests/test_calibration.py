@@ -94,6 +94,51 @@ def test_int8_runs_on_cpu_backends_near_the_float_image(int8_bundle, backend) ->
     assert Pipeline.load(int8_bundle, backend=backend).variants["unet"].name == "int8-qdq"
 
 
+def _elements(initializers) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for init in initializers:
+        counts[init.data_type] = counts.get(init.data_type, 0) + int(np.prod(init.dims, dtype=np.int64))
+    return counts
+
+
+def test_int8_weights_stay_int8_in_the_loaded_graph(int8_bundle, tmp_path) -> None:
+    """No backend dequantises the weights at load: the graph onnxruntime optimised (saved in the cache) and
+    OpenVINO's compiled runtime model hold them as int8 and run Conv/MatMul on 8-bit inputs."""
+    import onnx
+
+    qdq = _elements(
+        onnx.load(str(int8_bundle / "unet" / "model-int8.onnx"), load_external_data=False).graph.initializer
+    )
+    int8, float32 = onnx.TensorProto.INT8, onnx.TensorProto.FLOAT
+    assert qdq[int8] > 10 * qdq[float32]  # most of the U-Net's parameters are quantised
+
+    Pipeline.load(int8_bundle, backend="onnxruntime", precision="int8", cache_dir=str(tmp_path / "ort"))
+    optimised = [onnx.load(str(p), load_external_data=False) for p in sorted((tmp_path / "ort").rglob("model.onnx"))]
+    unet = [m for m in optimised if any(n.op_type.startswith("QLinear") for n in m.graph.node)]
+    assert len(unet) == 1, [sorted({n.op_type for n in m.graph.node}) for m in optimised]
+    loaded = _elements(unet[0].graph.initializer)
+    assert loaded[int8] == qdq[int8]  # every int8 weight is still int8
+    assert loaded[float32] < qdq[float32] + 0.01 * qdq[int8]  # and not also kept as a float copy
+    ops = {n.op_type for n in unet[0].graph.node}
+    assert {"QLinearConv", "QLinearMatMul"} <= ops, ops
+
+    if importlib.util.find_spec("openvino") is None:
+        return
+    pipe = Pipeline.load(int8_bundle, backend="openvino", precision="int8", cache_dir="")
+    constants: dict[str, int] = {}
+    eight_bit_layers = 0
+    for op in pipe.sessions["unet"].compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer, precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        if layer == "Const" and op.get_output_partial_shape(0).is_static:
+            kind = op.get_output_element_type(0).get_type_name()
+            constants[kind] = constants.get(kind, 0) + int(np.prod(list(op.get_output_shape(0)), dtype=np.int64))
+        eight_bit_layers += layer in ("Convolution", "FullyConnected") and precision in ("u8", "i8")
+    assert constants.get("i8", 0) >= 0.95 * qdq[int8], constants
+    assert constants.get("f32", 0) + constants.get("bf16", 0) + constants.get("f16", 0) < 0.2 * qdq[int8], constants
+    assert eight_bit_layers > 20, eight_bit_layers
+
+
 def test_int8_on_a_float_bundle_is_a_one_line_error(tiny_lcm_bundle) -> None:
     with pytest.raises(UserError, match=r"has no int8 variant \(it has fp32\)"):
         Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", precision="int8")
