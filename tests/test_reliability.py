@@ -2,7 +2,8 @@
 
 A row gives the command (placeholders: ``{bundle}`` a copy of the tiny LCM bundle, ``{cfg_bundle}`` a copy of a
 tiny LCM-LoRA (CFG) bundle, ``{model}`` the tiny LCM pipeline folder, ``{tmp}`` the row's own folder holding
-``notes.txt``, a file ``a-file`` and an empty folder ``folder.png``), the exit code, the exact message (``…``
+``notes.txt``, a file ``a-file`` and an empty folder ``folder.png``, and ``clip.mp4``, a text file named like a
+video, where the row names it), the exit code, the exact message (``…``
 stands for text that depends on the machine, e.g. free memory) and what is on disk afterwards: ``nothing`` (no
 file at ``--output``, no partial file beside it), ``unchanged`` (what was at ``--output`` is exactly as before)
 or ``image`` (the PNG was written). The table and the commands cannot drift apart: a message changed in the code
@@ -79,6 +80,8 @@ def test_row(row: Row, tiny_lcm_bundle, tiny_cfg_bundle, tiny_lcm_dir, tmp_path)
         values["cfg_bundle"] = str(shutil.copytree(tiny_cfg_bundle, tmp_path / "cfg-bundle"))
     (work / "notes.txt").write_text("my notes")  # a user's file, for the rows about --overwrite
     (work / "a-file").write_text("not a folder")
+    if "{tmp}/clip.mp4" in row.command:  # only there: the rows that list the folder's files stay as they are
+        (work / "clip.mp4").write_text("not a video")
     (work / "folder.png").mkdir()
     arguments = shlex.split(row.command.format(**values))
     output = Path(arguments[arguments.index("--output") + 1]) if "--output" in arguments else None

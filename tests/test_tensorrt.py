@@ -130,7 +130,7 @@ def test_library_builds_static_engines(rtx_bundle) -> None:
         )
     unet = manifest.components["unet"].artifacts["tensorrt"].details["profiles"]
     assert unet["sample"] == {"min": [1, 4, 16, 16], "opt": [1, 4, 16, 16], "max": [1, 4, 16, 16]}
-    assert unet["timestep"] == {"min": [], "opt": [], "max": []}  # 0-d: no profile in the engine
+    assert unet["timestep"] == {"min": [1], "opt": [1], "max": [1]}  # one per row, like the sample's batch
 
 
 @pytest.mark.tensorrt

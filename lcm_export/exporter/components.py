@@ -112,7 +112,9 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
 
     inputs = [
         TensorSpec("sample", "float32", ("batch", channels, "latent_height", "latent_width")),
-        TensorSpec("timestep", "float32", ()),  # scalar, like optimum's export
+        # One timestep per row (B,): rows may sit at different steps (the frame loop's step batching). optimum's
+        # pipelines feed a (1,) timestep to a non-scalar input, which the graph broadcasts to the batch.
+        TensorSpec("timestep", "float32", ("batch",)),
         TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", config.cross_attention_dim)),
     ]
     sdxl = loaded.family == "sdxl"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream",
         type=Path,
         default=None,
-        metavar="DIR",
-        help="a folder of frames (one size), each styled in turn into the --output folder; reports frames/s",
+        metavar="DIR_OR_VIDEO",
+        help="a folder of frames (one size) or a video (.mp4, .gif, ...: needs imageio), each frame styled in turn "
+        "into --output (a folder, or a video file); reports frames/s and latency per frame",
+    )
+    image.add_argument(
+        "--batch-steps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --stream: batch the denoising steps of consecutive frames in one U-Net call (StreamDiffusion's "
+        "step batching: N frames in flight, N-1 frames of latency; default off, see Pipeline.stream)",
     )
     profile = parser.add_argument_group(
         "profiling (--profile: time every stage over repeated runs; --output gets the last run's image)"
@@ -158,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stream is not None:
         return run_stream(args)
+    if args.batch_steps is not None:
+        raise UserError("--batch-steps applies to a frame loop: add --stream DIR_OR_VIDEO")
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output '{args.output}': give a .png file name")
     check_output_writable(args.output)
@@ -202,24 +214,144 @@ def main(argv: list[str] | None = None) -> int:
 
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Videos read and written with imageio: GIF through Pillow, the others through imageio-ffmpeg's own ffmpeg.
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
+DEFAULT_FRAME_RATE = 24.0  # of an output video made from a folder of frames (a video keeps its own rate)
+
+
+def _imageio(flag: str, path: Path) -> Any:
+    """imageio's v3 API, or a one-line error saying what to install (video is an optional extra)."""
+    try:
+        import imageio.v3 as iio
+
+        if path.suffix.lower() != ".gif":
+            import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio uses for these formats)
+    except ImportError as error:
+        package = "imageio" if "imageio_ffmpeg" not in str(error) else "imageio-ffmpeg"
+        raise UserError(
+            f"{flag} '{path}' is a video, which needs {package}: pip install imageio imageio-ffmpeg (or pass a "
+            "folder of frames)"
+        ) from None
+    return iio
+
+
+class VideoFrames:
+    """The frames of a video file, read one at a time with imageio as (H, W, 3) uint8, and its frame rate."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.iio = _imageio("--stream", path)
+        try:
+            meta = self.iio.immeta(path)
+        except Exception as error:  # imageio raises OSError, ValueError or its plugins' own errors
+            raise UserError(self._unreadable(error)) from None
+        if meta.get("fps"):
+            self.frame_rate = float(meta["fps"])
+        elif meta.get("duration"):  # a GIF: milliseconds per frame
+            self.frame_rate = 1000.0 / float(meta["duration"])
+        else:
+            self.frame_rate = DEFAULT_FRAME_RATE
+
+    def _unreadable(self, error: BaseException) -> str:
+        return (
+            f"--stream '{self.path}' is not a video imageio can read ({type(error).__name__}): pass a video file "
+            f"({', '.join(VIDEO_SUFFIXES)}) or a folder of frames"
+        )
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        frames = iter(self.iio.imiter(self.path))
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise UserError(self._unreadable(error)) from None
+            frame = np.asarray(frame)
+            if frame.ndim == 2:  # grey
+                frame = np.repeat(frame[:, :, None], 3, axis=2)
+            yield np.ascontiguousarray(frame[:, :, :3])  # an alpha channel dropped
+
+
+class VideoWriter:
+    """Frames appended to a video written beside ``path`` and renamed into place by ``close`` (a failed run leaves
+    no partial video: ``discard`` removes it)."""
+
+    def __init__(self, path: Path, frame_rate: float) -> None:
+        import imageio.v2 as iio2
+
+        _imageio("--output", path)
+        self.path = path
+        self.partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # the suffix tells imageio the format
+        if path.suffix.lower() == ".gif":
+            options: dict[str, Any] = {"mode": "I", "duration": 1000.0 / frame_rate, "loop": 0}
+        else:  # ffmpeg: keep the size (no padding to 16) and the best quality
+            options = {"fps": frame_rate, "macro_block_size": 1, "quality": 10}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = iio2.get_writer(self.partial, **options)
+        except OSError as error:
+            raise UserError(
+                f"--output '{path}' could not be written ({error.strerror or error}): pass a path in a writable folder"
+            ) from None
+        self.frames = 0
+
+    def append(self, image: np.ndarray) -> None:
+        self.writer.append_data((image * 255).round().astype(np.uint8))
+        self.frames += 1
+
+    def close(self) -> None:
+        self.writer.close()
+        self.partial.replace(self.path)
+
+    def discard(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:  # a writer that failed may fail again on close: the partial file goes regardless
+            pass
+        self.partial.unlink(missing_ok=True)
+
+
+def _stream_source(stream: Path) -> tuple[list[Path] | VideoFrames, float]:
+    """``--stream``'s frames (a sorted list of image files, or a video read lazily) and their frame rate."""
+    if stream.is_dir():
+        frames = sorted(path for path in stream.iterdir() if path.suffix.lower() in FRAME_SUFFIXES)
+        if not frames:
+            raise UserError(f"--stream '{stream}' holds no frames ({', '.join(FRAME_SUFFIXES)})")
+        return frames, DEFAULT_FRAME_RATE
+    if stream.suffix.lower() in VIDEO_SUFFIXES:
+        if not stream.is_file():
+            raise UserError(f"--stream '{stream}' does not exist: pass a video file or a folder of frames")
+        video = VideoFrames(stream)
+        return video, video.frame_rate
+    raise UserError(
+        f"--stream '{stream}' is not a folder or a video ({', '.join(VIDEO_SUFFIXES)}): pass a folder of frames "
+        "(PNG, JPEG, ...) or a video file"
+    )
 
 
 def run_stream(args: argparse.Namespace) -> int:
-    """``--stream DIR --output DIR``: every frame of DIR through one ``Pipeline.stream``; frames/s and latency."""
+    """``--stream DIR_OR_VIDEO --output DIR_OR_VIDEO``: every frame through one ``Pipeline.stream``, in order;
+    frames/s and latency per frame (median, p90)."""
     from lcm_export.runtime.pipeline import Pipeline
 
     if args.image is not None:
-        raise UserError("--image and --stream are two modes: pass one (a folder of frames is --stream)")
-    if not args.stream.is_dir():
-        raise UserError(f"--stream '{args.stream}' is not a folder: pass a folder of frames (PNG, JPEG, ...)")
-    frames = sorted(path for path in args.stream.iterdir() if path.suffix.lower() in FRAME_SUFFIXES)
-    if not frames:
-        raise UserError(f"--stream '{args.stream}' holds no frames ({', '.join(FRAME_SUFFIXES)})")
-    if args.output.suffix:
-        raise UserError(f"--output '{args.output}': with --stream pass a folder for the styled frames")
-    if args.output.exists() and not args.output.is_dir():
-        raise UserError(f"--output '{args.output}' is a file: pass a folder")
-    check_output_writable(args.output / "frame.png")
+        raise UserError("--image and --stream are two modes: pass one (a folder of frames or a video is --stream)")
+    output = args.output
+    video_output = output.suffix.lower() in VIDEO_SUFFIXES
+    if output.suffix and not video_output:
+        raise UserError(
+            f"--output '{output}': with --stream pass a folder for the styled frames or a video file "
+            f"({', '.join(VIDEO_SUFFIXES)})"
+        )
+    if video_output:
+        if output.is_dir():
+            raise UserError(f"--output '{output}' is a folder: give a video file name, or a folder name without suffix")
+        _imageio("--output", output)
+    elif output.exists() and not output.is_dir():
+        raise UserError(f"--output '{output}' is a file: pass a folder")
+    frames, frame_rate = _stream_source(args.stream)
+    check_output_writable(output if video_output else output / "frame.png")
     pipe = Pipeline.load(
         args.bundle, backend=args.backend, precision=args.precision, threads=args.threads, low_memory=args.low_memory
     )
@@ -230,15 +362,33 @@ def run_stream(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
+        batch_steps=args.batch_steps,
     )
-    for frame in frames:
-        save_images(stream(frame)[None], args.output / f"{frame.stem}.png")
-    latencies = np.array(stream.latencies[1:] or stream.latencies)  # the first frame also opens the encoder
+    names = (f"{frame.stem}.png" for frame in frames) if isinstance(frames, list) else None
+    writer = VideoWriter(output, frame_rate) if video_output else None
+    count = 0
+    try:
+        for image in stream.run(frames):
+            if writer is not None:
+                writer.append(image)
+            else:
+                save_images(image[None], output / (next(names) if names else f"{count:05d}.png"))
+            count += 1
+        if count == 0:
+            raise UserError(f"--stream '{args.stream}' holds no frames: pass a video with at least one frame")
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
     if not args.quiet:
+        latencies = np.array(stream.latencies)
+        mode = f"step batching, {stream.steps} frames in flight" if stream.batch_steps else "no step batching"
         print(
-            f"{len(frames)} frames -> {args.output}: {1 / latencies.mean():.2f} frames/s, latency per frame median "
+            f"{count} frames -> {output}: {stream.frames_per_second:.2f} frames/s, latency per frame median "
             f"{np.median(latencies):.3f}s p90 {np.percentile(latencies, 90):.3f}s on {pipe.backend} "
-            f"({args.steps} steps at strength {args.strength:g}; variants: {pipe.variant_summary()})"
+            f"({args.steps} steps at strength {args.strength:g}, {mode}; variants: {pipe.variant_summary()})"
         )
     return 0
 

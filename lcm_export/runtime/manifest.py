@@ -1037,6 +1037,14 @@ def _check_variants(component: Component, where: str, pipeline: PipelineInfo, ta
 
 
 _ANY = 0  # in an expected shape: any positive integer
+# The U-Net's timestep: a scalar shared by the batch (bundles exported before per-row timesteps), or one per row.
+TIMESTEP_SHAPES: tuple[tuple[int | str, ...], ...] = ((), ("batch",))
+
+
+def _shape_matches(shape: tuple[int | str, ...], expected: tuple[int | str, ...]) -> bool:
+    return len(shape) == len(expected) and all(
+        dim == want or (want == _ANY and isinstance(dim, int)) for dim, want in zip(shape, expected, strict=True)
+    )
 
 
 def _expected_io(
@@ -1063,7 +1071,7 @@ def _expected_io(
             "guidance_embedding": ("batch", pipeline.time_cond_proj_dim),
             "size_ids": ("batch", _ANY),
         }
-        inputs = {"sample": latent, "timestep": ()}
+        inputs = {"sample": latent, "timestep": TIMESTEP_SHAPES}
         inputs.update({input_name: by_source[source] for input_name, source in conditioning.unet_inputs.items()})
         return inputs, {"out_sample": latent}
     if name.startswith("text_encoder"):  # a text encoder the conditioning does not use
@@ -1095,12 +1103,10 @@ def _check_io(component: Component, where: str, pipeline: PipelineInfo, conditio
             if tensor.name not in expected:
                 continue
             at = f"{where}.{kind}[{index}]"
-            shape = expected[tensor.name]
-            if len(tensor.shape) != len(shape) or any(
-                dim != want and not (want == _ANY and isinstance(dim, int))
-                for dim, want in zip(tensor.shape, shape, strict=True)
-            ):
-                shown = json.dumps(["N" if want == _ANY else want for want in shape])
+            wanted = expected[tensor.name]
+            shapes = wanted if wanted is TIMESTEP_SHAPES else (wanted,)
+            if not any(_shape_matches(tensor.shape, shape) for shape in shapes):
+                shown = " or ".join(json.dumps(["N" if want == _ANY else want for want in shape]) for shape in shapes)
                 raise ManifestFieldError(
                     f"{at}.shape", f"must be {shown} for {tensor.name} (got {json.dumps(list(tensor.shape))})"
                 )

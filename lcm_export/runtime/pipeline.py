@@ -14,7 +14,7 @@ tensor after every step but the last, and both can be passed in.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,9 @@ class _Request:
 # Precisions only a variant can give (no backend computes them from a float graph): asking for one that no
 # component has is an error, not a silent float run.
 VARIANT_ONLY_PRECISIONS = ("int8",)
+# The frame loop's step batching is off unless asked for: on the 2-core CPUs measured (bench/RESULTS.md, "Frame
+# loop") a batched U-Net call costs about its rows' single calls, so it gains little throughput and adds latency.
+DEFAULT_BATCH_STEPS = False
 
 
 class Pipeline:
@@ -123,6 +126,7 @@ class Pipeline:
         self._module = module
         self.sessions: dict[str, Any] = {}
         self.input_dtypes: dict[str, dict[str, np.dtype]] = {}
+        self.input_shapes: dict[str, dict[str, tuple[int | str, ...]]] = {}
         for name in needed:
             self._open(name)
         self.scheduler = LCMScheduler(manifest.scheduler)
@@ -140,6 +144,21 @@ class Pipeline:
             self.bundle_dir, resolved, self.options, self._static_shapes(name)
         )
         self.input_dtypes[name] = {t.name: np.dtype(t.dtype) for t in resolved.spec.inputs}
+        self.input_shapes[name] = {t.name: t.shape for t in resolved.spec.inputs}
+
+    @property
+    def per_row_timesteps(self) -> bool:
+        """Whether the U-Net takes one timestep per row, (batch,), so that one call can hold rows at different
+        steps (the frame loop's step batching). Bundles exported before that take one scalar for the batch."""
+        return len(self.input_shapes["unet"]["timestep"]) == 1
+
+    def _timestep_feed(self, timesteps: np.ndarray) -> np.ndarray:
+        """The U-Net's ``timestep`` input for rows at ``timesteps`` (B,): as is, or a scalar bundle's one value."""
+        if self.per_row_timesteps:
+            return timesteps.astype(np.float32)  # (B,)
+        if np.any(timesteps != timesteps[0]):
+            raise ValueError("this U-Net takes one timestep for the whole batch")  # callers check it first
+        return np.array(timesteps[0], dtype=np.float32)  # ()
 
     @property
     def sequence_length(self) -> int:
@@ -391,13 +410,30 @@ class Pipeline:
         image_noise = _draw("image_noise", image_noise, latent_shape, rng)
         noise = _draw_steps(noise, len(table.timesteps) - 1, latent_shape, rng)
 
-        # 2. Encode: (B, 3, H, W) in [-1, 1] -> latents, sampled from the KL VAE's distribution, scaled.
+        # 2-3. Encode, noise to the schedule's first timestep.
         mark = time.perf_counter()
         if self.sessions.get("vae_encoder") is None:
             self._open("vae_encoder")
+        latents = self._encode_image(pixels, batch, table, sample_noise, image_noise)
+        timings["vae_encode"] = time.perf_counter() - mark
+        timings["prepare"] = time.perf_counter() - start - timings["vae_encode"]
+        return self._generate(request, latents, noise, height, width, observer, timings, start)
+
+    def _encode_image(
+        self,
+        pixels: np.ndarray,  # (H, W, 3) in [0, 1]
+        batch: int,
+        table: Any,  # StepTable
+        sample_noise: np.ndarray | None,  # (B, C, h, w); None for a tiny VAE (it draws no latent sample)
+        image_noise: np.ndarray,  # (B, C, h, w)
+    ) -> np.ndarray:
+        """The latents image-to-image starts from, (B, C, h, w): the image encoded, scaled and noised to the
+        table's first timestep, as diffusers' img2img pipelines prepare them."""
+        info = self.manifest.pipeline
+        # 2. Encode: (B, 3, H, W) in [-1, 1] -> latents, sampled from the KL VAE's distribution, scaled.
         encoder_input = np.repeat((pixels * 2 - 1).transpose(2, 0, 1)[None], batch, axis=0)
         outputs = self._run("vae_encoder", {"sample": encoder_input})
-        if tiny:
+        if info.vae == "autoencoder_tiny":
             encoded = outputs["latents"].astype(np.float32)
         else:
             mean, log_variance = np.split(outputs["latent_parameters"].astype(np.float32), 2, axis=1)
@@ -409,10 +445,7 @@ class Pipeline:
         encoded = encoded * np.float32(info.vae_scaling_factor)
         # 3. Noise it to the schedule's first timestep (the scheduler's add_noise).
         sqrt_alpha, sqrt_beta = np.float32(table.sqrt_alpha_prod[0]), np.float32(table.sqrt_beta_prod[0])
-        latents = sqrt_alpha * encoded + sqrt_beta * image_noise
-        timings["vae_encode"] = time.perf_counter() - mark
-        timings["prepare"] = time.perf_counter() - start - timings["vae_encode"]
-        return self._generate(request, latents, noise, height, width, observer, timings, start)
+        return sqrt_alpha * encoded + sqrt_beta * image_noise
 
     def _request(
         self,
@@ -437,18 +470,23 @@ class Pipeline:
         )
         return _Request(prompts, negatives, negative_prompt is not None, images, guidance, table, seed)
 
-    def _check_memory(self, request: _Request, height: int, width: int) -> None:
+    def _check_memory(self, request: _Request, height: int, width: int, unet_rows: int | None = None) -> None:
+        """Refuse a size the machine's memory cannot hold; ``unet_rows``: U-Net rows per call when they are not
+        the request's batch (the frame loop's step batching runs one row per step in flight)."""
         info = self.manifest.pipeline
-        cfg = info.guidance == "cfg" and request.guidance_scale > 1.0
+        rows = request.batch if unet_rows is None else unet_rows
         check_memory(
             self.memory_model,
             batch=request.batch,
-            unet_batch=request.batch * (2 if cfg else 1),
+            unet_batch=rows * (2 if self._uses_cfg(request) else 1),
             height=height,
             width=width,
             latent_height=height // info.vae_scale_factor,
             latent_width=width // info.vae_scale_factor,
         )
+
+    def _uses_cfg(self, request: _Request) -> bool:
+        return self.manifest.pipeline.guidance == "cfg" and request.guidance_scale > 1.0
 
     def stream(
         self,
@@ -459,13 +497,48 @@ class Pipeline:
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
         seed: int = 0,
+        batch_steps: bool | None = None,
     ) -> FrameStream:
-        """A frame loop: ``stream(frame) -> image`` for frames of one size, with the prompt encoded once and the
-        same noise for every frame (so a still input gives a still output, and consecutive frames do not flicker
-        from fresh noise)."""
+        """A frame loop for frames of one size (:class:`FrameStream`): the prompt encoded, the tables, the
+        conditioning feeds and the VAE encoder prepared once, and the same noise for every frame (a still input
+        gives a still output; consecutive frames do not flicker from fresh noise).
+
+        ``batch_steps`` (StreamDiffusion's step batching): with N denoising steps, N frames are in flight and each
+        U-Net call is one batch holding the newest frame at its first step, the one before at its second, and so
+        on; a frame then costs one batched call instead of N calls, and comes out N - 1 frames later
+        (:meth:`FrameStream.push` returns it then; :meth:`FrameStream.flush` empties the pipeline at the end).
+        The output equals the unbatched loop's within float rounding. It needs a bundle whose U-Net takes one
+        timestep per row (exported since step batching) and a pipeline loaded without ``static_shape`` (the
+        batch grows and shrinks as the pipeline fills and flushes). Default (None): off. Measured on a 2-core
+        CPU (bench/RESULTS.md, "Frame loop"), a U-Net batch costs about as much per row as single calls, so
+        batching gains little throughput there while it multiplies each frame's latency by N; it pays where a
+        batch is much cheaper per row than a single call (GPUs, StreamDiffusion's case).
+        """
         check_strength(strength)
-        self.scheduler.table(check_integer("num_inference_steps", num_inference_steps, minimum=1), strength)
-        return FrameStream(self, prompt, strength, num_inference_steps, guidance_scale, negative_prompt, seed)
+        if batch_steps is not None and not isinstance(batch_steps, bool):
+            raise UserError(f"batch_steps={batch_steps!r}: pass True, False or None (the default, off)")
+        if isinstance(prompt, list) or (negative_prompt is not None and not isinstance(negative_prompt, str)):
+            raise UserError("stream() takes one prompt (a string): start one stream per prompt")
+        request = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, 1, seed, strength)
+        batch = DEFAULT_BATCH_STEPS if batch_steps is None else batch_steps
+        if batch and not self.per_row_timesteps:
+            if batch_steps is None:
+                batch = False  # an older bundle: the unbatched loop, as before
+            else:
+                raise UserError(
+                    f"batch_steps: BUNDLE '{self.bundle_dir}' has a U-Net that takes one timestep for the whole "
+                    "batch (exported before per-row timesteps): re-export it, or pass batch_steps=False"
+                )
+        if batch and self.options.static_shape is not None:
+            raise UserError(
+                "batch_steps runs U-Net batches of 1 to N rows as the pipeline fills and flushes: load the pipeline "
+                "without static_shape, or pass batch_steps=False"
+            )
+        if "vae_encoder" not in self.manifest.components:
+            raise UserError(f"BUNDLE '{self.bundle_dir}' has no vae_encoder: re-export it without --no-vae-encoder")
+        if self.sessions.get("vae_encoder") is None:
+            self._open("vae_encoder")
+        return FrameStream(self, request, batch_steps=batch)
 
     def _generate(
         self,
@@ -480,39 +553,18 @@ class Pipeline:
     ) -> PipelineOutput:
         """Encode the prompts, run the LCM loop from ``latents`` over the request's table, decode: shared by both
         modes."""
-        info = self.manifest.pipeline
-        prompts, negatives, table = request.prompts, request.negatives, request.table
-        guidance_scale, batch = request.guidance_scale, request.batch
-        use_cfg = info.guidance == "cfg" and guidance_scale > 1.0
-        # 3. Prompt encodings, repeated per image; with CFG the unconditional half comes first. A family that
-        #    zeroes an absent negative prompt (SDXL's force_zeros_for_empty_prompt) does not encode it.
-        conditioning = self.manifest.conditioning
-        if use_cfg and not request.negative_given and conditioning.empty_negative == "zeros":
-            conditional = self.encode_prompts(prompts, timings)
-            text = TextConditioning.concatenate([conditional.zeros_like(), conditional])
-        elif use_cfg:
-            text = self.encode_prompts(negatives + prompts, timings)
-        else:
-            text = self.encode_prompts(prompts, timings)
-        text = text.repeat(request.images_per_prompt)  # (B*n[*2], S, D)
+        table, batch = request.table, request.batch
+        # 3. Prompt encodings, repeated per image; with CFG the unconditional half comes first.
+        text = self._text_conditioning(request, timings).repeat(request.images_per_prompt)  # (B*n[*2], S, D)
 
         # 4. The other U-Net inputs, as the manifest declares them (w-embedding, pooled text, size ids).
-        feeds = unet_conditioning_feeds(
-            conditioning, info, text, guidance_scale=guidance_scale, images=batch, height=height, width=width
-        )
+        feeds = self._conditioning_feeds(request, text, batch, height, width)
 
         # 5. The LCM loop: U-Net, then the consistency step.
         denoised = latents
         for index, timestep in enumerate(table.timesteps):
             mark = time.perf_counter()
-            model_input = np.concatenate([latents, latents]) if use_cfg else latents  # (B*n[*2], C, h, w)
-            feeds["sample"] = model_input
-            feeds["timestep"] = np.array(timestep, dtype=np.float32)
-            outputs = self._run("unet", feeds)
-            prediction = outputs["out_sample"].astype(np.float32, copy=False)
-            if use_cfg:
-                unconditional, conditional = np.split(prediction, 2)
-                prediction = unconditional + np.float32(guidance_scale) * (conditional - unconditional)
+            prediction, outputs = self._predict_noise(request, feeds, latents, np.full(batch, timestep))
             _check_finite(prediction, f"the U-Net at step {index + 1} (timestep {timestep})")
             after_unet = time.perf_counter()
             step_noise = noise[index] if index < len(noise) else None
@@ -524,72 +576,221 @@ class Pipeline:
                 observer(StepEvent(index, int(timestep), dict(feeds), outputs, before, denoised))
 
         # 6. Decode the last denoised sample.
+        _check_finite(denoised, f"the LCM step at step {len(table.timesteps)}")
+        images = self._decode(denoised, timings)  # (B*n, H, W, 3)
+        timings["total"] = time.perf_counter() - start
+        return PipelineOutput(images=images, timings=timings)
+
+    def _text_conditioning(self, request: _Request, timings: dict[str, Any] | None = None) -> TextConditioning:
+        """The request's prompt encodings, one row per prompt; with CFG the unconditional rows come first. A family
+        that zeroes an absent negative prompt (SDXL's force_zeros_for_empty_prompt) does not encode it."""
+        prompts, negatives = request.prompts, request.negatives
+        if self._uses_cfg(request) and not request.negative_given:
+            if self.manifest.conditioning.empty_negative == "zeros":
+                conditional = self.encode_prompts(prompts, timings)
+                return TextConditioning.concatenate([conditional.zeros_like(), conditional])
+        if self._uses_cfg(request):
+            return self.encode_prompts(negatives + prompts, timings)
+        return self.encode_prompts(prompts, timings)
+
+    def _conditioning_feeds(
+        self, request: _Request, text: TextConditioning, rows: int, height: int, width: int
+    ) -> dict[str, np.ndarray]:
+        """Every U-Net input but ``sample`` and ``timestep`` for ``rows`` latents (``text`` already repeated to
+        them, twice with CFG)."""
+        info = self.manifest.pipeline
+        return unet_conditioning_feeds(
+            self.manifest.conditioning,
+            info,
+            text,
+            guidance_scale=request.guidance_scale,
+            images=rows,
+            height=height,
+            width=width,
+        )
+
+    def _predict_noise(
+        self,
+        request: _Request,
+        feeds: dict[str, np.ndarray],
+        latents: np.ndarray,  # (B, C, h, w)
+        timesteps: np.ndarray,  # (B,): each row's timestep
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One U-Net call over ``latents``, each row at its own timestep; with CFG the batch is doubled
+        ([unconditional, conditional]) and combined. Returns the guided prediction (B, C, h, w) and the raw
+        outputs."""
+        use_cfg = self._uses_cfg(request)
+        feeds["sample"] = np.concatenate([latents, latents]) if use_cfg else latents  # (B[*2], C, h, w)
+        feeds["timestep"] = self._timestep_feed(np.concatenate([timesteps, timesteps]) if use_cfg else timesteps)
+        outputs = self._run("unet", feeds)
+        prediction = outputs["out_sample"].astype(np.float32, copy=False)
+        if use_cfg:
+            unconditional, conditional = np.split(prediction, 2)
+            prediction = unconditional + np.float32(request.guidance_scale) * (conditional - unconditional)
+        return prediction, outputs
+
+    def _decode(self, denoised: np.ndarray, timings: dict[str, Any]) -> np.ndarray:
+        """Denoised latents (B, C, h, w) -> images (B, H, W, 3) float32 in [0, 1]; ``timings`` gets ``vae_decode``
+        and ``postprocess`` seconds."""
+        info = self.manifest.pipeline
         mark = time.perf_counter()
         scaled = denoised / np.float32(info.vae_scaling_factor)
         if info.vae_shift_factor is not None:
             scaled = scaled + np.float32(info.vae_shift_factor)
-        _check_finite(denoised, f"the LCM step at step {len(table.timesteps)}")
-        decoded = self._run("vae_decoder", {"latent_sample": scaled})["sample"]  # (B*n, 3, H, W) in [-1, 1]
+        decoded = self._run("vae_decoder", {"latent_sample": scaled})["sample"]  # (B, 3, H, W) in [-1, 1]
         _check_finite(decoded, "the VAE decoder")
         timings["vae_decode"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        images = np.clip(decoded.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)  # (B*n, H, W, 3)
+        images = np.clip(decoded.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)  # (B, H, W, 3)
         images = np.ascontiguousarray(images)
         timings["postprocess"] = time.perf_counter() - mark
-        timings["total"] = time.perf_counter() - start
-        return PipelineOutput(images=images, timings=timings)
+        return images
+
+
+@dataclass
+class _InFlight:
+    """A frame inside the frame loop: its latents before its next step, and when it came in."""
+
+    latents: np.ndarray  # (1, C, h, w)
+    step: int  # index of the next step in the table
+    arrived: float  # perf_counter() when the frame was pushed
 
 
 class FrameStream:
-    """Frames in, styled frames out (see :meth:`Pipeline.stream`); ``latencies`` holds each frame's seconds."""
+    """Frames in, styled frames out, in order (see :meth:`Pipeline.stream`).
 
-    def __init__(
-        self,
-        pipe: Pipeline,
-        prompt: str,
-        strength: float,
-        steps: int,
-        guidance_scale: float | None,
-        negative_prompt: str | None,
-        seed: int,
-    ) -> None:
+    ``push(frame)`` takes one frame (anything ``img2img`` takes) and returns the frame that has been through every
+    step, (H, W, 3) float32 in [0, 1], or None while a step-batched pipeline fills (its first N - 1 pushes);
+    ``flush()`` returns the frames still in flight; ``run(frames)`` does both. Without step batching each push
+    returns its own frame, and ``stream(frame)`` is that push.
+
+    ``latencies``: seconds from each output frame's push to its output, in output order. ``call_seconds``: the
+    seconds of each push and flush step (the work done per frame; frames per second is their count over their sum).
+    """
+
+    def __init__(self, pipe: Pipeline, request: _Request, *, batch_steps: bool) -> None:
         self.pipe = pipe
-        self.call = dict(
-            strength=strength,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-        )
-        self.prompt = prompt
-        self.seed = seed
+        self.request = request
+        self.batch_steps = batch_steps
+        self.table = request.table
+        self.steps = len(self.table.timesteps)
+        self.timesteps = np.asarray(self.table.timesteps, dtype=np.float32)  # (N,)
+        self.text = pipe._text_conditioning(request)  # 1 row, or [unconditional, conditional] with CFG
         self.size: tuple[int, int] | None = None
         self.draws: dict[str, Any] = {}
+        self.in_flight: list[_InFlight] = []  # the newest frame first
+        self.frames_in = 0
         self.latencies: list[float] = []
+        self.call_seconds: list[float] = []
+        self._feeds: dict[int, dict[str, np.ndarray]] = {}  # U-Net rows -> conditioning feeds
+        self._timings: dict[str, Any] = {}
+
+    @property
+    def frames_per_second(self) -> float:
+        """Frames out per second of work (pushes and flush steps), 0 before the first frame comes out."""
+        spent = sum(self.call_seconds)
+        return len(self.latencies) / spent if self.latencies and spent > 0 else 0.0
 
     def __call__(self, frame: Any) -> np.ndarray:
-        """One frame (anything ``img2img`` takes) -> (H, W, 3) float32 in [0, 1]."""
+        """One frame in, the same frame styled out: the unbatched loop only (a step-batched one returns frames
+        later: use :meth:`push` and :meth:`flush`)."""
+        if self.batch_steps:
+            raise UserError("this stream batches steps (frames come out later): call push(frame) and flush()")
+        image = self.push(frame)
+        assert image is not None
+        return image
+
+    def push(self, frame: Any) -> np.ndarray | None:
+        """One frame in; the oldest frame in flight out once it has run every step (None while filling)."""
         start = time.perf_counter()
-        info = self.pipe.manifest.pipeline
+        latents = self._encode(frame)
+        self.in_flight.insert(0, _InFlight(latents, 0, start))
+        self.frames_in += 1
+        image = self._advance()
+        while image is None and not self.batch_steps:  # unbatched: this frame runs all its steps now
+            image = self._advance()
+        self.call_seconds.append(time.perf_counter() - start)
+        return image
+
+    def flush(self) -> list[np.ndarray]:
+        """The frames still in flight, each after its remaining steps, oldest first (none without step batching)."""
+        images = []
+        while self.in_flight:
+            start = time.perf_counter()
+            image = self._advance()
+            if image is not None:
+                images.append(image)
+            self.call_seconds.append(time.perf_counter() - start)
+        return images
+
+    def run(self, frames: Iterable[Any]) -> Iterator[np.ndarray]:
+        """Every frame of ``frames`` styled, in order, one output per input (flushed at the end)."""
+        for frame in frames:
+            image = self.push(frame)
+            if image is not None:
+                yield image
+        yield from self.flush()
+
+    def _encode(self, frame: Any) -> np.ndarray:
+        """The frame's latents at the first step (1, C, h, w); the first frame fixes the size and the draws."""
+        pipe = self.pipe
+        info = pipe.manifest.pipeline
         pixels = load_image(frame, info.spatial_multiple)
         size = pixels.shape[:2]
         if self.size is None:
-            self.size = size
+            if not self.batch_steps:
+                pipe.check_static_shape(1, *size)
+            pipe._check_memory(self.request, *size, unet_rows=self.steps if self.batch_steps else 1)
             shape = (1, info.latent_channels, size[0] // info.vae_scale_factor, size[1] // info.vae_scale_factor)
-            steps = len(self.pipe.scheduler.table(self.call["num_inference_steps"], self.call["strength"]).timesteps)
-            rng = np.random.default_rng(self.seed)
+            rng = np.random.default_rng(self.request.seed)
+            sample_noise = rng.standard_normal(shape, dtype=np.float32)  # drawn even for a tiny VAE, which ignores it
             self.draws = {
-                "sample_noise": rng.standard_normal(shape, dtype=np.float32),
+                "sample_noise": None if info.vae == "autoencoder_tiny" else sample_noise,
                 "image_noise": rng.standard_normal(shape, dtype=np.float32),
-                "noise": [rng.standard_normal(shape, dtype=np.float32) for _ in range(steps - 1)],
+                "noise": [rng.standard_normal(shape, dtype=np.float32) for _ in range(self.steps - 1)],
             }
+            self.size = size
         elif size != self.size:
             raise UserError(
-                f"frame {len(self.latencies) + 1} is {size[1]}x{size[0]} but the stream started at "
+                f"frame {self.frames_in + 1} is {size[1]}x{size[0]} but the stream started at "
                 f"{self.size[1]}x{self.size[0]}: pass frames of one size (start a new stream for another)"
             )
-        image = self.pipe.img2img(pixels, self.prompt, **self.call, **self.draws).images[0]
-        self.latencies.append(time.perf_counter() - start)
+        return pipe._encode_image(pixels, 1, self.table, self.draws["sample_noise"], self.draws["image_noise"])
+
+    def _advance(self) -> np.ndarray | None:
+        """One U-Net call over every frame in flight, each at its own step (one row each; the unconditional half
+        too with CFG), then each frame's LCM step; returns the frame that ran its last step, decoded, if any."""
+        pipe, rows = self.pipe, self.in_flight
+        latents = rows[0].latents if len(rows) == 1 else np.concatenate([row.latents for row in rows])  # (R, C, h, w)
+        timesteps = self.timesteps[[row.step for row in rows]]  # (R,)
+        prediction, _ = pipe._predict_noise(self.request, self._feeds_for(len(rows)), latents, timesteps)
+        if not np.isfinite(prediction).all():
+            steps = ", ".join(str(row.step + 1) for row in rows)
+            _check_finite(prediction, f"the U-Net at step {steps} (timestep {', '.join(f'{t:g}' for t in timesteps)})")
+        finished: tuple[int, np.ndarray] | None = None
+        for index, row in enumerate(rows):
+            noise = self.draws["noise"][row.step] if row.step < self.steps - 1 else None
+            row.latents, denoised = pipe.scheduler.step(
+                self.table, row.step, prediction[index : index + 1], row.latents, noise
+            )
+            row.step += 1
+            if row.step == self.steps:
+                finished = (index, denoised)
+        if finished is None:
+            return None
+        index, denoised = finished
+        row = rows.pop(index)  # the oldest: every push adds one at step 0 and every call moves all by one
+        _check_finite(denoised, f"the LCM step at step {self.steps}")
+        image = pipe._decode(denoised, self._timings)[0]
+        self.latencies.append(time.perf_counter() - row.arrived)
         return image
+
+    def _feeds_for(self, rows: int) -> dict[str, np.ndarray]:
+        """The conditioning feeds of a ``rows``-row U-Net call, built once per row count."""
+        if rows not in self._feeds:
+            height, width = self.size
+            self._feeds[rows] = self.pipe._conditioning_feeds(self.request, self.text.repeat(rows), rows, height, width)
+        return dict(self._feeds[rows])
 
 
 def _draw(name: str, given: np.ndarray | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

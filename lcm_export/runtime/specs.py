@@ -486,8 +486,8 @@ def sample_inputs(spec: ComponentSpec, values: dict[str, int], seed: int = 0) ->
         shape = tensor.concrete_shape(values)
         if tensor.name == "input_ids":
             feeds[tensor.name] = rng.integers(0, 1000, size=shape).astype(tensor.dtype)  # any vocab has 1000 ids
-        elif tensor.name == "timestep":
-            feeds[tensor.name] = np.array(499.0, dtype=tensor.dtype)
+        elif tensor.name == "timestep":  # a scalar, or one per row: different rows, different timesteps
+            feeds[tensor.name] = np.linspace(499.0, 139.0, num=math.prod(shape)).reshape(shape).astype(tensor.dtype)
         else:
             feeds[tensor.name] = rng.standard_normal(shape).astype(tensor.dtype)
     return feeds
