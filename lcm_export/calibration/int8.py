@@ -68,13 +68,16 @@ def quantize_unet(
         step = (lambda done, total, label=label: progress(label, done, total)) if progress else None
         paths += record_trajectories(pipe, trajectory, progress=step)
     del pipe
+    label = f"quantising the U-Net on {len(paths)} U-Net calls"
     if progress:
-        progress(f"quantising the U-Net on {len(paths)} U-Net calls", 0, 1)
+        progress(label, 0, 1)
     output = bundle / "unet" / INT8_FILE
     before = {path for path in output.parent.iterdir()}
     report = quantize_qdq(
         bundle / float_unet.path, output, lambda i: load_sample(paths[i]), len(paths), settings.recipe
     )
+    if progress:
+        progress(label, 1, 1)
     files = sorted(path for path in output.parent.iterdir() if path not in before)
     import onnxruntime
 
@@ -100,7 +103,9 @@ def quantize_unet(
     )
 
 
-def quality_report(bundle: Path, settings: Int8Settings) -> dict[str, Any]:
+def quality_report(
+    bundle: Path, settings: Int8Settings, progress: Callable[[str, int, int], None] | None = None
+) -> dict[str, Any]:
     """PSNR/SSIM of the INT8 bundle's images against the float bundle's, same prompts, latents and noise.
 
     The float runs come first and their (small) images are kept; the float sessions are released before the INT8
@@ -122,13 +127,26 @@ def quality_report(bundle: Path, settings: Int8Settings) -> dict[str, Any]:
         call = dict(num_inference_steps=settings.steps, height=height, width=width, seed=10_000 + index)
         return pipe(prompt, guidance_scale=guidance, **call).images
 
-    references = [generate(float_pipe, guidance, index, prompt) for _, guidance, index, prompt in runs]
+    label = f"quality report: {len(runs)} float and {len(runs)} INT8 runs"
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(label, done, 2 * len(runs))
+
+    references = []
+    for _, guidance, index, prompt in runs:
+        references.append(generate(float_pipe, guidance, index, prompt))
+        advance()
     del float_pipe
     gc.collect()
     int8_pipe = Pipeline.load(bundle, backend="onnxruntime", precision="int8", cache_dir="", verify="size")
     scores: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for (label, guidance, index, prompt), reference in zip(runs, references, strict=True):
         image = generate(int8_pipe, guidance, index, prompt)
+        advance()
         scores.setdefault((label, guidance), []).append((psnr(reference, image), ssim(reference, image)))
     report: dict[str, Any] = {"size": [height, width], "steps": settings.steps, "sets": {}}
     for (label, guidance), pairs in scores.items():

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 FLOAT_RULES = ("first_last_conv", "embeddings", "attention_products")
+CALIBRATIONS = ("minmax", "mean-minmax")
 EMBEDDING_MARKERS = ("time_embedding", "time_emb_proj", "cond_proj", "add_embedding")
 
 
@@ -162,13 +163,12 @@ def quantize_qdq(
                 from onnxruntime.quantization.calibrate import save_tensors_data
 
                 ranges_path = Path(scratch) / "ranges.json"
-                save_tensors_data(
-                    calibrate_ranges(float_path, reader, recipe.op_types, large, Path(scratch)), ranges_path
-                )
+                ranges = calibrate_ranges(float_path, reader, recipe, large, Path(scratch))
+                save_tensors_data(ranges, ranges_path)
                 phase = {"calibration_data_reader": None, "calibration_cache_path": str(ranges_path)}
-            else:  # older onnxruntime: one call, calibrated one sample at a time
+            else:  # older onnxruntime: one call
                 phase = {"calibration_data_reader": reader}
-                options["CalibStridedMinMax"] = 1
+                options["CalibMovingAverage"] = recipe.calibration == "mean-minmax"
             quantize_static(
                 str(float_path),
                 str(output_path),
@@ -198,28 +198,35 @@ def quantize_qdq(
     }
 
 
-def calibrate_ranges(float_path: Path, reader: _Reader, op_types: tuple[str, ...], large: bool, scratch: Path) -> Any:
-    """MinMax ranges of every tensor the quantiser will read, over all of ``reader``'s samples (onnxruntime's
-    ``TensorsData``).
+def calibrate_ranges(float_path: Path, reader: _Reader, recipe: QdqRecipe, large: bool, scratch: Path) -> Any:
+    """Activation ranges of every tensor the quantiser will read, over all of ``reader``'s samples
+    (onnxruntime's ``TensorsData``): per sample the tensor's min and max (ReduceMin/ReduceMax in the graph, so a
+    sample costs a few numbers of memory), merged as ``recipe.calibration`` says: "minmax" the extremes over all
+    samples, "mean-minmax" their means (NNCF's default for per-tensor activations: one outlying sample does not
+    stretch the range for all).
 
     onnxruntime's calibrator keeps the model it augmented in memory beside the session it runs; it is dropped as
-    soon as the augmented copy is on disk, so this phase holds one session (its weights and one sample's
-    activations) and nothing else. Samples are merged one at a time.
+    soon as the augmented copy is on disk, so this phase holds one session and nothing else.
     """
     import gc
 
     from onnxruntime.quantization.calibrate import MinMaxCalibrater
 
+    if recipe.calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration {recipe.calibration!r}: one of {', '.join(CALIBRATIONS)}")
     calibrator = MinMaxCalibrater(
-        Path(float_path), list(op_types), str(scratch / "augmented.onnx"), use_external_data_format=large
+        Path(float_path),
+        list(recipe.op_types),
+        str(scratch / "augmented.onnx"),
+        use_external_data_format=large,
+        moving_average=recipe.calibration == "mean-minmax",  # with every sample in one batch: their mean
     )
     calibrator.augment_graph()
     calibrator.model = None  # on disk now; collect_data and compute_data read only the session
     gc.collect()
     calibrator.create_inference_session()
-    for index in range(len(reader)):
-        reader.set_range(index, index + 1)
-        calibrator.collect_data(reader)
+    reader.set_range(0, len(reader))
+    calibrator.collect_data(reader)
     ranges = calibrator.compute_data()
     del calibrator
     gc.collect()

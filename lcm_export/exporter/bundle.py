@@ -514,14 +514,16 @@ def _add_int8_unet(
         bar = bars.get(label) or bars.setdefault(label, tqdm(total=total, desc=label, disable=config.quiet))
         bar.n = done
         bar.refresh()
+        if done >= total:
+            bar.close()  # its elapsed time stops here
 
     int8 = quantize_unet(staging, settings, progress)
-    for bar in bars.values():
-        bar.close()
     unet = components["unet"]
     with_int8 = {**components, "unet": dataclasses.replace(unet, variants=(int8, *unet.variants))}
     write_manifest(with_int8, "onnx")
-    report = quality_report(staging, settings)
+    report = quality_report(staging, settings, progress)
+    for bar in bars.values():
+        bar.close()
     int8 = dataclasses.replace(int8, details={**int8.details, "quality": report})
     variants = (int8, *unet.variants) if config.keep_fp32 else (int8,)
     if not config.keep_fp32:
