@@ -133,3 +133,82 @@ def tiny_cfg_bundle(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("cfg-lora") / "lcm.safetensors", base, rank=4, target_modules=("to_q", "to_v")
     )
     return export(base, tmp_path_factory.mktemp("bundles") / "tiny-cfg", loras=(LoraSource(str(lora)),))
+
+
+# -- SDXL -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sdxl_lcm_dir(tmp_path_factory) -> Path:
+    """A tiny distilled LCM-SDXL (U-Net with time_cond_proj_dim, two text encoders)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl-lcm"), TinyPipelineConfig(kind="sdxl-lcm"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_lcm_bundle(sdxl_lcm_dir, tmp_path_factory) -> Path:
+    return export(sdxl_lcm_dir, tmp_path_factory.mktemp("bundles") / "tiny-sdxl-lcm")
+
+
+@pytest.fixture(scope="session")
+def sdxl_base(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny base SDXL, a random U-Net LoRA for it, and the bundle of the two fused."""
+    from lcm_export.exporter.bundle import LoraSource
+    from lcm_export.exporter.tiny import build_tiny_lora
+
+    base = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), TinyPipelineConfig(kind="sdxl"))
+    lora = build_tiny_lora(
+        tmp_path_factory.mktemp("sdxl-lora") / "lcm.safetensors", base, rank=4, target_modules=("to_q", "to_v")
+    )
+    bundle = export(base, tmp_path_factory.mktemp("bundles") / "tiny-sdxl-cfg", loras=(LoraSource(str(lora)),))
+    return base, lora, bundle
+
+
+# A base SDXL shape only the target, optimum and image-to-image checks use (test_sdxl's UNSEEN_SDXL is another):
+# cross-attention in the two highest-resolution blocks and none in the lowest (the mid block keeps it), two
+# transformer layers in the first block, heads of size 16, 16 and 8, a one-layer first text encoder (its
+# penultimate state is the embeddings' output) with heads of size 24 (TensorRT's finite mask fill), a narrower
+# three-layer second encoder, projection 24, a time embedding of 6 per id, and an 8/16-channel VAE.
+OTHER_SDXL = TinyPipelineConfig(
+    kind="sdxl",
+    unet_block_out_channels=(16, 32, 32),
+    unet_down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    unet_up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(1, 2, 4),
+    transformer_layers_per_block=(2, 1, 1),
+    text_hidden_size=48,
+    text_layers=1,
+    text_heads=2,
+    text_2_hidden_size=16,
+    text_2_layers=3,
+    text_2_heads=2,
+    text_2_projection_dim=24,
+    addition_time_embed_dim=6,
+    vae_block_out_channels=(8, 16),
+    seed=11,
+)
+
+
+@pytest.fixture(scope="session")
+def other_sdxl_model(tmp_path_factory) -> tuple[Path, Path]:
+    """The OTHER_SDXL base pipeline and a LoRA for it (U-Net attention and both text encoders)."""
+    from lcm_export.exporter.tiny import build_tiny_lora
+
+    base = build_tiny_pipeline(tmp_path_factory.mktemp("other-sdxl"), OTHER_SDXL)
+    lora = build_tiny_lora(
+        tmp_path_factory.mktemp("other-sdxl-lora") / "lora.safetensors",
+        base,
+        rank=2,
+        target_modules=("to_q", "to_k", "to_v", "to_out.0"),
+        text_encoder=True,
+        seed=4,
+    )
+    return base, lora
+
+
+@pytest.fixture(scope="session")
+def other_sdxl_bundle(other_sdxl_model, tmp_path_factory) -> Path:
+    """OTHER_SDXL with its LoRA fused at 0.9: an LCM-LoRA-shaped (classifier-free guidance) fp32 ONNX bundle."""
+    from lcm_export.exporter.bundle import LoraSource
+
+    base, lora = other_sdxl_model
+    return export(base, tmp_path_factory.mktemp("bundles") / "other-sdxl", loras=(LoraSource(str(lora), 0.9),))

@@ -10,11 +10,12 @@ the second encoder's ``text_embeds``, ``time_ids`` = [H, W, 0, 0, H, W].
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export, fixed_scheduler_noise, random_inputs
+from conftest import export, export_cli_blocking, fixed_scheduler_noise, random_inputs
 
 from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_lora, build_tiny_pipeline
 from lcm_export.runtime import Pipeline
@@ -66,31 +67,8 @@ def _diffusers_pipeline(model_dir: Path, lora: Path | None = None):
 
 
 @pytest.fixture(scope="module")
-def sdxl_lcm_dir(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl-lcm"), TinyPipelineConfig(kind="sdxl-lcm"))
-
-
-@pytest.fixture(scope="module")
-def sdxl_lcm_bundle(sdxl_lcm_dir, tmp_path_factory) -> Path:
-    return export(sdxl_lcm_dir, tmp_path_factory.mktemp("bundles") / "tiny-sdxl-lcm")
-
-
-@pytest.fixture(scope="module")
 def sdxl_lcm_runtime(sdxl_lcm_bundle) -> Pipeline:
     return Pipeline.load(sdxl_lcm_bundle, backend="onnxruntime", precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def sdxl_base(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """A tiny base SDXL, a random U-Net LoRA for it, and the bundle of the two fused."""
-    from lcm_export.exporter.bundle import LoraSource
-
-    base = build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), TinyPipelineConfig(kind="sdxl"))
-    lora = build_tiny_lora(
-        tmp_path_factory.mktemp("sdxl-lora") / "lcm.safetensors", base, rank=4, target_modules=("to_q", "to_v")
-    )
-    bundle = export(base, tmp_path_factory.mktemp("bundles") / "tiny-sdxl-cfg", loras=(LoraSource(str(lora)),))
-    return base, lora, bundle
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 64)])
@@ -243,3 +221,34 @@ def test_a_lora_on_both_text_encoders_fuses_as_diffusers_does(sdxl_base, lora_fo
     error = np.abs(result.images - expected).max()
     print(f"SDXL LoRA ({lora_format}) on U-Net and both text encoders: max abs {error:.2e}")
     assert error < TOLERANCE, error
+
+
+def test_an_sdxl_that_needs_aesthetic_scores_is_refused_at_export(sdxl_lcm_dir, tmp_path) -> None:
+    """The SDXL refiner's layout (no first text encoder, ``requires_aesthetics_score``, a U-Net whose added
+    embedding takes 5 ids: original size, crop, aesthetic score): one line, exit 1, before any weight is loaded."""
+    from lcm_export.errors import ExportError
+    from lcm_export.exporter.loading import inspect_model_folder
+
+    refiner = Path(shutil.copytree(sdxl_lcm_dir, tmp_path / "refiner"))
+    unet_config = json.loads((refiner / "unet" / "config.json").read_text())
+    unet_config["projection_class_embeddings_input_dim"] -= unet_config["addition_time_embed_dim"]  # 6 -> 5 ids
+    (refiner / "unet" / "config.json").write_text(json.dumps(unet_config))
+    index = json.loads((refiner / "model_index.json").read_text())
+    for part in ("text_encoder", "tokenizer"):
+        index[part] = [None, None]
+        shutil.rmtree(refiner / part)
+    (refiner / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": True}))
+    result = export_cli_blocking(refiner, "--output", tmp_path / "out", "--quiet")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: MODEL '{refiner}' needs aesthetic scores (its U-Net takes 5 micro-conditioning ids: an SDXL refiner's "
+        "original size, crop and aesthetic score): only base SDXL/SSD-1B U-Nets (6 ids: original size, crop, target "
+        "size) are supported; export the base model"
+    ]
+    assert not (tmp_path / "out").exists()
+    # The flag alone (a U-Net with six ids) is refused too: diffusers' img2img would pass it five.
+    (refiner / "unet" / "config.json").write_text(
+        json.dumps(json.loads((sdxl_lcm_dir / "unet" / "config.json").read_text()))
+    )
+    with pytest.raises(ExportError, match=r"needs aesthetic scores \(it sets requires_aesthetics_score: "):
+        inspect_model_folder(str(refiner), refiner, has_loras=False)

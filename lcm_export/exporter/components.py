@@ -6,8 +6,10 @@ its outputs in order. I/O names follow optimum's ONNX diffusers layout so optimu
 
 ``timestep_cond`` appears only when the U-Net has ``time_cond_proj_dim``. SDXL (and SSD-1B) adds ``text_embeds``
 (the second encoder's projected pooled output) and ``time_ids`` (the six size ids) to the U-Net, and its two text
-encoders also give their penultimate hidden state under optimum's name ``hidden_states.N`` (N = layers - 1: entry
--2 of ``output_hidden_states``, what SDXL's U-Net attends to).
+encoders give every hidden state as optimum's SDXL export does (``hidden_states.0`` .. ``hidden_states.L`` for L
+layers, after the pooled output first for the projected encoder): optimum's ``ORTTextEncoder`` reads all of them
+and diffusers' SDXL pipelines take the pooled embedding from a 2-d first output. Our runtime reads
+``hidden_states.{L-1}`` (entry -2 of ``output_hidden_states``, what SDXL's U-Net attends to).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from lcm_export.exporter.loading import LoadedPipeline
+from lcm_export.exporter.loading import SDXL_SIZE_IDS, LoadedPipeline
 from lcm_export.runtime.specs import ComponentSpec, TensorSpec
 
 # TensorRT-RTX 1.7 cannot build an fp16 causal mask filled with -inf when the attention head size is above 8 and
@@ -46,10 +48,11 @@ def penultimate_hidden_state_name(encoder: Any) -> str:
 
 
 def _text_encoder_named(loaded: LoadedPipeline, name: str) -> ExportableComponent:
-    """``input_ids`` -> the text encoder's outputs under optimum's names.
+    """``input_ids`` -> the text encoder's outputs under optimum's names, in optimum's order.
 
-    SD: ``last_hidden_state`` and ``pooler_output``. SDXL: also the penultimate hidden state; the second encoder
-    (``CLIPTextModelWithProjection``) gives ``text_embeds`` (projected pooled output) instead of ``pooler_output``.
+    SD: ``last_hidden_state`` and ``pooler_output``. SDXL: ``last_hidden_state``, ``pooler_output`` and every hidden
+    state ``hidden_states.0`` .. ``hidden_states.L``; the second encoder (``CLIPTextModelWithProjection``) gives
+    ``text_embeds`` (projected pooled output) first, then ``last_hidden_state`` and the hidden states.
     """
     import torch
 
@@ -57,7 +60,7 @@ def _text_encoder_named(loaded: LoadedPipeline, name: str) -> ExportableComponen
     hidden = encoder.config.hidden_size
     head_size = hidden // encoder.config.num_attention_heads
     cfg = 2 if loaded.guidance == "cfg" else 1
-    penultimate = penultimate_hidden_state_name(encoder) if loaded.family == "sdxl" else None
+    all_hidden_states = loaded.family == "sdxl"
     projected = hasattr(encoder, "text_projection")  # CLIPTextModelWithProjection: text_embeds
 
     class TextEncoder(torch.nn.Module):
@@ -66,19 +69,23 @@ def _text_encoder_named(loaded: LoadedPipeline, name: str) -> ExportableComponen
             self.encoder = encoder
 
         def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            output = self.encoder(input_ids=input_ids, output_hidden_states=penultimate is not None, return_dict=True)
-            pooled = output.text_embeds if projected else output.pooler_output  # (B, P)
-            if penultimate is None:
-                return output.last_hidden_state, pooled  # (B, S, D), (B, D)
-            return output.last_hidden_state, pooled, output.hidden_states[-2]  # ..., (B, S, D)
+            output = self.encoder(input_ids=input_ids, output_hidden_states=all_hidden_states, return_dict=True)
+            states = tuple(output.hidden_states) if all_hidden_states else ()  # L + 1 of (B, S, D)
+            if projected:
+                return output.text_embeds, output.last_hidden_state, *states  # (B, P), (B, S, D), ...
+            return output.last_hidden_state, output.pooler_output, *states  # (B, S, D), (B, D), ...
 
-    pooled_width = encoder.config.projection_dim if projected else hidden
-    outputs = [
-        TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden)),
-        TensorSpec("text_embeds" if projected else "pooler_output", "float32", ("batch", pooled_width)),
-    ]
-    if penultimate is not None:
-        outputs.append(TensorSpec(penultimate, "float32", ("batch", "sequence", hidden)))
+    last = TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden))
+    if projected:
+        outputs = [TensorSpec("text_embeds", "float32", ("batch", encoder.config.projection_dim)), last]
+    else:
+        outputs = [last, TensorSpec("pooler_output", "float32", ("batch", hidden))]
+    if all_hidden_states:
+        layers = encoder.config.num_hidden_layers
+        outputs += [
+            TensorSpec(f"hidden_states.{index}", "float32", ("batch", "sequence", hidden))
+            for index in range(layers + 1)
+        ]
     spec = ComponentSpec(
         name=name,
         inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
@@ -96,9 +103,6 @@ def _text_encoder(loaded: LoadedPipeline) -> ExportableComponent:
 
 def _text_encoder_2(loaded: LoadedPipeline) -> ExportableComponent:
     return _text_encoder_named(loaded, "text_encoder_2")
-
-
-SIZE_IDS = 6  # SDXL's time_ids: original size, crop top-left, target size
 
 
 def _unet(loaded: LoadedPipeline) -> ExportableComponent:
@@ -121,7 +125,7 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
     if sdxl:  # the "text_time" added embedding: pooled text (B, P) and size ids (B, 6)
         pooled_width = int(loaded.pipeline.text_encoder_2.config.projection_dim)
         inputs.append(TensorSpec("text_embeds", "float32", ("batch", pooled_width)))
-        inputs.append(TensorSpec("time_ids", "float32", ("batch", SIZE_IDS)))
+        inputs.append(TensorSpec("time_ids", "float32", ("batch", SDXL_SIZE_IDS)))
     if has_cond:
         inputs.append(TensorSpec("timestep_cond", "float32", ("batch", config.time_cond_proj_dim)))
     names = [tensor.name for tensor in inputs]

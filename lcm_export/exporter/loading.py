@@ -17,6 +17,10 @@ from typing import Any
 from lcm_export.errors import ExportError
 from lcm_export.runtime.manifest import FAMILY_TEXT_ENCODERS
 
+# SDXL's micro-conditioning (the U-Net's time_ids): original size (2), crop top-left (2), target size (2). The
+# refiner's U-Net takes 5 instead (original size, crop, aesthetic score: requires_aesthetics_score).
+SDXL_SIZE_IDS = 6
+
 BUILTIN_MODELS = {
     "builtin:tiny-lcm": "lcm",
     "builtin:tiny-sd": "sd",
@@ -113,6 +117,38 @@ def model_family(index: dict[str, Any]) -> str:
     return "sdxl" if "text_encoder_2" in index else "sd"
 
 
+def sdxl_micro_conditioning_ids(path: Path) -> int | None:
+    """How many size (and score) ids an SDXL U-Net's added embedding takes, from its config and the second text
+    encoder's projection width; None when the configs do not say."""
+    unet = _read_json(path / "unet" / "config.json")
+    encoder_config = path / "text_encoder_2" / "config.json"
+    projection = _read_json(encoder_config).get("projection_dim") if encoder_config.is_file() else None
+    total, per_id = unet.get("projection_class_embeddings_input_dim"), unet.get("addition_time_embed_dim")
+    if not all(isinstance(value, int) and value > 0 for value in (total, per_id, projection)):
+        return None
+    return (total - projection) // per_id if (total - projection) % per_id == 0 else None
+
+
+def check_sdxl_size_ids(model: str, path: Path, index: dict[str, Any]) -> None:
+    """Refuse an SDXL whose U-Net needs aesthetic scores (the refiner): the runtime builds base SDXL's six ids.
+
+    diffusers' SDXL img2img pipeline passes [original size, crop, aesthetic score] when ``requires_aesthetics_score``
+    is set (the refiner, 5 ids) and [original size, crop, target size] otherwise; text-to-image always the latter.
+    """
+    ids = sdxl_micro_conditioning_ids(path)
+    if index.get("requires_aesthetics_score") or (ids is not None and ids != SDXL_SIZE_IDS):
+        takes = (
+            f"its U-Net takes {ids} micro-conditioning ids"
+            if ids is not None and ids != SDXL_SIZE_IDS
+            else "it sets requires_aesthetics_score"
+        )
+        raise ExportError(
+            f"MODEL '{model}' needs aesthetic scores ({takes}: an SDXL refiner's original size, crop and aesthetic "
+            f"score): only base SDXL/SSD-1B U-Nets ({SDXL_SIZE_IDS} ids: original size, crop, target size) are "
+            "supported; export the base model"
+        )
+
+
 def inspect_model_folder(model: str, path: Path, has_loras: bool) -> str:
     """Check a pipeline folder before loading weights, so a wrong model fails in a second, not a minute; returns
     the model family."""
@@ -120,6 +156,8 @@ def inspect_model_folder(model: str, path: Path, has_loras: bool) -> str:
     family = model_family(index)
     if "unet" not in index or not (path / "unet" / "config.json").is_file():
         raise ExportError(f"MODEL '{model}' has no U-Net (unet/config.json): only U-Net LCM pipelines are supported")
+    if family == "sdxl":
+        check_sdxl_size_ids(model, path, index)
     text_parts = [part for pair in FAMILY_TEXT_ENCODERS[family] for part in pair]
     for part in (*text_parts, "vae", "scheduler"):
         if part not in index or not (path / part).is_dir():

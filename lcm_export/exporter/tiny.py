@@ -22,7 +22,6 @@ CLIP_EOS_ID = 49407
 
 
 KINDS = ("lcm", "sd", "sdxl-lcm", "sdxl")
-SDXL_SIZE_IDS = 6  # original size (2), crop top-left (2), target size (2): SDXL's micro-conditioning
 
 
 @dataclass(frozen=True)
@@ -134,6 +133,8 @@ def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | Non
         UNet2DConditionModel,
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from lcm_export.exporter.loading import SDXL_SIZE_IDS
 
     config = config or TinyPipelineConfig()
     if config.kind not in KINDS:
