@@ -1,9 +1,10 @@
 """INT8: calibration on the bundle's own trajectories, the QDQ U-Net, its quality report, and its use by backends.
 
-Image-quality floor: on the tiny random-weight pipelines the INT8 U-Net's final images measure 35-37 dB PSNR
-against the float bundle's (4 steps, guidance 4 and 8.5, 8 calibration + 4 held-out prompts; 36.4-36.6 dB with the
-float rule, 35.0-35.6 dB with every Conv/MatMul/Gemm quantised). The tests require 30 dB: a broken calibration (a
-wrong range, a dropped half of the CFG batch) lands far below it, at 10-20 dB.
+Image-quality floor: on the tiny random-weight pipelines the INT8 U-Net's final images measure 41.9-42.9 dB PSNR
+against the float bundle's with mean-minmax activation ranges (onnxruntime and OpenVINO, 4 steps, guidance 8.5);
+with minmax ranges they measured 35-37 dB (36.4-36.6 dB with the float rule, 35.0-35.6 dB with every
+Conv/MatMul/Gemm quantised). The tests require 30 dB: a broken calibration (a wrong range, a dropped half of the CFG
+batch) lands far below it, at 10-20 dB.
 """
 
 from __future__ import annotations

@@ -9,9 +9,12 @@ tested everywhere.
 from __future__ import annotations
 
 import importlib.util
+import json
 import platform
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +79,25 @@ def expected_shapes(manifest: Manifest, name: str, stage: str) -> dict[str, list
 
 
 def assert_packages_match_manifest(bundle: Path, manifest: Manifest) -> None:
-    """Each component's mlpackage declares the manifest's I/O names, Core ML dtypes and shapes (and ranges)."""
+    """Each component's mlpackage declares the manifest's I/O names, Core ML dtypes and shapes (and ranges).
+
+    A spec name that is not a valid ML Program feature name (optimum's ``hidden_states.1``) is the feature
+    ``hidden_states_1`` in the package; the artifact's table maps each feature to its spec name, one to one, in
+    the spec's order."""
     for name, component in manifest.components.items():
         package = bundle / component.artifacts["mlpackage"].path
         inputs, outputs = package_io(package)
-        assert [t["name"] for t in inputs] == component.spec.input_names
-        assert [t["name"] for t in outputs] == component.spec.output_names
+        recorded_inputs, recorded_outputs = coreml_backend.artifact_tensors(component)
+        assert [t["name"] for t in inputs] == [t.name for t in recorded_inputs]
+        assert [t["name"] for t in outputs] == [t.name for t in recorded_outputs]
+        assert [t.feed_name for t in recorded_inputs] == component.spec.input_names
+        assert [t.feed_name for t in recorded_outputs] == component.spec.output_names
+        for tensor in (*recorded_inputs, *recorded_outputs):
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tensor.name), (name, tensor.name)
+            assert tensor.name == tensor.feed_name or tensor.name == re.sub(r"\W", "_", tensor.feed_name)
+        spec_names = {t.name: t.feed_name for t in (*recorded_inputs, *recorded_outputs)}
+        inputs = [{**tensor, "name": spec_names[tensor["name"]]} for tensor in inputs]  # by spec name from here
+        outputs = [{**tensor, "name": spec_names[tensor["name"]]} for tensor in outputs]
         spec = component.spec.with_dtypes(component.artifacts["mlpackage"].io_dtype)  # the variant's own dtypes
         dtypes = {t.name: {"int64": "int32"}.get(t.dtype, t.dtype) for t in (*spec.inputs, *spec.outputs)}
         for tensor in (*inputs, *outputs):
@@ -126,6 +142,105 @@ def test_static_bundle_has_an_mlpackage_per_component_matching_the_manifest(stat
         assert any(path.endswith("weight.bin") for path in listed), listed
     assert not list(static_bundle.rglob("*.onnx")) and not list(static_bundle.rglob("*.onnx_data"))
     assert_packages_match_manifest(static_bundle, manifest)
+
+
+# The tiny LCM, the tiny distilled LCM-SDXL, and conftest's OTHER_SDXL with a LoRA fused (classifier-free
+# guidance: its text encoders and U-Net get a batch range of 1-2 even in a static export).
+COREML_MODELS = ("tiny-lcm", "tiny-sdxl-lcm", "other-sdxl-lora")
+
+
+@pytest.fixture(scope="module", params=COREML_MODELS)
+def model_bundle(request, tmp_path_factory) -> Path:
+    """The default (static, fp16) Core ML export of each of COREML_MODELS."""
+    if request.param == "tiny-lcm":
+        return request.getfixturevalue("static_bundle")
+    from lcm_export.exporter.bundle import LoraSource
+
+    if request.param == "tiny-sdxl-lcm":
+        model, loras = request.getfixturevalue("sdxl_lcm_dir"), ()
+    else:
+        model, lora = request.getfixturevalue("other_sdxl_model")
+        loras = (LoraSource(str(lora), 0.9),)
+    start = time.perf_counter()
+    bundle = export(model, tmp_path_factory.mktemp("coreml") / request.param, loras=loras, target="coreml")
+    print(f"\n{request.param} Core ML bundle (export + conversions): {time.perf_counter() - start:.1f} s")
+    return bundle
+
+
+def test_every_model_converts_to_packages_matching_the_spec(model_bundle):
+    """SDXL too: both text encoders (every hidden state), the U-Net's text_embeds and time_ids, in the packages
+    as the manifest's spec declares them; CFG components with their batch range."""
+    manifest = load_manifest(model_bundle, verify="full")
+    family_encoders = ("text_encoder_2",) if manifest.pipeline.family == "sdxl" else ()
+    assert set(manifest.components) == {*ALL_COMPONENTS, *family_encoders}
+    for name, component in manifest.components.items():
+        artifact = component.artifacts["mlpackage"]
+        assert set(component.artifacts) == {"mlpackage"} and artifact.path == f"{name}/model.mlpackage"
+        assert artifact.precision == ("fp32" if name.startswith("vae") else "fp16")
+        assert artifact.details["validated"] == (
+            "prediction vs pytorch fp32" if IS_MACOS else "spec-only (prediction needs macOS)"
+        )
+        assert artifact.details["shapes"]["flexible"] is (component.spec.batch_multiplier == 2)
+        print(f"{name}: converted in {artifact.details['conversion_seconds']} s")
+    assert_packages_match_manifest(model_bundle, manifest)
+    if manifest.pipeline.family != "sdxl":
+        return
+    cfg = 2 if manifest.pipeline.guidance == "cfg" else 1
+    unet_inputs = {t.name: t for t in coreml_backend.artifact_tensors(manifest.components["unet"])[0]}
+    (pooled_width,) = manifest.components["text_encoder_2"].spec.outputs[0].shape[1:]
+    assert unet_inputs["text_embeds"].shape == (cfg, pooled_width)
+    assert unet_inputs["time_ids"].shape == (cfg, 6) and unet_inputs["time_ids"].dtype == "float16"
+    assert unet_inputs["time_ids"].bounds == (None if cfg == 1 else ((1, 2), (6, 6)))
+    for encoder in ("text_encoder", "text_encoder_2"):
+        layers = json.loads((model_bundle / encoder / "config.json").read_text())["num_hidden_layers"]
+        outputs = coreml_backend.artifact_tensors(manifest.components[encoder])[1]
+        hidden = [(t.name, t.feed_name) for t in outputs[2:]]
+        assert hidden == [(f"hidden_states_{i}", f"hidden_states.{i}") for i in range(layers + 1)]
+
+
+def torch_modules(manifest: Manifest) -> dict:
+    """The fp32 torch components a bundle was exported from (its LoRAs fused), built as the exporter builds them."""
+    from lcm_export.exporter.bundle import LoraSource
+    from lcm_export.exporter.components import build_components
+    from lcm_export.exporter.loading import load_pipeline
+    from lcm_export.exporter.lora import fuse_loras
+
+    loras = tuple(LoraSource(entry["source"], entry["weight"]) for entry in manifest.loras)
+    loaded = load_pipeline(manifest.provenance["source_model"], has_loras=bool(loras))
+    if loras:
+        fuse_loras(loaded, loras)
+    return build_components(loaded, list(manifest.components))
+
+
+def test_the_converted_programs_compute_what_pytorch_computes(model_bundle):
+    """The numbers Linux can check: each package's source program, captured as the target captures it (dynamic
+    where the package takes a range, GroupNorm decomposed there), against the PyTorch module at the range's min
+    and max. Measured: identical for static captures, at most ~1e-6 where GroupNorm is decomposed."""
+    import torch
+
+    from lcm_export.runtime.specs import sample_inputs
+
+    manifest = load_manifest(model_bundle)
+    modules = torch_modules(manifest)
+    for name, component in manifest.components.items():
+        spec, module = modules[name].spec, modules[name].module
+        shape_range = ShapeRange.from_json(component.artifacts["mlpackage"].details["shapes"])
+        values = coreml_target.stage_values(spec, shape_range, manifest.pipeline.vae_scale_factor)
+        program = coreml_target.capture_for_conversion(spec, module, values, manifest.pipeline).module()
+        errors = []
+        for stage in ("min", "max"):
+            feeds = sample_inputs(spec, values[stage], seed=4)
+            with torch.no_grad():
+                expected = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+                actual = program(
+                    *(torch.from_numpy(feeds[n]).reshape(feeds[n].shape or (1,)) for n in spec.input_names)
+                )
+            for output, want, got in zip(spec.output_names, expected, actual, strict=True):
+                assert got.shape == want.shape, (name, stage, output)
+                errors.append(float((got - want).abs().max()))
+                assert errors[-1] <= 1e-5 * max(1.0, float(want.abs().max())), (name, stage, output, errors[-1])
+        batches = f"{values['min']['batch']}-{values['max']['batch']}"
+        print(f"{name}: program vs PyTorch max abs {max(errors):.2e} (batch {batches})")
 
 
 def test_precision_is_recorded_fp16_with_the_vae_in_fp32(static_bundle):
@@ -392,19 +507,17 @@ def test_opening_the_backend_off_macos_is_a_one_line_user_error(static_bundle):
 
 
 @pytest.mark.skipif(not IS_MACOS, reason="Core ML prediction needs macOS (NOT run on Linux)")
-def test_predictions_match_pytorch_on_macos(static_bundle, tiny_lcm_dir):
+def test_predictions_match_pytorch_on_macos(model_bundle):
     """Every component through the runtime backend against PyTorch fp32, over Apple's 35 dB PSNR gate."""
     import torch
 
-    from lcm_export.exporter.components import build_components
-    from lcm_export.exporter.loading import load_pipeline
     from lcm_export.runtime.specs import sample_inputs
 
-    manifest = load_manifest(static_bundle)
-    modules = build_components(load_pipeline(str(tiny_lcm_dir), has_loras=False), list(ALL_COMPONENTS))
+    manifest = load_manifest(model_bundle)
+    modules = torch_modules(manifest)
     for name, listed in manifest.components.items():
         component = listed.resolved(listed.artifacts["mlpackage"])  # one variant, I/O in its dtypes
-        session = coreml_backend.open_session(static_bundle, component, BackendOptions(device="ALL"))
+        session = coreml_backend.open_session(model_bundle, component, BackendOptions(device="ALL"))
         values = ShapeRange.from_json(component.artifacts["mlpackage"].details["shapes"]).symbol_values(
             "opt", manifest.pipeline.vae_scale_factor, component.spec.batch_multiplier
         )

@@ -8,6 +8,7 @@ checks before deserializing (version, compute capability, binding plans, profile
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import time
@@ -65,14 +66,16 @@ def engine_profiles(bundle: Path, dynamic: bool) -> dict[str, dict]:
 
 
 def check_engines(bundle: Path, keep_onnx: bool) -> dict:
-    """Every component has an engine listed in the manifest (hashed), built by TensorRT-RTX, whose I/O names,
-    dtypes and ranks equal the spec's; the ONNX files are there only with --keep-onnx."""
+    """Every component of the model's family has an engine listed in the manifest (hashed), built by TensorRT-RTX,
+    whose I/O names, dtypes and shapes equal the spec's (-1 where the spec has a symbol) and whose optimisation
+    profile gives every input the spec's rank and fixed dims; the ONNX files are there only with --keep-onnx."""
     import tensorrt_rtx_bindings
 
     manifest = load_manifest(bundle, verify="full")
     listed = {entry.path for entry in manifest.files}
     assert manifest.target == "tensorrt" and manifest.precision == "fp16"
-    assert set(manifest.components) == set(COMPONENTS)
+    family_encoders = ("text_encoder_2",) if manifest.pipeline.family == "sdxl" else ()
+    assert set(manifest.components) == {*COMPONENTS, *family_encoders}
     for name, component in manifest.components.items():
         artifact = component.artifacts["tensorrt"]
         assert artifact.path == f"{name}/model.plan" and artifact.path in listed
@@ -84,10 +87,17 @@ def check_engines(bundle: Path, keep_onnx: bool) -> dict:
         spec = component.spec.with_dtypes(artifact.io_dtype)  # the engine variant's own dtypes
         assert [t.name for t in io if t.mode == "input"] == spec.input_names
         assert [t.name for t in io if t.mode == "output"] == spec.output_names
+        profiles = artifact.details["profiles"]
         for tensor in (*spec.inputs, *spec.outputs):
             (engine_tensor,) = [t for t in io if t.name == tensor.name]
             assert engine_tensor.dtype == tensor.dtype, (name, tensor.name)
-            assert len(engine_tensor.shape) == len(tensor.shape)
+            symbolic = tuple(-1 if isinstance(dim, str) else dim for dim in tensor.shape)
+            assert engine_tensor.shape == symbolic, (name, tensor.name, engine_tensor.shape, tensor.shape)
+            if tensor in spec.inputs:
+                for stage in ("min", "opt", "max"):
+                    shape = profiles[tensor.name][stage]
+                    assert len(shape) == len(symbolic), (name, tensor.name, stage)
+                    assert all(want in (-1, got) for want, got in zip(symbolic, shape, strict=True)), (name, stage)
         if keep_onnx:
             assert set(component.artifacts) == {"onnx", "tensorrt"}
             assert (bundle / component.artifacts["onnx"].path).is_file()
@@ -109,6 +119,37 @@ def rtx_bundle(tiny_lcm_dir, tmp_path_factory) -> Path:
         tiny_lcm_dir, tmp_path_factory.mktemp("trt") / "static", target="tensorrt", target_options={"keep_onnx": True}
     )
     print(f"\nstatic TensorRT-RTX bundle (export + 4 engines): {time.perf_counter() - start:.1f} s")
+    return bundle
+
+
+# The tiny LCM, the tiny distilled LCM-SDXL, and conftest's OTHER_SDXL with a LoRA fused (classifier-free
+# guidance: the CFG components' batch profile is 1-2 even in a static build).
+ENGINE_MODELS = ("tiny-lcm", "tiny-sdxl-lcm", "other-sdxl-lora")
+
+
+@pytest.fixture(scope="module", params=ENGINE_MODELS)
+def engine_bundle(request, tmp_path_factory) -> Path:
+    """Static TensorRT-RTX engines (ONNX kept) of each of ENGINE_MODELS, through the library API."""
+    if request.param == "tiny-lcm":
+        return request.getfixturevalue("rtx_bundle")
+    if not HAS_RTX:
+        pytest.skip("TensorRT-RTX is not installed")
+    from lcm_export.exporter.bundle import LoraSource
+
+    if request.param == "tiny-sdxl-lcm":
+        model, loras = request.getfixturevalue("sdxl_lcm_dir"), ()
+    else:
+        model, lora = request.getfixturevalue("other_sdxl_model")
+        loras = (LoraSource(str(lora), 0.9),)
+    start = time.perf_counter()
+    bundle = export(
+        model,
+        tmp_path_factory.mktemp("trt") / request.param,
+        loras=loras,
+        target="tensorrt",
+        target_options={"keep_onnx": True},
+    )
+    print(f"\n{request.param} static TensorRT-RTX bundle (export + engines): {time.perf_counter() - start:.1f} s")
     return bundle
 
 
@@ -135,11 +176,11 @@ def test_library_builds_static_engines(rtx_bundle) -> None:
 
 @pytest.mark.tensorrt
 @needs_rtx
-def test_engine_io_matches_the_onnx_it_was_built_from(rtx_bundle) -> None:
+def test_engine_io_matches_the_onnx_it_was_built_from(engine_bundle) -> None:
     """Re-read each kept ONNX with onnx (independent of TensorRT) and with TensorRT-RTX's parser."""
     import onnx
 
-    manifest = load_manifest(rtx_bundle)
+    manifest = load_manifest(engine_bundle)
     flavor = trt_target.resolve_flavor("rtx")
     element_types = {
         onnx.TensorProto.FLOAT: "float32",
@@ -147,7 +188,7 @@ def test_engine_io_matches_the_onnx_it_was_built_from(rtx_bundle) -> None:
         onnx.TensorProto.INT64: "int64",
     }
     for name, component in manifest.components.items():
-        onnx_path = rtx_bundle / component.artifacts["onnx"].path
+        onnx_path = engine_bundle / component.artifacts["onnx"].path
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
         from_onnx = [(v.name, element_types[v.type.tensor_type.elem_type]) for v in (*graph.input, *graph.output)]
         recorded = [(t["name"], t["dtype"]) for t in component.artifacts["tensorrt"].details["io"]]
@@ -233,6 +274,66 @@ def test_parser_reports_every_error(tmp_path) -> None:
     message = str(caught.value)
     assert "\n" not in message and message.startswith("unet: TensorRT-RTX")
     assert "(2 error(s))" in message and "'node0' (NoSuchOp)" in message and "'node2' (AlsoMissing)" in message
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_engines_match_the_spec(engine_bundle) -> None:
+    """Every model's engines against its manifest: I/O, profiles from the spec (SDXL: both text encoders with all
+    of optimum's hidden states, the U-Net's text_embeds and time_ids), and the batch range of the CFG batch."""
+    manifest = check_engines(engine_bundle, keep_onnx=True)
+    expected = engine_profiles(engine_bundle, dynamic=False)
+    for name, component in manifest.components.items():
+        details = component.artifacts["tensorrt"].details
+        assert details["profiles"] == expected[name]
+        size = (engine_bundle / name / "model.plan").stat().st_size / 2**20
+        print(f"{name}: {size:.2f} MiB, built in {details['build_seconds']} s")
+    cfg = 2 if manifest.pipeline.guidance == "cfg" else 1  # the CFG batch: 1x at min (guidance <= 1), 2x above
+    unet = manifest.components["unet"].artifacts["tensorrt"].details["profiles"]
+    assert unet["sample"] == {"min": [1, 4, 16, 16], "opt": [cfg, 4, 16, 16], "max": [cfg, 4, 16, 16]}
+    if manifest.pipeline.family != "sdxl":
+        return
+    (pooled_width,) = manifest.components["text_encoder_2"].spec.outputs[0].shape[1:]
+    assert unet["text_embeds"] == {"min": [1, pooled_width], "opt": [cfg, pooled_width], "max": [cfg, pooled_width]}
+    assert unet["time_ids"] == {"min": [1, 6], "opt": [cfg, 6], "max": [cfg, 6]}
+    for encoder in ("text_encoder", "text_encoder_2"):
+        config = json.loads((engine_bundle / encoder / "config.json").read_text())
+        io = manifest.components[encoder].artifacts["tensorrt"].details["io"]
+        layers = config["num_hidden_layers"]
+        first = (
+            ["text_embeds", "last_hidden_state"]
+            if encoder == "text_encoder_2"
+            else ["last_hidden_state", "pooler_output"]
+        )
+        assert [entry["name"] for entry in io[1:3]] == first  # optimum's order (diffusers pools a 2-d first output)
+        assert [entry["name"] for entry in io[-(layers + 1) :]] == [f"hidden_states.{i}" for i in range(layers + 1)]
+        finite_fill = config["hidden_size"] // config["num_attention_heads"] % 8 != 0  # see test (1b)
+        assert (FINITE_MASK_FILL_KEY in onnx_metadata(engine_bundle / encoder / "model.onnx")) == finite_fill
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_runtime_binding_plans_follow_the_spec(engine_bundle) -> None:
+    """What the runtime backend allocates for every engine at its profile's min, opt and max (no GPU needed): the
+    inputs as given, every output (all of an SDXL text encoder's hidden states, the U-Net's out_sample) at the
+    shape its spec implies."""
+    manifest = load_manifest(engine_bundle)
+    factor = manifest.pipeline.vae_scale_factor
+    for name, component in manifest.components.items():
+        artifact = component.artifacts["tensorrt"]
+        io = [trt_backend.IOTensor.from_json(entry) for entry in artifact.details["io"]]
+        spec = component.spec.with_dtypes(artifact.io_dtype)
+        profiles = artifact.details["profiles"]
+        for stage in ("min", "opt", "max"):
+            shapes = {tensor: tuple(ranges[stage]) for tensor, ranges in profiles.items()}
+            trt_backend.check_profile(f"{name} {stage}", profiles, shapes)
+            plan = {binding.name: binding for binding in trt_backend.binding_plan(spec, io, shapes, factor)}
+            assert list(plan) == [tensor.name for tensor in io]
+            values = trt_backend.resolve_symbols(spec, shapes, factor)
+            for tensor in spec.outputs:
+                binding = plan[tensor.name]
+                assert binding.shape == tensor.concrete_shape(values), (name, stage, tensor.name)
+                assert binding.nbytes == np.prod(binding.shape) * np.dtype(tensor.dtype).itemsize
 
 
 @pytest.mark.tensorrt

@@ -2,9 +2,11 @@
 
 One QDQ file serves every engine that reads ONNX: onnxruntime fuses the pairs into integer kernels, OpenVINO reads
 QDQ as its own FakeQuantize (the quantisation NNCF would produce), TensorRT builds INT8 layers from explicit QDQ.
-Weights are per output channel, signed 8 bit; activations unsigned 8 bit (MLAS's fast path on AVX2), ranges by
-MinMax over the recorded trajectories, merged one sample at a time so calibration memory is one sample's
-activations whatever the number of samples.
+Weights are per output channel, signed 8 bit; activations unsigned 8 bit (MLAS's fast path on AVX2). Each
+activation's range is the mean over the recorded U-Net calls of that call's min and max ("mean-minmax", NNCF's
+default for per-tensor activations), not the extremes over all calls ("minmax"): on the SD1.5-shaped U-Net at
+256 px (32 calibration calls, final images against fp32 on onnxruntime, 4 prompts) mean-minmax measured
+54.1-54.8 dB PSNR against minmax's 49.3-49.5 dB: the rare extreme calls stretched the ranges for all.
 
 What stays float is a rule over the graph's structure (:func:`float_nodes`), not a list of names:
 
@@ -42,7 +44,7 @@ class QdqRecipe:
     per_channel: bool = True
     activation_type: str = "uint8"
     weight_type: str = "int8"
-    calibration: str = "minmax"
+    calibration: str = "mean-minmax"  # or "minmax" (see the module docstring)
     keep_float: tuple[str, ...] = FLOAT_RULES  # which parts of the float rule apply (see the module docstring)
     symmetric_activations: bool = False  # zero point 0 (TensorRT parses no other)
     quantize_bias: bool = True  # int32 biases (onnxruntime); TensorRT takes float biases beside int8 weights

@@ -32,6 +32,7 @@ import importlib.util
 import io
 import logging
 import platform
+import re
 import shutil
 import time
 import warnings
@@ -99,22 +100,50 @@ def stage_values(spec: ComponentSpec, shape_range: ShapeRange, vae_scale_factor:
     return {stage: shape_range.symbol_values(stage, vae_scale_factor, spec.batch_multiplier) for stage in SYMBOL_STAGES}
 
 
-def coreml_tensor(tensor: TensorSpec, values: dict[str, dict[str, int]]) -> CoreMLTensor:
+def coreml_feature_names(names: list[str]) -> list[str]:
+    """ML Program feature names for the spec's tensor names, in order, unique.
+
+    An ML Program's inputs and outputs must match ``[A-Za-z_][A-Za-z0-9_]*``: every other character becomes ``_``
+    (optimum's ``hidden_states.1`` is ``hidden_states_1``, as coremltools itself would rename it), and a name that
+    would then repeat another gets ``_2``, ``_3``... The artifact records each spec name beside its feature name.
+    """
+    chosen: list[str] = []
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9_]", "_", name)
+        base = base if re.match(r"[A-Za-z_]", base) else f"_{base}"
+        candidate, suffix = base, 2
+        while candidate in chosen or (candidate != name and candidate in names):
+            candidate, suffix = f"{base}_{suffix}", suffix + 1
+        chosen.append(candidate)
+    return chosen
+
+
+def coreml_tensor(tensor: TensorSpec, values: dict[str, dict[str, int]], feature_name: str = "") -> CoreMLTensor:
     """How ``tensor`` appears in the Core ML model: default (opt) shape, (min, max) bounds if any dim varies.
 
-    A rank-0 tensor becomes ``(1,)`` and int64 becomes int32, which is all Core ML allows.
+    A rank-0 tensor becomes ``(1,)`` and int64 becomes int32, which is all Core ML allows; ``feature_name`` (from
+    :func:`coreml_feature_names`) is its name inside the model when the spec's name is not a valid one.
     """
     low, default, high = (tensor.concrete_shape(values[stage]) or (1,) for stage in SYMBOL_STAGES)
     bounds = tuple(zip(low, high, strict=True)) if low != high else None
-    return CoreMLTensor(name=tensor.name, dtype=COREML_DTYPES[tensor.dtype], shape=default, bounds=bounds)
+    name = feature_name or tensor.name
+    return CoreMLTensor(
+        name=name,
+        dtype=COREML_DTYPES[tensor.dtype],
+        shape=default,
+        bounds=bounds,
+        spec_name=tensor.name if name != tensor.name else "",
+    )
 
 
 def coreml_io(
     spec: ComponentSpec, values: dict[str, dict[str, int]]
 ) -> tuple[tuple[CoreMLTensor, ...], tuple[CoreMLTensor, ...]]:
     """The Core ML inputs and outputs of ``spec`` (its exported dtypes) for the given stage values."""
-    inputs = tuple(coreml_tensor(tensor, values) for tensor in spec.inputs)
-    outputs = tuple(coreml_tensor(tensor, values) for tensor in spec.outputs)
+    tensors = (*spec.inputs, *spec.outputs)
+    features = dict(zip((t.name for t in tensors), coreml_feature_names([t.name for t in tensors]), strict=True))
+    inputs = tuple(coreml_tensor(tensor, values, features[tensor.name]) for tensor in spec.inputs)
+    outputs = tuple(coreml_tensor(tensor, values, features[tensor.name]) for tensor in spec.outputs)
     return inputs, outputs
 
 
@@ -237,6 +266,16 @@ def capture(
         program = program.run_decompositions(decompositions)
     drop_alias_nodes(program)
     return program
+
+
+def capture_for_conversion(
+    spec: ComponentSpec, module: Any, values: dict[str, dict[str, int]], pipeline_info: PipelineInfo
+) -> Any:
+    """The program a component's package is converted from: ``module`` (fp32, taking ``spec``'s inputs) captured
+    at :func:`trace_values`, dynamic on every symbol whose min and max (``values``, :func:`stage_values`) differ."""
+    multiple, factor = pipeline_info.spatial_multiple, pipeline_info.vae_scale_factor
+    dims = export_dims(values, multiple, factor)
+    return capture(spec, module, trace_values(values, multiple, factor), dynamic_shapes_for(spec, dims))
 
 
 @contextlib.contextmanager
@@ -454,14 +493,8 @@ def build_mlpackage(
     flexible = not all(tensor.is_static for tensor in inputs)
     compute_precision = "float16" if any(t.dtype == "float16" for t in spec.outputs) else "float32"
     started = time.perf_counter()
-    dims = export_dims(values, pipeline_info.spatial_multiple, pipeline_info.vae_scale_factor)
     try:
-        program = capture(
-            torch_spec,
-            module,
-            trace_values(values, pipeline_info.spatial_multiple, pipeline_info.vae_scale_factor),
-            dynamic_shapes_for(torch_spec, dims),
-        )
+        program = capture_for_conversion(torch_spec, module, values, pipeline_info)
         model = convert(program, inputs, outputs, compute_precision, options, quiet)
     except Exception as error:  # the converters raise anything from AssertionError to NotImplementedError
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
