@@ -3,11 +3,11 @@
 Run by ``tests/test_optimum.py`` with the optimum venv's python (``tests/optimum_env.py``), where lcm_export is
 not installed: it imports only numpy, torch, transformers, diffusers and optimum. ``python optimum_generate.py
 JOBS.json`` reads ``{"images": [job, ...], "tokenizer_prompts": [...]}``, each job ``{"bundle", "pipeline" (an
-optimum.onnxruntime class name), "prompt", "negative_prompt", "guidance_scale", "num_inference_steps", "latents"
-(.npy), "noise" ([.npy, ...]), "output" (.npy)}``. It opens every bundle with ``from_pretrained(bundle)`` and
-nothing else, writes the images (``output_type="np"``), and writes a JSON report beside the jobs file: the loaded
-classes, the venv's versions, and the ids that this transformers' slow and fast CLIP tokenizers give the prompts
-from each bundle's ``tokenizer/`` folder.
+optimum.onnxruntime class name), "prompt", "negative_prompt", "guidance_scale", "num_inference_steps", "height",
+"width", "latents" (.npy), "noise" ([.npy, ...]), "output" (.npy)}``. It opens every bundle with
+``from_pretrained(bundle)`` and nothing else, writes the images (``output_type="np"``), and writes a JSON report
+beside the jobs file: the loaded classes, the venv's versions, and the ids that this transformers' slow and fast
+CLIP tokenizers give the prompts from each bundle's tokenizer folders (``tokenizer/``, and SDXL's ``tokenizer_2/``).
 
 The scheduler's per-step noise is replaced by the job's tensors, in order, the way ``tests/conftest.py``
 ``fixed_scheduler_noise`` does for diffusers: with the same latents and noise, the images are deterministic.
@@ -75,6 +75,8 @@ def run_jobs(jobs: list[dict]) -> dict:
             loaded[f"{job['pipeline']}:{job['bundle']}"] = {
                 "pipeline": type(pipeline).__name__,
                 "tokenizer": type(pipeline.tokenizer).__name__,
+                "tokenizer_2": type(getattr(pipeline, "tokenizer_2", None)).__name__,
+                "text_encoder_2": type(getattr(pipeline, "text_encoder_2", None)).__name__,
                 "scheduler": type(pipeline.scheduler).__name__,
             }
         pipeline = pipelines[key]
@@ -86,6 +88,8 @@ def run_jobs(jobs: list[dict]) -> dict:
                 job["prompt"],
                 num_inference_steps=job["num_inference_steps"],
                 guidance_scale=job["guidance_scale"],
+                height=job["height"],
+                width=job["width"],
                 latents=torch.from_numpy(np.load(job["latents"])),
                 output_type="np",
                 **options,
@@ -103,7 +107,12 @@ def main() -> None:
     report = run_jobs(request["images"])
     bundles = sorted({job["bundle"] for job in request["images"]})
     report["tokenizer_ids"] = {
-        bundle: tokenizer_ids(str(Path(bundle) / "tokenizer"), request["tokenizer_prompts"]) for bundle in bundles
+        bundle: {
+            folder: tokenizer_ids(str(Path(bundle) / folder), request["tokenizer_prompts"])
+            for folder in ("tokenizer", "tokenizer_2")
+            if (Path(bundle) / folder).is_dir()
+        }
+        for bundle in bundles
     }
     jobs_path.with_name("report.json").write_text(json.dumps(report, indent=2) + "\n")
 

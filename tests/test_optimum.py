@@ -1,10 +1,14 @@
 """optimum-onnx's ORT pipelines open our bundles as written and draw the images our runtime draws.
 
-Two tiny bundles — a distilled LCM, and a base SD with a fused LoRA (LCM-LoRA) — are opened unchanged with
-``ORTLatentConsistencyModelPipeline`` / ``ORTStableDiffusionPipeline`` (the bundle names ``LCMScheduler``) in their
-own venv (``tests/optimum_env.py``, pinned by ``constraints/optimum.txt``), where ``tests/optimum_generate.py`` runs
-them with given latents and per-step noise. Our runtime (onnxruntime, fp32) must give the same images within 1e-5,
-and the bundle must still pass its full sha256 check afterwards: optimum reads the folder, it never writes to it.
+Four tiny bundles — a distilled LCM, a base SD with a fused LoRA (LCM-LoRA), a distilled LCM-SDXL and a base SDXL of
+another shape (conftest's OTHER_SDXL) with a fused LoRA — are opened unchanged with
+``ORTLatentConsistencyModelPipeline`` / ``ORTStableDiffusionPipeline`` / ``ORTStableDiffusionXLPipeline`` (the
+bundle names ``LCMScheduler``) in their own venv (``tests/optimum_env.py``, pinned by ``constraints/optimum.txt``),
+where ``tests/optimum_generate.py`` runs them with given latents and per-step noise. Our runtime (onnxruntime,
+fp32) must give the same images within 1e-5, and the bundle must still pass its full sha256 check afterwards:
+optimum reads the folder, it never writes to it. For SDXL that means optimum's layout: ``text_encoder_2/`` and
+``tokenizer_2/`` folders, every hidden state of both encoders under optimum's names and order, the U-Net's
+``text_embeds`` and ``time_ids``.
 """
 
 from __future__ import annotations
@@ -75,6 +79,26 @@ CASES = {
         (1, 4, 24, 16),
         4,
     ),
+    "sdxl-lcm": ("sdxl_lcm_bundle", "ORTStableDiffusionXLPipeline", "a photo of a cat", None, 8.5, (1, 4, 16, 24), 5),
+    "sdxl-lora": ("other_sdxl_bundle", "ORTStableDiffusionXLPipeline", "a red car", None, 1.0, (1, 4, 16, 16), 6),
+    "sdxl-lora-cfg": (
+        "other_sdxl_bundle",
+        "ORTStableDiffusionXLPipeline",
+        "a red car",
+        "blurry, low quality",
+        2.0,
+        (1, 4, 24, 16),
+        7,
+    ),
+    "sdxl-lora-cfg-zeros": (  # no negative prompt: SDXL's force_zeros_for_empty_prompt
+        "other_sdxl_bundle",
+        "ORTStableDiffusionXLPipeline",
+        ["an astronaut riding a horse", "a cat"],
+        None,
+        1.5,
+        (2, 4, 16, 24),
+        8,
+    ),
 }
 
 
@@ -105,6 +129,7 @@ def optimum_run(request, optimum_python, tmp_path_factory) -> dict:
     for case, (bundle_name, pipeline, prompt, negative_prompt, guidance, shape, seed) in CASES.items():
         latents, noise = random_inputs(shape, steps=STEPS, seed=seed)
         inputs[case] = (latents, noise)
+        factor = load_manifest(bundles[bundle_name]).pipeline.vae_scale_factor
         np.save(work / f"{case}-latents.npy", latents)
         for index, tensor in enumerate(noise):
             np.save(work / f"{case}-noise{index}.npy", tensor)
@@ -116,6 +141,9 @@ def optimum_run(request, optimum_python, tmp_path_factory) -> dict:
                 "negative_prompt": negative_prompt,
                 "guidance_scale": guidance,
                 "num_inference_steps": STEPS,
+                # the latents' size: SDXL's time_ids are built from height and width (default: the model's size)
+                "height": shape[2] * factor,
+                "width": shape[3] * factor,
                 "latents": str(work / f"{case}-latents.npy"),
                 "noise": [str(work / f"{case}-noise{index}.npy") for index in range(len(noise))],
                 "output": str(work / f"{case}-images.npy"),
@@ -146,27 +174,35 @@ def test_optimum_venv_is_the_pinned_one(optimum_run) -> None:
 
 def test_optimum_loads_the_bundles_as_named(optimum_run) -> None:
     loaded = optimum_run["report"]["loaded"]
-    assert sorted(entry["pipeline"] for entry in loaded.values()) == sorted({case[1] for case in CASES.values()})
+    opened = {(case[0], case[1]) for case in CASES.values()}  # (bundle, optimum class) pairs
+    assert sorted(entry["pipeline"] for entry in loaded.values()) == sorted(pipeline for _, pipeline in opened)
     for entry in loaded.values():
         assert entry["tokenizer"] == "CLIPTokenizerFast"  # from the tokenizer.json our runtime reads
         assert entry["scheduler"] == "LCMScheduler"
+        sdxl = entry["pipeline"] == "ORTStableDiffusionXLPipeline"
+        assert entry["tokenizer_2"] == ("CLIPTokenizerFast" if sdxl else "NoneType")
+        assert entry["text_encoder_2"] == ("ORTTextEncoder" if sdxl else "NoneType")
 
 
-def _runtime_ids(bundle: Path) -> list[list[int]]:
+def _runtime_ids(bundle: Path, name: str) -> list[list[int]]:
     from lcm_export.runtime.tokenizer import PromptTokenizer
 
+    (info,) = [tokenizer for tokenizer in load_manifest(bundle).tokenizers if tokenizer.name == name]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "a prompt is longer")  # the long prompt is there to be truncated
-        return PromptTokenizer(bundle, load_manifest(bundle).tokenizers[0])(TOKENIZER_PROMPTS).tolist()
+        return PromptTokenizer(bundle, info)(TOKENIZER_PROMPTS).tolist()
 
 
 def test_transformers_4_tokenizers_load_the_runtime_ids(optimum_run) -> None:
-    """Under transformers 4.57 the fast class gives our ids; the slow one loads (vocab.json, merges.txt) too."""
-    for bundle, by_class in optimum_run["report"]["tokenizer_ids"].items():
-        expected = _runtime_ids(Path(bundle))
-        assert by_class["CLIPTokenizerFast"] == expected
-        for prompt, slow, ours in zip(TOKENIZER_PROMPTS, by_class["CLIPTokenizer"], expected, strict=True):
-            assert (slow == ours) == (prompt not in SLOW_TOKENIZER_DIFFERS), prompt
+    """Under transformers 4.57 the fast class gives our ids; the slow one loads (vocab.json, merges.txt) too. SDXL's
+    second tokenizer pads with "!" (id 0) in both."""
+    for bundle, folders in optimum_run["report"]["tokenizer_ids"].items():
+        assert sorted(folders) == sorted(tokenizer.name for tokenizer in load_manifest(Path(bundle)).tokenizers)
+        for name, by_class in folders.items():
+            expected = _runtime_ids(Path(bundle), name)
+            assert by_class["CLIPTokenizerFast"] == expected
+            for prompt, slow, ours in zip(TOKENIZER_PROMPTS, by_class["CLIPTokenizer"], expected, strict=True):
+                assert (slow == ours) == (prompt not in SLOW_TOKENIZER_DIFFERS), (name, prompt)
 
 
 def test_transformers_5_tokenizers_load_the_runtime_ids(tiny_lcm_bundle) -> None:
@@ -175,7 +211,7 @@ def test_transformers_5_tokenizers_load_the_runtime_ids(tiny_lcm_bundle) -> None
 
     index = json.loads((tiny_lcm_bundle / "model_index.json").read_text())
     assert index["tokenizer"] == ["transformers", "CLIPTokenizerFast"]
-    expected = _runtime_ids(tiny_lcm_bundle)
+    expected = _runtime_ids(tiny_lcm_bundle, "tokenizer")
     for tokenizer_class in (getattr(transformers, index["tokenizer"][1]), transformers.CLIPTokenizer):
         tokenizer = tokenizer_class.from_pretrained(str(tiny_lcm_bundle / "tokenizer"))
         ids = tokenizer(TOKENIZER_PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
@@ -196,7 +232,8 @@ def test_images_equal_our_runtime(optimum_run, case) -> None:
         num_inference_steps=STEPS,
     ).images
     theirs = optimum_run["images"][case]
-    assert ours.shape == theirs.shape == (shape[0], shape[2] * 2, shape[3] * 2, 3)
+    factor = runtime.manifest.pipeline.vae_scale_factor
+    assert ours.shape == theirs.shape == (shape[0], shape[2] * factor, shape[3] * factor, 3)
     error = float(np.abs(ours - theirs).max())
     print(f"{case}: max abs difference optimum vs runtime {error:.3g}")
     assert error <= TOLERANCE, error
