@@ -8,6 +8,7 @@ target. A failed or interrupted export leaves no folder that looks like a bundle
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -19,10 +20,10 @@ from typing import Any
 
 from lcm_export.calibration.prompts import CALIBRATION_PROMPTS
 from lcm_export.errors import ExportError
-from lcm_export.exporter.components import build_components, penultimate_hidden_state_name
+from lcm_export.exporter.components import build_components, penultimate_hidden_state_name, pipeline_module_of
 from lcm_export.exporter.ecosystem import TOKENIZER_LIBRARY_CLASS, write_tokenizer
 from lcm_export.exporter.loading import LoadedPipeline, attach_tiny_vae, load_pipeline, resolve_tiny_vae_path
-from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, validate_onnx
+from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, pytorch_reference, validate_onnx
 from lcm_export.exporter.schedule import guidance_frequencies, img2img_mode, lcm_scheduler_from, scheduler_info
 from lcm_export.runtime.manifest import (
     DEFAULT_GUIDANCE_SCALE,
@@ -358,10 +359,6 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         loras = fuse_loras(loaded, config.loras)
     if config.tiny_vae is not None:
         loaded = attach_tiny_vae(loaded, config.tiny_vae, with_encoder="vae_encoder" in config.components)
-    if config.attention_slicing:
-        from lcm_export.exporter.attention import slice_attention
-
-        slice_attention(loaded.unet)
     staging.mkdir(parents=True)
     names = component_names(config, loaded)
     _write_ecosystem_files(loaded, staging, names)
@@ -381,13 +378,30 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
     trace_values["sequence"] = check_values["sequence"] = sequence
 
     components: dict[str, Component] = {}
-    exportables = build_components(loaded, names)
-    for name in _progress(list(exportables), config.quiet, "export ONNX"):
-        component = exportables[name]
+    # One component's weights in memory at a time: each module is loaded when its component is built, runs once
+    # on the check shapes (its PyTorch reference outputs are kept), is traced, and is released right after the
+    # trace of its last component, before the weights are repacked or converted and before onnxruntime opens the
+    # file to check it. Targets that convert from the torch modules afterwards (Core ML) keep them.
+    keep_modules = get_target(config.target).needs_modules
+    for position, name in enumerate(_progress(names, config.quiet, "export ONNX")):
+        if name == "unet" and config.attention_slicing:
+            from lcm_export.exporter.attention import slice_attention
+
+            slice_attention(loaded.module("unet"))
+        component = build_components(loaded, [name])[name]
+        reference = pytorch_reference(component, check_values)
+        module = pipeline_module_of(loaded, name)
+        done_with_module = module is not None and all(
+            pipeline_module_of(loaded, later) != module for later in names[position + 1 :]
+        )
+        release = functools.partial(loaded.release, module) if done_with_module and not keep_modules else None
         onnx_path = staging / name / "model.onnx"
         onnx_precision = "fp32" if resolved_precision(config) == "int8" else resolved_precision(config)
-        spec = export_to_onnx(component, onnx_path, trace_values, precision=onnx_precision, opset=config.opset)
-        report = validate_onnx(component, onnx_path, spec, check_values)
+        spec = export_to_onnx(
+            component, onnx_path, trace_values, precision=onnx_precision, opset=config.opset, release=release
+        )
+        report = validate_onnx(component, onnx_path, spec, check_values, reference)
+        del component, reference
         if report.failures:
             details = "; ".join(
                 f"{out}: max abs {report.max_abs_error[out]:.3g} > {report.tolerance[out]:.3g}"
@@ -459,8 +473,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
 
     if resolved_precision(config) == "int8":
         if not get_target(config.target).needs_modules:
-            del exportables, component  # the torch modules are done with: calibration runs the bundle
-            loaded.pipeline = None
+            loaded.pipeline = None  # the torch side is done with: calibration runs the bundle
             gc.collect()
         components = _add_int8_unet(config, staging, components, pipeline_info, write_manifest)
     components = _build_target(config, staging, components, pipeline_info, loaded, sequence)

@@ -56,7 +56,7 @@ def _text_encoder_named(loaded: LoadedPipeline, name: str) -> ExportableComponen
     """
     import torch
 
-    encoder = getattr(loaded.pipeline, name)
+    encoder = loaded.module(name)
     hidden = encoder.config.hidden_size
     head_size = hidden // encoder.config.num_attention_heads
     cfg = 2 if loaded.guidance == "cfg" else 1
@@ -108,7 +108,7 @@ def _text_encoder_2(loaded: LoadedPipeline) -> ExportableComponent:
 def _unet(loaded: LoadedPipeline) -> ExportableComponent:
     import torch
 
-    unet = loaded.unet
+    unet = loaded.module("unet")
     config = unet.config
     channels = config.in_channels
     has_cond = config.time_cond_proj_dim is not None
@@ -189,13 +189,13 @@ def _decoder(vae: Any, *, keep_fp32: bool) -> ExportableComponent:
 
 def _vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
     """The pipeline's AutoencoderKL decoder; kept fp32 (SD VAEs overflow in fp16)."""
-    return _decoder(loaded.pipeline.vae, keep_fp32=True)
+    return _decoder(loaded.module("vae"), keep_fp32=True)
 
 
 def _vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
     import torch
 
-    vae = loaded.pipeline.vae
+    vae = loaded.module("vae")
 
     class VaeEncoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -266,7 +266,24 @@ TINY_VAE_BUILDERS = {
 }
 
 
+# The pipeline module whose weights each component runs (the VAE's decoder and encoder share one).
+COMPONENT_MODULES = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
+
+
+def pipeline_module_of(loaded: LoadedPipeline, name: str) -> str | None:
+    """The pipeline module component ``name`` runs, or None where it runs the ``--tiny-vae`` AutoencoderTiny."""
+    if loaded.tiny_vae is not None and name in TINY_VAE_BUILDERS:
+        return None
+    return COMPONENT_MODULES[name]
+
+
 def build_components(loaded: LoadedPipeline, names: list[str]) -> dict[str, ExportableComponent]:
-    """The exportable components of ``loaded``, in ``names`` order."""
+    """The exportable components of ``loaded``, in ``names`` order (their modules' weights loaded)."""
     builders = COMPONENT_BUILDERS if loaded.tiny_vae is None else {**COMPONENT_BUILDERS, **TINY_VAE_BUILDERS}
     return {name: builders[name](loaded) for name in names}

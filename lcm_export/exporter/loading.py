@@ -3,6 +3,11 @@
 What the exporter needs to know about a pipeline is gathered once into :class:`LoadedPipeline`: the torch
 modules, the guidance mode (LCM's w-embedding or classifier-free guidance), the VAE's scale factor and scaling
 factor read from the model, never assumed.
+
+The pipeline is loaded with its torch modules as weightless skeletons (on PyTorch's ``meta`` device: configs,
+tokenizers and scheduler are real); :meth:`LoadedPipeline.module` loads one module's weights when a component
+needs them and :meth:`LoadedPipeline.release` frees them again, so an export holds one component's weights at a
+time (an SDXL U-Net alone is 10.3 GB in fp32, the whole pipeline 14 GB).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,7 @@ class LoadedPipeline:
 
     source: str  # what the user passed
     path: Path  # the folder it was loaded from
-    pipeline: Any  # diffusers pipeline (fp32, eval mode)
+    pipeline: Any  # diffusers pipeline; its torch modules are skeletons until module() loads them (fp32, eval)
     family: str  # "sd" (SD 1.x/2.x); "sdxl" (SDXL, SSD-1B: text_encoder_2, U-Net text_embeds and time_ids)
     guidance: str  # "embedding" (distilled LCM, timestep_cond) or "cfg" (base SD + LCM-LoRA)
     vae_scale_factor: int
@@ -43,10 +48,40 @@ class LoadedPipeline:
     vae_shift_factor: float | None
     spatial_multiple: int  # height/width must be a multiple of this (VAE x U-Net down-sampling)
     tiny_vae: Any = None  # diffusers AutoencoderTiny (--tiny-vae) replacing the VAE in the bundle, or None
+    released: set[str] = field(default_factory=set)  # modules whose weights release() freed
 
     @property
     def unet(self) -> Any:
+        """The U-Net as the pipeline holds it now: its config always, its weights once ``module("unet")`` ran."""
         return self.pipeline.unet
+
+    def module(self, name: str) -> Any:
+        """The pipeline's torch module ``name`` with its weights, loaded now if it is still a skeleton.
+
+        Loaded as diffusers loads it in the pipeline (``from_pretrained`` of its folder, fp32, eval mode, no
+        gradients) and put in the pipeline's place. A released module is not loaded again: what was in memory
+        (fused LoRAs, attention processors) would silently be lost, so asking for it is a bug.
+        """
+        if name in self.released:
+            raise RuntimeError(f"the {name} was released after its export; it cannot be used again")
+        module = getattr(self.pipeline, name)
+        if not is_skeleton(module):
+            return module
+        try:
+            module = load_module(self.path, name, self.pipeline.config[name])
+        except (OSError, ValueError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ExportError(f"MODEL '{self.source}': its {name} could not be loaded: {reason}") from None
+        setattr(self.pipeline, name, module)
+        return module
+
+    def release(self, name: str) -> None:
+        """Free the weights of the torch module ``name`` (moved to ``meta`` in place, so no wrapper around it
+        keeps them alive); its config stays readable."""
+        module = getattr(self.pipeline, name)
+        self.released.add(name)
+        if not is_skeleton(module):
+            module.to("meta")
 
     @property
     def text_encoders(self) -> tuple[tuple[str, str], ...]:
@@ -191,16 +226,19 @@ def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None =
 
     # SD pipelines take (and drop) a safety checker; SDXL's have none and would warn about the arguments.
     no_safety_checker = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    index = _read_json(path / "model_index.json")
+    encoders = [encoder for encoder, _ in FAMILY_TEXT_ENCODERS[family]]
     try:
+        # The torch modules as skeletons: no weights are read until a component needs them (module()).
+        skeletons = {name: module_skeleton(path, name, index[name]) for name in ("unet", "vae", *encoders)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype; older ones need it
-            pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32, **no_safety_checker)
-    except (OSError, ValueError) as error:
-        reason = str(error).splitlines()[0]
+            pipeline = DiffusionPipeline.from_pretrained(
+                str(path), torch_dtype=torch.float32, **skeletons, **no_safety_checker
+            )
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ExportError(f"MODEL '{model}' could not be loaded by diffusers: {reason}") from None
-    encoders = [encoder for encoder, _ in FAMILY_TEXT_ENCODERS[family]]
-    for module_name in ("unet", "vae", *encoders):
-        getattr(pipeline, module_name).eval().requires_grad_(False)
 
     unet_config = pipeline.unet.config
     vae_config = pipeline.vae.config
@@ -218,6 +256,50 @@ def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None =
         vae_shift_factor=float(shift) if shift is not None else None,
         spatial_multiple=vae_scale_factor * unet_down_factor,
     )
+
+
+def is_skeleton(module: Any) -> bool:
+    """Whether ``module`` has no weights in memory (its parameters are on PyTorch's ``meta`` device)."""
+    return any(parameter.is_meta for parameter in module.parameters())
+
+
+def _module_class(entry: Any) -> Any:
+    """The class a ``model_index.json`` entry ``[library, class name]`` names (diffusers or transformers)."""
+    import importlib
+
+    if not (isinstance(entry, list | tuple) and len(entry) == 2 and entry[0] in ("diffusers", "transformers")):
+        raise ValueError(f"model_index.json entry {entry!r} is not a diffusers or transformers class")
+    return getattr(importlib.import_module(entry[0]), entry[1])
+
+
+def module_skeleton(path: Path, name: str, entry: Any) -> Any:
+    """The module ``name`` of the pipeline at ``path`` built from its config on the ``meta`` device: every
+    attribute and config of the real one, no weights (built in a second, whatever the model's size)."""
+    import torch
+
+    module_class = _module_class(entry)
+    folder = path / name
+    with torch.device("meta"):
+        if entry[0] == "diffusers":
+            module = module_class.from_config(module_class.load_config(str(folder)))
+        else:
+            module = module_class(module_class.config_class.from_pretrained(str(folder)))
+    return module.eval().requires_grad_(False)
+
+
+def load_module(path: Path, name: str, entry: Any) -> Any:
+    """The module ``name`` of the pipeline at ``path`` with its weights, in fp32, eval mode, without gradients.
+
+    Weights stored in another dtype (an fp16 checkpoint) are upcast one tensor at a time by the library's loader.
+    """
+    import torch
+
+    module_class = _module_class(entry)
+    dtype = {"torch_dtype" if entry[0] == "diffusers" else "dtype": torch.float32}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = module_class.from_pretrained(str(path / name), **dtype)
+    return module.eval().requires_grad_(False)
 
 
 TINY_VAE_CLASS = "AutoencoderTiny"

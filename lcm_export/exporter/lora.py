@@ -442,7 +442,9 @@ def fuse_loras(loaded: Any, loras: Iterable[Any]) -> list[dict[str, Any]]:
         if component.startswith("text_encoder") and hasattr(getattr(pipeline, component), "text_model")
     )
     parsed = [read_lora(lora, text_model_prefixed) for lora in loras]
-    counts = [match_lora(lora, pipeline) for lora in parsed]
+    counts = [match_lora(lora, pipeline) for lora in parsed]  # names and shapes: the skeletons tell them
+    for component in lora_components(pipeline):
+        loaded.module(component)  # the weights the LoRAs are fused into, loaded once every LoRA matched
 
     adapter_names = [f"lora_{index}" for index in range(len(parsed))]
     with _quiet_library_logs():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +64,17 @@ def export_to_onnx(
     *,
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
+    release: Callable[[], None] | None = None,
 ) -> ComponentSpec:
     """Write ``component`` to ``output_path`` (+ ``model.onnx_data`` when large); return the spec as exported.
 
     ``precision="fp16"`` converts float weights and activations to fp16 except for components marked
     ``keep_fp32`` (the VAE, which overflows in fp16); the returned spec carries the resulting I/O dtypes.
     Components marked ``finite_mask_fills`` then get their mask fills made finite (:func:`use_finite_mask_fills`).
+
+    ``release`` (when given) is called as soon as the trace is written, before the weights are repacked or
+    converted: the caller frees the torch module there (its PyTorch reference outputs computed beforehand, see
+    :func:`pytorch_reference`), so the module's weights and the ONNX file's are never in memory together.
     """
     import onnx
     import torch
@@ -91,6 +97,9 @@ def export_to_onnx(
                 do_constant_folding=True,
                 dynamo=False,
             )
+        del args
+        if release is not None:
+            release()
         exported_spec = spec
         if precision == "fp16" and not component.keep_fp32:
             from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -108,7 +117,7 @@ def export_to_onnx(
         else:
             # fp32: the traced file as it is, its weights streamed tensor by tensor into one data file; loading
             # and re-saving a 3.4 GB U-Net would hold three copies of its weights in memory at once.
-            repack_onnx(traced_path, output_path)
+            repack_onnx(traced_path, output_path, consume=True)
             return exported_spec
     save_onnx(model, output_path)
     return exported_spec
@@ -190,10 +199,14 @@ def _all_tensors(graph: object):
                 yield from _all_tensors(subgraph)
 
 
-def repack_onnx(source: Path, output_path: Path) -> None:
+def repack_onnx(source: Path, output_path: Path, *, consume: bool = False) -> None:
     """Copy the ONNX model at ``source`` to ``output_path``; weights kept outside the protobuf (one file or one
     per tensor, as torch writes models past 2 GB) are streamed into ``<name>_data`` one tensor at a time, at
-    page-aligned offsets so runtimes can map them. Peak memory: the graph and the largest tensor."""
+    page-aligned offsets so runtimes can map them. Peak memory: the graph and the largest tensor.
+
+    ``consume``: ``source`` is scratch; each of its data files is deleted as soon as its last tensor is copied,
+    so the disk holds the weights about once, not twice (an SDXL U-Net is 10.3 GB in fp32).
+    """
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -205,12 +218,19 @@ def repack_onnx(source: Path, output_path: Path) -> None:
     output_path.parent.mkdir(parents=True, exist_ok=True)
     data_name = output_path.name + "_data"
     alignment = 4096
+    uses_left: dict[str, int] = {}
+    for tensor in external:
+        location = ExternalDataInfo(tensor).location
+        uses_left[location] = uses_left.get(location, 0) + 1
     with open(output_path.parent / data_name, "wb") as data:
         for tensor in external:
             info = ExternalDataInfo(tensor)
             with open(source.parent / info.location, "rb") as handle:
                 handle.seek(info.offset or 0)
                 payload = handle.read(info.length) if info.length else handle.read()
+            uses_left[info.location] -= 1
+            if consume and not uses_left[info.location]:
+                (source.parent / info.location).unlink()
             offset = -(-data.tell() // alignment) * alignment
             data.seek(offset)
             data.write(payload)
@@ -252,21 +272,46 @@ def _serialized_size(model: object) -> int:
         return EXTERNAL_DATA_THRESHOLD + 1
 
 
-def validate_onnx(
-    component: ExportableComponent,
-    onnx_path: Path,
-    exported_spec: ComponentSpec,
-    check_values: dict[str, int],
-) -> ValidationReport:
-    """Run the ONNX file (onnxruntime, CPU) and the torch module on the same inputs; report every output."""
-    import onnxruntime
+@dataclass(frozen=True)
+class PyTorchReference:
+    """What the torch module computes on the check shapes: the inputs (by name) and its outputs, in spec order."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: tuple[np.ndarray, ...]
+
+
+def pytorch_reference(component: ExportableComponent, check_values: dict[str, int]) -> PyTorchReference:
+    """Run the torch module once on inputs of the check shapes (other than the trace's); keep its outputs.
+
+    Kept apart from the module (small copies), so the module can be freed before the ONNX file is checked.
+    """
     import torch
 
     spec = component.spec
     feeds = sample_inputs(spec, check_values, seed=1)
     with torch.no_grad():
-        reference = component.module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
-    reference = [tensor.float().numpy() for tensor in reference]
+        outputs = component.module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
+    return PyTorchReference(feeds, tuple(tensor.float().numpy().copy() for tensor in outputs))
+
+
+def validate_onnx(
+    component: ExportableComponent,
+    onnx_path: Path,
+    exported_spec: ComponentSpec,
+    check_values: dict[str, int],
+    reference: PyTorchReference | None = None,
+) -> ValidationReport:
+    """Run the ONNX file (onnxruntime, CPU) and the torch module on the same inputs; report every output.
+
+    ``reference``: the module's outputs computed beforehand (:func:`pytorch_reference`), when the module has
+    been freed since; without it the module runs here.
+    """
+    import onnxruntime
+
+    spec = component.spec
+    if reference is None:
+        reference = pytorch_reference(component, check_values)
+    feeds = reference.feeds
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
@@ -276,7 +321,7 @@ def validate_onnx(
 
     fp16 = any(t.dtype == "float16" for t in exported_spec.outputs)
     errors, scales, tolerances = {}, {}, {}
-    for name, expected, actual in zip(spec.output_names, reference, outputs, strict=True):
+    for name, expected, actual in zip(spec.output_names, reference.outputs, outputs, strict=True):
         if expected.shape != actual.shape:
             raise ExportError(
                 f"{spec.name}: output '{name}' has shape {list(actual.shape)} in ONNX but {list(expected.shape)} "
