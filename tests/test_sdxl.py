@@ -4,7 +4,9 @@ The reference is diffusers' ``StableDiffusionXLPipeline`` with ``LCMScheduler`` 
 noise: a distilled LCM-SDXL (U-Net with ``time_cond_proj_dim``, guidance as the w-embedding) and a base SDXL with
 a U-Net LoRA fused (LCM-LoRA's shape: classifier-free guidance above 1, an absent negative prompt as zeros). The
 runtime builds the same conditioning from the manifest: both encoders' penultimate hidden states concatenated,
-the second encoder's ``text_embeds``, ``time_ids`` = [H, W, 0, 0, H, W].
+the second encoder's ``text_embeds``, ``time_ids`` = [H, W, 0, 0, H, W]. Image-to-image is compared with
+``StableDiffusionXLImg2ImgPipeline`` (see the section below), and an SDXL that needs aesthetic scores (the
+refiner) is refused at export.
 """
 
 from __future__ import annotations
@@ -252,3 +254,96 @@ def test_an_sdxl_that_needs_aesthetic_scores_is_refused_at_export(sdxl_lcm_dir, 
     )
     with pytest.raises(ExportError, match=r"needs aesthetic scores \(it sets requires_aesthetics_score: "):
         inspect_model_folder(str(refiner), refiner, has_loras=False)
+
+
+# -- image-to-image ---------------------------------------------------------------------------------------------
+# The reference is diffusers' StableDiffusionXLImg2ImgPipeline with LCMScheduler: for the base SDXL with its LoRA
+# fused, and for the distilled LCM-SDXL too (diffusers has no LCM img2img pipeline for SDXL; AutoPipelineForImage2Image
+# gives an SDXL model this one, which feeds the U-Net's timestep_cond and skips CFG for it). It slices the schedule
+# (strength 0.5 of 4 steps runs the last 2) and builds time_ids from the image size without aesthetic scores
+# (requires_aesthetics_score is False for base SDXL). The draws, in its order: the VAE's latent sample, the noise
+# added to the encoded image, one noise per step but the last (test_img2img.fixed_draws).
+
+
+@pytest.fixture(scope="module")
+def sdxl_img2img_pipelines(sdxl_lcm_dir, sdxl_base, other_sdxl_model) -> dict:
+    """diffusers' SDXL img2img pipelines (LCMScheduler from each model's scheduler config, LoRAs fused)."""
+    from diffusers import LCMScheduler, StableDiffusionXLImg2ImgPipeline
+
+    def load(model_dir: Path, lora: Path | None = None, weight: float = 1.0):
+        pipeline = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(model_dir))
+        assert pipeline.config.requires_aesthetics_score is False
+        pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config)
+        if lora is not None:
+            pipeline.load_lora_weights(str(lora), adapter_name="lora")
+            pipeline.set_adapters(["lora"], adapter_weights=[weight])
+            pipeline.fuse_lora()
+        return pipeline
+
+    return {
+        "distilled": load(sdxl_lcm_dir),
+        "lora": load(sdxl_base[0], sdxl_base[1]),
+        "other-lora": load(*other_sdxl_model, weight=0.9),
+    }
+
+
+def sdxl_img2img_parity(runtime: Pipeline, pipeline, size, strength, guidance, negative_prompt, seed) -> float:
+    """Max abs difference of our img2img and diffusers' for one image and set of draws; checks the size ids too."""
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as module
+    from test_img2img import diffusers_img2img, make_image
+
+    height, width = size
+    pixels = np.asarray((make_image(height, width, seed) * 255).round(), np.uint8).astype(np.float32) / 255
+    steps = 4
+    table = runtime.scheduler.table(steps, strength)
+    assert len(table.timesteps) == int(steps * strength)  # the sliced schedule
+    factor = runtime.manifest.pipeline.vae_scale_factor
+    shape = (1, 4, height // factor, width // factor)
+    rng = np.random.default_rng(seed)
+    sample_noise, image_noise = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    step_noise = [rng.standard_normal(shape).astype(np.float32) for _ in range(len(table.timesteps) - 1)]
+    options = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
+    draws = (sample_noise, image_noise, step_noise)
+    expected = diffusers_img2img(pipeline, module, PROMPT, pixels, strength, steps, guidance, draws, **options)
+    events: list[StepEvent] = []
+    result = runtime.img2img(
+        pixels,
+        PROMPT,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        sample_noise=sample_noise,
+        image_noise=image_noise,
+        noise=step_noise,
+        observer=events.append,
+        **options,
+    )
+    assert result.images.shape == expected.shape == (1, height, width, 3)
+    assert result.images.std() > 0.01
+    rows = 2 if runtime.manifest.pipeline.guidance == "cfg" and guidance > 1 else 1
+    size_ids = np.array([[height, width, 0, 0, height, width]] * rows, dtype=np.float32)
+    assert np.array_equal(events[0].feeds["time_ids"], size_ids)  # original size, crop (0, 0), target size
+    return float(np.abs(result.images - expected).max())
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.8])
+@pytest.mark.parametrize("size", [(32, 32), (48, 64)])
+@pytest.mark.parametrize("model", ["distilled", "lora"])
+def test_sdxl_img2img_matches_diffusers(
+    model, size, strength, sdxl_img2img_pipelines, sdxl_lcm_runtime, sdxl_base
+) -> None:
+    if model == "distilled":
+        runtime, guidance = sdxl_lcm_runtime, 8.5
+    else:
+        runtime, guidance = Pipeline.load(sdxl_base[2], backend="onnxruntime", precision="fp32"), 2.0
+    error = sdxl_img2img_parity(runtime, sdxl_img2img_pipelines[model], size, strength, guidance, None, seed=size[1])
+    print(f"SDXL img2img {model} {size[1]}x{size[0]} strength {strength} guidance {guidance}: max abs {error:.2e}")
+    assert error < TOLERANCE, error
+
+
+def test_sdxl_img2img_of_another_shape_matches_diffusers(sdxl_img2img_pipelines, other_sdxl_bundle) -> None:
+    """conftest's OTHER_SDXL (LoRA at 0.9 on the U-Net and both encoders), with a negative prompt, at 56x40."""
+    runtime = Pipeline.load(other_sdxl_bundle, backend="onnxruntime", precision="fp32")
+    error = sdxl_img2img_parity(runtime, sdxl_img2img_pipelines["other-lora"], (40, 56), 0.6, 1.5, "blurry", seed=2)
+    print(f"OTHER_SDXL img2img 56x40 strength 0.6 guidance 1.5: max abs {error:.2e}")
+    assert error < TOLERANCE, error
