@@ -434,6 +434,30 @@ def test_outputs_named_by_the_converter_are_renamed_to_the_spec(tmp_path):
     assert inputs == (CoreMLTensor("x", "float32", (2, 3)),)
 
 
+def test_feature_names_are_valid_ml_program_names_and_unique():
+    """optimum's ``hidden_states.N`` cannot name a Core ML feature: it becomes ``hidden_states_N`` unless the spec
+    already uses that name; valid names stay as they are."""
+    names = ["input_ids", "hidden_states.1", "hidden_states_1", "hidden_states.1x", "1st", "hidden_states.2"]
+    assert coreml_target.coreml_feature_names(names) == [
+        "input_ids",
+        "hidden_states_1_2",
+        "hidden_states_1",
+        "hidden_states_1x",
+        "_1st",
+        "hidden_states_2",
+    ]
+    values = {stage: {"batch": 1, "sequence": 77} for stage in ("min", "opt", "max")}
+    spec = ComponentSpec(
+        "text_encoder_2",
+        (TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        (TensorSpec("text_embeds", "float32", ("batch", 8)), TensorSpec("hidden_states.0", "float16", ("batch", 4))),
+    )
+    inputs, outputs = coreml_target.coreml_io(spec, values)
+    assert inputs == (CoreMLTensor("input_ids", "int32", (1, 77)),)
+    assert outputs[1] == CoreMLTensor("hidden_states_0", "float16", (1, 4), spec_name="hidden_states.0")
+    assert [tensor.feed_name for tensor in outputs] == spec.output_names
+
+
 def test_spec_mismatches_lists_every_difference():
     planned = (CoreMLTensor("sample", "float16", (1, 4, 8, 8)), CoreMLTensor("timestep", "float16", (1,)))
     described = (CoreMLTensor("sample", "float32", (1, 4, 8, 8)), CoreMLTensor("timestep", "float16", (2,)))
