@@ -7,12 +7,16 @@ each engine imports its own libraries, so the same file runs in the optimum-inte
 
 Commands: ``{"cmd": "run", "size": 256, "steps": 4, "guidance": 8.0, "seed": 0, "prompt": "...", "save": path}``
 -> ``{"event": "result", "total": s, "unet": s, "vae_decode": s, "text_encoder": s, "unet_calls": n}``;
-``{"cmd": "quit"}`` -> ``{"event": "bye", "peak_rss_gb": ..., "peak_anon_gb": ...}``.
+``{"cmd": "quit"}`` -> ``{"event": "bye", "peak_rss_gb": ..., "peak_anon_gb": ...}``;
+``{"cmd": "stream", "size": 256, "steps": 4, "strength": 0.5, "guidance": 8.0, "frames": 12, "warmup": 2, "prompt":
+"..."}`` -> ``{"event": "stream", "latencies": [s per frame], "seconds": s, "frames": n}``: the frame loop
+(image-to-image of ``frames`` synthetic frames after ``warmup`` untimed ones, ``bench/stream.py``).
 Every engine gets the same initial latents and per-step noise (drawn with numpy from ``seed``), so images of
 engines that share weights can be compared.
 
 Also ``python worker.py measure -- CMD...``: runs CMD and prints its wall time and peak RSS as JSON;
-``python worker.py optimum-export MODEL OUTPUT``: exports a diffusers folder to OpenVINO IR with optimum-intel; and
+``python worker.py optimum-export MODEL OUTPUT``: exports a diffusers folder to OpenVINO IR with optimum-intel;
+``python worker.py optimum-taesd-encoder '<JSON>'``: the peer's fast IR with TAESD's encoder as its VAE encoder; and
 ``python worker.py optimum-int8 '<JSON>'``: the peer's fast INT8 pipeline (FastSD CPU's recipe) from that IR: the
 TAESD decoder converted to IR in place of the VAE decoder, and the U-Net quantised with ``nncf.quantize`` on inputs
 recorded from optimum-intel's own pipeline (as OpenVINO's LCM notebook does).
@@ -76,6 +80,18 @@ def draw_inputs(seed: int, shape: tuple[int, ...], steps: int) -> tuple[np.ndarr
     rng = np.random.default_rng(seed)
     latents = rng.standard_normal(shape).astype(np.float32)
     return latents, [rng.standard_normal(shape).astype(np.float32) for _ in range(steps - 1)]
+
+
+def stream_frames(size: int, count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` frames (size, size, 3) uint8 of a scene that moves: smooth colour fields drifting a few pixels per
+    frame (every engine gets the same frames)."""
+    rng = np.random.default_rng(seed)
+    field = rng.random((size // 16 + 4, size // 16 + 4, 3))
+    smooth = np.kron(field, np.ones((16, 16, 1)))  # (size + 64, size + 64, 3)
+    return [
+        (smooth[index * 3 % 64 : index * 3 % 64 + size, index * 2 % 64 : index * 2 % 64 + size] * 255).astype(np.uint8)
+        for index in range(count)
+    ]
 
 
 class StageTimer:
@@ -147,6 +163,28 @@ class LcmExportEngine:
             "text_encoder": timings["text_encoder"] + timings.get("tokenize", 0.0),
         }
         return output.images, stages
+
+    def stream(self, command: dict[str, Any]) -> dict[str, Any]:
+        """``Pipeline.stream`` over the frames: warm-up frames through a stream of their own, then the timed one."""
+        frames = stream_frames(int(command["size"]), int(command["warmup"]) + int(command["frames"]))
+        options = dict(
+            strength=float(command["strength"]),
+            num_inference_steps=int(command["steps"]),
+            guidance_scale=float(command["guidance"]),
+            batch_steps=bool(command.get("batch_steps", self.spec.get("batch_steps", False))),
+        )
+        warmup = frames[: int(command["warmup"])]
+        if warmup:
+            list(self.pipeline.stream(command["prompt"], **options).run(warmup))
+        stream = self.pipeline.stream(command["prompt"], **options)
+        start = time.perf_counter()
+        images = list(stream.run(frames[len(warmup) :]))
+        seconds = time.perf_counter() - start
+        count = len(images)
+        if command.get("save"):  # the styled frames, (F, H, W, 3) float32: batched and unbatched are compared
+            Path(command["save"]).parent.mkdir(parents=True, exist_ok=True)
+            np.save(command["save"], np.stack(images))
+        return {"latencies": stream.latencies, "seconds": seconds, "frames": count, "unet_rows": stream.steps}
 
 
 @contextmanager
@@ -224,12 +262,13 @@ class OptimumIntelEngine:
         self.timer = StageTimer()
 
     def load(self) -> dict[str, Any]:
-        from optimum.intel import OVLatentConsistencyModelPipeline
+        from optimum.intel import OVLatentConsistencyModelImg2ImgPipeline, OVLatentConsistencyModelPipeline
 
         ov_config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(self.spec["threads"])}
         if self.spec.get("precision") == "fp32":
             ov_config["INFERENCE_PRECISION_HINT"] = "f32"
-        pipe = OVLatentConsistencyModelPipeline.from_pretrained(self.spec["model"], ov_config=ov_config, compile=True)
+        kind = OVLatentConsistencyModelImg2ImgPipeline if self.spec.get("img2img") else OVLatentConsistencyModelPipeline
+        pipe = kind.from_pretrained(self.spec["model"], ov_config=ov_config, compile=True)
         pipe.set_progress_bar_config(disable=True)
         pipe.unet.forward = self.timer.wrap("unet", pipe.unet.forward)
         pipe.vae.decoder.forward = self.timer.wrap("vae_decode", pipe.vae.decoder.forward)
@@ -255,6 +294,39 @@ class OptimumIntelEngine:
             ).images
         total = time.perf_counter() - start
         return images, {"total": total, **self.timer.seconds, "unet_calls": self.timer.calls.get("unet", 0)}
+
+    def stream(self, command: dict[str, Any]) -> dict[str, Any]:
+        """OVLatentConsistencyModelImg2ImgPipeline, one call per frame, the prompt encoded once (``prompt_embeds``,
+        as our stream does) so that the loops compare on equal work."""
+        import torch
+        from PIL import Image
+
+        count = int(command["warmup"]) + int(command["frames"])
+        frames = [Image.fromarray(frame) for frame in stream_frames(int(command["size"]), count)]
+        with torch.no_grad():
+            embeds = self.pipe.encode_prompt(command["prompt"], "cpu", 1, False)[0]
+        generator = torch.Generator().manual_seed(0)
+        options = dict(
+            prompt_embeds=embeds,
+            strength=float(command["strength"]),
+            num_inference_steps=int(command["steps"]),
+            guidance_scale=float(command["guidance"]),
+            output_type="np",
+            generator=generator,
+        )
+        warmup = int(command["warmup"])
+        for frame in frames[:warmup]:
+            self.pipe(image=frame, **options)
+        self.timer.reset()
+        latencies = []
+        start = time.perf_counter()
+        for frame in frames[warmup:]:
+            mark = time.perf_counter()
+            self.pipe(image=frame, **options)
+            latencies.append(time.perf_counter() - mark)
+        seconds = time.perf_counter() - start
+        calls = self.timer.calls.get("unet", 0)
+        return {"latencies": latencies, "seconds": seconds, "frames": len(latencies), "unet_calls": calls}
 
 
 ENGINES = {"lcm-export": LcmExportEngine, "diffusers": DiffusersEngine, "optimum-intel": OptimumIntelEngine}
@@ -291,6 +363,9 @@ def serve(spec: dict[str, Any]) -> None:
         command = json.loads(line)
         if command["cmd"] == "quit":
             break
+        if command["cmd"] == "stream":
+            reply({"event": "stream", **engine.stream(command), "rss_gb": _status_gb("VmRSS")})
+            continue
         size = int(command["size"])
         latent = size // 8
         latents, noise = draw_inputs(int(command["seed"]), (1, 4, latent, latent), int(command["steps"]))
@@ -360,6 +435,39 @@ def _taesd_decoder_ir(taesd_dir: Path, output_dir: Path, latent_size: int) -> No
     shutil.copy(taesd_dir / "config.json", output_dir / "config.json")  # scaling_factor 1.0: what decode divides by
 
 
+def optimum_taesd_encoder(job: dict[str, Any]) -> None:
+    """``job`` = {fast, taesd, output, size}: optimum-intel's fast IR (TAESD decoder) with TAESD's encoder converted
+    to IR as its VAE encoder (``sample`` in [-1, 1] -> ``latent_sample``, which optimum-intel hands on as
+    ``latents``), so that its img2img encodes with the same tiny VAE as our fast bundle."""
+    import shutil
+
+    import openvino
+    import torch
+    from diffusers import AutoencoderTiny
+
+    fast, output = Path(job["fast"]), Path(job["output"])
+    shutil.rmtree(output, ignore_errors=True)
+    _link_tree(fast, output, replaced="vae_encoder")
+    vae = AutoencoderTiny.from_pretrained(str(job["taesd"])).eval()
+
+    class Encoder(torch.nn.Module):  # (1, 3, H, W) in [-1, 1] -> (1, 4, H/8, W/8), as AutoencoderTiny.encode
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = vae.encoder
+
+        def forward(self, sample: torch.Tensor) -> torch.Tensor:
+            return self.encoder(sample)
+
+    example = torch.zeros(1, 3, int(job["size"]), int(job["size"]))
+    with torch.no_grad():
+        model = openvino.convert_model(Encoder(), example_input=example, input=[(-1, 3, -1, -1)])
+    model.inputs[0].get_tensor().set_names({"sample"})
+    model.outputs[0].get_tensor().set_names({"latent_sample"})
+    (output / "vae_encoder").mkdir(parents=True, exist_ok=True)
+    openvino.save_model(model, str(output / "vae_encoder" / "openvino_model.xml"), compress_to_fp16=False)
+    shutil.copy(Path(job["taesd"]) / "config.json", output / "vae_encoder" / "config.json")
+
+
 def optimum_int8(job: dict[str, Any]) -> None:
     """The peer's fast INT8 pipeline: ``job`` = {ir, taesd, fast, int8, prompts, size, steps, guidance}.
 
@@ -423,6 +531,8 @@ def main(argv: list[str]) -> None:
         optimum_export(argv[1], argv[2])
     elif argv[:1] == ["optimum-int8"]:
         optimum_int8(json.loads(argv[1]))
+    elif argv[:1] == ["optimum-taesd-encoder"]:
+        optimum_taesd_encoder(json.loads(argv[1]))
     else:
         serve(json.loads(argv[0]))
 

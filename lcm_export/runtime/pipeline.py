@@ -86,8 +86,8 @@ class _Request:
 # Precisions only a variant can give (no backend computes them from a float graph): asking for one that no
 # component has is an error, not a silent float run.
 VARIANT_ONLY_PRECISIONS = ("int8",)
-# The frame loop's step batching is off unless asked for: on the 2-core CPUs measured (bench/RESULTS.md, "Frame
-# loop") a batched U-Net call costs about its rows' single calls, so it gains little throughput and adds latency.
+# The frame loop's step batching is off unless asked for: on the 2-core CPU measured (bench/RESULTS.md, "Frame
+# loop") it raised frames/s by 3-5% and multiplied the latency per frame by 2-3.5 (see Pipeline.stream).
 DEFAULT_BATCH_STEPS = False
 
 
@@ -509,10 +509,15 @@ class Pipeline:
         (:meth:`FrameStream.push` returns it then; :meth:`FrameStream.flush` empties the pipeline at the end).
         The output equals the unbatched loop's within float rounding. It needs a bundle whose U-Net takes one
         timestep per row (exported since step batching) and a pipeline loaded without ``static_shape`` (the
-        batch grows and shrinks as the pipeline fills and flushes). Default (None): off. Measured on a 2-core
-        CPU (bench/RESULTS.md, "Frame loop"), a U-Net batch costs about as much per row as single calls, so
-        batching gains little throughput there while it multiplies each frame's latency by N; it pays where a
-        batch is much cheaper per row than a single call (GPUs, StreamDiffusion's case).
+        batch grows and shrinks as the pipeline fills and flushes). On a bundle that predates per-row timesteps,
+        the default runs unbatched and ``batch_steps=True`` is an error.
+
+        Default (None): off, by measurement (bench/RESULTS.md, "Frame loop": SD1.5-shaped, 256 px, tiny VAE,
+        OpenVINO bf16, 2 threads, the rows alternating): on this CPU a U-Net batch of N rows costs nearly N single
+        calls, so batching raised frames per second by only 3-5% (2 steps 0.39 against 0.38, 4 steps 0.22 against
+        0.21, about the spread between rounds), while each frame's latency grew from 2.6 to 5.1 s (2 steps) and
+        from 4.9 to 16.9 s (4 steps, medians). For a live loop latency decides; turn it on for throughput (a video
+        file) or where a batch is much cheaper per row than a single call (GPUs: StreamDiffusion's case).
         """
         check_strength(strength)
         if batch_steps is not None and not isinstance(batch_steps, bool):
