@@ -80,12 +80,20 @@ def test_step_batching_equals_the_unbatched_loop(
     assert pipe._uses_cfg(plain.request) == (family == "lcm-lora")
 
     batched_stream = pipe.stream("a cat", **options, batch_steps=True)
+    session = pipe.sessions["unet"]
+    rows: list[int] = []
+    run = session.run
+    session.run = lambda feeds: rows.append(len(feeds["sample"])) or run(feeds)  # count each call's batch
     pushed = [batched_stream.push(frame) for frame in frames]
     assert [image is None for image in pushed] == [True] * (steps_run - 1) + [False] * (FRAMES - steps_run + 1)
     assert batched_stream.frames_in == FRAMES and len(batched_stream.in_flight) == steps_run - 1
     flushed = batched_stream.flush()
     assert len(flushed) == steps_run - 1 and not batched_stream.in_flight
     batched = [image for image in pushed if image is not None] + flushed
+    session.run = run
+    # One U-Net call per push and per flush step: 1..N rows while filling, N, then N-1..1 (twice that with CFG).
+    fill = list(range(1, steps_run + 1)) + [steps_run] * (FRAMES - steps_run) + list(range(steps_run - 1, 0, -1))
+    assert rows == [count * (2 if family == "lcm-lora" else 1) for count in fill], rows
 
     assert len(batched) == FRAMES and len(batched_stream.latencies) == FRAMES
     assert len(batched_stream.call_seconds) == FRAMES + steps_run - 1  # every push and every flush step
