@@ -297,6 +297,7 @@ def test_cli_batch_range_and_keep_onnx(tiny_lcm_dir, tmp_path):
         "name": "timestep",
         "dtype": "float16",
         "shape": [1],
+        "bounds": [[1, 2]],  # one timestep per row: the batch's range
     }
     assert_packages_match_manifest(output, manifest)
     # With the ONNX kept, a Linux machine still runs the bundle; Core ML is never picked here.
