@@ -1,8 +1,12 @@
-"""The benchmark's models: an SD1.5-shaped random LCM pipeline and a random TAESD-shaped ``AutoencoderTiny``.
+"""The benchmark's models: an SD1.5-shaped random LCM pipeline, a random TAESD-shaped ``AutoencoderTiny`` and a
+full-size SDXL-shaped random LCM pipeline.
 
 Shapes are LCM_Dreamshaper_v7's (SD1.5 U-Net of 860M parameters with ``time_cond_proj_dim=256`` and
 ``cross_attention_dim=768``, the SD AutoencoderKL of 84M, CLIP ViT-L/14's text encoder) and TAESD's; the weights
-are random (no downloads here), which does not change the time of any operation. Everything is built with
+are random (no downloads here), which does not change the time of any operation. The SDXL-shaped pipeline has
+LCM-SDXL's shapes (SDXL base's U-Net of 2.6B parameters with ``time_cond_proj_dim=256``, CLIP ViT-L/14 and OpenCLIP
+ViT-bigG/14 text towers, SDXL's VAE): its weights are stored in fp16 (6.5 GB instead of 13 GB on disk), as the hub's
+``fp16`` variants are; the exporter loads them upcast to fp32. Everything is built with
 diffusers' and transformers' own classes and written with ``save_pretrained``, so the exporter, diffusers and
 optimum-intel all load the same folders the way they load real models.
 """
@@ -54,6 +58,37 @@ TEXT_CONFIG = dict(
     bos_token_id=CLIP_BOS_ID,
     eos_token_id=CLIP_EOS_ID,
     pad_token_id=1,
+)
+# LCM-SDXL's U-Net (latent-consistency/lcm-sdxl): SDXL base's U-Net with the LCM guidance embedding.
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 size ids x 256 + the 1280-wide pooled text
+    norm_num_groups=32,
+    time_cond_proj_dim=256,
+)
+# SDXL's AutoencoderKL: SD's shape, its own scaling factor and size.
+SDXL_VAE_CONFIG = {**VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+# OpenCLIP ViT-bigG/14's text tower (SDXL's text_encoder_2, CLIPTextModelWithProjection).
+SDXL_TEXT_2_CONFIG = dict(
+    TEXT_CONFIG,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
 )
 # TAESD (madebyollin/taesd) is diffusers' AutoencoderTiny with its default configuration.
 TAESD_CONFIG: dict = dict(latent_channels=4, scaling_factor=1.0)
@@ -118,6 +153,66 @@ def build_sd15_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
     return counts
 
 
+def build_sdxl_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
+    """Write the random full-size SDXL-shaped LCM pipeline to ``output_dir`` in fp16; return parameter counts.
+
+    Each module is built in fp32 (random initialisation as diffusers/transformers do it) and halved before the next
+    one is built, so the build peaks near the fp32 U-Net alone (10.3 GB), not the fp32 pipeline (14 GB). Saved by
+    ``StableDiffusionXLPipeline.save_pretrained`` as safetensors, with LCM-SDXL's scheduler settings. A folder
+    already holding a complete build (its mark file) is reused.
+    """
+    mark = output_dir / COMPLETE_MARK
+    if mark.is_file():
+        return json.loads(mark.read_text())["parameters"]
+    import torch
+    from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    counts: dict[str, int] = {}
+
+    def built(name: str, module):
+        counts[name] = parameter_count(module)
+        return module.half().eval()
+
+    unet = built("unet", UNet2DConditionModel(**SDXL_UNET_CONFIG))
+    text_encoder_2 = built("text_encoder_2", CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_CONFIG)))
+    text_encoder = built("text_encoder", CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)))
+    vae = built("vae", AutoencoderKL(**SDXL_VAE_CONFIG))
+    tokenizer_dir = output_dir.parent / f".{output_dir.name}-tokenizer"
+    write_clip_tokenizer_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77, pad_token="!")  # OpenCLIP
+    # latent-consistency/lcm-sdxl's scheduler settings.
+    scheduler = LCMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        original_inference_steps=50,
+        set_alpha_to_one=True,
+        clip_sample=False,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipeline.save_pretrained(str(output_dir))
+    for leftover in tokenizer_dir.iterdir():
+        leftover.unlink()
+    tokenizer_dir.rmdir()
+    counts["vae_decoder"] = parameter_count(vae.decoder) + parameter_count(vae.post_quant_conv)
+    mark.write_text(json.dumps({"parameters": counts, "stored_dtype": "float16"}, indent=2) + "\n")
+    return counts
+
+
 def build_taesd(output_dir: Path, seed: int = 0) -> dict[str, int]:
     """Write a random TAESD-shaped ``AutoencoderTiny`` to ``output_dir`` (reused when already complete)."""
     mark = output_dir / COMPLETE_MARK
@@ -138,5 +233,8 @@ if __name__ == "__main__":
     import sys
 
     root = Path(sys.argv[1])
-    counts = {"sd15-lcm": build_sd15_lcm(root / "sd15-lcm"), "taesd": build_taesd(root / "taesd")}
+    if sys.argv[2:] == ["--sdxl"]:  # 10+ GB to build: on its own, not part of the default benchmark
+        counts = {"sdxl": build_sdxl_lcm(root / "sdxl")}
+    else:
+        counts = {"sd15-lcm": build_sd15_lcm(root / "sd15-lcm"), "taesd": build_taesd(root / "taesd")}
     print(json.dumps(counts))
