@@ -383,12 +383,15 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
     # trace of its last component, before the weights are repacked or converted and before onnxruntime opens the
     # file to check it. Targets that convert from the torch modules afterwards (Core ML) keep them.
     keep_modules = get_target(config.target).needs_modules
-    for position, name in enumerate(_progress(names, config.quiet, "export ONNX")):
+    bar = _progress(names, config.quiet, "export ONNX")
+    for position, name in enumerate(bar):
+        bar.set_postfix_str(f"{name}: load")  # a full-size U-Net spends minutes in each stage
         if name == "unet" and config.attention_slicing:
             from lcm_export.exporter.attention import slice_attention
 
             slice_attention(loaded.module("unet"))
         component = build_components(loaded, [name])[name]
+        bar.set_postfix_str(f"{name}: trace")
         reference = pytorch_reference(component, check_values)
         module = pipeline_module_of(loaded, name)
         done_with_module = module is not None and all(
@@ -400,6 +403,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         spec = export_to_onnx(
             component, onnx_path, trace_values, precision=onnx_precision, opset=config.opset, release=release
         )
+        bar.set_postfix_str(f"{name}: check")
         report = validate_onnx(component, onnx_path, spec, check_values, reference)
         del component, reference
         if report.failures:
