@@ -94,6 +94,9 @@ SDXL_TEXT_2_CONFIG = dict(
 TAESD_CONFIG: dict = dict(latent_channels=4, scaling_factor=1.0)
 
 COMPLETE_MARK = "bench-model-complete.json"
+# RESULTS.md's section on exporting the SDXL-shaped pipeline (measured by hand: commands in it); run.py keeps it.
+SDXL_EXPORT_SECTION_START = "<!-- sdxl-export-memory: start (measured by hand with the commands it shows) -->"
+SDXL_EXPORT_SECTION_END = "<!-- sdxl-export-memory: end -->"
 
 
 def parameter_count(module) -> int:

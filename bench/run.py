@@ -940,11 +940,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "",
         ]
         lines += [f"- {note}" for note in notes(supplement) if "Not re-run" not in note and "spread" in note] + [""]
-    from stream import SECTION_END, SECTION_START  # the frame loop's section (bench/stream.py) stays as it was
+    from models import SDXL_EXPORT_SECTION_END, SDXL_EXPORT_SECTION_START
+    from stream import SECTION_END, SECTION_START
 
     old = path.read_text() if path.is_file() else ""
-    if SECTION_START in old and SECTION_END in old:
-        lines += ["", SECTION_START + old.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0] + SECTION_END, ""]
+    # Sections written elsewhere stay as they were: the frame loop's (bench/stream.py), the SDXL export memory's.
+    for start, end in ((SECTION_START, SECTION_END), (SDXL_EXPORT_SECTION_START, SDXL_EXPORT_SECTION_END)):
+        if start in old and end in old:
+            lines += ["", start + old.split(start, 1)[1].split(end, 1)[0] + end, ""]
     path.write_text("\n".join(lines))
 
 
