@@ -13,6 +13,7 @@ optimum-intel all load the same folders the way they load real models.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -99,8 +100,38 @@ SDXL_EXPORT_SECTION_START = "<!-- sdxl-export-memory: start (measured by hand wi
 SDXL_EXPORT_SECTION_END = "<!-- sdxl-export-memory: end -->"
 
 
+# LCM_Dreamshaper_v7's and latent-consistency/lcm-sdxl's LCMScheduler settings (SDXL adds its own spacing).
+LCM_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    original_inference_steps=50,
+    set_alpha_to_one=True,
+    clip_sample=False,
+)
+
+
 def parameter_count(module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
+
+
+def _save_with_clip_tokenizers(output_dir: Path, make_pipeline, **tokenizers: dict) -> None:
+    """``make_pipeline(**{name: CLIPTokenizer})`` saved to ``output_dir``; each tokenizer is the real CLIP BPE table
+    with ``tokenizers[name]``'s options, read from files written beside ``output_dir`` and removed afterwards."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    tokenizer_dir = output_dir.parent / f".{output_dir.name}-tokenizer"
+    write_clip_tokenizer_files(tokenizer_dir)
+    try:
+        loaded = {
+            name: CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77, **options)
+            for name, options in tokenizers.items()
+        }
+        make_pipeline(**loaded).save_pretrained(str(output_dir))
+    finally:
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
 
 def build_sd15_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
@@ -114,38 +145,23 @@ def build_sd15_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
         return json.loads(mark.read_text())["parameters"]
     import torch
     from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     vae = AutoencoderKL(**VAE_CONFIG)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-    tokenizer_dir = output_dir.parent / f".{output_dir.name}-tokenizer"
-    write_clip_tokenizer_files(tokenizer_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
-    # LCM_Dreamshaper_v7's scheduler settings.
-    scheduler = LCMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        original_inference_steps=50,
-        set_alpha_to_one=True,
-        clip_sample=False,
-    )
-    pipeline = LatentConsistencyModelPipeline(
+    pipeline = functools.partial(
+        LatentConsistencyModelPipeline,
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
+        scheduler=LCMScheduler(**LCM_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(str(output_dir))
-    for leftover in tokenizer_dir.iterdir():
-        leftover.unlink()
-    tokenizer_dir.rmdir()
+    _save_with_clip_tokenizers(output_dir, pipeline, tokenizer={})
     counts = {
         "unet": parameter_count(unet),
         "vae": parameter_count(vae),
@@ -169,7 +185,7 @@ def build_sdxl_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
         return json.loads(mark.read_text())["parameters"]
     import torch
     from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     counts: dict[str, int] = {}
@@ -182,35 +198,18 @@ def build_sdxl_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
     text_encoder_2 = built("text_encoder_2", CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_CONFIG)))
     text_encoder = built("text_encoder", CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)))
     vae = built("vae", AutoencoderKL(**SDXL_VAE_CONFIG))
-    tokenizer_dir = output_dir.parent / f".{output_dir.name}-tokenizer"
-    write_clip_tokenizer_files(tokenizer_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77, pad_token="!")  # OpenCLIP
     # latent-consistency/lcm-sdxl's scheduler settings.
-    scheduler = LCMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        original_inference_steps=50,
-        set_alpha_to_one=True,
-        clip_sample=False,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
-    pipeline = StableDiffusionXLPipeline(
+    scheduler = LCMScheduler(**LCM_SCHEDULER, timestep_spacing="leading", steps_offset=1)
+    pipeline = functools.partial(
+        StableDiffusionXLPipeline,
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
         unet=unet,
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
     )
-    pipeline.save_pretrained(str(output_dir))
-    for leftover in tokenizer_dir.iterdir():
-        leftover.unlink()
-    tokenizer_dir.rmdir()
+    _save_with_clip_tokenizers(output_dir, pipeline, tokenizer={}, tokenizer_2={"pad_token": "!"})  # 2: OpenCLIP
     counts["vae_decoder"] = parameter_count(vae.decoder) + parameter_count(vae.post_quant_conv)
     mark.write_text(json.dumps({"parameters": counts, "stored_dtype": "float16"}, indent=2) + "\n")
     return counts
