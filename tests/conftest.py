@@ -100,6 +100,17 @@ def psnr(reference: np.ndarray, image: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
+def sdxl_source(request, name: str):
+    """(model folder, LoRAs) of the SDXL models the target tests build: "tiny-sdxl-lcm" (distilled) or the base
+    OTHER_SDXL with its LoRA fused at 0.9."""
+    from lcm_export.exporter.bundle import LoraSource
+
+    if name == "tiny-sdxl-lcm":
+        return request.getfixturevalue("sdxl_lcm_dir"), ()
+    model, lora = request.getfixturevalue("other_sdxl_model")
+    return model, (LoraSource(str(lora), 0.9),)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lcm-cache"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export
+from conftest import export, sdxl_source
 from conftest import export_cli_blocking as cli
 
 from lcm_export.errors import BundleError, ExportError, UserError
@@ -154,13 +154,7 @@ def model_bundle(request, tmp_path_factory) -> Path:
     """The default (static, fp16) Core ML export of each of COREML_MODELS."""
     if request.param == "tiny-lcm":
         return request.getfixturevalue("static_bundle")
-    from lcm_export.exporter.bundle import LoraSource
-
-    if request.param == "tiny-sdxl-lcm":
-        model, loras = request.getfixturevalue("sdxl_lcm_dir"), ()
-    else:
-        model, lora = request.getfixturevalue("other_sdxl_model")
-        loras = (LoraSource(str(lora), 0.9),)
+    model, loras = sdxl_source(request, request.param)
     start = time.perf_counter()
     bundle = export(model, tmp_path_factory.mktemp("coreml") / request.param, loras=loras, target="coreml")
     print(f"\n{request.param} Core ML bundle (export + conversions): {time.perf_counter() - start:.1f} s")

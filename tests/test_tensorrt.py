@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export, psnr, random_inputs
+from conftest import export, psnr, random_inputs, sdxl_source
 from conftest import export_cli_blocking as cli
 
 from lcm_export.errors import ExportError, UserError
@@ -134,13 +134,7 @@ def engine_bundle(request, tmp_path_factory) -> Path:
         return request.getfixturevalue("rtx_bundle")
     if not HAS_RTX:
         pytest.skip("TensorRT-RTX is not installed")
-    from lcm_export.exporter.bundle import LoraSource
-
-    if request.param == "tiny-sdxl-lcm":
-        model, loras = request.getfixturevalue("sdxl_lcm_dir"), ()
-    else:
-        model, lora = request.getfixturevalue("other_sdxl_model")
-        loras = (LoraSource(str(lora), 0.9),)
+    model, loras = sdxl_source(request, request.param)
     start = time.perf_counter()
     bundle = export(
         model,
