@@ -85,7 +85,8 @@ class Engine:
     kind: str  # "lcm-export", "diffusers" or "optimum-intel"
     python: str
     spec: dict[str, Any] = field(default_factory=dict)
-    group_order: int = 0  # engines compared with each other sit next to each other
+    # engines compared with each other sit next to each other (groups are packed in this order)
+    group_order: float = 0
     # Another engine whose compile cache this one reads (the same compiled graphs: saves gigabytes of disk); its
     # first load then finds a warm cache.
     shares_cache_of: str | None = None
@@ -460,7 +461,6 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
             "lcm-export",
             ours("onnxruntime", "fp32", "bundle-fast"),
             2,
-            timed=False,
         ),
         engine(
             "ours-fast-int8-sliced",
@@ -475,7 +475,7 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
             "ours OpenVINO fast INT8 (tiny VAE)",
             "lcm-export",
             ours("openvino", "int8", "bundle-fast-int8"),
-            6,
+            1.5,  # first of its group, beside the peer INT8: the two alternate under the same load
         ),
     ]
     if optimum is not None:
@@ -500,7 +500,7 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
                 "OpenVINO via optimum-intel, NNCF INT8 U-Net + TAESD",
                 "optimum-intel",
                 {**default, "model": optimum["model_fast_int8"]},
-                2,
+                1.5,
                 venv,
             ),
             engine(
@@ -519,7 +519,6 @@ def define_engines(settings: Settings, optimum: dict[str, Any] | None) -> list[E
                 {**default, "model": optimum["model_fast"], "precision": "fp32"},
                 2,
                 venv,
-                timed=False,
             ),
         ]
     return sorted(engines, key=lambda engine: engine.group_order)
@@ -665,7 +664,10 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
             workers[engine.name] = worker
         for round_index in range(-settings.warmup, settings.runs):
             for name, worker in workers.items():
-                reply = worker.send(run_command(settings, size, round_index))
+                # Every timed round's image too (a new prompt and seed each round, the same for every engine):
+                # PSNR pairs are averaged over these prompts, not taken from one image.
+                save = images / f"{name}-round{round_index}.npy" if round_index >= 0 else None
+                reply = worker.send(run_command(settings, size, round_index, save))
                 if round_index >= 0:
                     results[name]["runs"].append(reply)
                 log(
@@ -685,7 +687,8 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
                 for stage in ("total", "unet", "vae_decode", "text_encoder")
             }
     rows = {engine.name: {**results[aliases[engine.name]], "same_as": aliases[engine.name]} for engine in engines}
-    return {"rows": rows, "groups": [[e.name for e in g] for g in groups], "images": image_checks(images, aliases)}
+    checks = image_checks(images, aliases, settings.runs)
+    return {"rows": rows, "groups": [[e.name for e in g] for g in groups], "images": checks}
 
 
 # PSNR pairs (quantised or default precision, its float reference with the same weights and decoder).
@@ -708,13 +711,13 @@ def psnr_key(image: str, reference: str) -> str:
     return f"{image} vs {reference} PSNR dB"
 
 
-def image_checks(folder: Path, aliases: dict[str, str]) -> dict[str, Any]:
-    """Parity (max abs difference against diffusers) and PSNR of each of ``PSNR_PAIRS``, from the images of the
-    first-load run (the same seed and prompt for every engine)."""
+def image_checks(folder: Path, aliases: dict[str, str], rounds: int = 0) -> dict[str, Any]:
+    """Parity (max abs difference against diffusers, first-load image) and PSNR of each of ``PSNR_PAIRS``: the mean
+    over every prompt both engines ran (the first-load image and each timed round's), with its minimum and count."""
     import numpy as np
 
-    def load(name: str):
-        path = folder / f"{aliases.get(name, name)}.npy"
+    def load(name: str, suffix: str = ""):
+        path = folder / f"{aliases.get(name, name)}{suffix}.npy"
         return np.load(path) if path.is_file() else None
 
     def psnr(reference, image) -> float:
@@ -727,10 +730,17 @@ def image_checks(folder: Path, aliases: dict[str, str]) -> dict[str, Any]:
         image = load(name)
         if reference is not None and image is not None:
             checks[f"{name} vs diffusers max abs"] = float(np.abs(image - reference).max())
+    suffixes = ["", *(f"-round{index}" for index in range(rounds))]
     for default, parity in PSNR_PAIRS:
-        first, second = load(default), load(parity)
-        if first is not None and second is not None:
-            checks[psnr_key(default, parity)] = psnr(second, first)
+        values = []
+        for suffix in suffixes:
+            first, second = load(default, suffix), load(parity, suffix)
+            if first is not None and second is not None:
+                values.append(psnr(second, first))
+        if values:
+            checks[psnr_key(default, parity)] = float(np.mean(values))
+            if len(values) > 1:
+                checks[psnr_key(default, parity) + f" min of {len(values)} prompts"] = float(np.min(values))
     return checks
 
 
@@ -801,13 +811,15 @@ def add_int8_checks(rows, size, largest, add, ratio, unet_per_call, images) -> N
         add(f"{size}px U-Net per call {float_} / {int8}", value, "≥ 1.5", None if value is None else value >= 1.5)
     value = ratio(rows, "diffusers", "ours-fast-int8")
     add(f"{size}px fast INT8 speed-up over diffusers fp32", value, "≥ 3.5", None if value is None else value >= 3.5)
-    value = ratio(rows, "ours-fast-int8", "optimum-fast-int8")
-    add(
-        f"{size}px fast INT8 / peer INT8 (optimum-intel NNCF + TAESD)",
-        value,
-        "≤ 1",
-        None if value is None else value <= 1,
-    )
+    # ours on each backend: onnxruntime, and OpenVINO (what `auto` runs where OpenVINO is installed, as the peer)
+    for name, backend in (("ours-fast-int8", "onnxruntime"), ("ours-openvino-fast-int8", "OpenVINO")):
+        value = ratio(rows, name, "optimum-fast-int8")
+        add(
+            f"{size}px fast INT8 ({backend}) / peer INT8 (optimum-intel NNCF + TAESD)",
+            value,
+            "≤ 1",
+            None if value is None else value <= 1,
+        )
     value = ratio(rows, "diffusers", "ours-fast-int8-sliced")
     add(
         f"{size}px fast INT8 (--attention-slicing --low-memory) speed-up over diffusers fp32",
@@ -819,12 +831,16 @@ def add_int8_checks(rows, size, largest, add, ratio, unet_per_call, images) -> N
         for name, label in (("ours-fast-int8", ""), ("ours-fast-int8-sliced", " (--attention-slicing --low-memory)")):
             value = rows.get(name, {}).get("peak_rss_gb")
             add(f"{size}px fast INT8{label} peak RSS (GB)", value, "≤ 2", None if value is None else value <= 2)
-    ours, peer = (
-        images.get(psnr_key("ours-fast-int8", "ours-fast-fp32")),
-        images.get(psnr_key("optimum-fast-int8", "optimum-fast-f32")),
-    )
-    met = None if ours is None or peer is None else ours >= peer
-    add(f"{size}px PSNR (dB) fast INT8 vs its fp32, ours ≥ peer's ({peer and round(peer, 2)} dB)", ours, "≥ peer", met)
+    peer = images.get(psnr_key("optimum-fast-int8", "optimum-fast-f32"))
+    for name, backend in (("ours-fast-int8", "onnxruntime"), ("ours-openvino-fast-int8", "OpenVINO")):
+        ours = images.get(psnr_key(name, "ours-fast-fp32"))
+        met = None if ours is None or peer is None else ours >= peer
+        add(
+            f"{size}px PSNR (dB) fast INT8 ({backend}) vs its fp32, ours ≥ peer's ({peer and round(peer, 2)} dB)",
+            ours,
+            "≥ peer",
+            met,
+        )
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -873,6 +889,19 @@ def target_lines(checks: list[dict[str, Any]], measured_only: bool = False) -> l
         met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
         lines.append(f"| {check['check']} | {_number(check['value'])} | {check['target']} | {met} |")
     return lines
+
+
+def write_section(results_md: Path, lines: list[str], start: str, end: str) -> None:
+    """Put a section written by its own script (``lines``, from marker ``start`` to ``end``) into RESULTS.md, in place
+    of its previous version (appended when absent); the rest stays as it is."""
+    text = results_md.read_text() if results_md.is_file() else ""
+    block = "\n".join(lines)
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    results_md.write_text(text)
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -940,12 +969,19 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "",
         ]
         lines += [f"- {note}" for note in notes(supplement) if "Not re-run" not in note and "spread" in note] + [""]
+    import sdxl
+    import stream
     from models import SDXL_EXPORT_SECTION_END, SDXL_EXPORT_SECTION_START
-    from stream import SECTION_END, SECTION_START
 
     old = path.read_text() if path.is_file() else ""
-    # Sections written elsewhere stay as they were: the frame loop's (bench/stream.py), the SDXL export memory's.
-    for start, end in ((SECTION_START, SECTION_END), (SDXL_EXPORT_SECTION_START, SDXL_EXPORT_SECTION_END)):
+    # Sections written elsewhere stay as they were: the frame loop's (bench/stream.py), the SDXL export memory's,
+    # the SDXL speed bench's (bench/sdxl.py).
+    kept = (
+        (stream.SECTION_START, stream.SECTION_END),
+        (SDXL_EXPORT_SECTION_START, SDXL_EXPORT_SECTION_END),
+        (sdxl.SECTION_START, sdxl.SECTION_END),
+    )
+    for start, end in kept:
         if start in old and end in old:
             lines += ["", start + old.split(start, 1)[1].split(end, 1)[0] + end, ""]
     path.write_text("\n".join(lines))
@@ -1203,6 +1239,10 @@ def main(argv: list[str] | None = None) -> int:
         import stream
 
         return stream.main(argv)
+    if "--sdxl" in (sys.argv[1:] if argv is None else argv):  # the SDXL-shaped pipeline's own benchmark
+        import sdxl
+
+        return sdxl.main(argv)
     settings = parse_settings(argv)
     if settings.report_only:
         path = settings.output_dir / "results.json"

@@ -231,19 +231,6 @@ def section_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_section(results_md: Path, lines: list[str]) -> None:
-    """Put the section between its markers in RESULTS.md (appended when absent); the rest stays as it is."""
-    text = results_md.read_text() if results_md.is_file() else ""
-    block = "\n".join(lines)
-    if SECTION_START in text and SECTION_END in text:
-        before, rest = text.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1]
-        text = before + block + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    results_md.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     work_dir = arguments.work_dir
@@ -355,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     arguments.output.mkdir(parents=True, exist_ok=True)
     (arguments.output / "stream-results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    write_section(arguments.output / "RESULTS.md", section_lines(results))
+    bench.write_section(arguments.output / "RESULTS.md", section_lines(results), SECTION_START, SECTION_END)
     print("\n".join(section_lines(results)))
     return 0
 

@@ -15,7 +15,8 @@ Every engine gets the same initial latents and per-step noise (drawn with numpy 
 engines that share weights can be compared.
 
 Also ``python worker.py measure -- CMD...``: runs CMD and prints its wall time and peak RSS as JSON;
-``python worker.py optimum-export MODEL OUTPUT``: exports a diffusers folder to OpenVINO IR with optimum-intel;
+``python worker.py optimum-export MODEL OUTPUT``: exports a diffusers folder to OpenVINO IR with optimum-intel
+(``optimum-export-fp16``: with fp16 weights, for the SDXL bench's fp16 checkpoint);
 ``python worker.py optimum-taesd-encoder '<JSON>'``: the peer's fast IR with TAESD's encoder as its VAE encoder; and
 ``python worker.py optimum-int8 '<JSON>'``: the peer's fast INT8 pipeline (FastSD CPU's recipe) from that IR: the
 TAESD decoder converted to IR in place of the VAE decoder, and the U-Net quantised with ``nncf.quantize`` on inputs
@@ -142,6 +143,7 @@ class LcmExportEngine:
             threads=self.spec["threads"],
             static_shape=tuple(static) if static else None,
             low_memory=self.spec.get("low_memory", False),
+            **({"cache_dir": self.spec["cache_dir"]} if "cache_dir" in self.spec else {}),  # "": no compile cache
         )
         sessions = self.pipeline.sessions.values()
         precisions = sorted({getattr(session, "inference_precision", "f32") for session in sessions})
@@ -206,8 +208,24 @@ def fixed_lcm_noise(noise: list[np.ndarray]):
         scheduling_lcm.randn_tensor = original
 
 
+def _time_text_encoders(pipe, timer: StageTimer) -> None:
+    """Both of SDXL's text encoders (one for SD1.5) count as the text-encoder stage."""
+    for name in ("text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.forward = timer.wrap("text_encoder", module.forward)
+
+
+def _size_options(pipe, latents: np.ndarray) -> dict[str, int]:
+    """The image size of ``latents``, passed explicitly: SDXL's pipelines would otherwise build ``time_ids`` for
+    their default size (1024 px), not the one the latents make."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    return {"height": latents.shape[-2] * factor, "width": latents.shape[-1] * factor}
+
+
 class DiffusersEngine:
-    """diffusers' LatentConsistencyModelPipeline in fp32 on torch's CPU build."""
+    """A diffusers pipeline in fp32 on torch's CPU build: ``spec["pipeline"]`` (default
+    LatentConsistencyModelPipeline; StableDiffusionXLPipeline for the SDXL bench, whose folder holds LCMScheduler)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         import torch
@@ -219,16 +237,16 @@ class DiffusersEngine:
         self.timer = StageTimer()
 
     def load(self) -> dict[str, Any]:
+        import diffusers
         import torch
-        from diffusers import LatentConsistencyModelPipeline
 
-        pipe = LatentConsistencyModelPipeline.from_pretrained(
-            self.spec["model"], torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-        )
+        kind = getattr(diffusers, self.spec.get("pipeline", "LatentConsistencyModelPipeline"))
+        extra = {"safety_checker": None, "requires_safety_checker": False} if "Consistency" in kind.__name__ else {}
+        pipe = kind.from_pretrained(self.spec["model"], torch_dtype=torch.float32, **extra)
         pipe.set_progress_bar_config(disable=True)
         pipe.unet.forward = self.timer.wrap("unet", pipe.unet.forward)
         pipe.vae.decode = self.timer.wrap("vae_decode", pipe.vae.decode)
-        pipe.text_encoder.forward = self.timer.wrap("text_encoder", pipe.text_encoder.forward)
+        _time_text_encoders(pipe, self.timer)
         self.pipe = pipe
         return {"backend": f"torch {torch.__version__}", "inference_precision": ["f32"], "vae": type(pipe.vae).__name__}
 
@@ -244,13 +262,15 @@ class DiffusersEngine:
                 guidance_scale=guidance,
                 latents=torch.from_numpy(latents),
                 output_type="np",
+                **_size_options(self.pipe, latents),
             ).images
         total = time.perf_counter() - start
         return images, {"total": total, **self.timer.seconds, "unet_calls": self.timer.calls.get("unet", 0)}
 
 
 class OptimumIntelEngine:
-    """OpenVINO through optimum-intel's OVLatentConsistencyModelPipeline (its own venv), as its users run it."""
+    """OpenVINO through optimum-intel's OVLatentConsistencyModelPipeline (its own venv), as its users run it;
+    ``spec["pipeline"]`` names another optimum-intel pipeline (OVStableDiffusionXLPipeline for the SDXL bench)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         import torch
@@ -262,17 +282,20 @@ class OptimumIntelEngine:
         self.timer = StageTimer()
 
     def load(self) -> dict[str, Any]:
-        from optimum.intel import OVLatentConsistencyModelImg2ImgPipeline, OVLatentConsistencyModelPipeline
+        import optimum.intel
 
         ov_config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(self.spec["threads"])}
         if self.spec.get("precision") == "fp32":
             ov_config["INFERENCE_PRECISION_HINT"] = "f32"
-        kind = OVLatentConsistencyModelImg2ImgPipeline if self.spec.get("img2img") else OVLatentConsistencyModelPipeline
+        if "cache_dir" in self.spec:  # "": no compiled-model cache (optimum-intel's default is beside the IR)
+            ov_config["CACHE_DIR"] = self.spec["cache_dir"]
+        default = "OVLatentConsistencyModel" + ("Img2ImgPipeline" if self.spec.get("img2img") else "Pipeline")
+        kind = getattr(optimum.intel, self.spec.get("pipeline", default))
         pipe = kind.from_pretrained(self.spec["model"], ov_config=ov_config, compile=True)
         pipe.set_progress_bar_config(disable=True)
         pipe.unet.forward = self.timer.wrap("unet", pipe.unet.forward)
         pipe.vae.decoder.forward = self.timer.wrap("vae_decode", pipe.vae.decoder.forward)
-        pipe.text_encoder.forward = self.timer.wrap("text_encoder", pipe.text_encoder.forward)
+        _time_text_encoders(pipe, self.timer)
         self.pipe = pipe
         precision = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         import openvino
@@ -291,6 +314,7 @@ class OptimumIntelEngine:
                 guidance_scale=guidance,
                 latents=torch.from_numpy(latents),
                 output_type="np",
+                **_size_options(self.pipe, latents),
             ).images
         total = time.perf_counter() - start
         return images, {"total": total, **self.timer.seconds, "unet_calls": self.timer.calls.get("unet", 0)}
@@ -367,7 +391,7 @@ def serve(spec: dict[str, Any]) -> None:
             reply({"event": "stream", **engine.stream(command), "rss_gb": _status_gb("VmRSS")})
             continue
         size = int(command["size"])
-        latent = size // 8
+        latent = size // int(command.get("vae_scale_factor", 8))  # the model's VAE (8 for SD and SDXL)
         latents, noise = draw_inputs(int(command["seed"]), (1, 4, latent, latent), int(command["steps"]))
         steps, guidance = int(command["steps"]), float(command["guidance"])
         images, stages = engine.run(command["prompt"], latents, noise, steps, guidance)
@@ -397,6 +421,23 @@ def optimum_export(model: str, output: str) -> None:
 
     pipe = OVLatentConsistencyModelPipeline.from_pretrained(model, export=True, compile=False, load_in_8bit=False)
     pipe.save_pretrained(output)
+
+
+def optimum_export_fp16(model: str, output: str) -> None:
+    """Export the diffusers folder ``model`` (fp16 weights on disk) to OpenVINO IR with fp16 weights, straight into
+    ``output``: ``optimum-cli export openvino --weight-format fp16``. The same values as the checkpoint (no rounding);
+    optimum-intel's default would instead compress a U-Net of more than 1B parameters to int8 weights (not the
+    same weights), and ``from_pretrained(export=True)`` would write the whole IR into a temporary folder first."""
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
+
+    main_export(
+        model_name_or_path=model,
+        output=output,
+        task="text-to-image",
+        library_name="diffusers",
+        ov_config=OVConfig(dtype="fp16"),
+    )
 
 
 def _link_tree(source: Path, target: Path, replaced: str) -> None:
@@ -529,6 +570,8 @@ def main(argv: list[str]) -> None:
         measure(argv[argv.index("--") + 1 :])
     elif argv[:1] == ["optimum-export"]:
         optimum_export(argv[1], argv[2])
+    elif argv[:1] == ["optimum-export-fp16"]:
+        optimum_export_fp16(argv[1], argv[2])
     elif argv[:1] == ["optimum-int8"]:
         optimum_int8(json.loads(argv[1]))
     elif argv[:1] == ["optimum-taesd-encoder"]:
