@@ -19,7 +19,8 @@ process (``bench/worker.py``), one after another, in an order that puts compared
 (no compiled-model cache on either OpenVINO side: the disk cannot hold the compiled U-Nets beside the models), then
 ``--warmup`` untimed runs and ``--runs`` timed ones, each round with the same prompt, initial latents and per-step
 noise for every engine (so their first timed images can be compared), then its peak RSS and anonymous peak (the
-memory that is not mapped model files). The table and ratios go into their own section of ``bench/RESULTS.md``
+memory that is not mapped model files). ``--engines NAME...`` runs only those again: the other rows stay from the
+previous run, marked with its date. The table and ratios go into their own section of ``bench/RESULTS.md``
 (between markers that ``bench/run.py`` keeps) and ``bench/sdxl-results.json``.
 """
 
@@ -273,8 +274,9 @@ def section_lines(results: dict[str, Any]) -> list[str]:
             info = row["info"]
             precision = ", ".join(info.get("inference_precision", []))
             median = row["median"]
+            when = f" (run {row['from_run']})" if row.get("from_run") else ""
             lines.append(
-                f"| {row['label']} | {info.get('backend')}, {precision} | {row['load_s']:.1f} | "
+                f"| {row['label']}{when} | {info.get('backend')}, {precision} | {row['load_s']:.1f} | "
                 f"{_seconds(median['total'])} | {_seconds(median['unet'])} | {_seconds(median['vae_decode'])} | "
                 f"{median['text_encoder']:.2f} | {row['peak_rss_gb']:.2f} | {row['peak_anon_gb']:.2f} |"
             )
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         command=command,
     )
     engines = engine_specs(work_dir, names, optimum_python)
+    previous_path = arguments.output / "sdxl-results.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": {
@@ -330,9 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     for size in arguments.sizes:
         images = work_dir / "images" / f"sdxl-{size}"
-        for stale in images.glob("*.npy"):
-            stale.unlink()
+        for engine in engines:  # the images of the engines that run again
+            (images / f"{engine.name}.npy").unlink(missing_ok=True)
         rows = {engine.name: run_engine(engine, settings, size, images) for engine in engines}
+        # Engines not named this time keep their rows (and images) from the previous run, marked with its date.
+        for name, row in previous.get("sizes", {}).get(str(size), {}).get("engines", {}).items():
+            if name not in rows:
+                rows[name] = {**row, "from_run": row.get("from_run", previous["date"])}
+        rows = {name: rows[name] for name in ENGINES if name in rows}
         ratios = []
         for ours, reference in RATIOS:
             if ours in rows and reference in rows:
