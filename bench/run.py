@@ -212,6 +212,10 @@ def bundle_summary(bundle: Path) -> dict[str, Any]:
             summary["unet_int8_bytes"] = sum((bundle / path).stat().st_size for path in variant["files"])
             summary["calibration"] = variant.get("produced_by", {}).get("calibration")
             summary["quality"] = variant.get("quality")
+    for variant in manifest["components"]["vae_decoder"]["variants"]:
+        if variant["precision"] == "int8":  # the full VAE decoder (not TAESD's)
+            summary["vae_decoder_int8_bytes"] = sum((bundle / path).stat().st_size for path in variant["files"])
+            summary["vae_decoder_int8_psnr_db"] = variant.get("produced_by", {}).get("decoded_psnr_db")
     return summary
 
 

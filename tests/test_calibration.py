@@ -59,8 +59,20 @@ def test_the_int8_unet_is_quantised_and_listed_first(int8_bundle) -> None:
     produced = int8.produced_by
     assert produced["calibration"]["unet_calls"] == 8 * 4  # 8 prompts x 4 steps at guidance 8.5
     assert "/unet/conv_in/Conv" in produced["float_nodes"] and "/unet/conv_out/Conv" in produced["float_nodes"]
-    # Other components stay float.
-    assert {v.precision for v in manifest.components["text_encoder"].variants} == {"fp32"}
+    # The full VAE decoder is quantised too, calibrated on each trajectory's final latents; the rest stays float.
+    decoder = manifest.components["vae_decoder"]
+    assert [(v.name, v.precision) for v in decoder.variants] == [("int8-qdq", "int8"), ("fp32", "fp32")]
+    counts = int8_ops(int8_bundle / decoder.variants[0].path)
+    assert counts.get("QuantizeLinear", 0) > 5 and counts["int8 weights"] > 5, counts
+    assert decoder.variants[0].produced_by["calibration"]["samples"] == 8  # one per prompt
+    # the float rule: the first convolution (post_quant_conv, on the latents) and the last (conv_out), and the
+    # mid-block attention's activation products
+    kept = decoder.variants[0].produced_by["float_nodes"]
+    assert kept[:2] == ["/post_quant_conv/Conv", "/decoder/conv_out/Conv"], kept
+    assert any(name.startswith("/decoder/mid_block/attentions.0/MatMul") for name in kept), kept
+    assert min(decoder.variants[0].produced_by["decoded_psnr_db"]) >= PSNR_FLOOR_DB
+    for name in ("text_encoder", "vae_encoder"):
+        assert {v.precision for v in manifest.components[name].variants} == {"fp32"}
 
 
 def test_quality_report_in_the_manifest(int8_bundle) -> None:
@@ -86,7 +98,8 @@ def test_quality_report_in_the_manifest(int8_bundle) -> None:
 def test_int8_runs_on_cpu_backends_near_the_float_image(int8_bundle, backend) -> None:
     float_image = Pipeline.load(int8_bundle, backend=backend, precision="fp32")("a red car", **CALL).images
     pipe = Pipeline.load(int8_bundle, backend=backend, precision="int8")
-    assert pipe.variants["unet"].name == "int8-qdq" and pipe.variants["text_encoder"].name == "fp32"
+    assert pipe.variants["unet"].name == "int8-qdq" and pipe.variants["vae_decoder"].name == "int8-qdq"
+    assert pipe.variants["text_encoder"].name == "fp32"
     image = pipe("a red car", **CALL).images
     score = psnr(float_image, image)
     print(f"{backend}: INT8 vs float {score:.1f} dB")
@@ -115,8 +128,10 @@ def test_int8_weights_stay_int8_in_the_loaded_graph(int8_bundle, tmp_path) -> No
 
     Pipeline.load(int8_bundle, backend="onnxruntime", precision="int8", cache_dir=str(tmp_path / "ort"))
     optimised = [onnx.load(str(p), load_external_data=False) for p in sorted((tmp_path / "ort").rglob("model.onnx"))]
-    unet = [m for m in optimised if any(n.op_type.startswith("QLinear") for n in m.graph.node)]
-    assert len(unet) == 1, [sorted({n.op_type for n in m.graph.node}) for m in optimised]
+    quantised = [m for m in optimised if any(n.op_type.startswith("QLinear") for n in m.graph.node)]
+    assert len(quantised) == 2, [sorted({n.op_type for n in m.graph.node}) for m in optimised]  # U-Net, decoder
+    unet = [m for m in quantised if any(value.name == "encoder_hidden_states" for value in m.graph.input)]
+    assert len(unet) == 1
     loaded = _elements(unet[0].graph.initializer)
     assert loaded[int8] == qdq[int8]  # every int8 weight is still int8
     assert loaded[float32] < qdq[float32] + 0.01 * qdq[int8]  # and not also kept as a float copy
@@ -170,16 +185,30 @@ def test_trajectories_are_recorded_once_and_hold_the_cfg_batch(tiny_cfg_bundle, 
     """A CFG bundle at guidance > 1 records both halves of its batch; a second recording reads the cache."""
     pipe = Pipeline.load(tiny_cfg_bundle, backend="onnxruntime", precision="fp32")
     settings = TrajectorySettings(("a cat", "a dog"), steps=2, guidance_scale=1.5, height=32, width=32)
-    paths = record_trajectories(pipe, settings, folder=tmp_path / "samples")
-    assert len(paths) == 2 * 2
-    first = load_sample(paths[0])
+    recorded = record_trajectories(pipe, settings, folder=tmp_path / "samples")
+    assert len(recorded.unet) == 2 * 2 and len(recorded.vae_decoder) == 2  # per call; per prompt
+    first = load_sample(recorded.unet[0])
     assert first["sample"].shape[0] == 2 and first["encoder_hidden_states"].shape[0] == 2  # [uncond, cond]
     assert not np.allclose(first["encoder_hidden_states"][0], first["encoder_hidden_states"][1])
+    # The decoder's sample is the last step's denoised latents, unscaled as the decoder reads them.
+    final: list[np.ndarray] = []
+    pipe(
+        "a dog",
+        num_inference_steps=2,
+        guidance_scale=1.5,
+        height=32,
+        width=32,
+        seed=settings.seed + 1,
+        observer=lambda event: final.append(event.denoised.copy()),
+    )
+    decoder = load_sample(recorded.vae_decoder[1])["latent_sample"]
+    scale = pipe.manifest.pipeline.vae_scaling_factor
+    assert decoder.shape == final[-1].shape and np.allclose(decoder * scale, final[-1], atol=1e-6)
     calls: list[int] = []
     original = Pipeline.__call__
     monkeypatch.setattr(Pipeline, "__call__", lambda *a, **k: calls.append(1) or original(*a, **k))
     again = record_trajectories(pipe, settings, folder=tmp_path / "samples")
-    assert again == paths and not calls
+    assert again == recorded and not calls
 
 
 def test_the_float_rule_finds_the_layers_it_names(int8_bundle) -> None:
@@ -201,8 +230,10 @@ def test_int8_on_an_unseen_shape_and_a_lora_bundle(tmp_path) -> None:
 
     model = build_tiny_pipeline(tmp_path / "unseen", UNSEEN_SHAPES["three-blocks-vae4"])  # test_parity's
     bundle = export(model, tmp_path / "unseen-int8", precision="int8", calibration_size=4)
-    assert [v.name for v in load_manifest(bundle).components["unet"].variants] == ["int8-qdq"]  # no --keep-fp32
-    assert not (bundle / "unet" / "model.onnx").exists()
+    manifest = load_manifest(bundle)
+    for name in ("unet", "vae_decoder"):
+        assert [v.name for v in manifest.components[name].variants] == ["int8-qdq"]  # no --keep-fp32
+        assert not (bundle / name / "model.onnx").exists()
     report = load_manifest(bundle).components["unet"].variants[0].details["quality"]
     assert min(s["psnr_db_min"] for d in report["sets"].values() for s in d.values()) >= PSNR_FLOOR_DB
 
@@ -215,6 +246,20 @@ def test_int8_on_an_unseen_shape_and_a_lora_bundle(tmp_path) -> None:
     assert set(int8.details["quality"]["sets"]["held_out"]) == {"1", "1.5"}
     for scores in int8.details["quality"]["sets"]["held_out"].values():
         assert scores["psnr_db_min"] >= PSNR_FLOOR_DB, scores
+    decoder = load_manifest(cfg).components["vae_decoder"].variants[0]
+    assert decoder.precision == "int8" and decoder.produced_by["calibration"]["samples"] == 2 * 4  # per guidance
+
+
+def test_a_tiny_vae_decoder_stays_float(tiny_lcm_dir, tmp_path) -> None:
+    """TAESD's decoder is a few percent of a run: INT8 would not pay there (lcm_export.calibration.int8)."""
+    from lcm_export.exporter.tiny import build_tiny_autoencoder_tiny
+
+    taesd = build_tiny_autoencoder_tiny(tmp_path / "taesd", latent_channels=4, scale_factor_depth=1)
+    bundle = export(tiny_lcm_dir, tmp_path / "fast-int8", precision="int8", tiny_vae=str(taesd), calibration_size=2)
+    manifest = load_manifest(bundle)
+    assert manifest.pipeline.vae == "autoencoder_tiny"
+    assert [v.precision for v in manifest.components["unet"].variants] == ["int8"]
+    assert [v.precision for v in manifest.components["vae_decoder"].variants] == ["fp32"]
 
 
 @pytest.mark.tensorrt
@@ -227,3 +272,6 @@ def test_tensorrt_rtx_builds_an_int8_engine_from_the_qdq_unet(tiny_lcm_dir, tmp_
     unet = manifest.components["unet"].artifacts["tensorrt"]
     assert unet.precision == "int8" and unet.produced_by["from"] == "unet/model-int8.onnx"
     assert (bundle / unet.path).stat().st_size > 50_000
+    # The decoder is not quantised for TensorRT (not measured on a GPU): its engine is built from the float ONNX.
+    decoder = manifest.components["vae_decoder"].artifacts["tensorrt"]
+    assert decoder.precision != "int8" and decoder.produced_by["from"] == "vae_decoder/model.onnx"

@@ -1,10 +1,12 @@
-"""Calibration data from real LCM trajectories: the U-Net's inputs at exactly the steps a bundle runs.
+"""Calibration data from real LCM trajectories: the U-Net's inputs at exactly the steps a bundle runs, and the VAE
+decoder's input at the end of each.
 
 The float bundle runs its own loop (the runtime's ``Pipeline`` with a step observer) on each calibration prompt,
 at the bundle's timesteps, guidance and size; every U-Net call's feeds are recorded as they were run, so a CFG
-bundle contributes both halves of its batch. Samples are written to a cache folder keyed by the U-Net variant's
-hashes and the settings, one ``.npz`` per call, and read back one at a time: a second export with the same model
-and settings reuses them, and the quantiser's data reader never holds more than one sample in memory.
+bundle contributes both halves of its batch, and the last step's denoised latents are recorded as the decoder's
+feeds. Samples are written to a cache folder keyed by the U-Net variant's hashes and the settings, one ``.npz``
+per call, and read back one at a time: a second export with the same model and settings reuses them, and the
+quantiser's data reader never holds more than one sample in memory.
 """
 
 from __future__ import annotations
@@ -45,13 +47,21 @@ def unet_identity(pipe: Pipeline) -> str:
     return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Trajectories:
+    """The recorded samples, in order: one per U-Net call, and one VAE decoder input per prompt."""
+
+    unet: list[Path]
+    vae_decoder: list[Path]
+
+
 def record_trajectories(
     pipe: Pipeline,
     settings: TrajectorySettings,
     folder: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> list[Path]:
-    """Run the loop on every prompt and save each U-Net call's feeds; returns the sample files, in order.
+) -> Trajectories:
+    """Run the loop on every prompt and save each U-Net call's feeds and the decoder's feeds at the end.
 
     ``folder`` defaults to the user cache (``calibration/<key>``); complete sets found there are reused as they are.
     """
@@ -59,16 +69,23 @@ def record_trajectories(
     done = folder / "complete.json"
     if done.is_file():
         names = json.loads(done.read_text())
-        if all((folder / name).is_file() for name in names):
-            return [folder / name for name in names]
+        if isinstance(names, dict) and all((folder / name).is_file() for group in names.values() for name in group):
+            return Trajectories(
+                **{group: [folder / name for name in names[group]] for group in ("unet", "vae_decoder")}
+            )
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    names: list[str] = []
+    names: dict[str, list[str]] = {"unet": [], "vae_decoder": []}
+
+    def save(group: str, feeds: dict[str, np.ndarray]) -> None:
+        name = f"{'sample' if group == 'unet' else 'decoder'}-{len(names[group]):05d}.npz"
+        np.savez(folder / name, **{key: np.asarray(value) for key, value in feeds.items()})
+        names[group].append(name)
 
     def record(event: StepEvent) -> None:
-        name = f"sample-{len(names):05d}.npz"
-        np.savez(folder / name, **{key: np.asarray(value) for key, value in event.feeds.items()})
-        names.append(name)
+        save("unet", event.feeds)
+        if event.index == settings.steps - 1:  # the last step's denoised latents are what the decoder reads
+            save("vae_decoder", pipe.decoder_feeds(event.denoised))
 
     for index, prompt in enumerate(settings.prompts):
         pipe(
@@ -83,10 +100,11 @@ def record_trajectories(
         if progress is not None:
             progress(index + 1, len(settings.prompts))
     done.write_text(json.dumps(names))
-    return [folder / name for name in names]
+    return Trajectories(**{group: [folder / name for name in names[group]] for group in names})
 
 
 def load_sample(path: Path) -> dict[str, np.ndarray]:
-    """One recorded U-Net call's feeds (the scalar timestep as its 0-d array)."""
+    """One recorded sample's feeds (a U-Net call's, the scalar timestep of older bundles as its 0-d array; or the
+    decoder's)."""
     with np.load(path) as data:
         return {key: data[key] for key in data.files}

@@ -96,7 +96,11 @@ class ExportConfig:
                 f"--calibration-resolution {size}: pass a multiple of {spatial_multiple} (this model's VAE and U-Net)"
             )
         recipe = RECIPES.get(self.target, RECIPES["onnx"])
-        return Int8Settings(prompts=tuple(prompts[:count]), height=size, width=size, recipe=recipe)
+        # The full VAE decoder where INT8 was measured to pay: the CPU backends that read the ONNX bundle.
+        decoder = self.target == "onnx"
+        return Int8Settings(
+            prompts=tuple(prompts[:count]), height=size, width=size, recipe=recipe, quantize_decoder=decoder
+        )
 
 
 def resolved_precision(config: ExportConfig) -> str:
@@ -479,7 +483,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         if not get_target(config.target).needs_modules:
             loaded.pipeline = None  # the torch side is done with: calibration runs the bundle
             gc.collect()
-        components = _add_int8_unet(config, staging, components, pipeline_info, write_manifest)
+        components = _add_int8_variants(config, staging, components, pipeline_info, write_manifest)
     components = _build_target(config, staging, components, pipeline_info, loaded, sequence)
     return write_manifest(components)
 
@@ -510,18 +514,19 @@ def _conditioning(loaded: LoadedPipeline, pipeline_info: PipelineInfo) -> Condit
     return Conditioning(encoders, inputs, "zeros" if zeros else "encode")
 
 
-def _add_int8_unet(
+def _add_int8_variants(
     config: ExportConfig,
     staging: Path,
     components: dict[str, Component],
     pipeline_info: PipelineInfo,
     write_manifest: Any,
 ) -> dict[str, Component]:
-    """Calibrate on the float bundle's own trajectories, add the INT8 U-Net as the preferred variant, measure its
-    images against the float ones; the float U-Net stays as a second variant with ``keep_fp32``."""
+    """Calibrate on the float bundle's own trajectories, add the INT8 U-Net (and full VAE decoder, see
+    ``lcm_export.calibration.int8``) as the preferred variants, measure the images against the float ones; the
+    float variants stay as second ones with ``keep_fp32``. The quality report is the U-Net's variant's."""
     from tqdm.auto import tqdm
 
-    from lcm_export.calibration.int8 import quality_report, quantize_unet
+    from lcm_export.calibration.int8 import quality_report, quantize_components
 
     write_manifest(components, "onnx")  # the float ONNX bundle, complete: what the calibration runs
     settings = config.int8_settings(pipeline_info.spatial_multiple)
@@ -534,20 +539,30 @@ def _add_int8_unet(
         if done >= total:
             bar.close()  # its elapsed time stops here
 
-    int8 = quantize_unet(staging, settings, progress)
-    unet = components["unet"]
-    with_int8 = {**components, "unet": dataclasses.replace(unet, variants=(int8, *unet.variants))}
+    int8 = quantize_components(staging, settings, progress)
+    with_int8 = {
+        **components,
+        **{
+            name: dataclasses.replace(components[name], variants=(v, *components[name].variants))
+            for name, v in int8.items()
+        },
+    }
     write_manifest(with_int8, "onnx")
     report = quality_report(staging, settings, progress)
     for bar in bars.values():
         bar.close()
-    int8 = dataclasses.replace(int8, details={**int8.details, "quality": report})
-    variants = (int8, *unet.variants) if config.keep_fp32 else (int8,)
-    if not config.keep_fp32:
-        for variant in unet.variants:
-            for file in variant.files:
-                (staging / file).unlink(missing_ok=True)
-    return {**components, "unet": dataclasses.replace(unet, variants=variants)}
+    int8["unet"] = dataclasses.replace(int8["unet"], details={**int8["unet"].details, "quality": report})
+    result = dict(components)
+    for name, variant in int8.items():
+        component = components[name]
+        result[name] = dataclasses.replace(
+            component, variants=(variant, *component.variants) if config.keep_fp32 else (variant,)
+        )
+        if not config.keep_fp32:
+            for float_variant in component.variants:
+                for file in float_variant.files:
+                    (staging / file).unlink(missing_ok=True)
+    return result
 
 
 def _build_target(

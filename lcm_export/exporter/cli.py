@@ -201,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         int8 = next((v for v in manifest.components["unet"].variants if v.precision == "int8"), None)
         if int8 is not None and "quality" in int8.details:
             quality = int8.details["quality"]
-            print(f"  INT8 U-Net vs float, final images at {quality['size'][1]}x{quality['size'][0]}:")
+            quantised = " and ".join(
+                label
+                for name, label in (("unet", "U-Net"), ("vae_decoder", "VAE decoder"))
+                if name in manifest.components
+                and any(v.precision == "int8" for v in manifest.components[name].variants)
+            )
+            print(f"  INT8 {quantised} vs float, final images at {quality['size'][1]}x{quality['size'][0]}:")
             for label, per_guidance in quality["sets"].items():
                 for guidance, scores in per_guidance.items():
                     print(

@@ -634,15 +634,19 @@ class Pipeline:
             prediction = unconditional + np.float32(request.guidance_scale) * (conditional - unconditional)
         return prediction, outputs
 
-    def _decode(self, denoised: np.ndarray, timings: dict[str, Any]) -> np.ndarray:
-        """Denoised latents (B, C, h, w) -> images (B, H, W, 3) float32 in [0, 1]; ``timings`` gets ``vae_decode``
-        and ``postprocess`` seconds."""
+    def decoder_feeds(self, denoised: np.ndarray) -> dict[str, np.ndarray]:
+        """The VAE decoder's feeds for denoised latents (B, C, h, w): unscaled (and unshifted) as the VAE expects."""
         info = self.manifest.pipeline
-        mark = time.perf_counter()
         scaled = denoised / np.float32(info.vae_scaling_factor)
         if info.vae_shift_factor is not None:
             scaled = scaled + np.float32(info.vae_shift_factor)
-        decoded = self._run("vae_decoder", {"latent_sample": scaled})["sample"]  # (B, 3, H, W) in [-1, 1]
+        return {"latent_sample": scaled}
+
+    def _decode(self, denoised: np.ndarray, timings: dict[str, Any]) -> np.ndarray:
+        """Denoised latents (B, C, h, w) -> images (B, H, W, 3) float32 in [0, 1]; ``timings`` gets ``vae_decode``
+        and ``postprocess`` seconds."""
+        mark = time.perf_counter()
+        decoded = self._run("vae_decoder", self.decoder_feeds(denoised))["sample"]  # (B, 3, H, W) in [-1, 1]
         _check_finite(decoded, "the VAE decoder")
         timings["vae_decode"] = time.perf_counter() - mark
         mark = time.perf_counter()
