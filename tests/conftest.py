@@ -134,6 +134,16 @@ def tiny_lcm_pipeline(tiny_lcm_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    """A tiny AutoencoderTiny (TAESD's architecture, 4 latent channels) for every tiny pipeline here: their
+    AutoencoderKLs (SD and SDXL kinds) have two blocks, scale factor 2 = one up-sampling stage. On SDXL it has
+    TAESDXL's shape (TAESD and TAESDXL differ in weights only)."""
+    from lcm_export.exporter.tiny import build_tiny_autoencoder_tiny
+
+    return build_tiny_autoencoder_tiny(tmp_path_factory.mktemp("taesd"), latent_channels=4, scale_factor_depth=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_cfg_bundle(tmp_path_factory) -> Path:
     """A classifier-free-guidance bundle: a tiny base SD with one random LoRA fused (LCM-LoRA's shape)."""
     from lcm_export.exporter.bundle import LoraSource

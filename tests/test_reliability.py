@@ -1,7 +1,8 @@
 """docs/reliability.md is the table of every bad input and fault the commands handle; this test runs each row.
 
 A row gives the command (placeholders: ``{bundle}`` a copy of the tiny LCM bundle, ``{cfg_bundle}`` a copy of a
-tiny LCM-LoRA (CFG) bundle, ``{model}`` the tiny LCM pipeline folder, ``{tmp}`` the row's own folder holding
+tiny LCM-LoRA (CFG) bundle, ``{model}`` the tiny LCM pipeline folder, ``{vae_8_channels}`` and ``{vae_scale_4}``
+AutoencoderKL folders that do not fit it (8 latent channels; scale factor 4), ``{tmp}`` the row's own folder holding
 ``notes.txt``, a file ``a-file`` and an empty folder ``folder.png``, and ``clip.mp4``, a text file named like a
 video, where the row names it), the exit code, the exact message (``…``
 stands for text that depends on the machine, e.g. free memory) and what is on disk afterwards: ``nothing`` (no
@@ -26,6 +27,8 @@ import pytest
 DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 COMMANDS = {"lcm-run": "lcm_export.runtime.cli", "lcm-export": "lcm_export.exporter.cli"}
 DISK_STATES = ("nothing", "unchanged", "image")
+# AutoencoderKL folders (for --vae) that do not fit {model}, whose VAE has 4 latent channels and scale factor 2.
+MISFIT_VAES = {"vae_8_channels": {"latent_channels": 8}, "vae_scale_4": {"block_out_channels": (16, 16, 32)}}
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,11 @@ def test_row(row: Row, tiny_lcm_bundle, tiny_cfg_bundle, tiny_lcm_dir, tmp_path)
         values["bundle"] = str(shutil.copytree(tiny_lcm_bundle, tmp_path / "bundle"))
     if "{cfg_bundle}" in row.command:
         values["cfg_bundle"] = str(shutil.copytree(tiny_cfg_bundle, tmp_path / "cfg-bundle"))
+    for name, shape in MISFIT_VAES.items():
+        if f"{{{name}}}" in row.command:
+            from lcm_export.exporter.tiny import build_tiny_autoencoder_kl
+
+            values[name] = str(build_tiny_autoencoder_kl(tmp_path / name, **shape))
     (work / "notes.txt").write_text("my notes")  # a user's file, for the rows about --overwrite
     (work / "a-file").write_text("not a folder")
     if "{tmp}/clip.mp4" in row.command:  # only there: the rows that list the folder's files stay as they are

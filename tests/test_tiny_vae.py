@@ -42,12 +42,6 @@ BACKEND_PARAMS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory) -> Path:
-    # The tiny LCM's AutoencoderKL has two blocks: scale factor 2 = one up-sampling stage.
-    return build_tiny_autoencoder_tiny(tmp_path_factory.mktemp("taesd"), latent_channels=4, scale_factor_depth=1)
-
-
-@pytest.fixture(scope="module")
 def tiny_vae_bundle(tiny_lcm_dir, tiny_vae_dir, tmp_path_factory) -> Path:
     return export(tiny_lcm_dir, tmp_path_factory.mktemp("bundles") / "tiny-vae", tiny_vae=str(tiny_vae_dir))
 

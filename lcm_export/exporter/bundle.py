@@ -22,7 +22,13 @@ from lcm_export.calibration.prompts import CALIBRATION_PROMPTS
 from lcm_export.errors import ExportError
 from lcm_export.exporter.components import build_components, penultimate_hidden_state_name, pipeline_module_of
 from lcm_export.exporter.ecosystem import TOKENIZER_LIBRARY_CLASS, write_tokenizer
-from lcm_export.exporter.loading import LoadedPipeline, attach_tiny_vae, load_pipeline, resolve_tiny_vae_path
+from lcm_export.exporter.loading import (
+    LoadedPipeline,
+    attach_tiny_vae,
+    attach_vae,
+    check_vae_options,
+    load_pipeline,
+)
 from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, pytorch_reference, validate_onnx
 from lcm_export.exporter.schedule import guidance_frequencies, img2img_mode, lcm_scheduler_from, scheduler_info
 from lcm_export.runtime.manifest import (
@@ -71,7 +77,8 @@ class ExportConfig:
     height: tuple[int, int, int] | None = None
     width: tuple[int, int, int] | None = None
     dynamic: bool = False  # no explicit ranges: batch 1-4 and 0.5x-1.5x the default size
-    tiny_vae: str | None = None
+    tiny_vae: str | None = None  # an AutoencoderTiny (TAESD) whose decoder and encoder replace the VAE's
+    vae: str | None = None  # an AutoencoderKL (e.g. an fp16-fixed one) replacing the pipeline's VAE
     attention_slicing: bool = False  # the U-Net's attention one head at a time (exporter/attention.py)
     overwrite: bool = False
     quiet: bool = False
@@ -178,8 +185,7 @@ def check_config(config: ExportConfig) -> None:
     unknown = [name for name in config.components if name not in DEFAULT_COMPONENTS]
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(unknown)}: pick from {', '.join(DEFAULT_COMPONENTS)}")
-    if config.tiny_vae is not None:
-        resolve_tiny_vae_path(config.tiny_vae)  # a wrong --tiny-vae fails before the pipeline is loaded
+    check_vae_options(config.vae, config.tiny_vae)  # a wrong --vae or --tiny-vae fails before the pipeline loads
     target.preflight(config.target_options)  # installed, options valid: before the model is loaded
 
 
@@ -271,9 +277,9 @@ def _tokenizer_info(loaded: LoadedPipeline, staging: Path, name: str) -> Tokeniz
     )
 
 
-def _onnx_producer(config: ExportConfig, precision: str, component: str) -> dict[str, Any]:
-    """What made an ONNX variant: the exporter, opset, the library versions that decide its bytes, and options
-    that change the graph but not what it computes."""
+def _onnx_producer(config: ExportConfig, precision: str, component: str, kept_fp32: bool) -> dict[str, Any]:
+    """What made an ONNX variant: the exporter, opset, the library versions that decide its bytes, options that
+    change the graph but not what it computes, and why a component of an fp16 export stayed fp32."""
     import importlib.metadata
 
     producer: dict[str, Any] = {
@@ -284,6 +290,8 @@ def _onnx_producer(config: ExportConfig, precision: str, component: str) -> dict
     }
     if precision == "fp16":
         producer["fp16_conversion"] = f"onnxruntime float16 converter {importlib.metadata.version('onnxruntime')}"
+    if kept_fp32:
+        producer["kept_fp32"] = "its VAE config sets force_upcast (diffusers runs it in fp32: it overflows in fp16)"
     if config.attention_slicing and component == "unet":
         from lcm_export.exporter.attention import ATTENTION_SLICING
 
@@ -302,8 +310,10 @@ def _provenance(config: ExportConfig) -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
+    vae_source = {"source_vae": config.vae or config.tiny_vae} if config.vae or config.tiny_vae else {}
     return {
         "source_model": config.model,
+        **vae_source,  # --vae or --tiny-vae as passed (pipeline.vae says which kind)
         "exporter": f"lcm-export {lcm_export.__version__}",
         "opset": config.opset,
         "versions": versions,
@@ -357,6 +367,8 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
 
         check_lora_sources(config.loras)
     loaded = load_pipeline(config.model, has_loras=bool(config.loras), workdir=scratch)
+    if config.vae is not None:  # checked against the U-Net before any weight is read
+        loaded = attach_vae(loaded, config.vae)
     if config.loras:
         from lcm_export.exporter.lora import fuse_loras
 
@@ -409,6 +421,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         )
         bar.set_postfix_str(f"{name}: check")
         report = validate_onnx(component, onnx_path, spec, check_values, reference)
+        component_kept_fp32 = component.keep_fp32 and onnx_precision == "fp16"
         del component, reference
         if report.failures:
             details = "; ".join(
@@ -425,7 +438,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             precision=precision,
             io_dtype=io_dtype,
             files=tuple(path.relative_to(staging).as_posix() for path in files),
-            produced_by=_onnx_producer(config, precision, name),
+            produced_by=_onnx_producer(config, precision, name, kept_fp32=component_kept_fp32),
         )
         components[name] = Component(
             spec=spec.with_dtypes("float32"),  # the model's logical I/O; the variant carries its own dtype

@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         default=None,
-        help="fp32, fp16 (the VAE stays fp32) or int8 (U-Net calibrated on LCM trajectories; onnx and tensorrt); "
-        "default fp32 for onnx, fp16 for tensorrt/coreml",
+        help="fp32, fp16 (a VAE whose config sets force_upcast stays fp32, as in diffusers) or int8 (U-Net "
+        "calibrated on LCM trajectories; onnx and tensorrt); default fp32 for onnx, fp16 for tensorrt/coreml",
     )
     parser.add_argument(
         "--lora",
@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="AutoencoderTiny (TAESD) folder whose decoder replaces the VAE decoder",
+    )
+    parser.add_argument(
+        "--vae",
+        default=None,
+        metavar="PATH",
+        help="AutoencoderKL folder (or hub id) replacing the pipeline's VAE, e.g. madebyollin/sdxl-vae-fp16-fix",
     )
     parser.add_argument(
         "--attention-slicing",
@@ -148,6 +154,7 @@ def config_from_args(args: argparse.Namespace):
         width=_size_triple("width", args.width) if args.width else None,
         dynamic=args.dynamic,
         tiny_vae=args.tiny_vae,
+        vae=args.vae,
         overwrite=args.overwrite,
         calibration_prompts=read_prompts(args.calibration_prompts) if args.calibration_prompts else None,
         calibration_size=args.calibration_size,

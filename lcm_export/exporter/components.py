@@ -38,7 +38,7 @@ class ExportableComponent:
     spec: ComponentSpec
     module: Any  # torch.nn.Module with forward(*inputs in spec order) -> tuple of outputs in spec order
     atol: float = 1e-4  # max abs error of the ONNX export against PyTorch, relative to the output's scale
-    keep_fp32: bool = False  # activations overflow in fp16 (the VAE): an fp16 export keeps this one fp32
+    keep_fp32: bool = False  # activations overflow in fp16 (a VAE with force_upcast): an fp16 export keeps it fp32
     finite_mask_fills: bool = False
 
 
@@ -162,11 +162,22 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
     return ExportableComponent(spec, UNet().eval(), atol=1e-4)
 
 
-def _decoder(vae: Any, *, keep_fp32: bool) -> ExportableComponent:
+def vae_overflows_in_fp16(vae: Any) -> bool:
+    """diffusers' rule for running a VAE in fp16: its config's ``force_upcast``.
+
+    diffusers' pipelines decode (and encode) in fp32 when the VAE's config sets ``force_upcast``: SD and SDXL
+    AutoencoderKLs do (it is AutoencoderKL's default, also where a config has no such key), since SDXL's
+    overflows in fp16 (NaN, black images). fp16-fixed VAEs (madebyollin/sdxl-vae-fp16-fix) and TAESD
+    (AutoencoderTiny's default) set it false and run in fp16. An fp16 export follows the same rule.
+    """
+    return bool(getattr(vae.config, "force_upcast", True))
+
+
+def _decoder(vae: Any) -> ExportableComponent:
     """A VAE's decoder under optimum's names, ``latent_sample`` -> ``sample`` (B, 3, H, W) in [-1, 1].
 
     Serves AutoencoderKL and AutoencoderTiny alike: both ``decode`` to [-1, 1], so the runtime post-processes
-    them the same way.
+    them the same way. Kept fp32 in an fp16 export where the VAE's config says so (:func:`vae_overflows_in_fp16`).
     """
     import torch
 
@@ -184,12 +195,12 @@ def _decoder(vae: Any, *, keep_fp32: bool) -> ExportableComponent:
         inputs=(TensorSpec("latent_sample", "float32", ("batch", latent, "latent_height", "latent_width")),),
         outputs=(TensorSpec("sample", "float32", ("batch", vae.config.out_channels, "image_height", "image_width")),),
     )
-    return ExportableComponent(spec, VaeDecoder().eval(), atol=3e-4, keep_fp32=keep_fp32)
+    return ExportableComponent(spec, VaeDecoder().eval(), atol=3e-4, keep_fp32=vae_overflows_in_fp16(vae))
 
 
 def _vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
-    """The pipeline's AutoencoderKL decoder; kept fp32 (SD VAEs overflow in fp16)."""
-    return _decoder(loaded.module("vae"), keep_fp32=True)
+    """The AutoencoderKL decoder: the pipeline's, or the ``--vae`` one's (``module("vae")`` loads either)."""
+    return _decoder(loaded.module("vae"))
 
 
 def _vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
@@ -212,16 +223,16 @@ def _vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
         inputs=(TensorSpec("sample", "float32", ("batch", vae.config.in_channels, "image_height", "image_width")),),
         outputs=(TensorSpec("latent_parameters", "float32", ("batch", 2 * latent, "latent_height", "latent_width")),),
     )
-    return ExportableComponent(spec, VaeEncoder().eval(), atol=3e-4, keep_fp32=True)
+    return ExportableComponent(spec, VaeEncoder().eval(), atol=3e-4, keep_fp32=vae_overflows_in_fp16(vae))
 
 
 def _tiny_vae_decoder(loaded: LoadedPipeline) -> ExportableComponent:
     """The AutoencoderTiny (TAESD) decoder under the VAE decoder's names.
 
     ``AutoencoderTiny.decode`` soft-clamps the latents (``tanh(x / 3) * 3``) and returns the image in [-1, 1]
-    like AutoencoderKL's. TAESD is fp16-safe: no ``keep_fp32``.
+    like AutoencoderKL's. TAESD is fp16-safe (its config's ``force_upcast`` is false).
     """
-    return _decoder(loaded.tiny_vae, keep_fp32=False)
+    return _decoder(loaded.tiny_vae)
 
 
 def _tiny_vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
@@ -249,7 +260,7 @@ def _tiny_vae_encoder(loaded: LoadedPipeline) -> ExportableComponent:
         inputs=(TensorSpec("sample", "float32", ("batch", tiny.config.in_channels, "image_height", "image_width")),),
         outputs=(TensorSpec("latents", "float32", ("batch", latent, "latent_height", "latent_width")),),
     )
-    return ExportableComponent(spec, TinyVaeEncoder().eval(), atol=3e-4)
+    return ExportableComponent(spec, TinyVaeEncoder().eval(), atol=3e-4, keep_fp32=vae_overflows_in_fp16(tiny))
 
 
 COMPONENT_BUILDERS = {

@@ -8,6 +8,9 @@ The pipeline is loaded with its torch modules as weightless skeletons (on PyTorc
 tokenizers and scheduler are real); :meth:`LoadedPipeline.module` loads one module's weights when a component
 needs them and :meth:`LoadedPipeline.release` frees them again, so an export holds one component's weights at a
 time (an SDXL U-Net alone is 10.3 GB in fp32, the whole pipeline 14 GB).
+
+``--vae PATH`` swaps the VAE's skeleton for one built from another AutoencoderKL folder (:func:`attach_vae`):
+the same lazy load then reads that folder's weights, and the pipeline's own VAE weights are never read.
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ BUILTIN_MODELS = {
 }
 
 
+@dataclass(frozen=True)
+class ReplacedModule:
+    """A pipeline module whose weights come from another folder than the pipeline's (``--vae``)."""
+
+    option: str  # how the user named it, for messages: "--vae 'PATH'"
+    folder: Path  # the module's own folder (config.json and weights)
+    entry: tuple[str, str]  # (library, class name), as a model_index.json entry
+
+
 @dataclass
 class LoadedPipeline:
     """A loaded pipeline and the facts about it the export needs."""
@@ -48,6 +60,7 @@ class LoadedPipeline:
     vae_shift_factor: float | None
     spatial_multiple: int  # height/width must be a multiple of this (VAE x U-Net down-sampling)
     tiny_vae: Any = None  # diffusers AutoencoderTiny (--tiny-vae) replacing the VAE in the bundle, or None
+    replaced: dict[str, ReplacedModule] = field(default_factory=dict)  # modules loaded from elsewhere (--vae)
     released: set[str] = field(default_factory=set)  # modules whose weights release() freed
 
     @property
@@ -59,19 +72,25 @@ class LoadedPipeline:
         """The pipeline's torch module ``name`` with its weights, loaded now if it is still a skeleton.
 
         Loaded as diffusers loads it in the pipeline (``from_pretrained`` of its folder, fp32, eval mode, no
-        gradients) and put in the pipeline's place. A released module is not loaded again: what was in memory
-        (fused LoRAs, attention processors) would silently be lost, so asking for it is a bug.
+        gradients) and put in the pipeline's place; a module :attr:`replaced` (``--vae``) from its own folder. A
+        released module is not loaded again: what was in memory (fused LoRAs, attention processors) would silently
+        be lost, so asking for it is a bug.
         """
         if name in self.released:
             raise RuntimeError(f"the {name} was released after its export; it cannot be used again")
         module = getattr(self.pipeline, name)
         if not is_skeleton(module):
             return module
+        replacement = self.replaced.get(name)
+        if replacement is not None:
+            folder, entry, label = replacement.folder, replacement.entry, replacement.option
+        else:
+            folder, entry, label = self.path / name, self.pipeline.config[name], f"MODEL '{self.source}': its {name}"
         try:
-            module = load_module(self.path, name, self.pipeline.config[name])
+            module = load_module(folder, entry)
         except (OSError, ValueError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ExportError(f"MODEL '{self.source}': its {name} could not be loaded: {reason}") from None
+            raise ExportError(f"{label} could not be loaded: {reason}") from None
         setattr(self.pipeline, name, module)
         return module
 
@@ -230,7 +249,7 @@ def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None =
     encoders = [encoder for encoder, _ in FAMILY_TEXT_ENCODERS[family]]
     try:
         # The torch modules as skeletons: no weights are read until a component needs them (module()).
-        skeletons = {name: module_skeleton(path, name, index[name]) for name in ("unet", "vae", *encoders)}
+        skeletons = {name: module_skeleton(path / name, index[name]) for name in ("unet", "vae", *encoders)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype; older ones need it
             pipeline = DiffusionPipeline.from_pretrained(
@@ -272,13 +291,12 @@ def _module_class(entry: Any) -> Any:
     return getattr(importlib.import_module(entry[0]), entry[1])
 
 
-def module_skeleton(path: Path, name: str, entry: Any) -> Any:
-    """The module ``name`` of the pipeline at ``path`` built from its config on the ``meta`` device: every
+def module_skeleton(folder: Path, entry: Any) -> Any:
+    """The module saved in ``folder`` (of class ``entry``) built from its config on the ``meta`` device: every
     attribute and config of the real one, no weights (built in a second, whatever the model's size)."""
     import torch
 
     module_class = _module_class(entry)
-    folder = path / name
     with torch.device("meta"):
         if entry[0] == "diffusers":
             module = module_class.from_config(module_class.load_config(str(folder)))
@@ -287,8 +305,8 @@ def module_skeleton(path: Path, name: str, entry: Any) -> Any:
     return module.eval().requires_grad_(False)
 
 
-def load_module(path: Path, name: str, entry: Any) -> Any:
-    """The module ``name`` of the pipeline at ``path`` with its weights, in fp32, eval mode, without gradients.
+def load_module(folder: Path, entry: Any) -> Any:
+    """The module saved in ``folder`` (of class ``entry``) with its weights, in fp32, eval mode, without gradients.
 
     Weights stored in another dtype (an fp16 checkpoint) are upcast one tensor at a time by the library's loader.
     """
@@ -298,39 +316,93 @@ def load_module(path: Path, name: str, entry: Any) -> Any:
     dtype = {"torch_dtype" if entry[0] == "diffusers" else "dtype": torch.float32}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        module = module_class.from_pretrained(str(path / name), **dtype)
+        module = module_class.from_pretrained(str(folder), **dtype)
     return module.eval().requires_grad_(False)
 
 
-TINY_VAE_CLASS = "AutoencoderTiny"
+@dataclass(frozen=True)
+class AutoencoderOption:
+    """An option that names a VAE folder to use instead of the pipeline's (``--vae``, ``--tiny-vae``): what it
+    takes and what its messages say."""
+
+    flag: str  # "--vae"
+    class_name: str  # the diffusers class its config.json must name
+    expected: str  # what to pass, after "does not exist: pass "
+    instead: str  # what to pass, after "is not a <class> folder (...): "
+    hub_patterns: tuple[str, ...]  # the files of a hub repo to download
 
 
-def resolve_tiny_vae_path(source: str) -> Path:
-    """The folder of the ``--tiny-vae`` AutoencoderTiny: ``source`` itself, its ``vae/`` subfolder, or a hub download.
+TINY_VAE_OPTION = AutoencoderOption(
+    flag="--tiny-vae",
+    class_name="AutoencoderTiny",
+    expected="an AutoencoderTiny (TAESD) folder written by save_pretrained, or a hub id such as madebyollin/taesd",
+    instead="pass a TAESD folder written by AutoencoderTiny.save_pretrained",
+    hub_patterns=("*.json", "*.safetensors"),
+)
+VAE_OPTION = AutoencoderOption(
+    flag="--vae",
+    class_name="AutoencoderKL",
+    expected="an AutoencoderKL folder written by save_pretrained (or a pipeline folder with vae/), or a hub id "
+    "such as madebyollin/sdxl-vae-fp16-fix",
+    instead="pass a folder written by AutoencoderKL.save_pretrained, or a pipeline folder with vae/ "
+    "(a TAESD goes to --tiny-vae)",
+    # The VAE's own files, at the top (a VAE repo) or in vae/ (a pipeline repo): never a whole pipeline's weights.
+    hub_patterns=("config.json", "diffusion_pytorch_model*", "vae/config.json", "vae/diffusion_pytorch_model*"),
+)
+
+
+def _config_class(config_path: Path) -> str | None:
+    """The ``_class_name`` a diffusers ``config.json`` names, or None (no file, not an object, no name)."""
+    if not config_path.is_file():
+        return None
+    config = _read_json(config_path)
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def resolve_autoencoder_path(option: AutoencoderOption, source: str) -> Path:
+    """The folder of the VAE that ``option`` names: ``source`` itself, its ``vae/`` subfolder, or a hub download.
 
     Only ``config.json`` is read here (no weights), so a wrong path fails before the pipeline is loaded.
     """
+    label = f"{option.flag} '{source}'"
     path = Path(source).expanduser()
     if not path.exists():
         looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
         if not looks_like_hub_id:
-            raise ExportError(
-                f"--tiny-vae '{source}' does not exist: pass an AutoencoderTiny (TAESD) folder written by "
-                "save_pretrained, or a hub id such as madebyollin/taesd"
-            )
-        path = snapshot_from_hub(f"--tiny-vae '{source}'", source, ["*.json", "*.safetensors"])
+            raise ExportError(f"{label} does not exist: pass {option.expected}")
+        path = snapshot_from_hub(label, source, list(option.hub_patterns))
     if not path.is_dir():
-        raise ExportError(f"--tiny-vae '{source}' is a file: pass the AutoencoderTiny folder (with config.json)")
+        raise ExportError(f"{label} is a file: pass the {option.class_name} folder (with config.json)")
     for candidate in (path, path / "vae"):
-        config_path = candidate / "config.json"
-        if config_path.is_file() and _read_json(config_path).get("_class_name") == TINY_VAE_CLASS:
+        if _config_class(candidate / "config.json") == option.class_name:
             return candidate
-    found = _read_json(path / "config.json").get("_class_name") if (path / "config.json").is_file() else None
+    found = _config_class(path / "config.json")
     what = f"its config.json describes {found!r}" if found else "it has no config.json"
-    raise ExportError(
-        f"--tiny-vae '{source}' is not an AutoencoderTiny folder ({what}): pass a TAESD folder written by "
-        "AutoencoderTiny.save_pretrained"
-    )
+    raise ExportError(f"{label} is not an {option.class_name} folder ({what}): {option.instead}")
+
+
+def resolve_tiny_vae_path(source: str) -> Path:
+    """The folder of the ``--tiny-vae`` AutoencoderTiny (see :func:`resolve_autoencoder_path`)."""
+    return resolve_autoencoder_path(TINY_VAE_OPTION, source)
+
+
+def resolve_vae_path(source: str) -> Path:
+    """The folder of the ``--vae`` AutoencoderKL (see :func:`resolve_autoencoder_path`)."""
+    return resolve_autoencoder_path(VAE_OPTION, source)
+
+
+def check_vae_options(vae: str | None, tiny_vae: str | None) -> None:
+    """``--vae`` and ``--tiny-vae`` both replace the pipeline's VAE decoder: one of them, before any model loads."""
+    if vae is not None and tiny_vae is not None:
+        raise ExportError(
+            f"--vae '{vae}' and --tiny-vae '{tiny_vae}' both replace the VAE decoder: pass one of them (--tiny-vae "
+            "for the fastest decoder, --vae for a full AutoencoderKL such as an fp16-fixed one)"
+        )
+    if tiny_vae is not None:
+        resolve_tiny_vae_path(tiny_vae)
+    if vae is not None:
+        resolve_vae_path(vae)
 
 
 def tiny_vae_scale_factors(config: dict[str, Any]) -> tuple[int, int]:
@@ -386,5 +458,48 @@ def attach_tiny_vae(loaded: LoadedPipeline, source: str, *, with_encoder: bool) 
         loaded,
         tiny_vae=tiny,
         vae_scaling_factor=float(tiny.config.scaling_factor),
+        vae_shift_factor=float(shift) if shift is not None else None,
+    )
+
+
+def attach_vae(loaded: LoadedPipeline, source: str) -> LoadedPipeline:
+    """``loaded`` with the AutoencoderKL at ``source`` (``--vae``) in place of the pipeline's VAE.
+
+    Only its config is read here: the pipeline's VAE skeleton is swapped for one built from ``source``, and
+    :meth:`LoadedPipeline.module` loads its weights from there when the VAE decoder (or encoder) is built, as it
+    would the pipeline's own. It must decode the U-Net's latents: same latent channels and the same scale factor
+    (2 ** (len(block_out_channels) - 1)) as the pipeline's VAE. The latent scaling (and shift) factors then come
+    from its config, as diffusers' pipelines use ``vae.config.scaling_factor`` when given ``vae=``.
+    """
+    import dataclasses
+
+    path = resolve_vae_path(source)
+    option = f"--vae '{source}'"
+    entry = ("diffusers", VAE_OPTION.class_name)
+    try:
+        skeleton = module_skeleton(path, entry)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ExportError(f"{option} could not be read by diffusers: {reason}") from None
+    config = skeleton.config
+    channels = int(config.latent_channels)
+    expected_channels = int(loaded.unet.config.in_channels)
+    if channels != expected_channels:
+        raise ExportError(
+            f"{option} has {channels} latent channels but the U-Net of '{loaded.source}' has {expected_channels}: "
+            "pass a VAE made for this model family"
+        )
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    if factor != loaded.vae_scale_factor:
+        raise ExportError(
+            f"{option} scales latents by {factor} but the VAE of '{loaded.source}' by {loaded.vae_scale_factor}: "
+            "pass a VAE made for this model family"
+        )
+    loaded.pipeline.vae = skeleton  # its config is the bundle VAE's; module("vae") loads its weights from path
+    shift = getattr(config, "shift_factor", None)
+    return dataclasses.replace(
+        loaded,
+        replaced={**loaded.replaced, "vae": ReplacedModule(option, path, entry)},
+        vae_scaling_factor=float(config.scaling_factor),
         vae_shift_factor=float(shift) if shift is not None else None,
     )

@@ -125,7 +125,6 @@ def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | Non
     """
     import torch
     from diffusers import (
-        AutoencoderKL,
         LatentConsistencyModelPipeline,
         LCMScheduler,
         StableDiffusionPipeline,
@@ -168,17 +167,12 @@ def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | Non
         time_cond_proj_dim=config.time_cond_proj_dim if distilled else None,
         **(sdxl_unet_options or {"cross_attention_dim": config.cross_attention_dim}),
     )
-    vae_depth = len(config.vae_block_out_channels)
-    vae = AutoencoderKL(
-        block_out_channels=config.vae_block_out_channels,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * vae_depth,
-        up_block_types=("UpDecoderBlock2D",) * vae_depth,
+    vae = _tiny_autoencoder_kl(
+        config.vae_block_out_channels,
         latent_channels=config.latent_channels,
         norm_num_groups=config.vae_norm_num_groups,
         scaling_factor=config.vae_scaling_factor,
-        sample_size=config.sample_size * 2 ** (vae_depth - 1),
+        latent_size=config.sample_size,
     )
     text_encoder = CLIPTextModel(
         _clip_text_config(config.text_hidden_size, config.text_layers, config.text_heads, config.text_hidden_size)
@@ -215,6 +209,64 @@ def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | Non
         leftover.unlink()
     tokenizer_dir.rmdir()
     return output_dir
+
+
+def _tiny_autoencoder_kl(
+    block_out_channels: tuple[int, ...],
+    *,
+    latent_channels: int,
+    norm_num_groups: int,
+    scaling_factor: float,
+    latent_size: int,
+    **options: Any,
+) -> Any:
+    """A random-weight diffusers ``AutoencoderKL`` with one block per entry of ``block_out_channels`` (scale factor
+    ``2 ** (len - 1)``), drawn from torch's current random state; ``options`` go to its config."""
+    from diffusers import AutoencoderKL
+
+    depth = len(block_out_channels)
+    return AutoencoderKL(
+        block_out_channels=block_out_channels,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * depth,
+        up_block_types=("UpDecoderBlock2D",) * depth,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        scaling_factor=scaling_factor,
+        sample_size=latent_size * 2 ** (depth - 1),
+        **options,
+    )
+
+
+def build_tiny_autoencoder_kl(
+    path: str | Path,
+    *,
+    block_out_channels: tuple[int, ...] = TinyPipelineConfig.vae_block_out_channels,
+    latent_channels: int = TinyPipelineConfig.latent_channels,
+    scaling_factor: float = TinyPipelineConfig.vae_scaling_factor,
+    force_upcast: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A random-weight ``AutoencoderKL`` shaped like the tiny pipelines' VAE (by default), ``save_pretrained``.
+
+    What ``--vae`` takes: e.g. the tiny pipelines' VAE shape with other weights and another ``scaling_factor``,
+    or ``force_upcast=False`` for an fp16-fixed VAE (madebyollin/sdxl-vae-fp16-fix's config says so).
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    vae = _tiny_autoencoder_kl(
+        block_out_channels,
+        latent_channels=latent_channels,
+        norm_num_groups=TinyPipelineConfig.vae_norm_num_groups,
+        scaling_factor=scaling_factor,
+        latent_size=TinyPipelineConfig.sample_size,
+        force_upcast=force_upcast,
+    )
+    path = Path(path)
+    vae.save_pretrained(str(path))
+    return path
 
 
 LORA_FORMATS = ("diffusers", "kohya")

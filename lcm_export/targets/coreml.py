@@ -2,10 +2,10 @@
 
 Each component's torch module (the one the ONNX file was exported from and checked against) is captured with
 ``torch.export`` and converted by coremltools: ``torch.jit.trace`` + ``ct.convert`` breaks on diffusers modules
-with torch 2.13. Compute precision follows the exported spec: fp16 components compute in fp16, the VAE (marked
-``keep_fp32`` because it overflows in fp16) in fp32; the I/O dtypes are the spec's, except that Core ML has no
-int64 (``input_ids`` are int32) and no rank-0 inputs (``timestep`` is ``(1,)``). Both are recorded in the
-artifact (``coreml_inputs`` / ``coreml_outputs``) and undone by the runtime backend.
+with torch 2.13. Compute precision follows the exported spec: fp16 components compute in fp16, a VAE marked
+``keep_fp32`` (its config sets ``force_upcast``: it overflows in fp16) in fp32; the I/O dtypes are the spec's,
+except that Core ML has no int64 (``input_ids`` are int32) and no rank-0 inputs (``timestep`` is ``(1,)``). Both
+are recorded in the artifact (``coreml_inputs`` / ``coreml_outputs``) and undone by the runtime backend.
 
 Shapes come from the same spec and shape range (``BuildRequest.shape_range``) as the TensorRT profiles. Every dim
 whose min and max agree is static (the default, and what Core ML runs fastest, on the Neural Engine too); every
@@ -486,7 +486,7 @@ def build_mlpackage(
     import coremltools
 
     onnx_variant = exported.artifacts["onnx"]
-    spec = exported.spec.with_dtypes(onnx_variant.io_dtype)  # float16 for fp16 components, float32 for the VAE
+    spec = exported.spec.with_dtypes(onnx_variant.io_dtype)  # float16 for fp16 components, float32 for a kept-fp32 VAE
     torch_spec = exported.spec  # float32: what the fp32 torch module takes
     values = stage_values(spec, shape_range, pipeline_info.vae_scale_factor)
     inputs, outputs = coreml_io(spec, values)

@@ -1,7 +1,8 @@
 """ONNX target (the portable default): the exporter's checked ONNX files are the artifacts, nothing to build.
 
-fp32 by default; fp16 keeps the VAE in fp32 (it overflows in fp16). onnxruntime and OpenVINO both run these
-files, on any CPU.
+fp32 by default; fp16 keeps the VAE in fp32 where its config sets ``force_upcast`` (diffusers' rule: SD and SDXL
+VAEs overflow in fp16; an fp16-fixed VAE or TAESD runs in fp16). onnxruntime and OpenVINO both run these files, on
+any CPU.
 """
 
 from __future__ import annotations

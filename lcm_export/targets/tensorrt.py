@@ -3,9 +3,9 @@
 One builder serves both flavours: standard TensorRT (``tensorrt``, builds on the GPU it targets) and TensorRT for
 RTX (``tensorrt_rtx_bindings``, builds ahead of time without a GPU, JIT-compiles kernels on the user's GPU).
 Both parse the ONNX file with TensorRT's ONNX parser into a strongly typed network where the flavour supports it,
-so precision follows the ONNX types: the fp16 components run in fp16 and the VAE, exported fp32 because it
-overflows in fp16, stays fp32. Optimisation profiles come from the same component specs as everything else
-(:meth:`ComponentProfiles.derive`), static by default.
+so precision follows the ONNX types: the fp16 components run in fp16 and a VAE exported fp32 (its config sets
+``force_upcast``: it overflows in fp16) stays fp32. Optimisation profiles come from the same component specs as
+everything else (:meth:`ComponentProfiles.derive`), static by default.
 
 Nothing here imports TensorRT at module level: the ONNX target and the rest of the CLI work without it, and
 ``--target tensorrt`` without it fails before the model is loaded (:func:`preflight`) with what to install.
@@ -308,7 +308,7 @@ def build_engine(
     """Build one engine: parse, check the I/O against ``spec``, one optimisation profile, serialize.
 
     ``precision`` is the ONNX file's ("fp16" or "fp32"); it matters only for a standard TensorRT without strong
-    typing, where fp16 is a builder flag (and an fp32 component, the VAE, is built without it).
+    typing, where fp16 is a builder flag (and an fp32 component, a force_upcast VAE, is built without it).
     """
     trt = flavor.module
     start = time.perf_counter()
