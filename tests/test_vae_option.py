@@ -337,3 +337,23 @@ def test_vae_hub_id_without_network_is_one_line_error(tiny_lcm_dir, tmp_path, mo
         "--vae 'nobody/no-such-vae' is not a local folder and could not be downloaded from the hub",
     )
     no_leftovers(output)
+
+
+def test_a_vae_with_per_channel_latent_statistics_is_refused(sdxl_lcm_dir, other_vae_dir, tmp_path) -> None:
+    """latents_mean/latents_std (Playground v2.5's VAE): diffusers normalises per channel, the runtime would not."""
+    model = Path(shutil.copytree(sdxl_lcm_dir, tmp_path / "model"))
+    config_path = model / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.9, 1.1, 1.0, 0.8])
+    config_path.write_text(json.dumps(config))
+    output = tmp_path / "out"
+    assert_one_line_error(
+        export_cli(model, "--output", output), f"MODEL '{model}': its VAE config sets latents_mean and latents_std"
+    )
+    no_leftovers(output)
+    vae = Path(shutil.copytree(other_vae_dir, tmp_path / "vae"))
+    (vae / "config.json").write_text(json.dumps({**json.loads((vae / "config.json").read_text()), **config}))
+    assert_one_line_error(
+        export_cli(sdxl_lcm_dir, "--vae", vae, "--output", output), f"--vae '{vae}': its VAE config sets latents_mean"
+    )
+    no_leftovers(output)

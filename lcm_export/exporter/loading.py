@@ -261,6 +261,7 @@ def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None =
 
     unet_config = pipeline.unet.config
     vae_config = pipeline.vae.config
+    refuse_latent_statistics(vae_config, f"MODEL '{model}'")
     vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
     unet_down_factor = 2 ** (len(unet_config.down_block_types) - 1)
     shift = getattr(vae_config, "shift_factor", None)
@@ -275,6 +276,17 @@ def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None =
         vae_shift_factor=float(shift) if shift is not None else None,
         spatial_multiple=vae_scale_factor * unet_down_factor,
     )
+
+
+def refuse_latent_statistics(config: Any, label: str) -> None:
+    """A VAE whose config sets ``latents_mean`` and ``latents_std`` (Playground v2.5's SDXL VAE) has its latents
+    normalised per channel by diffusers' SDXL pipelines; the bundle's runtime scales them by one factor. Refused at
+    export rather than decoded wrong without a word."""
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        raise ExportError(
+            f"{label}: its VAE config sets latents_mean and latents_std (per-channel latent statistics), which "
+            "lcm-export does not support: pass a VAE that uses one scaling_factor (--vae PATH)"
+        )
 
 
 def is_skeleton(module: Any) -> bool:
@@ -482,6 +494,7 @@ def attach_vae(loaded: LoadedPipeline, source: str) -> LoadedPipeline:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ExportError(f"{option} could not be read by diffusers: {reason}") from None
     config = skeleton.config
+    refuse_latent_statistics(config, option)
     channels = int(config.latent_channels)
     expected_channels = int(loaded.unet.config.in_channels)
     if channels != expected_channels:
