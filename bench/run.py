@@ -914,6 +914,14 @@ def write_section(results_md: Path, lines: list[str], start: str, end: str) -> N
     results_md.write_text(text)
 
 
+def publish_section(output: Path, json_name: str, results: dict[str, Any], lines: list[str], start: str, end: str):
+    """A benchmark of its own (the frame loop, SDXL): its JSON beside RESULTS.md, its section in it, and on screen."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / json_name).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_section(output / "RESULTS.md", lines, start, end)
+    print("\n".join(lines))
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     machine = results["machine"]
     isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present) or "?"

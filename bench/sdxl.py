@@ -395,10 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
         results["sizes"][str(size)] = {"engines": rows, "ratios": ratios, "images": compare_images(images)}
     results["load_average_after"] = [round(value, 2) for value in os.getloadavg()]
-    arguments.output.mkdir(parents=True, exist_ok=True)
-    (arguments.output / "sdxl-results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    bench.write_section(arguments.output / "RESULTS.md", section_lines(results), SECTION_START, SECTION_END)
-    print("\n".join(section_lines(results)))
+    bench.publish_section(
+        arguments.output, "sdxl-results.json", results, section_lines(results), SECTION_START, SECTION_END
+    )
     return 0
 
 

@@ -340,10 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{results['load_average_after']}: other agents' work shared this 2-core machine, so the figures carry that "
         "noise.",
     ]
-    arguments.output.mkdir(parents=True, exist_ok=True)
-    (arguments.output / "stream-results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    bench.write_section(arguments.output / "RESULTS.md", section_lines(results), SECTION_START, SECTION_END)
-    print("\n".join(section_lines(results)))
+    bench.publish_section(
+        arguments.output, "stream-results.json", results, section_lines(results), SECTION_START, SECTION_END
+    )
     return 0
 
 
