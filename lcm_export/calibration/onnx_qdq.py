@@ -7,10 +7,14 @@ activation's range is the mean over the recorded U-Net calls of that call's min 
 default for per-tensor activations), not the extremes over all calls ("minmax"): on the SD1.5-shaped U-Net at
 256 px (32 calibration calls, final images against fp32 on onnxruntime, 4 prompts) mean-minmax measured
 54.1-54.8 dB PSNR against minmax's 49.3-49.5 dB: the rare extreme calls stretched the ranges for all.
-Conv/MatMul outputs are quantised too (onnxruntime's default): that is what lets onnxruntime fuse a layer into one
-integer kernel (QLinearConv/QLinearMatMul). Leaving them float (``OpTypesToExcludeOutputQuantization``, as NNCF
-does) gained 1.3 dB (55.7 dB) but ran the U-Net at 4.3-4.6 s a call on onnxruntime against 1.9 s, and 1.8 s
-against 1.2 s on OpenVINO (256 px, same machine, same load).
+Conv outputs are quantised too (onnxruntime's default): that is what lets onnxruntime fuse a convolution into one
+integer kernel (QLinearConv). Leaving every Conv/MatMul output float (``OpTypesToExcludeOutputQuantization``, as
+NNCF does) gained 1.3 dB (55.7 dB) but ran the U-Net at 4.3-4.6 s a call on onnxruntime against 1.9 s, and 1.8 s
+against 1.2 s on OpenVINO (256 px, same machine, same load). MatMul outputs alone are left float
+(``float_outputs``): onnxruntime still runs them as integer MatMuls (MatMulIntegerToFloat) and OpenVINO as u8
+FullyConnected layers; on the SD1.5-shaped U-Net at 256 px (final images against fp32, 3 prompts) that gained
+0.24-0.53 dB on onnxruntime (U-Net call 0.449 s against 0.462 s) and 0.16-0.45 dB on OpenVINO (0.357 s against
+0.385 s).
 
 What stays float is a rule over the graph's structure (:func:`float_nodes`), not a list of names:
 
@@ -50,6 +54,7 @@ class QdqRecipe:
     weight_type: str = "int8"
     calibration: str = "mean-minmax"  # or "minmax" (see the module docstring)
     keep_float: tuple[str, ...] = FLOAT_RULES  # which parts of the float rule apply (see the module docstring)
+    float_outputs: tuple[str, ...] = ("MatMul",)  # op types whose outputs stay float (see the module docstring)
     symmetric_activations: bool = False  # zero point 0 (TensorRT parses no other)
     quantize_bias: bool = True  # int32 biases (onnxruntime); TensorRT takes float biases beside int8 weights
     extra: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +68,7 @@ class QdqRecipe:
             "weights": self.weight_type,
             "calibration": self.calibration,
             "keep_float": list(self.keep_float),
+            "float_outputs": list(self.float_outputs),
             "symmetric_activations": self.symmetric_activations,
             "quantize_bias": self.quantize_bias,
         }
@@ -72,7 +78,8 @@ class QdqRecipe:
 # fast AVX2 path is u8 x s8); TensorRT parses only symmetric (zero point 0) s8 activations.
 RECIPES = {
     "onnx": QdqRecipe(),
-    "tensorrt": QdqRecipe(activation_type="int8", symmetric_activations=True, quantize_bias=False),
+    # TensorRT: every output quantised, as measured with TensorRT-RTX's builder (float MatMul outputs not measured)
+    "tensorrt": QdqRecipe(activation_type="int8", symmetric_activations=True, quantize_bias=False, float_outputs=()),
 }
 
 
@@ -156,6 +163,7 @@ def quantize_qdq(
     options: dict[str, Any] = {
         "ActivationSymmetric": recipe.symmetric_activations,
         "QuantizeBias": recipe.quantize_bias,
+        **({"OpTypesToExcludeOutputQuantization": list(recipe.float_outputs)} if recipe.float_outputs else {}),
         **recipe.extra,
     }
     two_phase = "calibration_cache_path" in inspect.signature(quantize_static).parameters  # onnxruntime >= 1.23
