@@ -39,6 +39,9 @@ INT8_FILE = "model-int8.onnx"
 # bundle both without CFG (its default, 1.0) and with it (1.5: the unconditional half of the batch is recorded).
 CALIBRATION_GUIDANCE = {"embedding": (8.5,), "cfg": (1.0, 1.5)}
 REPORT_GUIDANCE = {"embedding": (4.0, 8.5), "cfg": (1.0, 1.5)}
+# The components INT8 may quantise (see the module docstring), as messages name them and their samples.
+COMPONENT_LABELS = {"unet": "U-Net", "vae_decoder": "VAE decoder"}
+SAMPLE_LABELS = {"unet": "U-Net calls", "vae_decoder": "final latents"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ def quantize_components(
         "size": [height, width],
         "unet_calls": len(recorded.unet),
     }
+    import onnxruntime
+
     variants = {}
     for name, paths in samples.items():
         label = f"quantising the {COMPONENT_LABELS[name]} on {len(paths)} {SAMPLE_LABELS[name]}"
@@ -110,8 +115,6 @@ def quantize_components(
         if progress:
             progress(label, 1, 1)
         files = sorted(path for path in output.parent.iterdir() if path not in before)
-        import onnxruntime
-
         variants[name] = Artifact(
             format="onnx",
             path=f"{name}/{INT8_FILE}",
@@ -127,10 +130,6 @@ def quantize_components(
             },
         )
     return variants
-
-
-COMPONENT_LABELS = {"unet": "U-Net", "vae_decoder": "VAE decoder"}
-SAMPLE_LABELS = {"unet": "U-Net calls", "vae_decoder": "final latents"}
 
 
 def _decoder_psnr(float_path: Path, int8_path: Path, samples: list[Path]) -> list[float]:

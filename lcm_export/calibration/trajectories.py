@@ -70,9 +70,7 @@ def record_trajectories(
     if done.is_file():
         names = json.loads(done.read_text())
         if isinstance(names, dict) and all((folder / name).is_file() for group in names.values() for name in group):
-            return Trajectories(
-                **{group: [folder / name for name in names[group]] for group in ("unet", "vae_decoder")}
-            )
+            return _listed(folder, names)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     names: dict[str, list[str]] = {"unet": [], "vae_decoder": []}
@@ -100,7 +98,12 @@ def record_trajectories(
         if progress is not None:
             progress(index + 1, len(settings.prompts))
     done.write_text(json.dumps(names))
-    return Trajectories(**{group: [folder / name for name in names[group]] for group in names})
+    return _listed(folder, names)
+
+
+def _listed(folder: Path, names: dict[str, list[str]]) -> Trajectories:
+    """The sample files of ``folder`` by group, as ``complete.json`` names them."""
+    return Trajectories(*([folder / name for name in names[group]] for group in ("unet", "vae_decoder")))
 
 
 def load_sample(path: Path) -> dict[str, np.ndarray]:

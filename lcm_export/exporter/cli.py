@@ -207,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<13} {formats:<16} ONNX max abs vs PyTorch {worst:.2e}")
         int8 = next((v for v in manifest.components["unet"].variants if v.precision == "int8"), None)
         if int8 is not None and "quality" in int8.details:
+            from lcm_export.calibration.int8 import COMPONENT_LABELS
+
             quality = int8.details["quality"]
             quantised = " and ".join(
                 label
-                for name, label in (("unet", "U-Net"), ("vae_decoder", "VAE decoder"))
+                for name, label in COMPONENT_LABELS.items()
                 if name in manifest.components
                 and any(v.precision == "int8" for v in manifest.components[name].variants)
             )

@@ -264,7 +264,6 @@ def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None =
     refuse_latent_statistics(vae_config, f"MODEL '{model}'")
     vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
     unet_down_factor = 2 ** (len(unet_config.down_block_types) - 1)
-    shift = getattr(vae_config, "shift_factor", None)
     return LoadedPipeline(
         source=model,
         path=path,
@@ -272,10 +271,37 @@ def load_pipeline(model: str, *, has_loras: bool = False, workdir: Path | None =
         family=family,
         guidance="embedding" if unet_config.time_cond_proj_dim is not None else "cfg",
         vae_scale_factor=vae_scale_factor,
-        vae_scaling_factor=float(vae_config.scaling_factor),
-        vae_shift_factor=float(shift) if shift is not None else None,
+        **latent_factors(vae_config),
         spatial_multiple=vae_scale_factor * unet_down_factor,
     )
+
+
+def latent_factors(config: Any) -> dict[str, float | None]:
+    """The latent scaling (and shift) factors a VAE config gives, as ``LoadedPipeline`` fields: diffusers'
+    pipelines scale latents by the ``vae.config`` of the VAE they run (the pipeline's, ``--vae``'s, the tiny one's)."""
+    shift = getattr(config, "shift_factor", None)
+    return {
+        "vae_scaling_factor": float(config.scaling_factor),
+        "vae_shift_factor": float(shift) if shift is not None else None,
+    }
+
+
+def check_latents_fit(loaded: LoadedPipeline, option: str, channels: int, factors: tuple[int, ...], what: str) -> None:
+    """A replacement VAE (``option``, e.g. ``--vae 'PATH'``) must read and write the U-Net's latents: the same
+    latent channels, and each of ``factors`` (its decoder's, and its encoder's where it has one in the bundle) the
+    pipeline VAE's scale factor."""
+    expected_channels = int(loaded.unet.config.in_channels)
+    if channels != expected_channels:
+        raise ExportError(
+            f"{option} has {channels} latent channels but the U-Net of '{loaded.source}' has {expected_channels}: "
+            f"pass {what} made for this model family"
+        )
+    for factor in factors:
+        if factor != loaded.vae_scale_factor:
+            raise ExportError(
+                f"{option} scales latents by {factor} but the VAE of '{loaded.source}' by "
+                f"{loaded.vae_scale_factor}: pass {what} made for this model family"
+            )
 
 
 def refuse_latent_statistics(config: Any, label: str) -> None:
@@ -441,20 +467,9 @@ def attach_tiny_vae(loaded: LoadedPipeline, source: str, *, with_encoder: bool) 
 
     path = resolve_tiny_vae_path(source)
     config = _read_json(path / "config.json")
-    channels = int(config.get("latent_channels", 4))
-    expected_channels = int(loaded.unet.config.in_channels)
-    if channels != expected_channels:
-        raise ExportError(
-            f"--tiny-vae '{source}' has {channels} latent channels but the U-Net of '{loaded.source}' has "
-            f"{expected_channels}: pass a tiny VAE made for this model family"
-        )
     decoder_factor, encoder_factor = tiny_vae_scale_factors(config)
-    if decoder_factor != loaded.vae_scale_factor or (with_encoder and encoder_factor != loaded.vae_scale_factor):
-        factor = decoder_factor if decoder_factor != loaded.vae_scale_factor else encoder_factor
-        raise ExportError(
-            f"--tiny-vae '{source}' scales latents by {factor} but the VAE of '{loaded.source}' by "
-            f"{loaded.vae_scale_factor}: pass a tiny VAE made for this model family"
-        )
+    factors = (decoder_factor, encoder_factor) if with_encoder else (decoder_factor,)
+    check_latents_fit(loaded, f"--tiny-vae '{source}'", int(config.get("latent_channels", 4)), factors, "a tiny VAE")
 
     import torch
     from diffusers import AutoencoderTiny
@@ -465,13 +480,7 @@ def attach_tiny_vae(loaded: LoadedPipeline, source: str, *, with_encoder: bool) 
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ExportError(f"--tiny-vae '{source}' could not be loaded by diffusers: {reason}") from None
     tiny.eval().requires_grad_(False)
-    shift = getattr(tiny.config, "shift_factor", None)
-    return dataclasses.replace(
-        loaded,
-        tiny_vae=tiny,
-        vae_scaling_factor=float(tiny.config.scaling_factor),
-        vae_shift_factor=float(shift) if shift is not None else None,
-    )
+    return dataclasses.replace(loaded, tiny_vae=tiny, **latent_factors(tiny.config))
 
 
 def attach_vae(loaded: LoadedPipeline, source: str) -> LoadedPipeline:
@@ -495,24 +504,9 @@ def attach_vae(loaded: LoadedPipeline, source: str) -> LoadedPipeline:
         raise ExportError(f"{option} could not be read by diffusers: {reason}") from None
     config = skeleton.config
     refuse_latent_statistics(config, option)
-    channels = int(config.latent_channels)
-    expected_channels = int(loaded.unet.config.in_channels)
-    if channels != expected_channels:
-        raise ExportError(
-            f"{option} has {channels} latent channels but the U-Net of '{loaded.source}' has {expected_channels}: "
-            "pass a VAE made for this model family"
-        )
     factor = 2 ** (len(config.block_out_channels) - 1)
-    if factor != loaded.vae_scale_factor:
-        raise ExportError(
-            f"{option} scales latents by {factor} but the VAE of '{loaded.source}' by {loaded.vae_scale_factor}: "
-            "pass a VAE made for this model family"
-        )
+    check_latents_fit(loaded, option, int(config.latent_channels), (factor,), "a VAE")
     loaded.pipeline.vae = skeleton  # its config is the bundle VAE's; module("vae") loads its weights from path
-    shift = getattr(config, "shift_factor", None)
     return dataclasses.replace(
-        loaded,
-        replaced={**loaded.replaced, "vae": ReplacedModule(option, path, entry)},
-        vae_scaling_factor=float(config.scaling_factor),
-        vae_shift_factor=float(shift) if shift is not None else None,
+        loaded, replaced={**loaded.replaced, "vae": ReplacedModule(option, path, entry)}, **latent_factors(config)
     )
