@@ -601,6 +601,14 @@ def run_command(settings: Settings, size: int, round_index: int, save: Path | No
     }
 
 
+def stage_medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Median seconds per stage over timed runs (a stage an engine does not report counts 0)."""
+    return {
+        stage: statistics.median(run.get(stage, 0.0) for run in runs)
+        for stage in ("total", "unet", "vae_decode", "text_encoder")
+    }
+
+
 def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str, Any]:
     """First loads, memory probe, then the alternating timed runs of every distinct engine at ``size``."""
     distinct: dict[str, Engine] = {}
@@ -686,10 +694,7 @@ def bench_size(settings: Settings, size: int, engines: list[Engine]) -> dict[str
                 shutil.rmtree(settings.work_dir / "cache" / f"{engine.cache_name()}-{size}", ignore_errors=True)
     for result in results.values():
         if result["runs"]:  # engines run only for their image have none
-            result["median"] = {
-                stage: statistics.median(run.get(stage, 0.0) for run in result["runs"])
-                for stage in ("total", "unet", "vae_decode", "text_encoder")
-            }
+            result["median"] = stage_medians(result["runs"])
     rows = {engine.name: {**results[aliases[engine.name]], "same_as": aliases[engine.name]} for engine in engines}
     checks = image_checks(images, aliases, settings.runs)
     return {"rows": rows, "groups": [[e.name for e in g] for g in groups], "images": checks}
@@ -720,13 +725,11 @@ def image_checks(folder: Path, aliases: dict[str, str], rounds: int = 0) -> dict
     over every prompt both engines ran (the first-load image and each timed round's), with its minimum and count."""
     import numpy as np
 
+    from lcm_export.calibration.quality import psnr
+
     def load(name: str, suffix: str = ""):
         path = folder / f"{aliases.get(name, name)}{suffix}.npy"
         return np.load(path) if path.is_file() else None
-
-    def psnr(reference, image) -> float:
-        mse = float(np.mean((reference.astype(np.float64) - image.astype(np.float64)) ** 2))
-        return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
 
     checks: dict[str, Any] = {}
     reference = load("diffusers")
@@ -1275,7 +1278,10 @@ def main(argv: list[str] | None = None) -> int:
             supplement = json.loads(extra.read_text())
             supplement["sizes"] = {int(size): data for size, data in supplement["sizes"].items()}
             supplement.pop("supplementary", None)
-            results.setdefault("supplementary", []).append(supplement)
+            # Added again on a later --report-only: it replaces the copy already kept (not a second section).
+            key = (supplement["date"], supplement["settings"]["command"])
+            kept = [old for old in results.get("supplementary", []) if (old["date"], old["settings"]["command"]) != key]
+            results["supplementary"] = [*kept, supplement]
         add_work_and_rate(results, settings)
         write_reports(results, settings)
         print((settings.output_dir / "RESULTS.md").read_text())

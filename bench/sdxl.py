@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import run as bench
+
+from lcm_export.calibration.quality import psnr
 
 SECTION_START = "<!-- sdxl-speed: start (bench/sdxl.py writes this section) -->"
 SECTION_END = "<!-- sdxl-speed: end -->"
@@ -180,7 +181,9 @@ def engine_specs(work_dir: Path, names: list[str], optimum_python: str | None) -
     return engines
 
 
-def run_engine(engine: bench.Engine, settings: bench.Settings, size: int, images: Path) -> dict[str, Any]:
+def run_engine(
+    engine: bench.Engine, settings: bench.Settings, size: int, images: Path, vae_scale_factor: int
+) -> dict[str, Any]:
     """Load alone, warm up, time ``settings.runs`` runs; the first timed run's image is saved."""
     logs = settings.work_dir / "logs" / f"sdxl-{size}"
     available = bench.mem_available_gb()
@@ -189,12 +192,12 @@ def run_engine(engine: bench.Engine, settings: bench.Settings, size: int, images
     worker = bench.Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
     ready = worker.ready()
     bench.log(f"sdxl {size}px {engine.name}: loaded in {ready['load_s']:.1f} s ({ready['info']})")
-    vae = json.loads((settings.work_dir / MODEL / "vae" / "config.json").read_text())
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
     runs = []
     for round_index in range(-settings.warmup, settings.runs):
         save = images / f"{engine.name}.npy" if round_index == 0 else None
-        reply = worker.send({**bench.run_command(settings, size, round_index, save), "vae_scale_factor": factor})
+        reply = worker.send(
+            {**bench.run_command(settings, size, round_index, save), "vae_scale_factor": vae_scale_factor}
+        )
         if round_index >= 0:
             runs.append(reply)
         bench.log(
@@ -202,10 +205,6 @@ def run_engine(engine: bench.Engine, settings: bench.Settings, size: int, images
             f"{reply['total']:.1f} s (U-Net {reply.get('unet', 0):.1f}, VAE {reply.get('vae_decode', 0):.1f})"
         )
     bye = worker.quit()
-    median = {
-        stage: statistics.median(run.get(stage, 0.0) for run in runs)
-        for stage in ("total", "unet", "vae_decode", "text_encoder")
-    }
     return {
         "label": engine.label,
         "spec": engine.spec,
@@ -213,7 +212,7 @@ def run_engine(engine: bench.Engine, settings: bench.Settings, size: int, images
         "import_s": ready["import_s"],
         "info": ready["info"],
         "runs": runs,
-        "median": median,
+        "median": bench.stage_medians(runs),
         "unet_calls": runs[0].get("unet_calls") if runs else None,
         "peak_rss_gb": bye["peak_rss_gb"],
         "peak_anon_gb": bye["peak_anon_gb"],
@@ -228,9 +227,7 @@ def compare_images(images: Path) -> dict[str, dict[str, float]]:
         a, b = images / f"{first}.npy", images / f"{second}.npy"
         if a.is_file() and b.is_file():
             x, y = np.load(a).astype(np.float64), np.load(b).astype(np.float64)
-            mse = float(np.mean((x - y) ** 2))
-            psnr = float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
-            checks[f"{first} vs {second}"] = {"max_abs": float(np.abs(x - y).max()), "psnr_db": psnr}
+            checks[f"{first} vs {second}"] = {"max_abs": float(np.abs(x - y).max()), "psnr_db": psnr(x, y)}
     return checks
 
 
@@ -358,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         command=command,
     )
     engines = engine_specs(work_dir, names, optimum_python)
+    vae = json.loads((work_dir / MODEL / "vae" / "config.json").read_text())
+    vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)  # the worker draws latents of size / factor
     previous_path = arguments.output / "sdxl-results.json"
     previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
     results: dict[str, Any] = {
@@ -376,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         images = work_dir / "images" / f"sdxl-{size}"
         for engine in engines:  # the images of the engines that run again
             (images / f"{engine.name}.npy").unlink(missing_ok=True)
-        rows = {engine.name: run_engine(engine, settings, size, images) for engine in engines}
+        rows = {engine.name: run_engine(engine, settings, size, images, vae_scale_factor) for engine in engines}
         # Engines not named this time keep their rows (and images) from the previous run, marked with its date.
         for name, row in previous.get("sizes", {}).get(str(size), {}).get("engines", {}).items():
             if name not in rows:
