@@ -1132,7 +1132,8 @@ def notes(results: dict[str, Any]) -> list[str]:
     found += [
         "INT8 rows: the exporter's QDQ U-Net (per-channel s8 weights, u8 activations, ranges the mean of each U-Net "
         "call's min/max over the bundle's own 4-step trajectories; first/last conv, time embeddings and attention "
-        "activation products float) on onnxruntime's CPU provider (OpenVINO where the row says so); "
+        "activation products float) on onnxruntime's CPU provider (OpenVINO where the row says so: it reads the same "
+        "file with the convolution outputs float, `float_layer_outputs`); "
         "`--attention-slicing --low-memory`: the same recipe on a U-Net exported with attention one head at a time, "
         "run with onnxruntime's arenas off. Peer INT8: optimum-intel's pipeline with its U-Net IR quantised by "
         "`nncf.quantize` (model_type TRANSFORMER, bias correction off, as OpenVINO's LCM notebook) and TAESD's decoder "

@@ -155,6 +155,62 @@ def test_int8_weights_stay_int8_in_the_loaded_graph(int8_bundle, tmp_path) -> No
     assert eight_bit_layers > 20, eight_bit_layers
 
 
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="pip install openvino")
+def test_openvino_reads_the_qdq_unet_with_float_layer_outputs(int8_bundle, tmp_path) -> None:
+    """OpenVINO drops the quantisation of convolution outputs that nothing quantised reads: what it runs equals a
+    QDQ file quantised with those outputs float (the same ranges), and differs from the file as onnxruntime runs it.
+    """
+    import openvino
+
+    from lcm_export.calibration.onnx_qdq import QdqRecipe, quantize_qdq
+    from lcm_export.runtime.backends import BackendOptions
+    from lcm_export.runtime.backends.openvino import QUANTISED_CONSUMERS, compile_config, float_layer_outputs
+
+    pipe = Pipeline.load(int8_bundle, backend="onnxruntime", precision="fp32", cache_dir="")
+    settings = TrajectorySettings(("a red car", "a blue house"), steps=4, guidance_scale=8.5, height=32, width=32)
+    samples = record_trajectories(pipe, settings, folder=tmp_path / "samples").unet
+    float_path = int8_bundle / "unet" / "model.onnx"
+    paths = {}
+    for name, outputs in (("as-stored", ("MatMul",)), ("float-outputs", ("Conv", "MatMul", "Gemm"))):
+        paths[name] = tmp_path / f"{name}.onnx"
+        load = lambda i: load_sample(samples[i])  # noqa: E731
+        quantize_qdq(float_path, paths[name], load, len(samples), QdqRecipe(float_outputs=outputs))
+    core = openvino.Core()
+    model = core.read_model(str(paths["as-stored"]))
+    before = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+    bypassed = float_layer_outputs(model)
+    assert bypassed > 5, bypassed
+    reference = core.read_model(str(paths["float-outputs"]))
+    assert before - bypassed == sum(op.get_type_name() == "FakeQuantize" for op in reference.get_ordered_ops())
+    for op in model.get_ordered_ops():  # what is left quantised feeds a quantised layer (through its dequantise)
+        if op.get_type_name() == "FakeQuantize":
+            tail = op
+            while {t.get_node().get_type_name() for t in tail.output(0).get_target_inputs()} <= {
+                "Convert",
+                "Subtract",
+                "Multiply",
+            }:
+                tail = next(iter(tail.output(0).get_target_inputs())).get_node()
+            consumers = {t.get_node().get_type_name() for t in tail.output(0).get_target_inputs()}
+            assert consumers & (QUANTISED_CONSUMERS | {"Concat", "Reshape", "Transpose"}), consumers
+    feeds = {k: np.require(v, dtype=np.float32, requirements="C") for k, v in load_sample(samples[3]).items()}
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    ours = core.compile_model(model, "CPU", config)(feeds)[0]
+    expected = core.compile_model(reference, "CPU", config)(feeds)[0]
+    as_stored = core.compile_model(str(paths["as-stored"]), "CPU", config)(feeds)[0]
+    assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max(), np.abs(ours - expected).max()
+    assert np.abs(as_stored - expected).max() > 1e-3 * np.abs(expected).max()  # the change is real
+    # The backend applies it to the bundle's INT8 variant, cached or not: its output is the transformed file's.
+    stored = core.read_model(str(int8_bundle / "unet" / "model-int8.onnx"))
+    float_layer_outputs(stored)
+    runtime_config = compile_config(core, BackendOptions(precision="int8", cache_dir="", device="CPU"))
+    expected = core.compile_model(stored, "CPU", runtime_config)(feeds)[0]
+    for cache in ("", str(tmp_path / "ov-cache"), str(tmp_path / "ov-cache")):  # off, cold, warm
+        pipe = Pipeline.load(int8_bundle, backend="openvino", precision="int8", cache_dir=cache)
+        got = pipe.sessions["unet"].run(feeds)["out_sample"]
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), (cache, np.abs(got - expected).max())
+
+
 def test_int8_on_a_float_bundle_is_a_one_line_error(tiny_lcm_bundle) -> None:
     with pytest.raises(UserError, match=r"has no int8 variant \(it has fp32\)"):
         Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", precision="int8")

@@ -14,7 +14,8 @@ against 1.2 s on OpenVINO (256 px, same machine, same load). MatMul outputs alon
 (``float_outputs``): onnxruntime still runs them as integer MatMuls (MatMulIntegerToFloat) and OpenVINO as u8
 FullyConnected layers; on the SD1.5-shaped U-Net at 256 px (final images against fp32, 3 prompts) that gained
 0.24-0.53 dB on onnxruntime (U-Net call 0.449 s against 0.462 s) and 0.16-0.45 dB on OpenVINO (0.357 s against
-0.385 s).
+0.385 s). OpenVINO's kernels need no quantised output to run in 8 bit, so its backend reads this same file with the
+convolution outputs float as well (``runtime.backends.openvino.float_layer_outputs``: +1.2 dB there, as fast).
 
 What stays float is a rule over the graph's structure (:func:`float_nodes`), not a list of names:
 
