@@ -30,8 +30,10 @@ from lcm_export.calibration.onnx_qdq import QdqRecipe, quantize_qdq
 from lcm_export.calibration.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
 from lcm_export.calibration.quality import psnr, ssim
 from lcm_export.calibration.trajectories import Trajectories, TrajectorySettings, load_sample, record_trajectories
+from lcm_export.runtime.backends import BackendOptions
+from lcm_export.runtime.backends.onnxruntime import OnnxRuntimeSession
 from lcm_export.runtime.manifest import Artifact
-from lcm_export.runtime.pipeline import Pipeline
+from lcm_export.runtime.pipeline import Pipeline, decoded_images
 
 INT8_VARIANT = "int8-qdq"
 INT8_FILE = "model-int8.onnx"
@@ -133,19 +135,14 @@ def quantize_components(
 
 
 def _decoder_psnr(float_path: Path, int8_path: Path, samples: list[Path]) -> list[float]:
-    """PSNR (dB) of the INT8 decoder's images against the float decoder's on the same recorded latents."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    sessions = [
-        onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for path in (float_path, int8_path)
-    ]
+    """PSNR (dB) of the INT8 decoder's images against the float decoder's on the same recorded latents, each run
+    as the runtime runs it (onnxruntime's session, the runtime's post-processing)."""
+    options = BackendOptions(cache_dir="")  # no compile cache for a staging folder
+    sessions = [OnnxRuntimeSession(path, options, "vae_decoder") for path in (float_path, int8_path)]
     scores = []
     for sample in samples:
         feeds = load_sample(sample)
-        images = [np.clip(session.run(["sample"], feeds)[0] / 2 + 0.5, 0.0, 1.0) for session in sessions]
+        images = [decoded_images(session.run(feeds)["sample"]) for session in sessions]
         scores.append(round(psnr(images[0], images[1]), 2))
     return scores
 

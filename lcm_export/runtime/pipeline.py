@@ -650,10 +650,15 @@ class Pipeline:
         _check_finite(decoded, "the VAE decoder")
         timings["vae_decode"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        images = np.clip(decoded.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)  # (B, H, W, 3)
-        images = np.ascontiguousarray(images)
+        images = decoded_images(decoded)
         timings["postprocess"] = time.perf_counter() - mark
         return images
+
+
+def decoded_images(decoded: np.ndarray) -> np.ndarray:
+    """The VAE decoder's output (B, 3, H, W) in [-1, 1] -> images (B, H, W, 3) float32 in [0, 1]."""
+    images = np.clip(decoded.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images)
 
 
 @dataclass
