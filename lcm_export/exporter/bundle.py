@@ -552,30 +552,30 @@ def _add_int8_variants(
         if done >= total:
             bar.close()  # its elapsed time stops here
 
+    def with_int8(int8: dict[str, Artifact], keep_float: bool) -> dict[str, Component]:
+        """The components with each INT8 variant first, before the float ones where ``keep_float``."""
+        return {
+            **components,
+            **{
+                name: dataclasses.replace(
+                    components[name], variants=(variant, *components[name].variants) if keep_float else (variant,)
+                )
+                for name, variant in int8.items()
+            },
+        }
+
     int8 = quantize_components(staging, settings, progress)
-    with_int8 = {
-        **components,
-        **{
-            name: dataclasses.replace(components[name], variants=(v, *components[name].variants))
-            for name, v in int8.items()
-        },
-    }
-    write_manifest(with_int8, "onnx")
+    write_manifest(with_int8(int8, keep_float=True), "onnx")
     report = quality_report(staging, settings, progress)
     for bar in bars.values():
         bar.close()
     int8["unet"] = dataclasses.replace(int8["unet"], details={**int8["unet"].details, "quality": report})
-    result = dict(components)
-    for name, variant in int8.items():
-        component = components[name]
-        result[name] = dataclasses.replace(
-            component, variants=(variant, *component.variants) if config.keep_fp32 else (variant,)
-        )
-        if not config.keep_fp32:
-            for float_variant in component.variants:
+    if not config.keep_fp32:
+        for name in int8:
+            for float_variant in components[name].variants:
                 for file in float_variant.files:
                     (staging / file).unlink(missing_ok=True)
-    return result
+    return with_int8(int8, keep_float=config.keep_fp32)
 
 
 def _build_target(
