@@ -804,6 +804,11 @@ def ratios(sizes: dict[str, Any], exports: dict[str, Any]) -> list[dict[str, Any
     return checks
 
 
+# Our fast INT8 rows, one per CPU backend: onnxruntime, and OpenVINO (what `auto` runs where OpenVINO is installed
+# and the CPU has a fast float, as the peer runs).
+FAST_INT8_ROWS = (("ours-fast-int8", "onnxruntime"), ("ours-openvino-fast-int8", "OpenVINO"))
+
+
 def add_int8_checks(rows, size, largest, add, ratio, unet_per_call, images) -> None:
     """The INT8 issue's targets: U-Net speed-up, fast INT8 against diffusers and the peer, memory, image quality."""
     # ours-int8 / ours-onnxruntime: the same backend; ours-fast runs `auto`'s backend (OpenVINO bf16 on a bf16 CPU).
@@ -816,7 +821,7 @@ def add_int8_checks(rows, size, largest, add, ratio, unet_per_call, images) -> N
         quantised, reference = unet_per_call(rows.get(int8)), unet_per_call(rows.get(float_))
         value = reference / quantised if quantised and reference else None
         add(f"{size}px U-Net per call {float_} / {int8}", value, "≥ 1.5", None if value is None else value >= 1.5)
-    for name, backend in (("ours-fast-int8", "onnxruntime"), ("ours-openvino-fast-int8", "OpenVINO")):
+    for name, backend in (*FAST_INT8_ROWS, ("ours-fast-int8-sliced", "--attention-slicing --low-memory")):
         value = ratio(rows, "diffusers", name)
         add(
             f"{size}px fast INT8 ({backend}) speed-up over diffusers fp32",
@@ -824,8 +829,7 @@ def add_int8_checks(rows, size, largest, add, ratio, unet_per_call, images) -> N
             "≥ 3.5",
             None if value is None else value >= 3.5,
         )
-    # ours on each backend: onnxruntime, and OpenVINO (what `auto` runs where OpenVINO is installed, as the peer)
-    for name, backend in (("ours-fast-int8", "onnxruntime"), ("ours-openvino-fast-int8", "OpenVINO")):
+    for name, backend in FAST_INT8_ROWS:
         value = ratio(rows, name, "optimum-fast-int8")
         add(
             f"{size}px fast INT8 ({backend}) / peer INT8 (optimum-intel NNCF + TAESD)",
@@ -833,19 +837,12 @@ def add_int8_checks(rows, size, largest, add, ratio, unet_per_call, images) -> N
             "≤ 1",
             None if value is None else value <= 1,
         )
-    value = ratio(rows, "diffusers", "ours-fast-int8-sliced")
-    add(
-        f"{size}px fast INT8 (--attention-slicing --low-memory) speed-up over diffusers fp32",
-        value,
-        "≥ 3.5",
-        None if value is None else value >= 3.5,
-    )
     if largest:
         for name, label in (("ours-fast-int8", ""), ("ours-fast-int8-sliced", " (--attention-slicing --low-memory)")):
             value = rows.get(name, {}).get("peak_rss_gb")
             add(f"{size}px fast INT8{label} peak RSS (GB)", value, "≤ 2", None if value is None else value <= 2)
     peer = images.get(psnr_key("optimum-fast-int8", "optimum-fast-f32"))
-    for name, backend in (("ours-fast-int8", "onnxruntime"), ("ours-openvino-fast-int8", "OpenVINO")):
+    for name, backend in FAST_INT8_ROWS:
         ours = images.get(psnr_key(name, "ours-fast-fp32"))
         met = None if ours is None or peer is None else ours >= peer
         add(
