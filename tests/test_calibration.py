@@ -173,15 +173,19 @@ def test_openvino_reads_the_qdq_unet_with_float_layer_outputs(int8_bundle, tmp_p
     paths = {}
     for name, outputs in (("as-stored", ("MatMul",)), ("float-outputs", ("Conv", "MatMul", "Gemm"))):
         paths[name] = tmp_path / f"{name}.onnx"
-        load = lambda i: load_sample(samples[i])  # noqa: E731
-        quantize_qdq(float_path, paths[name], load, len(samples), QdqRecipe(float_outputs=outputs))
+        recipe = QdqRecipe(float_outputs=outputs)
+        quantize_qdq(float_path, paths[name], lambda i: load_sample(samples[i]), len(samples), recipe)
+
+    def fake_quantizes(model) -> int:
+        return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+
     core = openvino.Core()
     model = core.read_model(str(paths["as-stored"]))
-    before = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+    before = fake_quantizes(model)
     bypassed = float_layer_outputs(model)
     assert bypassed > 5, bypassed
     reference = core.read_model(str(paths["float-outputs"]))
-    assert before - bypassed == sum(op.get_type_name() == "FakeQuantize" for op in reference.get_ordered_ops())
+    assert before - bypassed == fake_quantizes(reference)
     for op in model.get_ordered_ops():  # what is left quantised feeds a quantised layer (through its dequantise)
         if op.get_type_name() == "FakeQuantize":
             tail = op
