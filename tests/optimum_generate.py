@@ -9,7 +9,7 @@ optimum.onnxruntime class name), "prompt", "negative_prompt", "guidance_scale", 
 beside the jobs file: the loaded classes, the venv's versions, and the ids that this transformers' slow and fast
 CLIP tokenizers give the prompts from each bundle's tokenizer folders (``tokenizer/``, and SDXL's ``tokenizer_2/``).
 
-The scheduler's per-step noise is replaced by the job's tensors, in order, the way ``tests/conftest.py``
+The scheduler's per-step noise is replaced by the job's tensors, in order, the way ``tests/helpers.py``
 ``fixed_scheduler_noise`` does for diffusers: with the same latents and noise, the images are deterministic.
 """
 

@@ -12,33 +12,11 @@ import numpy as np
 import pytest
 
 from lcm_export.errors import ExportError
-
-
-def run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def export_cli(*args: str) -> subprocess.CompletedProcess:
-    return run("lcm_export.exporter.cli", *args, "--quiet")
+from tests.helpers import assert_one_line_error, export_cli, no_leftovers, run_module
 
 
 def lcm_run(*args: str) -> subprocess.CompletedProcess:
-    return run("lcm_export.runtime.cli", *args, "--quiet", "--backend", "onnxruntime")
-
-
-def no_leftovers(output: Path) -> None:
-    assert not output.exists()
-    assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
+    return run_module("lcm_export.runtime.cli", *args, "--quiet", "--backend", "onnxruntime")
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """optimum-onnx's ORT pipelines open our bundles as written and draw the images our runtime draws.
 
 Four tiny bundles — a distilled LCM, a base SD with a fused LoRA (LCM-LoRA), a distilled LCM-SDXL and a base SDXL of
-another shape (conftest's OTHER_SDXL) with a fused LoRA — are opened unchanged with
+another shape (tests.helpers.OTHER_SDXL) with a fused LoRA — are opened unchanged with
 ``ORTLatentConsistencyModelPipeline`` / ``ORTStableDiffusionPipeline`` / ``ORTStableDiffusionXLPipeline`` (the
 bundle names ``LCMScheduler``) in their own venv (``tests/optimum_env.py``, pinned by ``constraints/optimum.txt``),
 where ``tests/optimum_generate.py`` runs them with given latents and per-step noise. Our runtime (onnxruntime,
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export, random_inputs
-from optimum_env import DEFAULT_VENV, ensure_optimum_venv, read_pins
 
 from lcm_export.exporter.bundle import LoraSource
 from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_lora, build_tiny_pipeline
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.manifest import load_manifest
+from tests.helpers import export, random_inputs
+from tests.optimum_env import DEFAULT_VENV, ensure_optimum_venv, read_pins
 
 pytestmark = pytest.mark.slow  # builds (or reuses) the optimum venv; runs in CI like every slow test
 TOLERANCE = 1e-5

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export, psnr
-from test_parity import UNSEEN_SHAPES
 
 from lcm_export.calibration.onnx_qdq import float_nodes
 from lcm_export.calibration.trajectories import TrajectorySettings, load_sample, record_trajectories
@@ -25,6 +23,7 @@ from lcm_export.errors import UserError
 from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.manifest import load_manifest
+from tests.helpers import UNSEEN_SHAPES, export, image_psnr
 
 PSNR_FLOOR_DB = 30.0
 CALL = dict(num_inference_steps=4, seed=11)
@@ -101,7 +100,7 @@ def test_int8_runs_on_cpu_backends_near_the_float_image(int8_bundle, backend) ->
     assert pipe.variants["unet"].name == "int8-qdq" and pipe.variants["vae_decoder"].name == "int8-qdq"
     assert pipe.variants["text_encoder"].name == "fp32"
     image = pipe("a red car", **CALL).images
-    score = psnr(float_image, image)
+    score = image_psnr(float_image, image)
     print(f"{backend}: INT8 vs float {score:.1f} dB")
     assert PSNR_FLOOR_DB <= score < 80, score  # close, and really different (the INT8 graph ran)
     # "auto" takes the bundle's preferred variant: the INT8 U-Net.

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import export
 
 from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
 from lcm_export.runtime.pipeline import Pipeline
+from tests.helpers import export
 
 
 def _softmax_count(bundle) -> int:

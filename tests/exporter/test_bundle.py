@@ -10,6 +10,7 @@ import pytest
 
 from lcm_export.runtime.manifest import FORMAT_VERSION, load_manifest, sha256_file
 from lcm_export.runtime.tokenizer import PromptTokenizer
+from tests.helpers import export, random_inputs
 
 OPTIMUM_IO = {
     "text_encoder": (["input_ids"], ["last_hidden_state", "pooler_output"]),
@@ -96,8 +97,6 @@ def test_tokenizer_ids_equal_transformers(tiny_lcm_bundle, tiny_lcm_dir) -> None
 
 def test_large_weights_go_to_external_data(tiny_lcm_dir, tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
     """Files over protobuf's 2 GB limit keep weights in model.onnx_data; forced here with a zero threshold."""
-    from conftest import export, random_inputs
-
     from lcm_export.exporter import onnx_export
     from lcm_export.runtime import Pipeline
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import export
 
 from lcm_export.exporter.loading import is_skeleton
+from tests.helpers import export
 
 MODULES = ("text_encoder", "text_encoder_2", "unet", "vae")
 

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import diffusers_images, export, random_inputs
 
 from lcm_export.errors import ExportError
 from lcm_export.exporter.bundle import LoraSource
 from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_lora, build_tiny_pipeline
 from lcm_export.runtime import Pipeline
+from tests.helpers import TOLERANCE, diffusers_images, export, random_inputs
 
-TOLERANCE = 2e-3
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 CONV_TARGETS = ("proj_in", "proj_out", "conv1", "ff.net.2")

@@ -17,45 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export, export_cli_blocking, fixed_scheduler_noise, random_inputs
 
 from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_lora, build_tiny_pipeline
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.pipeline import StepEvent
-
-TOLERANCE = 2e-3
-PROMPT = "a photo of a cat"
-
-
-def diffusers_sdxl_images(
-    pipeline,
-    prompt: str | list[str],
-    latents: np.ndarray,
-    noise: list[np.ndarray],
-    *,
-    guidance: float,
-    negative_prompt: str | None = None,
-    num_images_per_prompt: int = 1,
-    steps: int = 4,
-) -> np.ndarray:
-    """diffusers' SDXL output for these latents and noise, at the size the latents give (the size ids need it)."""
-    import torch
-
-    scale = pipeline.vae_scale_factor
-    kwargs = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
-    pipeline.set_progress_bar_config(disable=True)
-    with fixed_scheduler_noise(noise), torch.no_grad():
-        return pipeline(
-            prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=latents.shape[2] * scale,
-            width=latents.shape[3] * scale,
-            num_images_per_prompt=num_images_per_prompt,
-            latents=torch.from_numpy(latents),
-            output_type="np",
-            **kwargs,
-        ).images
+from tests.helpers import (
+    PROMPT,
+    TOLERANCE,
+    diffusers_sdxl_images,
+    export,
+    export_cli_blocking,
+    random_inputs,
+    sdxl_img2img_parity,
+)
 
 
 def _diffusers_pipeline(model_dir: Path, lora: Path | None = None):
@@ -262,7 +236,7 @@ def test_an_sdxl_that_needs_aesthetic_scores_is_refused_at_export(sdxl_lcm_dir, 
 # gives an SDXL model this one, which feeds the U-Net's timestep_cond and skips CFG for it). It slices the schedule
 # (strength 0.5 of 4 steps runs the last 2) and builds time_ids from the image size without aesthetic scores
 # (requires_aesthetics_score is False for base SDXL). The draws, in its order: the VAE's latent sample, the noise
-# added to the encoded image, one noise per step but the last (test_img2img.fixed_draws).
+# added to the encoded image, one noise per step but the last (tests.helpers.fixed_draws).
 
 
 @pytest.fixture(scope="module")
@@ -287,45 +261,6 @@ def sdxl_img2img_pipelines(sdxl_lcm_dir, sdxl_base, other_sdxl_model) -> dict:
     }
 
 
-def sdxl_img2img_parity(runtime: Pipeline, pipeline, size, strength, guidance, negative_prompt, seed) -> float:
-    """Max abs difference of our img2img and diffusers' for one image and set of draws; checks the size ids too."""
-    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as module
-    from test_img2img import diffusers_img2img, make_image
-
-    height, width = size
-    pixels = np.asarray((make_image(height, width, seed) * 255).round(), np.uint8).astype(np.float32) / 255
-    steps = 4
-    table = runtime.scheduler.table(steps, strength)
-    assert len(table.timesteps) == int(steps * strength)  # the sliced schedule
-    factor = runtime.manifest.pipeline.vae_scale_factor
-    shape = (1, 4, height // factor, width // factor)
-    rng = np.random.default_rng(seed)
-    sample_noise, image_noise = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-    step_noise = [rng.standard_normal(shape).astype(np.float32) for _ in range(len(table.timesteps) - 1)]
-    options = {} if negative_prompt is None else {"negative_prompt": negative_prompt}
-    draws = (sample_noise, image_noise, step_noise)
-    expected = diffusers_img2img(pipeline, module, PROMPT, pixels, strength, steps, guidance, draws, **options)
-    events: list[StepEvent] = []
-    result = runtime.img2img(
-        pixels,
-        PROMPT,
-        strength=strength,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        sample_noise=sample_noise,
-        image_noise=image_noise,
-        noise=step_noise,
-        observer=events.append,
-        **options,
-    )
-    assert result.images.shape == expected.shape == (1, height, width, 3)
-    assert result.images.std() > 0.01
-    rows = 2 if runtime.manifest.pipeline.guidance == "cfg" and guidance > 1 else 1
-    size_ids = np.array([[height, width, 0, 0, height, width]] * rows, dtype=np.float32)
-    assert np.array_equal(events[0].feeds["time_ids"], size_ids)  # original size, crop (0, 0), target size
-    return float(np.abs(result.images - expected).max())
-
-
 @pytest.mark.parametrize("strength", [0.5, 0.8])
 @pytest.mark.parametrize("size", [(32, 32), (48, 64)])
 @pytest.mark.parametrize("model", ["distilled", "lora"])
@@ -342,7 +277,7 @@ def test_sdxl_img2img_matches_diffusers(
 
 
 def test_sdxl_img2img_of_another_shape_matches_diffusers(sdxl_img2img_pipelines, other_sdxl_bundle) -> None:
-    """conftest's OTHER_SDXL (LoRA at 0.9 on the U-Net and both encoders), with a negative prompt, at 56x40."""
+    """tests.helpers.OTHER_SDXL (LoRA at 0.9 on the U-Net and both encoders), with a negative prompt, at 56x40."""
     runtime = Pipeline.load(other_sdxl_bundle, backend="onnxruntime", precision="fp32")
     error = sdxl_img2img_parity(runtime, sdxl_img2img_pipelines["other-lora"], (40, 56), 0.6, 1.5, "blurry", seed=2)
     print(f"OTHER_SDXL img2img 56x40 strength 0.6 guidance 1.5: max abs {error:.2e}")

@@ -11,13 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import diffusers_images, export, random_inputs
 
 from lcm_export.exporter.tiny import build_tiny_autoencoder_tiny
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.backends import BACKENDS
-
-TOLERANCE = 2e-3
+from tests.helpers import (
+    TOLERANCE,
+    assert_one_line_error,
+    diffusers_images,
+    diffusers_img2img,
+    export,
+    make_image,
+    random_inputs,
+)
 
 
 def _not_installed(module: str) -> bool:
@@ -120,20 +126,10 @@ def _export_cli(*arguments: str) -> subprocess.CompletedProcess:
     )
 
 
-def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 1, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 def test_missing_tiny_vae_path_is_one_line_error(tiny_lcm_dir, tmp_path) -> None:
     output = tmp_path / "out"
     result = _export_cli(str(tiny_lcm_dir), "-o", str(output), "--tiny-vae", str(tmp_path / "no-such-taesd"))
-    _assert_one_line_error(result, "--tiny-vae", "no-such-taesd", "does not exist")
+    assert_one_line_error(result, "--tiny-vae", "no-such-taesd", "does not exist")
     assert list(tmp_path.iterdir()) == []  # no bundle, no staging folder
 
 
@@ -141,7 +137,7 @@ def test_tiny_vae_that_is_not_an_autoencoder_tiny_is_one_line_error(tiny_lcm_dir
     output = tmp_path / "out"
     # The pipeline's own AutoencoderKL folder: a real diffusers model, but not an AutoencoderTiny.
     result = _export_cli(str(tiny_lcm_dir), "-o", str(output), "--tiny-vae", str(tiny_lcm_dir / "vae"))
-    _assert_one_line_error(result, "--tiny-vae", "AutoencoderKL", "AutoencoderTiny")
+    assert_one_line_error(result, "--tiny-vae", "AutoencoderKL", "AutoencoderTiny")
     assert not output.exists()
 
 
@@ -153,7 +149,7 @@ def test_mismatched_tiny_vae_is_one_line_error(tiny_lcm_dir, tmp_path, channels,
     tiny = build_tiny_autoencoder_tiny(tmp_path / "taesd", latent_channels=channels, scale_factor_depth=depth)
     output = tmp_path / "bundles" / "out"
     result = _export_cli(str(tiny_lcm_dir), "-o", str(output), "--tiny-vae", str(tiny))
-    _assert_one_line_error(result, "--tiny-vae", fragment)
+    assert_one_line_error(result, "--tiny-vae", fragment)
     assert not output.parent.exists() or list(output.parent.iterdir()) == []
 
 
@@ -162,7 +158,6 @@ def test_img2img_with_the_tiny_vae_encoder_matches_diffusers(tiny_lcm_dir, tiny_
     import torch
     from diffusers import AutoencoderTiny, LatentConsistencyModelImg2ImgPipeline
     from diffusers.pipelines.latent_consistency_models import pipeline_latent_consistency_img2img as module
-    from test_img2img import diffusers_img2img, make_image
 
     pixels = np.asarray((make_image(32, 32, 3) * 255).round(), np.uint8).astype(np.float32) / 255
     runtime = Pipeline.load(tiny_vae_bundle, backend="onnxruntime", precision="fp32")

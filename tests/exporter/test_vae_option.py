@@ -19,13 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import diffusers_images, export, psnr, random_inputs
-from test_errors import assert_one_line_error, export_cli, no_leftovers
-from test_sdxl import PROMPT, TOLERANCE, diffusers_sdxl_images, sdxl_img2img_parity
-from test_tensorrt import needs_rtx
 
 from lcm_export.exporter.tiny import build_tiny_autoencoder_kl
 from lcm_export.runtime import Pipeline
+from tests.helpers import (
+    PROMPT,
+    TOLERANCE,
+    assert_one_line_error,
+    diffusers_images,
+    diffusers_sdxl_images,
+    export,
+    export_cli,
+    image_psnr,
+    needs_rtx,
+    no_leftovers,
+    random_inputs,
+    sdxl_img2img_parity,
+)
 
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 OWN_VAE_DIFFERENCE = 0.05  # an image with the pipeline's own VAE is at least this far (max abs) from --vae's
@@ -231,7 +241,7 @@ def test_fp16_export_keeps_the_vae_fp32_only_where_its_config_forces_upcast(
     expected = diffusers_sdxl_images(_sdxl_pipeline(sdxl_lcm_dir, vae_dir), PROMPT, latents, noise, guidance=8.5)
     result = runtime(PROMPT, guidance_scale=8.5, latents=latents, noise=noise)
     image_error = float(np.abs(result.images - expected).max())
-    value = psnr(expected, result.images)
+    value = image_psnr(expected, result.images)
     print(
         f"fp16 SDXL bundle, VAE {precision}: decoder max abs {decoder_error:.2e} (of {np.abs(decoded).max():.2f}); "
         f"image vs diffusers fp32 max abs {image_error:.2e}, PSNR {value:.1f} dB"

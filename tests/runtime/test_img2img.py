@@ -8,7 +8,6 @@ per step but the last.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -18,64 +17,7 @@ import pytest
 
 from lcm_export.errors import UserError
 from lcm_export.runtime import Pipeline
-
-TOLERANCE = 2e-3
-
-
-@contextlib.contextmanager
-def fixed_draws(sample_noise: np.ndarray, image_noise: np.ndarray, step_noise: list[np.ndarray], pipeline_module):
-    """diffusers draws these three kinds with ``randn_tensor`` in three modules: feed each its own queue."""
-    import torch
-    from diffusers.models.autoencoders import vae
-    from diffusers.schedulers import scheduling_lcm
-
-    queues = {
-        vae: [sample_noise],
-        pipeline_module: [image_noise],
-        scheduling_lcm: list(step_noise),
-    }
-    originals = {module: module.randn_tensor for module in queues}
-
-    def feeder(queue):
-        def draw(shape, generator=None, device=None, dtype=None, layout=None):
-            array = queue.pop(0)
-            assert tuple(array.shape) == tuple(shape), (array.shape, shape)
-            return torch.from_numpy(np.asarray(array, dtype=np.float32)).to(dtype=dtype)
-
-        return draw
-
-    for module, queue in queues.items():
-        module.randn_tensor = feeder(queue)
-    try:
-        yield
-        assert not queues[scheduling_lcm], "step noise left over"
-    finally:
-        for module, original in originals.items():
-            module.randn_tensor = original
-
-
-def make_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.random((height // 4, width // 4, 3)).astype(np.float32)
-    return np.kron(base, np.ones((4, 4, 1), np.float32))  # blocky: structure the tiny VAE can keep
-
-
-def diffusers_img2img(pipeline, module, prompt, image, strength, steps, guidance, draws, **extra) -> np.ndarray:
-    import torch
-    from PIL import Image
-
-    pil = Image.fromarray((image * 255).round().astype(np.uint8))
-    pipeline.set_progress_bar_config(disable=True)
-    with fixed_draws(*draws, module), torch.no_grad():
-        return pipeline(
-            prompt,
-            image=pil,
-            strength=strength,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            output_type="np",
-            **extra,
-        ).images
+from tests.helpers import TOLERANCE, diffusers_img2img, make_image
 
 
 @pytest.mark.parametrize("strength", [0.5, 0.8])

@@ -31,6 +31,7 @@ from lcm_export.runtime.manifest import (
     strength_key,
 )
 from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec, ShapeRange
+from tests.helpers import as_format_1
 
 Edit = Callable[[dict[str, Any]], Any]
 
@@ -658,7 +659,8 @@ def test_the_spec_is_float32_and_each_variant_gives_its_io_dtype(bundle) -> None
 
 def test_select_picks_the_first_variant_or_names_what_exists(bundle) -> None:
     """Per component, a precision no variant has falls back to the preferred variant (the float text encoder of an
-    INT8 bundle); a forced INT8 that no component has is the pipeline's one-line error (tests/test_pipeline.py)."""
+    INT8 bundle); a forced INT8 that no component has is the pipeline's one-line error
+    (tests/runtime/test_pipeline.py)."""
     unet = load_manifest(bundle).components["unet"]
     (only,) = unet.variants
     assert unet.artifacts == {"onnx": only}  # format -> the preferred variant, read-only
@@ -825,24 +827,6 @@ def test_one_strength_has_one_table(bundle) -> None:
 
 
 # -- format 1 ---------------------------------------------------------------------------------------------------------
-
-
-def as_format_1(data: dict[str, Any]) -> dict[str, Any]:
-    """A format-2 manifest as the previous exporter wrote it (see tests/fixtures/manifest-v1-tiny-lcm.json): one
-    artifact per format (``artifacts: {format: {format, path, precision, ...details}}``, no name, io_dtype, files
-    or produced_by), the spec's float tensors in the artifacts' dtype, no conditioning, tables by step count only."""
-    old = copy.deepcopy(data)
-    old["format_version"] = 1
-    old.pop("conditioning")
-    old["scheduler"]["tables"] = {key: table for key, table in old["scheduler"]["tables"].items() if "@" not in key}
-    added = ("name", "io_dtype", "files", "produced_by")
-    for component in old["components"].values():
-        variants = component.pop("variants")
-        for tensor in (*component["inputs"], *component["outputs"]):
-            if tensor["dtype"] == "float32":
-                tensor["dtype"] = variants[0]["io_dtype"]
-        component["artifacts"] = {v["format"]: {k: x for k, x in v.items() if k not in added} for v in variants}
-    return old
 
 
 @pytest.mark.parametrize("form", ["onnx", "onnx with an fp16 unet", "tensorrt", "tensorrt beside onnx", "coreml"])

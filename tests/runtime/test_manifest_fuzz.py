@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_manifest import as_format_1
 
 from lcm_export.errors import BundleError
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.manifest import MANIFEST_NAME, load_manifest
+from tests.helpers import as_format_1
 
 SEED = 1729
 MUTATIONS = 240

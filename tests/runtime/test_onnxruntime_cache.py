@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import random_inputs
 
 from lcm_export.runtime import Pipeline
+from tests.helpers import random_inputs
 
 
 def _files(root: Path) -> set[Path]:

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import diffusers_images, psnr, random_inputs
 
 from lcm_export.errors import UserError
 from lcm_export.runtime import Pipeline
+from tests.helpers import TOLERANCE, diffusers_images, image_psnr, random_inputs
 
 pytest.importorskip("openvino")
 pytestmark = pytest.mark.openvino
 
-TOLERANCE = 2e-3
 # Default precision against fp32 on the tiny model: identical on CPUs without bf16 (OpenVINO runs f32 there);
 # bf16 keeps 8 mantissa bits, which on these images stays far above this bound.
 MIN_DEFAULT_PSNR = 30.0
@@ -59,7 +58,7 @@ def test_default_precision_psnr_against_fp32(parity_runtime, tiny_lcm_bundle) ->
     reference = parity_runtime("a lighthouse at dusk", latents=latents, noise=noise).images
     image = default("a lighthouse at dusk", latents=latents, noise=noise).images
     precisions = sorted({session.inference_precision for session in default.sessions.values()})
-    value = psnr(reference, image)
+    value = image_psnr(reference, image)
     print(f"OpenVINO default precision {precisions}: PSNR against fp32 {value:.1f} dB")
     assert value >= MIN_DEFAULT_PSNR, (precisions, value)
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import diffusers_images, export, psnr, random_inputs
 
-from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
+from lcm_export.exporter.tiny import build_tiny_pipeline
 from lcm_export.runtime import Pipeline
-
-TOLERANCE = 2e-3
+from tests.helpers import TOLERANCE, UNSEEN_SHAPES, diffusers_images, export, image_psnr, random_inputs
 
 
 @pytest.fixture(scope="module")
@@ -61,40 +59,6 @@ def test_seeded_runs_repeat_and_differ(runtime) -> None:
     assert np.abs(first - runtime("a cat", seed=4).images).max() > 1e-3
 
 
-UNSEEN_SHAPES = {
-    "three-blocks-vae4": TinyPipelineConfig(
-        unet_block_out_channels=(32, 32, 64),
-        unet_down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        unet_up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(4, 8, 8),
-        cross_attention_dim=48,
-        text_hidden_size=48,
-        time_cond_proj_dim=20,
-        vae_block_out_channels=(16, 16, 32),
-        vae_scaling_factor=0.13025,
-        scheduler={"original_inference_steps": 30},
-        seed=1,
-    ),
-    "two-layers-v-prediction": TinyPipelineConfig(
-        unet_layers_per_block=2,
-        attention_head_dim=16,
-        latent_channels=6,
-        time_cond_proj_dim=33,
-        vae_block_out_channels=(16, 32, 32, 32),
-        vae_scaling_factor=0.5,
-        scheduler={
-            "prediction_type": "v_prediction",
-            "timestep_scaling": 5.0,
-            "original_inference_steps": 40,
-            "beta_schedule": "linear",
-            "beta_start": 0.0001,
-            "beta_end": 0.02,
-        },
-        seed=2,
-    ),
-}
-
-
 @pytest.mark.parametrize("name", sorted(UNSEEN_SHAPES))
 def test_other_architectures_and_schedulers_match(name, tmp_path) -> None:
     config = UNSEEN_SHAPES[name]
@@ -124,6 +88,6 @@ def test_fp16_bundle_psnr(tiny_lcm_dir, tiny_lcm_bundle, tmp_path) -> None:
     latents, noise = random_inputs((1, 4, 16, 16), steps=4, seed=5)
     image16 = runtime16("a cat", latents=latents, noise=noise).images
     image32 = runtime32("a cat", latents=latents, noise=noise).images
-    value = psnr(image32, image16)
+    value = image_psnr(image32, image16)
     print(f"fp16 vs fp32 PSNR: {value:.1f} dB")
     assert 35.0 < value < float("inf")

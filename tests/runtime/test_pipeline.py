@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_inputs
 
 from lcm_export.errors import BundleError, UserError
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.manifest import FORMAT_VERSION, Artifact, load_manifest
 from lcm_export.runtime.pipeline import StepEvent
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from tests.helpers import FIXTURES, random_inputs
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import fixed_scheduler_noise
 
 from lcm_export.errors import UserError
 from lcm_export.exporter.schedule import guidance_frequencies, scheduler_info
 from lcm_export.runtime.manifest import SchedulerInfo
 from lcm_export.runtime.scheduler import LCMScheduler, guidance_scale_embedding
+from tests.helpers import fixed_scheduler_noise
 
 MAX_STEPS = 8
 STEP_COUNTS = (1, 2, 4, 8)

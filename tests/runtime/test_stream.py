@@ -107,7 +107,7 @@ def test_step_batching_equals_the_unbatched_loop(
 
 
 def test_the_unbatched_loop_equals_img2img_with_the_same_draws(tiny_lcm_bundle) -> None:
-    """The stream is img2img with fixed draws (itself equal to diffusers, tests/test_img2img.py)."""
+    """The stream is img2img with fixed draws (itself equal to diffusers, tests/runtime/test_img2img.py)."""
     pipe = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
     stream = pipe.stream("a cat", strength=0.6, num_inference_steps=4, seed=5)
     frames = make_frames(2)

@@ -13,14 +13,11 @@ import json
 import platform
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export, sdxl_source
-from conftest import export_cli_blocking as cli
 
 from lcm_export.errors import BundleError, ExportError, UserError
 from lcm_export.runtime.backends import BackendOptions, choose_backend
@@ -29,6 +26,8 @@ from lcm_export.runtime.backends.coreml import CoreMLTensor, adapt_feeds, check_
 from lcm_export.runtime.manifest import Component, Manifest, load_manifest
 from lcm_export.runtime.specs import ComponentSpec, ShapeRange, TensorSpec
 from lcm_export.targets import coreml as coreml_target
+from tests.helpers import assert_one_line_error, export, sdxl_source
+from tests.helpers import export_cli_blocking as cli
 
 pytestmark = [
     pytest.mark.coreml,
@@ -39,14 +38,6 @@ pytestmark = [
 IS_MACOS = platform.system() == "Darwin"
 ALL_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 NUMPY_OF_COREML = {"FLOAT32": "float32", "FLOAT16": "float16", "INT32": "int32"}
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def package_io(path: Path) -> tuple[list[dict], list[dict]]:
@@ -144,7 +135,7 @@ def test_static_bundle_has_an_mlpackage_per_component_matching_the_manifest(stat
     assert_packages_match_manifest(static_bundle, manifest)
 
 
-# The tiny LCM, the tiny distilled LCM-SDXL, and conftest's OTHER_SDXL with a LoRA fused (classifier-free
+# The tiny LCM, the tiny distilled LCM-SDXL, and tests.helpers.OTHER_SDXL with a LoRA fused (classifier-free
 # guidance: its text encoders and U-Net get a batch range of 1-2 even in a static export).
 COREML_MODELS = ("tiny-lcm", "tiny-sdxl-lcm", "other-sdxl-lora")
 
@@ -317,7 +308,7 @@ def test_dynamic_spatial_range_converts_the_vae_decoder(tiny_lcm_dir, tmp_path):
 
 
 def test_without_coremltools_the_cli_fails_before_loading_the_model(tmp_path):
-    line = one_line_error(
+    line = assert_one_line_error(
         cli(tmp_path / "no-such-model", "--target", "coreml", "--output", tmp_path / "out", blocked=("coremltools",))
     )
     assert "pip install 'lcm-edge[coreml]'" in line and "no-such-model" not in line

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import export, psnr, random_inputs, sdxl_source
-from conftest import export_cli_blocking as cli
 
 from lcm_export.errors import ExportError, UserError
 from lcm_export.exporter.onnx_export import FINITE_MASK_FILL_KEY, use_finite_mask_fills
@@ -26,30 +24,24 @@ from lcm_export.runtime.backends import tensorrt as trt_backend
 from lcm_export.runtime.manifest import Artifact, Component, load_manifest
 from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec, ShapeRange, TensorSpec
 from lcm_export.targets import tensorrt as trt_target
+from tests.helpers import (
+    HAS_RTX,
+    assert_one_line_error,
+    export,
+    image_psnr,
+    needs_rtx,
+    no_leftovers,
+    random_inputs,
+    sdxl_source,
+)
+from tests.helpers import export_cli_blocking as cli
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-HAS_RTX = trt_backend.import_flavor("rtx") is not None
 HAS_STANDARD = trt_backend.import_flavor("tensorrt") is not None
-needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="TensorRT-RTX is not installed: pip install 'lcm-edge[tensorrt]'")
 # fp16 vs fp32 images of the tiny model: fp16 rounds to 2**-11 (4.9e-4) relative; an image off by about two fp16
 # steps RMS on [0, 1] (1e-3) is 60 dB. Measured on this tiny model: 71-73 dB. Real SD-sized models accumulate
 # more error over 4 U-Net calls; Apple's gate for converted SD models is 35 dB (ml-stable-diffusion).
 MIN_FP16_PSNR = 60.0
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def assert_no_leftovers(output: Path) -> None:
-    assert not output.exists()
-    assert not [path for path in output.parent.iterdir() if path.name.startswith(f".{output.name}.")]
 
 
 def engine_profiles(bundle: Path, dynamic: bool) -> dict[str, dict]:
@@ -122,7 +114,7 @@ def rtx_bundle(tiny_lcm_dir, tmp_path_factory) -> Path:
     return bundle
 
 
-# The tiny LCM, the tiny distilled LCM-SDXL, and conftest's OTHER_SDXL with a LoRA fused (classifier-free
+# The tiny LCM, the tiny distilled LCM-SDXL, and tests.helpers.OTHER_SDXL with a LoRA fused (classifier-free
 # guidance: the CFG components' batch profile is 1-2 even in a static build).
 ENGINE_MODELS = ("tiny-lcm", "tiny-sdxl-lcm", "other-sdxl-lora")
 
@@ -520,7 +512,7 @@ def test_fp16_onnx_image_psnr_against_fp32(rtx_bundle, tiny_lcm_bundle) -> None:
         reference = fp32("a photo of a cat", latents=latents, noise=noise, guidance_scale=guidance).images
         image = fp16("a photo of a cat", latents=latents, noise=noise, guidance_scale=guidance).images
         assert image.std() > 0.01
-        figures.append(psnr(reference, image))
+        figures.append(image_psnr(reference, image))
     print(f"\nfp16 (engine ONNX) vs fp32 PSNR: {', '.join(f'{value:.1f}' for value in figures)} dB")
     assert min(figures) > MIN_FP16_PSNR, figures
 
@@ -616,7 +608,7 @@ def test_bad_tensorrt_options_fail_before_loading_the_model(tmp_path, case) -> N
     output = tmp_path / "out"
     result = cli(tmp_path / "no-such-model", "--output", output, "--target", "tensorrt", *args, blocked=blocked)
     assert_one_line_error(result, *needles)
-    assert_no_leftovers(output)
+    no_leftovers(output)
 
 
 def test_modules_import_without_tensorrt() -> None:
@@ -792,7 +784,7 @@ def test_engines_run_on_gpu_like_their_onnx(rtx_bundle) -> None:
         latents, noise = random_inputs((1, 4, 16, 16), steps=4, seed=seed)
         expected = reference("a photo of a cat", latents=latents, noise=noise).images
         result = engines("a photo of a cat", latents=latents, noise=noise)
-        figure = psnr(expected, result.images)
+        figure = image_psnr(expected, result.images)
         print(f"\nTensorRT-RTX vs onnxruntime (same fp16 graph), seed {seed}: {figure:.1f} dB")
         assert figure > 50.0 and np.isfinite(result.images).all()
 
