@@ -25,9 +25,10 @@ import numpy as np
 from lcm_export.errors import UserError
 from lcm_export.runtime.cache import CACHE_ENVIRONMENT_VARIABLE, cache_root  # noqa: F401 (re-exported)
 
-# name -> (module, pip extra that installs it)
+# name -> (module, what to pip install for it: onnxruntime comes with the base install, lcm-edge; the registry's
+# "lcm-export" is an unrelated project)
 BACKENDS: dict[str, tuple[str, str]] = {
-    "onnxruntime": ("lcm_export.runtime.backends.onnxruntime", "lcm-export"),
+    "onnxruntime": ("lcm_export.runtime.backends.onnxruntime", "lcm-edge"),
     "openvino": ("lcm_export.runtime.backends.openvino", "lcm-edge[openvino]"),
     "tensorrt": ("lcm_export.runtime.backends.tensorrt", "lcm-edge[tensorrt]"),
     "coreml": ("lcm_export.runtime.backends.coreml", "lcm-edge[coreml]"),
