@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from lcm_export.errors import ExportError
-from lcm_export.runtime.manifest import FAMILY_TEXT_ENCODERS, SDXL_SIZE_IDS
+from lcm_export.runtime.conditioning import SDXL_SIZE_IDS
+from lcm_export.runtime.manifest import FAMILY_TEXT_ENCODERS
 
 BUILTIN_MODELS = {
     "builtin:tiny-lcm": "lcm",

@@ -97,9 +97,6 @@ FAMILY_TEXT_ENCODERS = {
     "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
 }
 FAMILIES = tuple(FAMILY_TEXT_ENCODERS)
-# SDXL's micro-conditioning (the U-Net's time_ids, the runtime's "size_ids"): original size (2), crop top-left (2),
-# target size (2). The refiner's U-Net takes 5 instead (original size, crop, aesthetic score).
-SDXL_SIZE_IDS = 6
 RUNTIME_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # what Pipeline runs (and the declared encoders)
 COMPONENT_NAMES = (*RUNTIME_COMPONENTS, "text_encoder_2", "vae_encoder")
 TOKENIZER_FILE = "tokenizer.json"  # the ``tokenizers`` library's format

@@ -39,6 +39,7 @@ from lcm_export.runtime.backends import (
     cache_entry_writer,
     cpu_model_and_flags,
     file_identity,
+    warn_cache_unwritable,
 )
 from lcm_export.runtime.manifest import Component
 
@@ -82,9 +83,17 @@ class OnnxRuntimeSession:
                 shutil.rmtree(cached.parent, ignore_errors=True)
         if not self.loaded_from_cache:
             session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            with cache_entry_writer(cached.parent) if cached is not None else nullcontext() as staging:
-                if staging is not None:
-                    _save_optimized_into(session_options, staging / cached.name)
+            try:
+                with cache_entry_writer(cached.parent) if cached is not None else nullcontext() as staging:
+                    if staging is not None:
+                        _save_optimized_into(session_options, staging / cached.name)
+                    self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
+            except Exception as error:
+                if cached is None:
+                    raise
+                # The optimised copy could not be saved (a full cache disk): this load runs uncached.
+                warn_cache_unwritable(cached.parent.parent, error, needed=path.stat().st_size)
+                session_options.optimized_model_filepath = ""
                 self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
         self.output_names = [output.name for output in self.session.get_outputs()]
 

@@ -54,6 +54,7 @@ from lcm_export.runtime.backends import (
     cache_entry_writer,
     cpu_model_and_flags,
     file_identity,
+    warn_cache_unwritable,
 )
 from lcm_export.runtime.manifest import Component
 
@@ -155,7 +156,12 @@ def compile_onnx(
         return core.compile_model(str(path), options.device, config)
     if cache is None:
         return core.compile_model(_read(core, path, shapes, quantised), options.device, config)
-    ir = _prepared_ir(core, path, shapes, Path(cache), identity, quantised)
+    try:
+        ir = _prepared_ir(core, path, shapes, Path(cache), identity, quantised)
+    except OSError as error:  # the IR could not be written (a full cache disk): this load runs uncached
+        warn_cache_unwritable(Path(cache), error, needed=path.stat().st_size)
+        uncached = {key: value for key, value in config.items() if key != "CACHE_DIR"}
+        return core.compile_model(_read(core, path, shapes, quantised), options.device, uncached)
     return core.compile_model(str(ir), options.device, config)
 
 
