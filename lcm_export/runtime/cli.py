@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="with --stream: batch the denoising steps of consecutive frames in one U-Net call (StreamDiffusion's "
-        "step batching: N frames in flight, N-1 frames more latency; off by default: on a 2-core CPU it gained "
-        "3-5%% frames/s for 2-3.5x the latency, see Pipeline.stream)",
+        "step batching: N frames in flight, N-1 frames more latency; off by default: on a small CPU it gains "
+        "little throughput for much more latency, see docs/design-notes.md)",
     )
     profile = parser.add_argument_group(
         "profiling (--profile: time every stage over repeated runs; --output gets the last run's image)"
