@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
-import run as bench
 
 from lcm_export.calibration.quality import psnr
 
@@ -75,7 +75,6 @@ IMAGE_PAIRS = (
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="SDXL-shaped pipeline: ours vs diffusers vs optimum-intel.")
-    parser.add_argument("--sdxl", action="store_true", help=argparse.SUPPRESS)  # bench/run.py's switch
     parser.add_argument("--sizes", type=int, nargs="+", default=[512])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
@@ -83,7 +82,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--guidance", type=float, default=8.0)
     parser.add_argument("--work-dir", type=Path, default=Path("~/.cache/lcm-export/bench").expanduser())
-    parser.add_argument("--output", type=Path, default=bench.BENCH_DIR, help="where RESULTS.md and the JSON go")
+    parser.add_argument("--output", type=Path, default=common.BENCH_DIR, help="where RESULTS.md and the JSON go")
     parser.add_argument("--no-optimum", action="store_true", help="ours and diffusers only")
     parser.add_argument(
         "--engines",
@@ -102,9 +101,9 @@ def ensure_model(work_dir: Path) -> dict[str, Any] | None:
     folder = work_dir / MODEL
     if (folder / "bench-model-complete.json").is_file():
         return None
-    command = [sys.executable, str(bench.BENCH_DIR / "models.py"), str(work_dir), "--sdxl"]
-    bench.log(f"sdxl: building the model: {shlex.join(command)}")
-    return bench.measured(command, work_dir / "logs" / "sdxl-model.log")
+    command = [sys.executable, str(common.BENCH_DIR / "models.py"), str(work_dir), "--sdxl"]
+    common.log(f"sdxl: building the model: {shlex.join(command)}")
+    return common.measured(command, work_dir / "logs" / "sdxl-model.log")
 
 
 def exports(work_dir: Path, optimum_python: str | None, re_export: bool) -> dict[str, Any]:
@@ -128,23 +127,23 @@ def exports(work_dir: Path, optimum_python: str | None, re_export: bool) -> dict
         )
     }
     if optimum_python:
-        command = [optimum_python, str(bench.WORKER), "optimum-export-fp16", str(work_dir / MODEL)]
+        command = [optimum_python, str(common.WORKER), "optimum-export-fp16", str(work_dir / MODEL)]
         jobs["optimum"] = ([*command, str(work_dir / OPTIMUM_IR)], work_dir / OPTIMUM_IR / "model_index.json")
     for name, (command, done) in jobs.items():
         if done.is_file() and metrics.get(name, {}).get("command") == shlex.join(command) and not re_export:
-            bench.log(f"sdxl: export {name}: reusing {done.parent}")
+            common.log(f"sdxl: export {name}: reusing {done.parent}")
             continue
-        bench.log(f"sdxl: export {name}: {shlex.join(command)}")
-        result = bench.measured(command, work_dir / "logs" / f"sdxl-export-{name}.log")
+        common.log(f"sdxl: export {name}: {shlex.join(command)}")
+        result = common.measured(command, work_dir / "logs" / f"sdxl-export-{name}.log")
         metrics[name] = {**result, "command": shlex.join(command), "date": time.strftime("%Y-%m-%d %H:%M")}
         metrics[name]["bytes"] = sum(path.stat().st_size for path in done.parent.rglob("*") if path.is_file())
-        bench.log(f"sdxl: export {name}: {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
+        common.log(f"sdxl: export {name}: {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def engine_specs(work_dir: Path, names: list[str], optimum_python: str | None) -> list[bench.Engine]:
-    ov_default = bench.openvino_default_precision()
+def engine_specs(work_dir: Path, names: list[str], optimum_python: str | None) -> list[common.Engine]:
+    ov_default = common.openvino_default_precision()
     bundle = str(work_dir / BUNDLE)
 
     def ours(backend: str, precision: str) -> dict[str, Any]:
@@ -177,30 +176,30 @@ def engine_specs(work_dir: Path, names: list[str], optimum_python: str | None) -
         if name not in names or (kind == "optimum-intel" and optimum_python is None):
             continue
         python = optimum_python if kind == "optimum-intel" else sys.executable
-        engines.append(bench.Engine(name, label, kind, python, specs[name]))
+        engines.append(common.Engine(name, label, kind, python, specs[name]))
     return engines
 
 
 def run_engine(
-    engine: bench.Engine, settings: bench.Settings, size: int, images: Path, vae_scale_factor: int
+    engine: common.Engine, settings: common.Settings, size: int, images: Path, vae_scale_factor: int
 ) -> dict[str, Any]:
     """Load alone, warm up, time ``settings.runs`` runs; the first timed run's image is saved."""
     logs = settings.work_dir / "logs" / f"sdxl-{size}"
-    available = bench.mem_available_gb()
-    bench.log(f"sdxl {size}px {engine.name}: load ({available:.1f} GB available)")
+    available = common.mem_available_gb()
+    common.log(f"sdxl {size}px {engine.name}: load ({available:.1f} GB available)")
     cache = settings.work_dir / "cache" / f"sdxl-{engine.name}-{size}"  # compiled graphs: none (spec cache_dir "")
-    worker = bench.Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
+    worker = common.Worker(engine, size, settings, cache, logs / f"{engine.name}.log")
     ready = worker.ready()
-    bench.log(f"sdxl {size}px {engine.name}: loaded in {ready['load_s']:.1f} s ({ready['info']})")
+    common.log(f"sdxl {size}px {engine.name}: loaded in {ready['load_s']:.1f} s ({ready['info']})")
     runs = []
     for round_index in range(-settings.warmup, settings.runs):
         save = images / f"{engine.name}.npy" if round_index == 0 else None
         reply = worker.send(
-            {**bench.run_command(settings, size, round_index, save), "vae_scale_factor": vae_scale_factor}
+            {**common.run_command(settings, size, round_index, save), "vae_scale_factor": vae_scale_factor}
         )
         if round_index >= 0:
             runs.append(reply)
-        bench.log(
+        common.log(
             f"sdxl {size}px {engine.name}: {'warm-up' if round_index < 0 else f'run {round_index + 1}'} "
             f"{reply['total']:.1f} s (U-Net {reply.get('unet', 0):.1f}, VAE {reply.get('vae_decode', 0):.1f})"
         )
@@ -212,7 +211,7 @@ def run_engine(
         "import_s": ready["import_s"],
         "info": ready["info"],
         "runs": runs,
-        "median": bench.stage_medians(runs),
+        "median": common.stage_medians(runs),
         "unet_calls": runs[0].get("unet_calls") if runs else None,
         "peak_rss_gb": bye["peak_rss_gb"],
         "peak_anon_gb": bye["peak_anon_gb"],
@@ -330,17 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     if arguments.report_only:  # the section again from sdxl-results.json (nothing run)
         results = json.loads((arguments.output / "sdxl-results.json").read_text())
-        bench.write_section(arguments.output / "RESULTS.md", section_lines(results), SECTION_START, SECTION_END)
+        common.write_section(arguments.output / "RESULTS.md", section_lines(results), SECTION_START, SECTION_END)
         return 0
     work_dir = arguments.work_dir
     names = list(ENGINES) if "all" in arguments.engines else arguments.engines
-    command = "python bench/run.py " + shlex.join(argv)
+    command = "python bench/run.py --sdxl " + shlex.join(argv)
     model = ensure_model(work_dir)
     optimum_python = None
     if not arguments.no_optimum and any(ENGINES[name][1] == "optimum-intel" for name in names):
-        optimum_python = bench.ensure_optimum_venv()
+        optimum_python = common.ensure_optimum_venv()
     export_metrics = exports(work_dir, optimum_python, arguments.re_export)
-    settings = bench.Settings(
+    settings = common.Settings(
         sizes=tuple(arguments.sizes),
         runs=arguments.runs,
         warmup=arguments.warmup,
@@ -365,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             **{key: str(value) if isinstance(value, Path) else value for key, value in vars(arguments).items()},
             "command": command,
         },
-        "machine": bench.machine_info(),
+        "machine": common.machine_info(),
         "model_build": model,
         "exports": {name: export_metrics[name] for name in ("ours", "optimum") if name in export_metrics},
         "load_average_before": [round(value, 2) for value in os.getloadavg()],
@@ -394,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         results["sizes"][str(size)] = {"engines": rows, "ratios": ratios, "images": compare_images(images)}
     results["load_average_after"] = [round(value, 2) for value in os.getloadavg()]
-    bench.publish_section(
+    common.publish_section(
         arguments.output, "sdxl-results.json", results, section_lines(results), SECTION_START, SECTION_END
     )
     return 0

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import run as bench
+import common
 
 SECTION_START = "<!-- stream-fps: start (bench/stream.py writes this section) -->"
 SECTION_END = "<!-- stream-fps: end -->"
@@ -43,7 +43,6 @@ OPTIMUM_STREAM_IR = "optimum-ov-fast-stream"
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Frames per second of the img2img frame loop (ours vs optimum-intel).")
-    parser.add_argument("--stream-fps", action="store_true", help=argparse.SUPPRESS)  # bench/run.py's switch
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--frames", type=int, default=12, help="timed frames per engine and step count")
@@ -55,7 +54,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=8.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=Path("~/.cache/lcm-export/bench").expanduser())
-    parser.add_argument("--output", type=Path, default=bench.BENCH_DIR, help="where RESULTS.md and the JSON go")
+    parser.add_argument("--output", type=Path, default=common.BENCH_DIR, help="where RESULTS.md and the JSON go")
     parser.add_argument("--no-optimum", action="store_true", help="ours only")
     parser.add_argument("--engines", nargs="+", default=[], help="only these engines: ours, optimum (default: both)")
     return parser.parse_args(argv)
@@ -71,15 +70,15 @@ def export_stream_bundle(work_dir: Path) -> dict[str, Any]:
         unet = json.loads(manifest_path.read_text())["components"]["unet"]
         timestep = next(tensor for tensor in unet["inputs"] if tensor["name"] == "timestep")
         if timestep["shape"] == ["batch"]:
-            bench.log(f"stream: reusing {bundle}")
+            common.log(f"stream: reusing {bundle}")
             return json.loads(metrics_path.read_text())
     command = [sys.executable, "-m", "lcm_export.exporter.cli", str(work_dir / "sd15-lcm"), "-o", str(bundle)]
     command += ["--overwrite", "--tiny-vae", str(work_dir / "taesd"), "--quiet"]
-    bench.log(f"stream: export {shlex.join(command)}")
-    result = bench.measured(command, work_dir / "logs" / "export-stream.log")
+    common.log(f"stream: export {shlex.join(command)}")
+    result = common.measured(command, work_dir / "logs" / "export-stream.log")
     result["command"] = shlex.join(command)
     metrics_path.write_text(json.dumps(result, indent=2) + "\n")
-    bench.log(f"stream: exported in {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
+    common.log(f"stream: exported in {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
     return result
 
 
@@ -92,9 +91,9 @@ def optimum_stream_ir(work_dir: Path, python: str, size: int) -> Path:
     if not (fast / "vae_decoder" / "openvino_model.xml").is_file():
         raise SystemExit(f"bench: {fast} is missing: run `python bench/run.py` once (it builds optimum-intel's IR)")
     job = {"fast": str(fast), "taesd": str(work_dir / "taesd"), "output": str(output), "size": size}
-    bench.log(f"stream: optimum-intel IR with TAESD's encoder -> {output}")
-    bench.measured(
-        [python, str(bench.WORKER), "optimum-taesd-encoder", json.dumps(job)], work_dir / "logs" / "optimum-taesd.log"
+    common.log(f"stream: optimum-intel IR with TAESD's encoder -> {output}")
+    common.measured(
+        [python, str(common.WORKER), "optimum-taesd-encoder", json.dumps(job)], work_dir / "logs" / "optimum-taesd.log"
     )
     return output
 
@@ -107,15 +106,15 @@ class Worker:
         self.name, self.log_path = name, log_path
         self.log_file = open(log_path, "w")  # closed in quit()
         self.process = subprocess.Popen(
-            [python, str(bench.WORKER), json.dumps(spec)],
+            [python, str(common.WORKER), json.dumps(spec)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log_file,
             text=True,
-            cwd=bench.REPO_DIR,
+            cwd=common.REPO_DIR,
         )
         self.ready = self._receive()
-        bench.log(f"stream: {name} loaded in {self.ready['load_s']:.1f} s ({self.ready['info']})")
+        common.log(f"stream: {name} loaded in {self.ready['load_s']:.1f} s ({self.ready['info']})")
 
     def _receive(self) -> dict[str, Any]:
         line = self.process.stdout.readline()
@@ -142,7 +141,7 @@ def run_interleaved(workers: dict[str, Worker], blocks: list[tuple[str, dict[str
         reply = workers[name].send({"cmd": "stream", **job})
         replies.append({**job, **reply})
         rate = reply["frames"] / reply["seconds"]
-        bench.log(f"stream: {job['row']} {job['steps']} steps, round {job['round'] + 1}: {rate:.2f} frames/s")
+        common.log(f"stream: {job['row']} {job['steps']} steps, round {job['round'] + 1}: {rate:.2f} frames/s")
     return replies
 
 
@@ -234,9 +233,9 @@ def section_lines(results: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     work_dir = arguments.work_dir
-    command = "python bench/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    bench.build_models(
-        bench.Settings(
+    command = "python bench/run.py --stream-fps " + shlex.join(sys.argv[1:] if argv is None else argv)
+    common.build_models(
+        common.Settings(
             sizes=(arguments.size,),
             runs=0,
             warmup=0,
@@ -279,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     engines: dict[str, tuple[str, dict[str, Any]]] = {"ours": (sys.executable, ours)}
     rows = {"ours-stream": "ours", "ours-stream-batched": "ours"}
     if not arguments.no_optimum:
-        python = bench.ensure_optimum_venv()
+        python = common.ensure_optimum_venv()
         model = optimum_stream_ir(work_dir, python, arguments.size)
-        default = bench.openvino_default_precision()
+        default = common.openvino_default_precision()
         spec = {
             "engine": "optimum-intel",
             "model": str(model),
@@ -311,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(arguments).items()},
             "command": command,
         },
-        "machine": bench.machine_info(),
+        "machine": common.machine_info(),
         "export": export,
         "labels": labels,
         "specs": {name: spec for name, (_, spec) in engines.items()},
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{results['load_average_after']}: other agents' work shared this 2-core machine, so the figures carry that "
         "noise.",
     ]
-    bench.publish_section(
+    common.publish_section(
         arguments.output, "stream-results.json", results, section_lines(results), SECTION_START, SECTION_END
     )
     return 0

@@ -24,6 +24,23 @@ class ExportError(UserError):
     """A model cannot be exported as asked."""
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is a full disk (ENOSPC), raised as an OSError or as a library's own exception carrying the
+    OS message (the tokenizers library's ``Exception: No space left on device (os error 28)``), or chained to one."""
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current) or "(os error 28)" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def check_no_conflicting_distribution() -> None:
     """Refuse to run beside the registry's unrelated ``lcm-export`` (an LCM log-file exporter, 2019).
 

@@ -223,3 +223,102 @@ def test_the_blocked_import_check_can_fail(tmp_path: Path) -> None:
     assert heavy.returncode != 0 and "torch" in _last_line(heavy), heavy.stderr
     layer = import_blocked("probe_layer", TARGETS_BLOCKED, tmp_path)
     assert layer.returncode != 0 and EXPORTER in _last_line(layer), layer.stderr
+
+
+# -- import circles ------------------------------------------------------------------------------------------------
+
+BENCH_ROOT = PACKAGE_ROOT.parent / "bench"
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the modules of ``modules`` it imports, wherever the import sits (function-local ones count).
+
+    ``from a import b`` is an edge to ``a.b`` where that is one of the modules, else to ``a`` (``b`` is a name in
+    it); any other import is an edge to the longest of the modules its name starts with.
+    """
+
+    def owner(name: str) -> str | None:
+        parts = name.split(".")
+        return next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in modules), None)
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        by_line: dict[int, list[str]] = {}
+        for line, imported, _ in imported_modules(path.read_text(), name, path.name == "__init__.py"):
+            by_line.setdefault(line, []).append(imported)
+        edges: set[str] = set()
+        for names in by_line.values():
+            for imported in names:
+                submodules = [other for other in names if other.startswith(imported + ".") and other in modules]
+                if imported in modules and submodules:
+                    continue  # "from a import b": the edge is to the submodule a.b
+                target = owner(imported)
+                if target is not None and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted; a circle is such a group."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for imported in sorted(graph.get(module, ())):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in on_stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(circles)
+
+
+def package_modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE_ROOT.rglob("*.py"))}
+
+
+def bench_modules() -> dict[str, Path]:
+    """bench/'s scripts import each other by their bare names (the folder is their sys.path[0])."""
+    return {path.stem: path for path in sorted(BENCH_ROOT.glob("*.py"))}
+
+
+@pytest.mark.parametrize("modules", [package_modules, bench_modules], ids=["lcm_export", "bench"])
+def test_no_import_circles(modules) -> None:
+    found = modules()
+    assert len(found) >= 5, f"only {len(found)} modules found"
+    circles = import_circles(import_graph(found))
+    assert not circles, "import circles (function-local imports count; move the shared piece below both):\n" + (
+        "\n".join(" <-> ".join(circle) for circle in circles)
+    )
+
+
+def test_the_circle_finder_finds_a_function_local_circle(tmp_path: Path) -> None:
+    (tmp_path / "low.py").write_text("import json\n")
+    (tmp_path / "a.py").write_text("from low import x\n\ndef later():\n    from b import y\n")
+    (tmp_path / "b.py").write_text("import a\n")
+    (tmp_path / "c.py").write_text("import low\n")
+    modules = {path.stem: path for path in sorted(tmp_path.glob("*.py"))}
+    graph = import_graph(modules)
+    assert graph == {"a": {"low", "b"}, "b": {"a"}, "c": {"low"}, "low": set()}
+    assert import_circles(graph) == [["a", "b"]]

@@ -4,15 +4,11 @@ The exporter calls :func:`quantize_components` on its staging folder once the fl
 that loads), adds the returned variants, and calls :func:`quality_report` on the bundle holding both: PSNR and SSIM
 of the final images, INT8 against float, on the calibration prompts and on held-out ones, per guidance.
 
-Which components are quantised is where INT8 pays, measured on the SD1.5-shaped pipeline here (2 threads):
-
-- the U-Net, always: 2.85x per call at 256 px and 1.92x at 512 px on onnxruntime against fp32, 93-96% of a run;
-- the full VAE decoder (AutoencoderKL), on the ONNX target: 3.0x on onnxruntime (3.08 -> 1.03 s at 256 px,
-  12.27 -> 4.11 s at 512 px), 3.1x on OpenVINO f32 and 1.6x on OpenVINO bf16 (1.58 -> 0.97 s), at 42.0-42.5 dB PSNR
-  of the decoded image against the float decoder on the same latents; it is 57% of an INT8-U-Net run at 512 px;
-- not the tiny decoder (TAESD: 0.08 s of a 1.48 s fast INT8 run at 256 px on OpenVINO), nor the text encoders
-  (0.05 s of it: at most 3-4% even if INT8 made them free), nor the VAE encoder (img2img; not measured);
-- not the decoder for TensorRT: on a GPU its fp16 engine is what the measurements above cannot speak for.
+Which components are quantised is where INT8 pays, measured on the SD1.5-shaped pipeline here: the U-Net, always
+(most of a run); the full VAE decoder (AutoencoderKL) on the ONNX target (about 3x faster on the CPU backends, most
+of an INT8-U-Net run at 512 px); not the tiny decoder (TAESD) nor the text encoders (small shares of a run even if
+INT8 made them free), nor the VAE encoder (img2img; not measured), nor the decoder for TensorRT (a GPU's fp16 engine
+is what those measurements cannot speak for). Measured: docs/design-notes.md#calibration-int8.
 """
 
 from __future__ import annotations

@@ -4,18 +4,14 @@ One QDQ file serves every engine that reads ONNX: onnxruntime fuses the pairs in
 QDQ as its own FakeQuantize (the quantisation NNCF would produce), TensorRT builds INT8 layers from explicit QDQ.
 Weights are per output channel, signed 8 bit; activations unsigned 8 bit (MLAS's fast path on AVX2). Each
 activation's range is the mean over the recorded U-Net calls of that call's min and max ("mean-minmax", NNCF's
-default for per-tensor activations), not the extremes over all calls ("minmax"): on the SD1.5-shaped U-Net at
-256 px (32 calibration calls, final images against fp32 on onnxruntime, 4 prompts) mean-minmax measured
-54.1-54.8 dB PSNR against minmax's 49.3-49.5 dB: the rare extreme calls stretched the ranges for all.
-Conv outputs are quantised too (onnxruntime's default): that is what lets onnxruntime fuse a convolution into one
-integer kernel (QLinearConv). Leaving every Conv/MatMul output float (``OpTypesToExcludeOutputQuantization``, as
-NNCF does) gained 1.3 dB (55.7 dB) but ran the U-Net at 4.3-4.6 s a call on onnxruntime against 1.9 s, and 1.8 s
-against 1.2 s on OpenVINO (256 px, same machine, same load). MatMul outputs alone are left float
-(``float_outputs``): onnxruntime still runs them as integer MatMuls (MatMulIntegerToFloat) and OpenVINO as u8
-FullyConnected layers; on the SD1.5-shaped U-Net at 256 px (final images against fp32, 3 prompts) that gained
-0.24-0.53 dB on onnxruntime (U-Net call 0.449 s against 0.462 s) and 0.16-0.45 dB on OpenVINO (0.357 s against
-0.385 s). OpenVINO's kernels need no quantised output to run in 8 bit, so its backend reads this same file with the
-convolution outputs float as well (``runtime.backends.openvino.float_layer_outputs``: +1.2 dB there, as fast).
+default for per-tensor activations), not the extremes over all calls ("minmax"): the rare extreme calls stretch the
+ranges for all. Conv outputs are quantised too (onnxruntime's default): that is what lets onnxruntime fuse a
+convolution into one integer kernel (QLinearConv); leaving every Conv/MatMul output float
+(``OpTypesToExcludeOutputQuantization``, as NNCF does) is more accurate but more than twice as slow there. MatMul
+outputs alone are left float (``float_outputs``): onnxruntime still runs them as integer MatMuls
+(MatMulIntegerToFloat) and OpenVINO as u8 FullyConnected layers, more accurate at the same speed. OpenVINO's kernels
+need no quantised output to run in 8 bit, so its backend reads this same file with the convolution outputs float as
+well (``runtime.backends.openvino.float_layer_outputs``). Measured: docs/design-notes.md#calibration-onnx-qdq.
 
 What stays float is a rule over the graph's structure (:func:`float_nodes`), not a list of names:
 
@@ -142,7 +138,7 @@ def quantize_qdq(
     Two phases, so that their memory does not add up: the activation ranges first (:func:`calibrate_ranges`: an
     onnxruntime session of the model with a ReduceMin/ReduceMax after every tensor to quantise), released before
     ``quantize_static`` loads the model again to rewrite it with those ranges. In one call ``quantize_static`` held
-    the model, its augmented copy and the calibration session at once: 12.83 GB peak for the SD1.5-shaped export.
+    the model, its augmented copy and the calibration session at once (measured: docs/design-notes.md).
 
     Returns what the manifest records: the recipe, the float nodes, counts and the time it took.
     """

@@ -10,16 +10,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import glob
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lcm_export.calibration.prompts import CALIBRATION_PROMPTS
-from lcm_export.errors import ExportError
+from lcm_export.errors import ExportError, is_disk_full
 from lcm_export.exporter.components import build_components, penultimate_hidden_state_name, pipeline_module_of
 from lcm_export.exporter.ecosystem import TOKENIZER_LIBRARY_CLASS, write_tokenizer
 from lcm_export.exporter.loading import (
@@ -329,22 +331,143 @@ def _silence_library_progress() -> None:
     transformers_logging.disable_progress_bar()
 
 
+# Beside the output ``NAME``: the folder an export writes into, ``.NAME.partial-PID``, and the previous bundle while
+# it is being replaced, ``.NAME.old-PID`` (PID: the exporting process).
+STAGING_INFIX = "partial"
+RETIRED_INFIX = "old"
+
+
+def _side_folder(output: Path, infix: str, pid: int) -> Path:
+    return output.parent / f".{output.name}.{infix}-{pid}"
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (in this PID namespace); another user's process counts."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only the existence and permission checks
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def remove_stale_side_folders(output: Path) -> list[Path]:
+    """Remove what exports into ``output`` left behind when they were killed before they could clean up (SIGKILL,
+    out-of-memory killer, power loss): staging and retired folders beside it whose process is gone. A live
+    export's folders (a concurrent export into the same place) are never touched. Each removal is one warning
+    (a staging folder is a bundle's size: gigabytes); returns the folders removed."""
+    removed = []
+    for infix in (STAGING_INFIX, RETIRED_INFIX):
+        prefix = f".{output.name}.{infix}-"
+        for path in sorted(output.parent.glob(glob.escape(prefix) + "*")):
+            pid = path.name[len(prefix) :]
+            if not pid.isdigit() or path.is_symlink() or not path.is_dir():
+                continue
+            # This process's own PID: an export of an earlier process that had it (this one has not started).
+            if int(pid) != os.getpid() and process_is_alive(int(pid)):
+                continue
+            size = _tree_size(path)
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+                what = "the staging folder" if infix == STAGING_INFIX else "the replaced bundle"
+                warnings.warn(
+                    f"removed '{path}' ({_size_text(size)}), {what} of an export that did not finish "
+                    f"(process {pid} is gone)",
+                    stacklevel=2,
+                )
+    return removed
+
+
+def _filename_of(error: BaseException) -> Path | None:
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, OSError) and current.filename:
+            return Path(os.fsdecode(current.filename))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def disk_full_error(error: BaseException, output: Path, staging: Path) -> ExportError:
+    """The one-line error for a full disk: which filesystem filled (the output's, the temporary folder's where
+    the export keeps scratch files, or another path a library wrote to) and what to do."""
+    temporary = Path(tempfile.gettempdir())
+    filename = _filename_of(error)
+    if filename is None:  # a library's exception without a path: the fuller of the two filesystems written to
+        free = {}
+        for place in (output.parent, temporary):
+            try:
+                free[place] = shutil.disk_usage(place).free
+            except OSError:
+                pass
+        output_fills = free.get(output.parent, 0) <= free.get(temporary, 0) or (
+            output.parent.stat().st_dev == temporary.stat().st_dev
+        )
+    else:
+        output_fills = _is_under(filename, output.parent) and not _is_under(filename, temporary)
+        if not output_fills and not _is_under(filename, temporary):
+            return ExportError(f"no space left on device writing '{filename}': free space on its filesystem")
+    if output_fills:
+        written = _tree_size(staging) if staging.exists() else 0
+        return ExportError(
+            f"--output '{output}': no space left on device (its filesystem filled after {_size_text(written)} of "
+            "the bundle; nothing was kept): free space there or pass another --output"
+        )
+    return ExportError(
+        f"no space left on device in the temporary folder '{temporary}' (the export's scratch files; nothing was "
+        "kept): free space there or set TMPDIR to a folder with room"
+    )
+
+
 def export_bundle(config: ExportConfig) -> Manifest:
-    """Export ``config.model`` to a bundle at ``config.output``; returns the manifest written."""
+    """Export ``config.model`` to a bundle at ``config.output``; returns the manifest written.
+
+    A full disk anywhere (the output's filesystem, the temporary folder) is an :class:`ExportError` naming it; the
+    staging folder is removed whatever the failure, and the next export removes those of killed exports."""
     check_config(config)
     if config.quiet:
         _silence_library_progress()
     output = config.output
     created = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_stale_side_folders(output)
+    staging = _side_folder(output, STAGING_INFIX, os.getpid())
     succeeded = False
     try:
         with tempfile.TemporaryDirectory(prefix="lcm-export-") as scratch:  # built-in models are built here
-            manifest = _export_into(config, staging, Path(scratch))
+            try:
+                manifest = _export_into(config, staging, Path(scratch))
+            except Exception as error:
+                if is_disk_full(error):  # measured while the staging and scratch folders still hold their files
+                    raise disk_full_error(error, output, staging) from error
+                raise
         if output.exists():
-            retired = output.parent / f".{output.name}.old-{os.getpid()}"
+            retired = _side_folder(output, RETIRED_INFIX, os.getpid())
             output.rename(retired)
             shutil.rmtree(retired, ignore_errors=True)
         staging.rename(output)

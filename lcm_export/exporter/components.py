@@ -18,7 +18,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from lcm_export.exporter.loading import SDXL_SIZE_IDS, LoadedPipeline
+from lcm_export.exporter.loading import LoadedPipeline
+from lcm_export.runtime.conditioning import SDXL_SIZE_IDS
 from lcm_export.runtime.specs import ComponentSpec, TensorSpec
 
 # TensorRT-RTX 1.7 cannot build an fp16 causal mask filled with -inf when the attention head size is above 8 and

@@ -23,11 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from lcm_export.errors import ExportError
+from lcm_export.runtime.conditioning import SDXL_SIZE_IDS
 from lcm_export.runtime.manifest import FAMILY_TEXT_ENCODERS
-
-# SDXL's micro-conditioning (the U-Net's time_ids): original size (2), crop top-left (2), target size (2). The
-# refiner's U-Net takes 5 instead (original size, crop, aesthetic score: requires_aesthetics_score).
-SDXL_SIZE_IDS = 6
 
 BUILTIN_MODELS = {
     "builtin:tiny-lcm": "lcm",

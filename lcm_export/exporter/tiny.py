@@ -133,7 +133,7 @@ def build_tiny_pipeline(output_dir: str | Path, config: TinyPipelineConfig | Non
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from lcm_export.exporter.loading import SDXL_SIZE_IDS
+    from lcm_export.runtime.conditioning import SDXL_SIZE_IDS
 
     config = config or TinyPipelineConfig()
     if config.kind not in KINDS:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lcm_export.errors import UserError, run_cli
+from lcm_export.errors import UserError, is_disk_full, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="with --stream: batch the denoising steps of consecutive frames in one U-Net call (StreamDiffusion's "
-        "step batching: N frames in flight, N-1 frames more latency; off by default: on a 2-core CPU it gained "
-        "3-5%% frames/s for 2-3.5x the latency, see Pipeline.stream)",
+        "step batching: N frames in flight, N-1 frames more latency; off by default: on a small CPU it gains "
+        "little throughput for much more latency, see docs/design-notes.md)",
     )
     profile = parser.add_argument_group(
         "profiling (--profile: time every stage over repeated runs; --output gets the last run's image)"
@@ -122,11 +122,51 @@ def save_images(images: np.ndarray, output: Path) -> list[Path]:
                 partial.unlink(missing_ok=True)
             paths.append(path)
     except OSError as error:
-        reason = error.strerror or str(error)
-        raise UserError(
-            f"--output '{output}' could not be written ({reason}): pass a path in a writable folder"
-        ) from None
+        raise write_error("--output", output, error) from None
     return paths
+
+
+def write_error(flag: str, path: Path, error: BaseException) -> UserError:
+    """The one line for ``flag``'s ``path`` not written: a full disk says to free space, anything else to pick a
+    writable folder."""
+    if is_disk_full(error):
+        return UserError(
+            f"{flag} '{path}' could not be written (No space left on device): free space there or pass another path"
+        )
+    reason = getattr(error, "strerror", None) or str(error)
+    return UserError(f"{flag} '{path}' could not be written ({reason}): pass a path in a writable folder")
+
+
+def write_beside(flag: str, path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a file to a hidden name beside ``path`` (same suffix: writers pick the format from it) and rename
+    it into place: a failure (a full disk) is one line naming ``flag`` and leaves no partial file."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(partial)
+        partial.replace(path)
+    except OSError as error:
+        raise write_error(flag, path, error) from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def remove_new_files(folder: Path, before: set[str]) -> None:
+    """Remove what a failed run wrote into ``folder`` (the names not in ``before``), and the folder itself when it
+    was new and is left empty."""
+    import shutil
+
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.name in before:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if not before and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -135,33 +175,41 @@ def run_profile(args: argparse.Namespace) -> int:
 
     if args.chart is not None and args.chart.suffix.lower() != ".png":
         raise UserError(f"--chart '{args.chart}': give a .png file name")
-    report = profile_bundle(
-        args.bundle,
-        args.prompt,
-        runs=5 if args.runs is None else args.runs,
-        warmup=1 if args.warmup is None else args.warmup,
-        backend=args.backend,
-        precision=args.precision,
-        threads=args.threads,
-        low_memory=args.low_memory,
-        height=args.height,
-        width=args.width,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        negative_prompt=args.negative_prompt,
-        profiling_dir=args.backend_profile,
-        progress=None if args.quiet else lambda message: print(message, file=sys.stderr, flush=True),
-    )
+    profile_dir = args.backend_profile
+    existing = {path.name for path in profile_dir.iterdir()} if profile_dir and profile_dir.is_dir() else set()
+    try:
+        report = profile_bundle(
+            args.bundle,
+            args.prompt,
+            runs=5 if args.runs is None else args.runs,
+            warmup=1 if args.warmup is None else args.warmup,
+            backend=args.backend,
+            precision=args.precision,
+            threads=args.threads,
+            low_memory=args.low_memory,
+            height=args.height,
+            width=args.width,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            negative_prompt=args.negative_prompt,
+            profiling_dir=args.backend_profile,
+            progress=None if args.quiet else lambda message: print(message, file=sys.stderr, flush=True),
+        )
+    except Exception as error:  # the backend's trace on a full disk: one line, its partial files removed
+        if profile_dir is None or isinstance(error, UserError) or not is_disk_full(error):
+            raise
+        remove_new_files(profile_dir, existing)
+        raise write_error("--backend-profile", profile_dir, error) from None
     print(report.format_table())
     if report.images is not None:
         paths = save_images(report.images, args.output)
         if not args.quiet:
             print(f"last run's image: {', '.join(map(str, paths))}", file=sys.stderr)
     if args.json is not None:
-        report.write_json(args.json)
+        write_beside("--json", args.json, report.write_json)
     if args.chart is not None:
-        report.write_chart(args.chart)
+        write_beside("--chart", args.chart, report.write_chart)
     return 0
 
 
@@ -379,9 +427,11 @@ def run_stream(args: argparse.Namespace) -> int:
             raise UserError(f"--stream '{args.stream}' holds no frames: pass a video with at least one frame")
         if writer is not None:
             writer.close()
-    except BaseException:
+    except BaseException as error:
         if writer is not None:
             writer.discard()
+            if isinstance(error, Exception) and not isinstance(error, UserError) and is_disk_full(error):
+                raise write_error("--output", output, error) from None
         raise
     if not args.quiet:
         latencies = np.array(stream.latencies)

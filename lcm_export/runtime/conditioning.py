@@ -15,6 +15,10 @@ import numpy as np
 from lcm_export.runtime.manifest import Conditioning, PipelineInfo
 from lcm_export.runtime.scheduler import guidance_scale_embedding
 
+# SDXL's micro-conditioning (the U-Net's time_ids, "size_ids" here): original size (2), crop top-left (2), target
+# size (2). The refiner's U-Net takes 5 instead (original size, crop, aesthetic score).
+SDXL_SIZE_IDS = 6
+
 
 @dataclass(frozen=True)
 class TextConditioning:

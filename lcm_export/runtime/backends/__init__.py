@@ -22,12 +22,12 @@ from typing import Protocol
 
 import numpy as np
 
-from lcm_export.errors import UserError
-from lcm_export.runtime.cache import CACHE_ENVIRONMENT_VARIABLE, cache_root  # noqa: F401 (re-exported)
+from lcm_export.errors import UserError, is_disk_full
+from lcm_export.runtime.cache import CACHE_ENVIRONMENT_VARIABLE, cache_root
 
 # name -> (module, pip extra that installs it)
 BACKENDS: dict[str, tuple[str, str]] = {
-    "onnxruntime": ("lcm_export.runtime.backends.onnxruntime", "lcm-export"),
+    "onnxruntime": ("lcm_export.runtime.backends.onnxruntime", "lcm-edge"),
     "openvino": ("lcm_export.runtime.backends.openvino", "lcm-edge[openvino]"),
     "tensorrt": ("lcm_export.runtime.backends.tensorrt", "lcm-edge[tensorrt]"),
     "coreml": ("lcm_export.runtime.backends.coreml", "lcm-edge[coreml]"),
@@ -151,6 +151,25 @@ def cache_entry_writer(final: Path) -> Iterator[Path]:
                 pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def warn_cache_unwritable(cache: Path, error: BaseException, needed: int = 0) -> None:
+    """One warning for a compiled-model cache that could not be written (a full disk, a read-only folder): the
+    caller loads uncached, slower to start, same results. ``needed``: about what the entry takes, so that a library
+    error that does not say why (onnxruntime's "Failed to write external initializers") still reads as a full
+    disk when the filesystem has less free."""
+    import warnings
+
+    try:
+        full = is_disk_full(error) or shutil.disk_usage(cache).free < needed
+    except OSError:
+        full = False
+    reason = "no space left on device" if full else (str(error).strip().splitlines() or [type(error).__name__])[0]
+    warnings.warn(
+        f"the compiled-model cache '{cache}' could not be written ({reason}): running uncached; free space there or "
+        f"set {CACHE_ENVIRONMENT_VARIABLE} to another folder",
+        stacklevel=2,
+    )
 
 
 def file_identity(path: Path) -> str:

@@ -1,25 +1,19 @@
 """onnxruntime backend (CPU provider by default; CUDA where ``onnxruntime-gpu`` is installed).
 
-On the CPU provider, the graph onnxruntime optimises at the first load (fusions and the NCHWc layout for this
-CPU's vector width, weights already re-laid out, MatMul weights pre-packed) is saved into the user cache, keyed by
-the ONNX file's sha256, onnxruntime's version and the CPU; later loads open that file with graph optimisations off
-and map its weights from disk instead of copying them. Measured on the SD1.5-shaped U-Net (3.4 GB, 2 cores): a
-load took 22.7 s, from the cache 1.2-1.5 s, with the same run time (1.33 s at 256 px) and outputs; its private
-(anonymous) memory after a run fell from 1.28 GB to 0.23 GB, the weights being file pages the kernel can drop.
-Only onnxruntime's own CPU optimisations are used. Its transformers Stable Diffusion optimizer mostly emits contrib
-ops with CUDA kernels only (GroupNorm, NhwcConv, BiasSplitGelu); its attention fusion alone (MultiHeadAttention /
-Attention, which have CPU kernels) was measured on the U-Net at 512 px: 6.0 s a call against 6.2-6.6 s, 1.2 GB
-less working memory, outputs within 1.3e-6, but it needs the ``onnx`` package at load (not a runtime dependency),
-took 140 s on top of the first load, and onnxruntime 1.32's fusion code fails under numpy 2 (``int()`` of a
-1-element array) without a patch, so it is not used. ``static_shapes`` are not used: fixing the
-free dimensions (``add_free_dimension_override_by_name``) ran the U-Net in 1.49 s against 1.50 s at 256 px.
+On the CPU provider, the graph onnxruntime optimises at the first load (fusions and the NCHWc layout for this CPU's
+vector width, weights already re-laid out, MatMul weights pre-packed) is saved into the user cache, keyed by the
+ONNX file's sha256, onnxruntime's version and the CPU; later loads open that file with graph optimisations off and
+map its weights from disk instead of copying them: many times faster, with the same run time and outputs and the
+weights as file pages the kernel can drop. Only onnxruntime's own CPU optimisations are used: its transformers
+Stable Diffusion optimizer mostly emits contrib ops with CUDA kernels only, and its attention fusion alone (CPU
+kernels) gains a few percent but needs the ``onnx`` package at load (not a runtime dependency), a long first load
+and a patch under numpy 2. ``static_shapes`` are not used: fixing the free dimensions gained nothing. Measured:
+docs/design-notes.md#onnxruntime.
 
-``low_memory`` turns off the sessions' memory arenas. An arena keeps the largest working set its session ever
-needed for the next run, so with one per component the peak is their sum; without, each run's memory goes back to
-the system and the peak is the largest single working set. Measured on the SD1.5-shaped bundle at 512 px (2 cores,
-4 runs each, alternating): peak RSS 8.09 -> 5.53 GB (anonymous 4.16 -> 1.79 GB; the other 3.93 GB are the mapped
-fp32 weights), end to end 42.5 -> 44.9 s (median), the U-Net paying for fresh pages at every call, the VAE not.
-A shared arena (``create_and_register_allocator``, kSameAsRequested) gave 6.81 GB at 44.2 s.
+``low_memory`` turns off the sessions' memory arenas. An arena keeps the largest working set its session ever needed
+for the next run, so with one per component the peak is their sum; without, each run's memory goes back to the
+system and the peak is the largest single working set, for a few percent of speed (the U-Net pays for fresh pages at
+every call). Measured: docs/design-notes.md#onnxruntime.
 """
 
 from __future__ import annotations
@@ -39,6 +33,7 @@ from lcm_export.runtime.backends import (
     cache_entry_writer,
     cpu_model_and_flags,
     file_identity,
+    warn_cache_unwritable,
 )
 from lcm_export.runtime.manifest import Component
 
@@ -58,7 +53,7 @@ class OnnxRuntimeSession:
         if options.threads:
             session_options.intra_op_num_threads = options.threads
         # Each session's arena keeps its largest working set for the next run, so the peak is the sum over the
-        # components; without arenas it is the largest one (see the module docstring for the measured cost).
+        # components; without arenas it is the largest one (measured: docs/design-notes.md#onnxruntime).
         session_options.enable_cpu_mem_arena = not options.low_memory
         self.profiling_dir = Path(options.profiling_dir) if options.profiling_dir else None
         if self.profiling_dir is not None:
@@ -82,9 +77,17 @@ class OnnxRuntimeSession:
                 shutil.rmtree(cached.parent, ignore_errors=True)
         if not self.loaded_from_cache:
             session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            with cache_entry_writer(cached.parent) if cached is not None else nullcontext() as staging:
-                if staging is not None:
-                    _save_optimized_into(session_options, staging / cached.name)
+            try:
+                with cache_entry_writer(cached.parent) if cached is not None else nullcontext() as staging:
+                    if staging is not None:
+                        _save_optimized_into(session_options, staging / cached.name)
+                    self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
+            except Exception as error:
+                if cached is None:
+                    raise
+                # The optimised copy could not be saved (a full cache disk): this load runs uncached.
+                warn_cache_unwritable(cached.parent.parent, error, needed=path.stat().st_size)
+                session_options.optimized_model_filepath = ""
                 self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
         self.output_names = [output.name for output in self.session.get_outputs()]
 
@@ -142,7 +145,7 @@ def _save_optimized_into(session_options, target: Path) -> None:
     )
     session_options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     # MatMul weights also in MLAS's packed layout, mapped from the file at load: no packing at load or first run,
-    # no anonymous copy (U-Net: 1.1 GB less private memory, 1.1 GB more on disk).
+    # no anonymous copy (measured: docs/design-notes.md#onnxruntime).
     session_options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
 
 

@@ -9,30 +9,21 @@ a separate onnxruntime build (``onnxruntime-openvino``) that replaces the stock 
 of the graph next to OpenVINO's (onnxruntime issue 20467: twice the memory); the plain ``openvino`` wheel reads
 ONNX directly, caches compiled blobs and has no such copy.
 
-When ``auto`` picks it (``auto_eligible``): measured on the SD1.5-shaped LCM (U-Net 860M, f32 ONNX, 2 threads)
-on an AMD EPYC (Zen 3: AVX2, no AVX-512, no bf16), OpenVINO 2026.4 against onnxruntime 1.32's CPU provider with
-its saved optimised graph, alternating calls in one process: U-Net 1.34 s vs 1.33 s per call at 256 px and
-7.21 s vs 6.47 s at 512 px; VAE decoder 4.30 s vs 4.01 s at 256 px and 18.8 s vs 18.4 s at 512 px; text encoder
-0.13 s vs 0.10 s. OpenVINO also holds the weights twice (the mapped blob plus the copy re-laid out for its
-kernels: 7.0 GB peak RSS for the U-Net alone, onnxruntime 3.6 GB) and a whole pipeline loads from its cache in
-7.8 s (static shapes) against onnxruntime's 2.6 s. So where OpenVINO has no float faster than f32, onnxruntime is
-the faster and leaner choice. Where the CPU plugin runs bf16 (AVX-512 BF16, AMX) or fp16 (AMX-FP16, ARM fp16),
-OpenVINO's default ran an SD1.5 U-Net in 0.50 s against onnxruntime's 1.0 s (f32 only; measured on a CPU with
-AVX-512 BF16): there ``auto`` picks OpenVINO.
+When ``auto`` picks it (``auto_eligible``): only where the CPU plugin runs a float faster than f32 (bf16 on AVX-512
+BF16 / AMX, fp16 on AMX-FP16 / ARM fp16). Where it has only f32, onnxruntime is the faster and leaner choice:
+OpenVINO also holds the weights twice (the mapped blob and the copy re-laid out for its kernels) and loads slower.
+Measured: docs/design-notes.md#openvino.
 
-Settings measured on the same U-Net (256 px, 2 threads): ``compile_model(path)`` against ``read_model`` +
-``compile_model(model)``: a cache hit took 2.8 s against 5.1 s and 4.6 GB against 8.0 GB after load (the model
-read is skipped, nothing is kept). Static shapes: 1.30 s against 1.34 s per call (-3%), and the weights are
-re-laid out at load instead of in the first call (first call 1.6 s against 3.6-6.5 s, cached load 6.0 s against
-2.8 s). The cached blob is memory-mapped: its pages are file-backed and count in RSS next to the re-laid-out copy.
+Dynamic shapes compile by path (``compile_model(path)``): a cache hit skips reading the model and keeps nothing of
+it. Static shapes are a little faster per call and move the weights' re-layout from the first call to the load. The
+cached blob is memory-mapped: its pages are file-backed and count in RSS next to the re-laid-out copy. Measured:
+docs/design-notes.md#openvino.
 
 An INT8 (QDQ) variant is read from the same file onnxruntime runs, with one change (:func:`float_layer_outputs`):
 the quantise-dequantise pair onnxruntime needs on each convolution's output (its integer kernel QLinearConv writes
 8-bit output) is dropped where nothing quantised reads that output, so those outputs stay float as in NNCF's own
-placement; the inputs of every Conv/MatMul stay quantised. On the SD1.5-shaped U-Net at 256 px (2 threads, the
-plugin's default bf16, same QDQ file and ranges) that ran 0.28 s a call against 0.29 s, and final images measured
-55.22 dB PSNR against fp32 against 54.05 dB (mean of 3 prompts); onnxruntime keeps them quantised, because there
-a float output costs its integer kernel (1.05 s against 0.46 s a call).
+placement; the inputs of every Conv/MatMul stay quantised. Here that is as fast and more accurate; onnxruntime keeps
+them quantised, because there a float output costs its integer kernel. Measured: docs/design-notes.md#openvino.
 """
 
 from __future__ import annotations
@@ -54,6 +45,7 @@ from lcm_export.runtime.backends import (
     cache_entry_writer,
     cpu_model_and_flags,
     file_identity,
+    warn_cache_unwritable,
 )
 from lcm_export.runtime.manifest import Component
 
@@ -70,8 +62,8 @@ FAST_FLOAT_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_fp16", "avx512
 
 def auto_eligible() -> bool:
     """Whether ``auto`` picks OpenVINO: installed, and the CPU runs a float faster than f32 with it (see the
-    module docstring for the measurements behind this). Read from the CPU flags where the OS lists them, so that
-    choosing another backend does not cost OpenVINO's import (1.7 s here)."""
+    measurements: docs/design-notes.md#openvino). Read from the CPU flags where the OS lists them, so that
+    choosing another backend does not cost OpenVINO's import (measured: docs/design-notes.md#openvino)."""
     if not is_available():
         return False
     flags = cpu_model_and_flags()[1]
@@ -155,7 +147,12 @@ def compile_onnx(
         return core.compile_model(str(path), options.device, config)
     if cache is None:
         return core.compile_model(_read(core, path, shapes, quantised), options.device, config)
-    ir = _prepared_ir(core, path, shapes, Path(cache), identity, quantised)
+    try:
+        ir = _prepared_ir(core, path, shapes, Path(cache), identity, quantised)
+    except OSError as error:  # the IR could not be written (a full cache disk): this load runs uncached
+        warn_cache_unwritable(Path(cache), error, needed=path.stat().st_size)
+        uncached = {key: value for key, value in config.items() if key != "CACHE_DIR"}
+        return core.compile_model(_read(core, path, shapes, quantised), options.device, uncached)
     return core.compile_model(str(ir), options.device, config)
 
 
@@ -173,7 +170,7 @@ def float_layer_outputs(model: Any) -> int:
     onnxruntime's quantiser puts a QuantizeLinear/DequantizeLinear pair on each convolution's output (OpenVINO
     reads it as a FakeQuantize and a Convert/Subtract/Multiply chain): it is what lets onnxruntime run the
     convolution as one integer kernel. OpenVINO's kernels take 8-bit inputs with a float output as fast, so there
-    the pair only adds rounding error (see the module docstring for the measurement). Each such pair whose
+    the pair only adds rounding error (measured: docs/design-notes.md#openvino). Each such pair whose
     dequantised value feeds no Conv/MatMul is bypassed: its consumers read the layer's float output. Returns how
     many were bypassed.
     """
