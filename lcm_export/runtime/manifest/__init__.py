@@ -32,6 +32,7 @@ may lack (bundles written before it existed): it then defaults to :data:`DEFAULT
 The package is split by job: :mod:`.vocabulary` (the format's fixed values), :mod:`.model` (the parts, each
 reading its own fields), :mod:`.tables` (the LCM scheduler tables), :mod:`.checks` (the parts against each
 other), :mod:`.upgrade` (format 1 read as format 2), :mod:`.document` (the whole :class:`Manifest`),
+:mod:`.details` (the typed details a target records for its backend: TensorRT engines, Core ML packages),
 :mod:`.files` (sizes, hashes, paths through symlinks) and :mod:`.load` (:func:`load_manifest`). Every name is
 importable from here.
 """
@@ -39,6 +40,18 @@ importable from here.
 from __future__ import annotations
 
 from lcm_export.runtime.manifest.checks import TIMESTEP_SHAPES
+from lcm_export.runtime.manifest.details import (
+    COMPUTE_CAPABILITY,
+    DEFAULT_ENGINE_VAE_SCALE_FACTOR,
+    OPTIMIZATION_LEVELS,
+    TENSORRT_DTYPES,
+    TENSORRT_FLAVORS,
+    CoreMLPackageDetails,
+    CoreMLTensor,
+    IOTensor,
+    TensorRTEngineDetails,
+    parse_compute_capability,
+)
 from lcm_export.runtime.manifest.document import Manifest
 from lcm_export.runtime.manifest.files import check_bundle_paths, file_entry, sha256_file, verify_files
 from lcm_export.runtime.manifest.load import load_manifest
@@ -58,7 +71,6 @@ from lcm_export.runtime.manifest.vocabulary import (
     ARTIFACT_SUFFIXES,
     COMPONENT_NAME,
     COMPONENT_NAMES,
-    COMPUTE_CAPABILITY,
     CONDITIONING_SOURCES,
     DEFAULT_GUIDANCE_SCALE,
     EMPTY_NEGATIVE_MODES,
@@ -106,6 +118,7 @@ __all__ = [
     "COMPONENT_NAMES",
     "COMPUTE_CAPABILITY",
     "CONDITIONING_SOURCES",
+    "DEFAULT_ENGINE_VAE_SCALE_FACTOR",
     "DEFAULT_GUIDANCE_SCALE",
     "EMPTY_NEGATIVE_MODES",
     "EXPORT_PRECISIONS",
@@ -128,6 +141,7 @@ __all__ = [
     "MAX_TRAIN_TIMESTEPS",
     "MAX_VAE_FACTOR",
     "MAX_VAE_SCALE_FACTOR",
+    "OPTIMIZATION_LEVELS",
     "PRECISIONS",
     "PRECISION_DTYPES",
     "PREDICTION_TYPES",
@@ -139,6 +153,8 @@ __all__ = [
     "TABLE_TOLERANCE",
     "TARGETS",
     "TARGET_FORMATS",
+    "TENSORRT_DTYPES",
+    "TENSORRT_FLAVORS",
     "TIMESTEP_SHAPES",
     "TOKENIZER_FILE",
     "VAE_KINDS",
@@ -147,18 +163,23 @@ __all__ = [
     "Artifact",
     "Component",
     "Conditioning",
+    "CoreMLPackageDetails",
+    "CoreMLTensor",
     "FileEntry",
+    "IOTensor",
     "Manifest",
     "ManifestFieldError",
     "PipelineInfo",
     "SchedulerInfo",
     "StepTable",
+    "TensorRTEngineDetails",
     "TextEncoderInfo",
     "TokenizerInfo",
     "as_bundle_path",
     "check_bundle_paths",
     "file_entry",
     "load_manifest",
+    "parse_compute_capability",
     "sha256_file",
     "strength_key",
     "upgrade_format_1",

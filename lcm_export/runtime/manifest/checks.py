@@ -10,29 +10,21 @@ from __future__ import annotations
 
 import json
 
-from lcm_export.runtime.manifest.model import Artifact, Component, Conditioning, PipelineInfo, TokenizerInfo
+from lcm_export.runtime.manifest.details import CoreMLPackageDetails, TensorRTEngineDetails
+from lcm_export.runtime.manifest.model import Component, Conditioning, PipelineInfo, TokenizerInfo
 from lcm_export.runtime.manifest.vocabulary import (
     COMPONENT_NAMES,
-    COMPUTE_CAPABILITY,
     FAMILY_TEXT_ENCODERS,
     FLOAT_DTYPES,
     FOLDER_FORMATS,
-    MAX_VAE_SCALE_FACTOR,
     RUNTIME_COMPONENTS,
     TARGET_FORMATS,
 )
 from lcm_export.runtime.specs import (
-    MAX_DIM,
-    TENSOR_NAME,
-    TENSOR_NAME_MEANING,
     ComponentSpec,
     Fields,
     ManifestFieldError,
-    ShapeRange,
     TensorSpec,
-    as_int,
-    as_list,
-    as_str,
     describe,
     field_path,
 )
@@ -184,9 +176,10 @@ def _check_variants(component: Component, where: str, pipeline: PipelineInfo, ta
         if variant.precision == "fp32" and variant.io_dtype != "float32":
             raise ManifestFieldError(f"{at}.io_dtype", f"must be float32 for an fp32 variant (got {variant.io_dtype})")
         if variant.format == "tensorrt":
-            _check_tensorrt_details(variant, spec.with_dtypes(variant.io_dtype), pipeline, at)
+            engine = TensorRTEngineDetails.from_json(variant.details, at)
+            check_tensorrt_engine(engine, spec.with_dtypes(variant.io_dtype), pipeline, at)
         elif variant.format == "mlpackage":
-            _check_coreml_details(variant, spec, at)
+            check_coreml_package(CoreMLPackageDetails.from_json(variant.details, at), spec, at)
     for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
         for index, tensor in enumerate(tensors):
             if tensor.dtype in FLOAT_DTYPES and tensor.dtype != "float32":
@@ -289,100 +282,52 @@ def _tensor(spec: ComponentSpec, name: str) -> TensorSpec:
     return next(tensor for tensor in (*spec.inputs, *spec.outputs) if tensor.name == name)
 
 
-def _check_tensorrt_details(artifact: Artifact, spec: ComponentSpec, pipeline: PipelineInfo, where: str) -> None:
-    """What the TensorRT backend reads: flavour and version, compute capabilities, the engine's I/O (names,
-    dtypes and ranks of the spec's), the optimisation profiles and the VAE scale factor."""
-    details = Fields(artifact.details, where)
-    details.string("flavor")
-    details.string("trt_version")
-    for at, value in details.array("compute_capabilities"):
-        if type(value) is int:
-            as_int(value, at, minimum=10, maximum=999)
-        else:
-            as_str(value, at, pattern=COMPUTE_CAPABILITY, meaning='a compute capability such as 86 or "8.6"')
-    engine: dict[str, tuple[str, str, int, str]] = {}  # name -> (mode, dtype, rank, field)
-    for at, item in details.array("io", min_length=1):
-        tensor = Fields.of(item, at)
-        name = tensor.string("name", pattern=TENSOR_NAME, meaning=TENSOR_NAME_MEANING)
-        mode = tensor.string("mode", choices=("input", "output"))
-        dtype = tensor.string("dtype")
-        shape = [as_int(value, dim_at, minimum=-1, maximum=MAX_DIM) for dim_at, value in tensor.array("shape")]
-        if name in engine:
-            raise ManifestFieldError(f"{at}.name", f"repeats the engine tensor {describe(name)}")
-        engine[name] = (mode, dtype, len(shape), at)
+def check_tensorrt_engine(
+    engine: TensorRTEngineDetails, spec: ComponentSpec, pipeline: PipelineInfo, where: str
+) -> None:
+    """The engine read by :meth:`TensorRTEngineDetails.from_json` against its component: the engine's I/O has
+    the spec's names, dtypes and ranks, its profiles are the spec's inputs at their ranks, and its VAE scale
+    factor is the pipeline's."""
+    fields = {tensor.name: (tensor, f"{where}.io[{index}]") for index, tensor in enumerate(engine.io)}
     for mode, tensors in (("input", spec.inputs), ("output", spec.outputs)):
-        names = sorted(name for name, value in engine.items() if value[0] == mode)
+        names = sorted(tensor.name for tensor in engine.io if tensor.mode == mode)
         if names != sorted(tensor.name for tensor in tensors):
             raise ManifestFieldError(
                 f"{where}.io",
                 f"must list the spec's {mode}s {', '.join(t.name for t in tensors)} (got {', '.join(names)})",
             )
         for tensor in tensors:
-            _, dtype, rank, at = engine[tensor.name]
-            if (dtype, rank) != (tensor.dtype, len(tensor.shape)):
+            built, at = fields[tensor.name]
+            if (built.dtype, len(built.shape)) != (tensor.dtype, len(tensor.shape)):
                 raise ManifestFieldError(
                     at,
                     f"must have the spec's dtype {tensor.dtype} and rank {len(tensor.shape)} "
-                    f"(got {describe(dtype)} and {rank})",
+                    f"(got {describe(built.dtype)} and {len(built.shape)})",
                 )
-    profiles = details.object("profiles", default={})
     ranks = {tensor.name: len(tensor.shape) for tensor in spec.inputs}
-    for name, entry in profiles.data.items():
-        at = profiles.path(name)
+    for name, low in engine.profiles.minimum.items():
+        at = field_path(f"{where}.profiles", name)
         if name not in ranks:
             raise ManifestFieldError(at, f"is not an input of {spec.name} ({', '.join(ranks)})")
-        ranges = Fields.of(entry, at)
-        low, opt, high = (
-            [
-                as_int(value, dim_at, minimum=1, maximum=MAX_DIM)
-                for dim_at, value in ranges.array(key, ranks[name], ranks[name])
-            ]
-            for key in ("min", "opt", "max")
+        if len(low) != ranks[name]:
+            raise ManifestFieldError(f"{at}.min", f"must be a list of exactly {ranks[name]} entries (got {len(low)})")
+    if engine.vae_scale_factor != pipeline.vae_scale_factor:
+        raise ManifestFieldError(
+            f"{where}.vae_scale_factor",
+            f"must equal pipeline.vae_scale_factor, {pipeline.vae_scale_factor} (got {engine.vae_scale_factor})",
         )
-        if not all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
-            raise ManifestFieldError(at, f"must have min <= opt <= max in every dim (got {low}, {opt}, {high})")
-    if details.has("vae_scale_factor"):
-        factor = details.integer("vae_scale_factor", minimum=1, maximum=MAX_VAE_SCALE_FACTOR)
-        if factor != pipeline.vae_scale_factor:
-            raise ManifestFieldError(
-                details.path("vae_scale_factor"),
-                f"must equal pipeline.vae_scale_factor, {pipeline.vae_scale_factor} (got {factor})",
-            )
-    if details.has("shape_range"):
-        ShapeRange.from_json(details.get("shape_range"), details.path("shape_range"))
 
 
-def _check_coreml_details(artifact: Artifact, spec: ComponentSpec, where: str) -> None:
-    """What the Core ML backend reads: the model's inputs and outputs (name, dtype, default shape, optional
-    per-dim bounds, the spec's name for it), one per spec tensor."""
-    details = Fields(artifact.details, where)
-    for key, tensors in (("coreml_inputs", spec.inputs), ("coreml_outputs", spec.outputs)):
-        names: list[str] = []
-        for at, item in details.array(key, min_length=1):
-            tensor = Fields.of(item, at)
-            name = tensor.string("name", pattern=TENSOR_NAME, meaning=TENSOR_NAME_MEANING)
-            tensor.string("dtype", choices=("float32", "float16", "int32"))
-            shape = [as_int(value, dim_at, minimum=1, maximum=MAX_DIM) for dim_at, value in tensor.array("shape", 1, 8)]
-            if tensor.get("bounds", None) is not None:
-                for index, (bound_at, pair) in enumerate(tensor.array("bounds", len(shape), len(shape))):
-                    low, high = (
-                        as_int(value, field_path(bound_at, position), minimum=1, maximum=MAX_DIM)
-                        for position, value in enumerate(as_list(pair, bound_at, min_length=2, max_length=2))
-                    )
-                    if not low <= shape[index] <= high:
-                        raise ManifestFieldError(
-                            bound_at, f"must be [MIN, MAX] around the default size {shape[index]} (got [{low}, {high}])"
-                        )
-            spec_name = (
-                tensor.string("spec_name", pattern=TENSOR_NAME, meaning=TENSOR_NAME_MEANING)
-                if tensor.has("spec_name")
-                else ""
-            )
-            names.append(spec_name or name)
+def check_coreml_package(package: CoreMLPackageDetails, spec: ComponentSpec, where: str) -> None:
+    """The package read by :meth:`CoreMLPackageDetails.from_json` against its component: its inputs and outputs
+    map one to one onto the spec's (by their spec names)."""
+    for key, recorded, tensors in (
+        ("coreml_inputs", package.inputs, spec.inputs),
+        ("coreml_outputs", package.outputs, spec.outputs),
+    ):
+        names = [tensor.feed_name for tensor in recorded]
         if sorted(names) != sorted(tensor.name for tensor in tensors):
             raise ManifestFieldError(
-                details.path(key),
+                f"{where}.{key}",
                 f"must map one to one onto the spec's {', '.join(t.name for t in tensors)} (got {', '.join(names)})",
             )
-    if details.has("shapes"):
-        ShapeRange.from_json(details.get("shapes"), details.path("shapes"))

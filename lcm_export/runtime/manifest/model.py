@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lcm_export.errors import BundleError
+from lcm_export.runtime.manifest.details import CoreMLPackageDetails, TensorRTEngineDetails
 from lcm_export.runtime.manifest.vocabulary import (
     ARTIFACT_SUFFIXES,
     COMPONENT_NAME,
@@ -104,7 +105,8 @@ class Artifact:
 
     ``io_dtype`` is the dtype of its float inputs and outputs (the component's spec gives them as float32);
     ``files`` are the bundle files it is made of (hashed in the manifest's ``files``); ``produced_by`` records what
-    made it (tool, versions, recipe); ``details`` are the format's own (engine profiles, Core ML I/O, ...).
+    made it (tool, versions, recipe); ``details`` are the format's own keys as written (engine profiles, Core ML
+    I/O, ...), read as one typed object by :attr:`tensorrt_details` and :attr:`coreml_details`.
     """
 
     format: str
@@ -125,6 +127,29 @@ class Artifact:
             object.__setattr__(self, "io_dtype", PRECISION_DTYPES.get(self.precision, "float32"))
         if not self.files:
             object.__setattr__(self, "files", (self.path,))
+
+    @property
+    def tensorrt_details(self) -> TensorRTEngineDetails:
+        """A tensorrt variant's engine details, read from ``details`` (which :func:`load_manifest` checked whole):
+        what its backend checks and binds."""
+        if self.format != "tensorrt":
+            raise ValueError(f"a {self.format} variant has no TensorRT engine details")
+        return TensorRTEngineDetails.from_json(self.details, self._details_field)
+
+    @property
+    def coreml_details(self) -> CoreMLPackageDetails:
+        """An mlpackage variant's package details, read from ``details`` (which :func:`load_manifest` checked
+        whole): the Core ML I/O its backend adapts the feeds to."""
+        if self.format != "mlpackage":
+            raise ValueError(f"a {self.format} variant has no Core ML package details")
+        return CoreMLPackageDetails.from_json(self.details, self._details_field)
+
+    @property
+    def _details_field(self) -> str:
+        """Where the details sit in the manifest, as far as the variant knows: its component (the first folder of
+        its path, which the manifest check enforces) and its name."""
+        component = self.path.split("/", 1)[0]
+        return f"components.{component}.variants[{describe(self.name)}]"
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -65,4 +65,3 @@ WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 STEP_COUNT = re.compile(r"[1-9][0-9]{0,3}")  # a table key: "1" .. "1000"
 # A partial-strength (img2img) table key: "4@0.5" is 4 steps at strength 0.5.
 STRENGTH_KEY = re.compile(r"([1-9][0-9]{0,3})@(0\.[0-9]{1,6})")
-COMPUTE_CAPABILITY = re.compile(r"(?:[sS][mM]_?)?(?:\d{1,2}\.\d|\d{2,3})")  # what the TensorRT backend parses
