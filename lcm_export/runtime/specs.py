@@ -237,6 +237,29 @@ class ComponentProfiles:
             for name in self.minimum
         }
 
+    @classmethod
+    def from_json(cls, data: Any, where: str = "profiles") -> ComponentProfiles:
+        """Read ``{input: {"min", "opt", "max": [dims]}}``: three lists of one length, positive dims, min <= opt <=
+        max in every dim. Whether the names and ranks are a spec's is for the caller that has the spec."""
+        profiles = Fields.of(data, where)
+        minimum: dict[str, tuple[int, ...]] = {}
+        optimum: dict[str, tuple[int, ...]] = {}
+        maximum: dict[str, tuple[int, ...]] = {}
+        for name, entry in profiles.data.items():
+            at = profiles.path(name)
+            ranges = Fields.of(entry, at)
+            rank = len(as_list(ranges.get("min"), ranges.path("min")))  # opt and max must have as many dims
+            low, opt, high = (
+                tuple(as_int(size, dim, minimum=1, maximum=MAX_DIM) for dim, size in ranges.array(key, rank, rank))
+                for key in ("min", "opt", "max")
+            )
+            if not all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
+                raise ManifestFieldError(
+                    at, f"must have min <= opt <= max in every dim (got {list(low)}, {list(opt)}, {list(high)})"
+                )
+            minimum[name], optimum[name], maximum[name] = low, opt, high
+        return cls(minimum, optimum, maximum)
+
 
 # -- reading untrusted JSON --------------------------------------------------------------------------------------
 

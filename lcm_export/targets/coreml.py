@@ -45,8 +45,8 @@ import numpy as np
 
 from lcm_export import DISTRIBUTION
 from lcm_export.errors import ExportError
-from lcm_export.runtime.backends.coreml import ARTIFACT_FORMAT, CoreMLTensor, adapt_feeds, outputs_by_spec_name
-from lcm_export.runtime.manifest import Artifact, Component, PipelineInfo
+from lcm_export.runtime.backends.coreml import ARTIFACT_FORMAT, adapt_feeds, outputs_by_spec_name
+from lcm_export.runtime.manifest import Artifact, Component, CoreMLPackageDetails, CoreMLTensor, PipelineInfo
 from lcm_export.runtime.specs import ComponentSpec, ShapeRange, TensorSpec, sample_inputs
 from lcm_export.targets import BuildRequest, Target
 
@@ -524,16 +524,17 @@ def build_mlpackage(
         io_dtype=onnx_variant.io_dtype,
         files=tuple(sorted(p.relative_to(bundle_root).as_posix() for p in package.rglob("*") if p.is_file())),
         produced_by={"tool": f"coremltools {coremltools.__version__} (torch.export)"},
-        details={
-            "coreml_inputs": [tensor.to_json() for tensor in inputs],
-            "coreml_outputs": [tensor.to_json() for tensor in outputs],
-            "minimum_deployment_target": options.deployment_label,
-            "compute_precision": compute_precision,
-            "shapes": {**shape_range.to_json(), "flexible": flexible},
-            "coremltools": coremltools.__version__,
-            "conversion_seconds": round(seconds, 2),
-            **validation,
-        },
+        details=CoreMLPackageDetails(
+            inputs=inputs,
+            outputs=outputs,
+            minimum_deployment_target=options.deployment_label,
+            compute_precision=compute_precision,
+            shape_range=shape_range,
+            flexible=flexible,
+            coremltools_version=coremltools.__version__,
+            conversion_seconds=round(seconds, 2),
+            validation=validation,
+        ).to_json(),
     )
 
 

@@ -32,20 +32,25 @@ from lcm_export.errors import ExportError
 from lcm_export.runtime.backends.tensorrt import (
     FLAVOR_INSTALL,
     FLAVOR_NAMES,
-    TENSORRT_DTYPES,
-    IOTensor,
     device_compute_capability,
     gpu_count,
     import_flavor,
-    parse_compute_capability,
 )
 from lcm_export.runtime.cache import cache_root
-from lcm_export.runtime.manifest import Artifact, Component
+from lcm_export.runtime.manifest import (
+    COMPUTE_CAPABILITY,
+    OPTIMIZATION_LEVELS,
+    TENSORRT_DTYPES,
+    Artifact,
+    Component,
+    IOTensor,
+    TensorRTEngineDetails,
+    parse_compute_capability,
+)
 from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec
 from lcm_export.targets import BuildRequest, Target
 
 FLAVORS = ("auto", "tensorrt", "rtx")
-OPTIMIZATION_LEVELS = range(0, 6)
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 ENGINE_NAME = "model.plan"
 
@@ -120,7 +125,11 @@ class Flavor:
         members = getattr(self.module, "ComputeCapability", None)
         if members is None:
             return {}
-        return {int(name[2:]): member for name, member in members.__members__.items() if re.fullmatch(r"SM\d+", name)}
+        return {
+            parse_compute_capability(name): member
+            for name, member in members.__members__.items()
+            if COMPUTE_CAPABILITY.fullmatch(name)  # SM75, SM86, ... (not CURRENT)
+        }
 
 
 def resolve_flavor(requested: str) -> Flavor:
@@ -369,8 +378,9 @@ def _remove_onnx(staging: Path, component: Component) -> None:
 def build(request: BuildRequest) -> dict[str, Component]:
     """Build ``<component>/model.plan`` for every component from its checked ONNX file.
 
-    Each component gets a "tensorrt" artifact whose details record the flavour, version, compute capabilities,
-    optimisation profiles (spec-derived) and the engine's I/O. The ONNX files are removed unless ``keep_onnx``
+    Each component gets a "tensorrt" artifact whose details (:class:`TensorRTEngineDetails`, what the backend
+    reads) record the flavour, version, compute capabilities, optimisation profiles (spec-derived) and the
+    engine's I/O. The ONNX files are removed unless ``keep_onnx``
     (then their "onnx" artifacts stay and the bundle also runs on onnxruntime, for debugging).
     """
     from tqdm.auto import tqdm
@@ -413,23 +423,23 @@ def build(request: BuildRequest) -> dict[str, Component]:
         )
         engine_path = staging / name / ENGINE_NAME
         engine_path.write_bytes(engine.plan)
-        details = {
-            "flavor": flavor.name,
-            "trt_version": flavor.version,
-            "compute_capabilities": capabilities,
-            "strongly_typed": flavor.strongly_typed,
-            "builder_optimization_level": options.builder_optimization_level,
-            "shape_range": shape_range.to_json(),
-            "vae_scale_factor": pipeline_info.vae_scale_factor,
-            "profiles": profiles.to_json(),
-            "io": [tensor.to_json() for tensor in engine.io],
-            "build_seconds": round(engine.seconds, 2),
-        }
+        details = TensorRTEngineDetails(
+            flavor=flavor.name,
+            trt_version=flavor.version,
+            compute_capabilities=tuple(capabilities),
+            io=engine.io,
+            profiles=profiles,
+            vae_scale_factor=pipeline_info.vae_scale_factor,
+            shape_range=shape_range,
+            strongly_typed=flavor.strongly_typed,
+            builder_optimization_level=options.builder_optimization_level,
+            build_seconds=round(engine.seconds, 2),
+        )
         artifact = Artifact(
             format="tensorrt",
             path=f"{name}/{ENGINE_NAME}",
             precision=onnx_artifact.precision,
-            details=details,
+            details=details.to_json(),
             name=onnx_artifact.name,
             io_dtype=onnx_artifact.io_dtype,
             produced_by={"tool": f"{FLAVOR_NAMES[flavor.name]} {flavor.version}", "from": onnx_artifact.path},

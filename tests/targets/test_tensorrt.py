@@ -21,7 +21,7 @@ from lcm_export.errors import ExportError, UserError
 from lcm_export.exporter.onnx_export import FINITE_MASK_FILL_KEY, use_finite_mask_fills
 from lcm_export.runtime.backends import BackendOptions
 from lcm_export.runtime.backends import tensorrt as trt_backend
-from lcm_export.runtime.manifest import Artifact, Component, load_manifest
+from lcm_export.runtime.manifest import Artifact, Component, TensorRTEngineDetails, load_manifest
 from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec, ShapeRange, TensorSpec
 from lcm_export.targets import tensorrt as trt_target
 from tests.helpers import (
@@ -312,7 +312,7 @@ def test_runtime_binding_plans_follow_the_spec(engine_bundle) -> None:
         profiles = artifact.details["profiles"]
         for stage in ("min", "opt", "max"):
             shapes = {tensor: tuple(ranges[stage]) for tensor, ranges in profiles.items()}
-            trt_backend.check_profile(f"{name} {stage}", profiles, shapes)
+            trt_backend.check_profile(f"{name} {stage}", artifact.tensorrt_details.profiles, shapes)
             plan = {binding.name: binding for binding in trt_backend.binding_plan(spec, io, shapes, factor)}
             assert list(plan) == [tensor.name for tensor in io]
             values = trt_backend.resolve_symbols(spec, shapes, factor)
@@ -727,7 +727,7 @@ def test_binding_plan_of_the_tiny_unet(shape_range, which, expected) -> None:
     spec = tiny_unet_spec()
     profiles = ComponentProfiles.derive(spec, shape_range, vae_scale_factor=2)
     shapes = {"min": profiles.minimum, "opt": profiles.optimum, "max": profiles.maximum}[which]
-    trt_backend.check_profile(LABEL, profiles.to_json(), shapes)
+    trt_backend.check_profile(LABEL, profiles, shapes)
     plan = {binding.name: binding for binding in trt_backend.binding_plan(spec, UNET_IO, shapes, 2)}
     batch, _, height, width = plan["sample"].shape
     assert plan["sample"].shape == expected["sample"]
@@ -757,7 +757,7 @@ def test_binding_plan_of_the_vae_derives_image_size_from_latents() -> None:
 
 
 def test_shapes_outside_the_profile_are_user_errors() -> None:
-    profiles = ComponentProfiles.derive(tiny_unet_spec(), ShapeRange.static(1, 32, 32), 2).to_json()
+    profiles = ComponentProfiles.derive(tiny_unet_spec(), ShapeRange.static(1, 32, 32), 2)
     shapes = {"sample": (2, 4, 16, 16), "timestep": (), "encoder_hidden_states": (2, 77, 32), "timestep_cond": (2, 32)}
     with pytest.raises(UserError, match=r"'sample' of shape \[1, 4, 16, 16\], not \[2, 4, 16, 16\]"):
         trt_backend.check_profile(LABEL, profiles, shapes)
@@ -932,8 +932,8 @@ def simulated_session(monkeypatch, static_shapes):
     monkeypatch.setattr(trt_backend, "_cuda_runtime", lambda: cuda)
     spec = tiny_unet_spec()
     profiles = ComponentProfiles.derive(spec, ShapeRange((1, 1, 4), (16, 32, 48), (16, 32, 48)), 2)
-    details = {"io": [tensor.to_json() for tensor in UNET_IO], "profiles": profiles.to_json(), "vae_scale_factor": 2}
-    component = Component(spec, {"tensorrt": Artifact("tensorrt", "unet/model.plan", "fp16", details)})
+    details = TensorRTEngineDetails("tensorrt", "10.0.0.0", (), tuple(UNET_IO), profiles, vae_scale_factor=2)
+    component = Component(spec, {"tensorrt": Artifact("tensorrt", "unet/model.plan", "fp16", details.to_json())})
     trt = simulated_tensorrt(cuda, UNET_IO)
     session = trt_backend.TensorRTSession(
         LABEL, trt, "tensorrt", b"plan", component, details, BackendOptions(), static_shapes

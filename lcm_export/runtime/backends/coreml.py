@@ -1,8 +1,9 @@
 """Core ML backend: runs the bundle's mlpackages with coremltools (prediction needs macOS).
 
 A Core ML model's inputs differ from the component spec in two ways the exporter records in the artifact
-(``coreml_inputs`` / ``coreml_outputs``, see :class:`CoreMLTensor`): Core ML has no rank-0 inputs, so the scalar
-``timestep`` is a ``(1,)`` array, and it has no int64, so ``input_ids`` are int32. A session adapts the feeds
+(``coreml_inputs`` / ``coreml_outputs`` of its :class:`CoreMLPackageDetails`, each a :class:`CoreMLTensor`): Core
+ML has no rank-0 inputs, so the scalar ``timestep`` is a ``(1,)`` array, and it has no int64, so ``input_ids`` are
+int32. A session adapts the feeds
 (:func:`adapt_feeds`), predicts, and returns the outputs under the spec's names as float32
 (:func:`outputs_by_spec_name`). Those two functions are plain numpy so that they are tested on any system.
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from lcm_export.errors import UserError
 from lcm_export.runtime.backends import BackendOptions, artifact_path
-from lcm_export.runtime.manifest import Component
+from lcm_export.runtime.manifest import Component, CoreMLTensor
 
 ARTIFACT_FORMAT = "mlpackage"
 # BackendOptions.device -> coremltools.ComputeUnit member name.
@@ -50,70 +50,10 @@ def unavailable_reason() -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class CoreMLTensor:
-    """One input or output of a converted Core ML model, as recorded in the artifact's details.
-
-    ``name`` is the feature name inside the mlpackage and ``spec_name`` the component spec's name for it (equal
-    unless a converter renamed it). ``shape`` is the default shape; ``bounds`` holds (min, max) per dim when the
-    model accepts a range of shapes and is None when it is static.
-    """
-
-    name: str
-    dtype: str  # numpy dtype name: "float32", "float16" or "int32"
-    shape: tuple[int, ...]
-    bounds: tuple[tuple[int, int], ...] | None = None
-    spec_name: str = ""
-
-    @property
-    def is_static(self) -> bool:
-        return self.bounds is None
-
-    @property
-    def feed_name(self) -> str:
-        """The spec's name for this tensor (what the pipeline passes and expects)."""
-        return self.spec_name or self.name
-
-    def accepts(self, shape: tuple[int, ...]) -> bool:
-        """Whether ``shape`` (after adaptation) fits this tensor's static shape or bounds."""
-        if len(shape) != len(self.shape):
-            return False
-        if self.bounds is None:
-            return tuple(shape) == self.shape
-        return all(low <= size <= high for size, (low, high) in zip(shape, self.bounds, strict=True))
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-        if self.bounds is not None:
-            data["bounds"] = [list(pair) for pair in self.bounds]
-        if self.spec_name and self.spec_name != self.name:
-            data["spec_name"] = self.spec_name
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CoreMLTensor:
-        bounds = data.get("bounds")
-        return cls(
-            name=str(data["name"]),
-            dtype=str(data["dtype"]),
-            shape=tuple(int(size) for size in data["shape"]),
-            bounds=tuple((int(low), int(high)) for low, high in bounds) if bounds is not None else None,
-            spec_name=str(data.get("spec_name", "")),
-        )
-
-
 def artifact_tensors(component: Component) -> tuple[tuple[CoreMLTensor, ...], tuple[CoreMLTensor, ...]]:
-    """The Core ML inputs and outputs recorded in ``component``'s mlpackage artifact."""
-    details = component.artifacts[ARTIFACT_FORMAT].details
-    try:
-        inputs = tuple(CoreMLTensor.from_json(entry) for entry in details["coreml_inputs"])
-        outputs = tuple(CoreMLTensor.from_json(entry) for entry in details["coreml_outputs"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise UserError(
-            f"component '{component.spec.name}': its mlpackage artifact lacks the Core ML I/O table "
-            f"({type(error).__name__}: {error}): re-export the bundle"
-        ) from None
-    return inputs, outputs
+    """The Core ML inputs and outputs recorded in ``component``'s mlpackage artifact (its package details)."""
+    details = component.artifacts[ARTIFACT_FORMAT].coreml_details
+    return details.inputs, details.outputs
 
 
 def adapt_feeds(feeds: dict[str, np.ndarray], inputs: tuple[CoreMLTensor, ...]) -> dict[str, np.ndarray]:

@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,28 +30,22 @@ import numpy as np
 
 from lcm_export.errors import UserError
 from lcm_export.runtime.backends import BackendOptions, artifact_path, backend_cache_dir
-from lcm_export.runtime.manifest import Component
-from lcm_export.runtime.specs import ComponentSpec
+from lcm_export.runtime.manifest import (
+    Component,
+    IOTensor,
+    TensorRTEngineDetails,
+    parse_compute_capability,  # noqa: F401 (re-exported beside check_compute_capability)
+)
+from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec
 
 ARTIFACT_FORMAT = "tensorrt"
 
-# flavour -> Python module, display name, and what installs it.
+# flavour (TENSORRT_FLAVORS) -> Python module, display name, and what installs it.
 FLAVOR_MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx_bindings"}
 FLAVOR_NAMES = {"tensorrt": "TensorRT", "rtx": "TensorRT-RTX"}
 FLAVOR_INSTALL = {
     "rtx": "pip install 'lcm-edge[tensorrt]'",
     "tensorrt": "pip install tensorrt (standard TensorRT, on a machine with an NVIDIA GPU)",
-}
-# TensorRT ``DataType`` member names -> numpy dtype names (bfloat16 has no numpy dtype; kept by name).
-TENSORRT_DTYPES = {
-    "FLOAT": "float32",
-    "HALF": "float16",
-    "BF16": "bfloat16",
-    "INT64": "int64",
-    "INT32": "int32",
-    "INT8": "int8",
-    "UINT8": "uint8",
-    "BOOL": "bool",
 }
 DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
 # Spatial symbols that follow from each other through the VAE scale factor.
@@ -85,15 +78,6 @@ def import_flavor(flavor: str) -> ModuleType | None:
 
 
 # -- compute capabilities -------------------------------------------------------------------------------------
-
-
-def parse_compute_capability(value: str | int) -> int:
-    """``86``, ``"86"``, ``"SM86"``, ``"sm_86"`` or ``"8.6"`` -> 86. Raises ``ValueError`` on anything else."""
-    text = str(value).strip().lower().removeprefix("sm").lstrip("_")
-    match = re.fullmatch(r"(\d+)\.(\d)|(\d{2,3})", text)
-    if not match:
-        raise ValueError(f"not a compute capability: {value!r}")
-    return int(match[1]) * 10 + int(match[2]) if match[1] else int(match[3])
 
 
 def format_compute_capability(value: int) -> str:
@@ -148,23 +132,6 @@ def check_engine_version(label: str, flavor: str, built_with: str, installed: st
 
 
 # -- binding plans --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IOTensor:
-    """An engine input or output as TensorRT reports it: ``shape`` holds -1 for dims set at run time."""
-
-    name: str
-    mode: str  # "input" or "output"
-    dtype: str  # numpy dtype name (see TENSORRT_DTYPES)
-    shape: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "mode": self.mode, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> IOTensor:
-        return cls(str(data["name"]), str(data["mode"]), str(data["dtype"]), tuple(int(d) for d in data["shape"]))
 
 
 @dataclass(frozen=True)
@@ -242,11 +209,11 @@ def binding_plan(
     return tuple(plan)
 
 
-def check_profile(label: str, profiles: dict[str, dict[str, list[int]]], input_shapes: dict[str, tuple]) -> None:
+def check_profile(label: str, profiles: ComponentProfiles, input_shapes: dict[str, tuple]) -> None:
     """Raise a :class:`UserError` when an input shape lies outside the engine's optimisation profile."""
-    for name, ranges in profiles.items():
+    for name in profiles.minimum:
         shape = list(input_shapes.get(name, ()))
-        low, high = ranges["min"], ranges["max"]
+        low, high = list(profiles.minimum[name]), list(profiles.maximum[name])
         if len(shape) != len(low) or any(not lo <= size <= hi for lo, size, hi in zip(low, shape, high, strict=True)):
             span = f"{low}" if low == high else f"{low} to {high}"
             raise UserError(
@@ -330,16 +297,16 @@ class TensorRTSession:
         flavor: str,
         plan: bytes,
         component: Component,
-        details: dict[str, Any],
+        details: TensorRTEngineDetails,
         options: BackendOptions,
         static_shapes: dict[str, tuple[int, ...]] | None,
     ) -> None:
         self.label = label
         self.cudart = _cuda_runtime()
         self.spec = component.spec
-        self.io = [IOTensor.from_json(entry) for entry in details["io"]]
-        self.profiles = details.get("profiles", {})
-        self.vae_scale_factor = int(details.get("vae_scale_factor", 8))
+        self.io = list(details.io)
+        self.profiles = details.profiles
+        self.vae_scale_factor = details.vae_scale_factor
         self.static = static_shapes is not None and all(d >= 0 for s in static_shapes.values() for d in s)
         self.flavor = flavor
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
@@ -535,15 +502,13 @@ def open_session(
     path = artifact_path(bundle_dir, component, ARTIFACT_FORMAT)
     artifact = component.artifacts[ARTIFACT_FORMAT]
     label = f"BUNDLE '{bundle_dir}': engine '{artifact.path}'"
-    details = artifact.details
-    flavor = str(details.get("flavor", ""))
-    if flavor not in FLAVOR_MODULES:
-        raise UserError(f"{label} names an unknown TensorRT flavour '{flavor}': re-export the bundle")
-    trt = import_flavor(flavor)
+    details = artifact.tensorrt_details  # its flavour is one of FLAVOR_MODULES: the manifest check says so
+    trt = import_flavor(details.flavor)
     installed = str(trt.__version__) if trt is not None else None
-    check_engine_version(label, flavor, str(details.get("trt_version")), installed)
+    check_engine_version(label, details.flavor, details.trt_version, installed)
     index = device_index(options.device)
-    capabilities = [parse_compute_capability(value) for value in details.get("compute_capabilities", [])]
-    check_compute_capability(label, flavor, capabilities, device_compute_capability(index))
+    check_compute_capability(
+        label, details.flavor, list(details.compute_capabilities), device_compute_capability(index)
+    )
     _cuda_check(_cuda_runtime().cudaSetDevice(index), "device selection")
-    return TensorRTSession(label, trt, flavor, path.read_bytes(), component, details, options, static_shapes)
+    return TensorRTSession(label, trt, details.flavor, path.read_bytes(), component, details, options, static_shapes)
