@@ -35,6 +35,10 @@ from lcm_export.runtime.manifest import Component
 from lcm_export.runtime.specs import ComponentSpec
 
 ARTIFACT_FORMAT = "tensorrt"
+# An engine computes at the precision it was built with (fp16 or INT8, chosen at export).
+COMPUTE_PRECISIONS = ("auto",)
+# One execution context and one set of device buffers per session: the pipeline locks each session.
+THREAD_SAFE = False
 
 # flavour -> Python module, display name, and what installs it.
 FLAVOR_MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx_bindings"}
@@ -288,6 +292,10 @@ def gpu_count() -> int:
     except Exception:  # a missing driver library surfaces as various errors depending on the bindings version
         return 0
     return int(count) if error == runtime.cudaError_t.cudaSuccess else 0
+
+
+def check_device(device: str) -> None:
+    device_index(device)
 
 
 def device_index(device: str) -> int:
