@@ -32,8 +32,9 @@ from lcm_export.calibration.quality import psnr, ssim
 from lcm_export.calibration.trajectories import Trajectories, TrajectorySettings, load_sample, record_trajectories
 from lcm_export.runtime.backends import BackendOptions
 from lcm_export.runtime.backends.onnxruntime import OnnxRuntimeSession
+from lcm_export.runtime.denoiser import decoded_images
 from lcm_export.runtime.manifest import Artifact
-from lcm_export.runtime.pipeline import Pipeline, decoded_images
+from lcm_export.runtime.pipeline import Pipeline
 
 INT8_VARIANT = "int8-qdq"
 INT8_FILE = "model-int8.onnx"
