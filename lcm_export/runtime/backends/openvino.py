@@ -144,13 +144,17 @@ def compile_config(core: Any, options: BackendOptions) -> dict[str, str]:
                 f"precision '{options.precision}': OpenVINO's {options.device} device here does not run it "
                 f"(it supports {', '.join(capabilities)}): use precision 'auto' or 'fp32'"
             )
-    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
-    if hint is not None:
-        config["INFERENCE_PRECISION_HINT"] = hint
+    if hint is None:
+        # The device's own choice, written out: OpenVINO's compiled-blob cache does not tell a blob compiled with
+        # an explicit f32 hint from one compiled without a hint, and imports the f32 blob into a bf16 run (NaN
+        # images). With the hint always explicit, and each precision in its own cache folder, they never meet.
+        hint = core.get_property(options.device, "INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16", ...
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": hint}
     if options.threads:
         config["INFERENCE_NUM_THREADS"] = str(options.threads)
     cache = backend_cache_dir(options, "openvino")
     if cache is not None:
+        cache = cache / hint
         cache.mkdir(parents=True, exist_ok=True)
         config["CACHE_DIR"] = str(cache)
     return config
