@@ -136,22 +136,29 @@ class LcmExportEngine:
 
     def load(self) -> dict[str, Any]:
         static = self.spec.get("static_shape")
+        # A row's "precision" names the mode: "int8" runs the bundle's INT8 variants at the device's float
+        # elsewhere, "fp32" the float variants in float32 (parity), "auto" the bundle's preferred variants at the
+        # device's fastest float.
+        mode = self.spec.get("precision", "auto")
+        variant, precision = {"int8": ("int8", "auto"), "fp32": ("fp32", "fp32")}.get(mode, ("auto", mode))
         self.pipeline = self.Pipeline.load(
             self.spec["bundle"],
             backend=self.spec.get("backend", "auto"),
-            precision=self.spec.get("precision", "auto"),
+            variant=variant,
+            precision=precision,
             threads=self.spec["threads"],
             static_shape=tuple(static) if static else None,
             low_memory=self.spec.get("low_memory", False),
-            **({"cache_dir": self.spec["cache_dir"]} if "cache_dir" in self.spec else {}),  # "": no compile cache
+            cache=self.spec.get("cache_dir") != "",  # "": no compile cache
+            **({"cache_dir": self.spec["cache_dir"]} if self.spec.get("cache_dir") else {}),
         )
-        sessions = self.pipeline.sessions.values()
-        precisions = sorted({getattr(session, "inference_precision", "f32") for session in sessions})
+        sessions = self.pipeline.session_info().values()
+        precisions = sorted({session.inference_precision or "f32" for session in sessions})
         return {
             "backend": self.pipeline.backend,
             "inference_precision": precisions,
             "vae": self.pipeline.manifest.pipeline.vae,
-            "loaded_from_cache": all(getattr(session, "loaded_from_cache", False) for session in sessions),
+            "loaded_from_cache": all(bool(session.loaded_from_cache) for session in sessions),
         }
 
     def run(self, prompt: str, latents: np.ndarray, noise: list[np.ndarray], steps: int, guidance: float):

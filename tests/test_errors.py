@@ -139,7 +139,7 @@ def test_non_finite_stage_output_is_an_error_naming_the_stage(tiny_lcm_bundle) -
 
     pipe = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
     for stage, pattern in (("vae_decoder", "the VAE decoder"), ("unet", r"the U-Net at step 1 \(timestep 999\)")):
-        session = pipe.sessions[stage]
+        session = pipe.denoiser.sessions[stage]
         original = session.run
 
         def poisoned(feeds, original=original):

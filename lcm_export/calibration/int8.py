@@ -28,8 +28,9 @@ from lcm_export.calibration.quality import psnr, ssim
 from lcm_export.calibration.trajectories import Trajectories, TrajectorySettings, load_sample, record_trajectories
 from lcm_export.runtime.backends import BackendOptions
 from lcm_export.runtime.backends.onnxruntime import OnnxRuntimeSession
+from lcm_export.runtime.denoiser import decoded_images
 from lcm_export.runtime.manifest import Artifact
-from lcm_export.runtime.pipeline import Pipeline, decoded_images
+from lcm_export.runtime.pipeline import Pipeline
 
 INT8_VARIANT = "int8-qdq"
 INT8_FILE = "model-int8.onnx"
@@ -61,7 +62,7 @@ class Int8Settings:
 
 def _float_pipeline(bundle: Path) -> Pipeline:
     """The float bundle as the runtime runs it (onnxruntime, fp32; no compile cache for a staging folder)."""
-    return Pipeline.load(bundle, backend="onnxruntime", precision="fp32", cache_dir="", verify="size")
+    return Pipeline.load(bundle, backend="onnxruntime", variant="fp32", precision="fp32", cache=False, verify="size")
 
 
 def quantize_components(
@@ -73,7 +74,7 @@ def quantize_components(
     pipe = _float_pipeline(bundle)
     info = pipe.manifest.pipeline
     height, width = settings.height or info.default_height, settings.width or info.default_width
-    floats = {name: pipe.variants[name] for name in ("unet", "vae_decoder")}
+    floats = {name: pipe.variants[name].artifact for name in ("unet", "vae_decoder")}
     recorded = Trajectories([], [])
     for guidance in CALIBRATION_GUIDANCE[info.guidance]:
         trajectory = TrajectorySettings(settings.prompts, settings.steps, guidance, height, width, settings.seed)
@@ -133,7 +134,7 @@ def quantize_components(
 def _decoder_psnr(float_path: Path, int8_path: Path, samples: list[Path]) -> list[float]:
     """PSNR (dB) of the INT8 decoder's images against the float decoder's on the same recorded latents, each run
     as the runtime runs it (onnxruntime's session, the runtime's post-processing)."""
-    options = BackendOptions(cache_dir="")  # no compile cache for a staging folder
+    options = BackendOptions(cache=False)  # no compile cache for a staging folder
     sessions = [OnnxRuntimeSession(path, options, "vae_decoder") for path in (float_path, int8_path)]
     scores = []
     for sample in samples:
@@ -182,7 +183,7 @@ def quality_report(
         advance()
     del float_pipe
     gc.collect()
-    int8_pipe = Pipeline.load(bundle, backend="onnxruntime", precision="int8", cache_dir="", verify="size")
+    int8_pipe = Pipeline.load(bundle, backend="onnxruntime", variant="int8", cache=False, verify="size")
     scores: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for (label, guidance, index, prompt), reference in zip(runs, references, strict=True):
         image = generate(int8_pipe, guidance, index, prompt)

@@ -43,7 +43,7 @@ class TrajectorySettings:
 def unet_identity(pipe: Pipeline) -> str:
     """The recorded inputs depend on every component before the U-Net and on the U-Net itself (later steps)."""
     hashes = {entry.path: entry.sha256 for entry in pipe.manifest.files}
-    parts = [hashes.get(path, path) for variant in pipe.variants.values() for path in variant.files]
+    parts = [hashes.get(path, path) for choice in pipe.variants.values() for path in choice.artifact.files]
     return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
@@ -83,7 +83,7 @@ def record_trajectories(
     def record(event: StepEvent) -> None:
         save("unet", event.feeds)
         if event.index == settings.steps - 1:  # the last step's denoised latents are what the decoder reads
-            save("vae_decoder", pipe.decoder_feeds(event.denoised))
+            save("vae_decoder", pipe.denoiser.decoder_feeds(event.denoised))
 
     for index, prompt in enumerate(settings.prompts):
         pipe(

@@ -1,14 +1,44 @@
 """The torch-free runtime: numpy, ``tokenizers`` and one backend; imports nothing from the exporter or the targets.
 
-``manifest`` is the bundle contract (validated whole at load), ``specs`` the component I/O declarations shared
-with the exporter and the targets, ``scheduler`` the numpy LCM step, ``conditioning`` the U-Net inputs built from
-the manifest's declaration, ``pipeline`` the loop (variant selection, step observer), ``backends`` one module per
-engine (onnxruntime, OpenVINO, TensorRT, Core ML), ``profile`` and ``cli`` (lcm-run).
+The public API is :data:`__all__`: load a bundle with :meth:`Pipeline.load`, call it (text-to-image),
+:meth:`Pipeline.img2img`, or :meth:`Pipeline.stream` (a :class:`FrameStream`); results are
+:class:`PipelineOutput`; an ``observer`` sees a :class:`StepEvent` per step; :attr:`Pipeline.variants` holds a
+:class:`VariantChoice` per component. Every error caused by the caller's input or the bundle is a
+:class:`UserError` (one line naming the input and what to do): :class:`BundleError` for a bundle that is missing,
+incomplete, modified or of another format, :class:`NonFiniteError` for a stage that produced NaN or inf.
+:func:`profile_bundle` times every stage over repeated runs (what ``lcm-run --profile`` prints).
+A ``Pipeline`` may be called from several threads at once; a ``FrameStream`` belongs to one thread.
+
+Modules: ``manifest`` (the bundle contract, validated whole at load; written down in docs/bundle-format.md),
+``variants`` (which stored variant runs), ``request`` and ``inputs`` (argument checks), ``draws`` (the random
+tensors, one order for every mode), ``denoiser`` (the shared core: sessions and the stages of a run),
+``pipeline`` (the modes), ``stream`` (the frame loop), ``scheduler`` (the numpy LCM step), ``conditioning`` (the
+U-Net inputs from the manifest's declaration), ``specs`` (component I/O shared with the exporter and the
+targets), ``backends`` (one module per engine), ``profile`` and ``cli`` (lcm-run).
 """
 
 from __future__ import annotations
 
+from lcm_export.errors import BundleError, NonFiniteError, UserError
 from lcm_export.runtime.manifest import FORMAT_VERSION, Manifest, load_manifest
-from lcm_export.runtime.pipeline import Pipeline, PipelineOutput
+from lcm_export.runtime.pipeline import Pipeline, PipelineOutput, SessionInfo, StepEvent
+from lcm_export.runtime.profile import ProfileReport, profile_bundle
+from lcm_export.runtime.stream import FrameStream
+from lcm_export.runtime.variants import VariantChoice
 
-__all__ = ["FORMAT_VERSION", "Manifest", "Pipeline", "PipelineOutput", "load_manifest"]
+__all__ = [
+    "FORMAT_VERSION",
+    "BundleError",
+    "FrameStream",
+    "Manifest",
+    "NonFiniteError",
+    "Pipeline",
+    "PipelineOutput",
+    "ProfileReport",
+    "SessionInfo",
+    "StepEvent",
+    "UserError",
+    "VariantChoice",
+    "load_manifest",
+    "profile_bundle",
+]

@@ -32,10 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", "-o", type=Path, default=Path("out.png"), help="PNG path (index added for >1)")
     parser.add_argument("--backend", default="auto", help="auto, onnxruntime, openvino, tensorrt or coreml")
     parser.add_argument(
+        "--variant",
+        default="auto",
+        help="which stored weights run: auto (the bundle's preferred, e.g. INT8 where exported), fp32, fp16 or int8",
+    )
+    parser.add_argument(
         "--precision",
         default="auto",
-        help="auto (the bundle's preferred variant at the device's fastest float), fp32 (parity), int8, fp16",
+        help="how float graphs compute: auto (the device's fastest float, e.g. bf16 in OpenVINO), fp32 (parity), "
+        "bf16 or fp16 where the backend runs them",
     )
+    parser.add_argument("--device", default="auto", help="the backend's device (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument(
         "--low-memory",
@@ -169,6 +176,18 @@ def remove_new_files(folder: Path, before: set[str]) -> None:
         folder.rmdir()
 
 
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that go to :meth:`Pipeline.load`, checked there against the chosen backend."""
+    return dict(
+        backend=args.backend,
+        variant=args.variant,
+        precision=args.precision,
+        device=args.device,
+        threads=args.threads,
+        low_memory=args.low_memory,
+    )
+
+
 def run_profile(args: argparse.Namespace) -> int:
     """``--profile``: hand the flags to :func:`profile_bundle`, print its table, write the JSON and the chart."""
     from lcm_export.runtime.profile import profile_bundle
@@ -184,7 +203,9 @@ def run_profile(args: argparse.Namespace) -> int:
             runs=5 if args.runs is None else args.runs,
             warmup=1 if args.warmup is None else args.warmup,
             backend=args.backend,
+            variant=args.variant,
             precision=args.precision,
+            device=args.device,
             threads=args.threads,
             low_memory=args.low_memory,
             height=args.height,
@@ -232,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} applies to profiling: add --profile")
     from lcm_export.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(
-        args.bundle, backend=args.backend, precision=args.precision, threads=args.threads, low_memory=args.low_memory
-    )
+    pipe = Pipeline.load(args.bundle, **load_options(args))
     common = dict(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -401,9 +420,7 @@ def run_stream(args: argparse.Namespace) -> int:
         raise UserError(f"--output '{output}' is a file: pass a folder")
     frames, frame_rate = _stream_source(args.stream)
     check_output_writable(output if video_output else output / "frame.png")
-    pipe = Pipeline.load(
-        args.bundle, backend=args.backend, precision=args.precision, threads=args.threads, low_memory=args.low_memory
-    )
+    pipe = Pipeline.load(args.bundle, **load_options(args))
     stream = pipe.stream(
         args.prompt,
         strength=args.strength,

@@ -38,7 +38,18 @@ def check_seed(seed: Any) -> int | None:
     return seed
 
 
+def _is_number(value: Any) -> bool:
+    """A real number as a caller would pass one (int, float, a numpy scalar); not a bool, not a string."""
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_guidance(guidance_scale: Any) -> float:
+    if not _is_number(guidance_scale):
+        raise UserError(
+            f"guidance_scale={guidance_scale!r}: pass a number >= 0 (LCM: about 1-2 with LCM-LoRA, 8.5 distilled)"
+        )
     try:
         value = float(guidance_scale)
     except (TypeError, ValueError):
@@ -54,12 +65,10 @@ def check_guidance(guidance_scale: Any) -> float:
 
 
 def check_strength(strength: Any) -> float:
-    """Image-to-image strength in (0, 1]: 1 replaces the image entirely, small values keep most of it."""
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(strength, bool) or not math.isfinite(value) or not 0 < value <= 1:
+    """Image-to-image strength in (0, 1]: 1 replaces the image entirely, small values keep most of it. A number
+    only: a string such as "0.5" is refused in every mode alike."""
+    value = float(strength) if _is_number(strength) else float("nan")
+    if not math.isfinite(value) or not 0 < value <= 1:
         raise UserError(f"strength={strength!r}: pass a number in (0, 1] (e.g. 0.5)")
     return value
 

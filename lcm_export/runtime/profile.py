@@ -475,7 +475,9 @@ def profile_bundle(
     runs: int = 5,
     warmup: int = 1,
     backend: str = "auto",
+    variant: str = "auto",
     precision: str = "auto",
+    device: str = "auto",
     threads: int | None = None,
     low_memory: bool = False,
     height: int | None = None,
@@ -484,6 +486,7 @@ def profile_bundle(
     guidance: float | None = None,
     seed: int = 0,
     negative_prompt: str | None = None,
+    cache: bool = True,
     cache_dir: str | None = None,
     profiling_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
@@ -511,7 +514,14 @@ def profile_bundle(
             raise UserError(f"backend profile folder '{profiling_dir}' is a file: give a folder")
         profiling_dir.mkdir(parents=True, exist_ok=True)
     load_options = dict(
-        backend=backend, precision=precision, threads=threads, cache_dir=cache_dir, low_memory=low_memory
+        backend=backend,
+        variant=variant,
+        precision=precision,
+        device=device,
+        threads=threads,
+        cache=cache,
+        cache_dir=cache_dir,
+        low_memory=low_memory,
     )
 
     report_progress(f"loading {bundle_dir}")
@@ -546,10 +556,7 @@ def profile_bundle(
     notes = []
     written: list[str] = []
     if profiling_dir is not None:
-        for session in pipe.sessions.values():
-            end_profiling = getattr(session, "end_profiling", None)
-            if end_profiling is not None:
-                written.extend(str(path) for path in end_profiling())
+        written.extend(str(path) for path in pipe.end_profiling())
         if pipe.backend in BACKENDS_WITHOUT_CPU_PROFILER:
             notes.append(BACKENDS_WITHOUT_CPU_PROFILER[pipe.backend])
         elif not written:
@@ -558,7 +565,11 @@ def profile_bundle(
     images = output.images
     bundle_default_guidance = pipe.manifest.pipeline.default_guidance_scale
     backend_name = pipe.backend
-    options = {**dataclasses.asdict(pipe.options), "variants": {name: v.name for name, v in pipe.variants.items()}}
+    options = {
+        **dataclasses.asdict(pipe.options),
+        "variant": pipe.variant,
+        "variants": {name: choice.name for name, choice in pipe.variants.items()},
+    }
     bundle = bundle_summary(bundle_dir, pipe.manifest)
     del pipe, output
     gc.collect()

@@ -31,7 +31,7 @@ CALL = dict(num_inference_steps=4, seed=11)
 
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_lcm_dir, tmp_path_factory) -> Path:
-    return export(tiny_lcm_dir, tmp_path_factory.mktemp("int8") / "bundle", precision="int8", keep_fp32=True)
+    return export(tiny_lcm_dir, tmp_path_factory.mktemp("int8") / "bundle", variant="int8", keep_fp32=True)
 
 
 def int8_ops(path: Path) -> dict[str, int]:
@@ -95,8 +95,10 @@ def test_quality_report_in_the_manifest(int8_bundle) -> None:
     ],
 )
 def test_int8_runs_on_cpu_backends_near_the_float_image(int8_bundle, backend) -> None:
-    float_image = Pipeline.load(int8_bundle, backend=backend, precision="fp32")("a red car", **CALL).images
-    pipe = Pipeline.load(int8_bundle, backend=backend, precision="int8")
+    float_image = Pipeline.load(int8_bundle, backend=backend, variant="fp32", precision="fp32")(
+        "a red car", **CALL
+    ).images
+    pipe = Pipeline.load(int8_bundle, backend=backend, variant="int8")
     assert pipe.variants["unet"].name == "int8-qdq" and pipe.variants["vae_decoder"].name == "int8-qdq"
     assert pipe.variants["text_encoder"].name == "fp32"
     image = pipe("a red car", **CALL).images
@@ -125,7 +127,7 @@ def test_int8_weights_stay_int8_in_the_loaded_graph(int8_bundle, tmp_path) -> No
     int8, float32 = onnx.TensorProto.INT8, onnx.TensorProto.FLOAT
     assert qdq[int8] > 10 * qdq[float32]  # most of the U-Net's parameters are quantised
 
-    Pipeline.load(int8_bundle, backend="onnxruntime", precision="int8", cache_dir=str(tmp_path / "ort"))
+    Pipeline.load(int8_bundle, backend="onnxruntime", variant="int8", cache_dir=str(tmp_path / "ort"))
     optimised = [onnx.load(str(p), load_external_data=False) for p in sorted((tmp_path / "ort").rglob("model.onnx"))]
     quantised = [m for m in optimised if any(n.op_type.startswith("QLinear") for n in m.graph.node)]
     assert len(quantised) == 2, [sorted({n.op_type for n in m.graph.node}) for m in optimised]  # U-Net, decoder
@@ -139,10 +141,10 @@ def test_int8_weights_stay_int8_in_the_loaded_graph(int8_bundle, tmp_path) -> No
 
     if importlib.util.find_spec("openvino") is None:
         return
-    pipe = Pipeline.load(int8_bundle, backend="openvino", precision="int8", cache_dir="")
+    pipe = Pipeline.load(int8_bundle, backend="openvino", variant="int8", cache=False)
     constants: dict[str, int] = {}
     eight_bit_layers = 0
-    for op in pipe.sessions["unet"].compiled.get_runtime_model().get_ordered_ops():
+    for op in pipe.denoiser.sessions["unet"].compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         layer, precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
         if layer == "Const" and op.get_output_partial_shape(0).is_static:
@@ -165,7 +167,7 @@ def test_openvino_reads_the_qdq_unet_with_float_layer_outputs(int8_bundle, tmp_p
     from lcm_export.runtime.backends import BackendOptions
     from lcm_export.runtime.backends.openvino import QUANTISED_CONSUMERS, compile_config, float_layer_outputs
 
-    pipe = Pipeline.load(int8_bundle, backend="onnxruntime", precision="fp32", cache_dir="")
+    pipe = Pipeline.load(int8_bundle, backend="onnxruntime", variant="fp32", precision="fp32", cache=False)
     settings = TrajectorySettings(("a red car", "a blue house"), steps=4, guidance_scale=8.5, height=32, width=32)
     samples = record_trajectories(pipe, settings, folder=tmp_path / "samples").unet
     float_path = int8_bundle / "unet" / "model.onnx"
@@ -206,17 +208,17 @@ def test_openvino_reads_the_qdq_unet_with_float_layer_outputs(int8_bundle, tmp_p
     # The backend applies it to the bundle's INT8 variant, cached or not: its output is the transformed file's.
     stored = core.read_model(str(int8_bundle / "unet" / "model-int8.onnx"))
     float_layer_outputs(stored)
-    runtime_config = compile_config(core, BackendOptions(precision="int8", cache_dir="", device="CPU"))
+    runtime_config = compile_config(core, BackendOptions(cache=False, device="CPU"))
     expected = core.compile_model(stored, "CPU", runtime_config)(feeds)[0]
     for cache in ("", str(tmp_path / "ov-cache"), str(tmp_path / "ov-cache")):  # off, cold, warm
-        pipe = Pipeline.load(int8_bundle, backend="openvino", precision="int8", cache_dir=cache)
-        got = pipe.sessions["unet"].run(feeds)["out_sample"]
+        pipe = Pipeline.load(int8_bundle, backend="openvino", variant="int8", cache_dir=cache)
+        got = pipe.denoiser.sessions["unet"].run(feeds)["out_sample"]
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), (cache, np.abs(got - expected).max())
 
 
 def test_int8_on_a_float_bundle_is_a_one_line_error(tiny_lcm_bundle) -> None:
     with pytest.raises(UserError, match=r"has no int8 variant \(it has fp32\)"):
-        Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", precision="int8")
+        Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", variant="int8")
 
 
 def test_lcm_run_says_which_variant_ran(int8_bundle, tmp_path) -> None:
@@ -288,7 +290,7 @@ def test_int8_on_an_unseen_shape_and_a_lora_bundle(tmp_path) -> None:
     from lcm_export.exporter.tiny import build_tiny_lora
 
     model = build_tiny_pipeline(tmp_path / "unseen", UNSEEN_SHAPES["three-blocks-vae4"])  # test_parity's
-    bundle = export(model, tmp_path / "unseen-int8", precision="int8", calibration_size=4)
+    bundle = export(model, tmp_path / "unseen-int8", variant="int8", calibration_size=4)
     manifest = load_manifest(bundle)
     for name in ("unet", "vae_decoder"):
         assert [v.name for v in manifest.components[name].variants] == ["int8-qdq"]  # no --keep-fp32
@@ -298,7 +300,7 @@ def test_int8_on_an_unseen_shape_and_a_lora_bundle(tmp_path) -> None:
 
     base = build_tiny_pipeline(tmp_path / "sd", TinyPipelineConfig(kind="sd"))
     lora = build_tiny_lora(tmp_path / "lcm.safetensors", base, rank=4, target_modules=("to_q", "to_v", "conv1"))
-    cfg = export(base, tmp_path / "cfg-int8", precision="int8", loras=(LoraSource(str(lora)),), calibration_size=4)
+    cfg = export(base, tmp_path / "cfg-int8", variant="int8", loras=(LoraSource(str(lora)),), calibration_size=4)
     int8 = load_manifest(cfg).components["unet"].variants[0]
     assert int8.produced_by["calibration"]["guidance"] == [1.0, 1.5]
     assert int8.produced_by["calibration"]["unet_calls"] == 2 * 4 * 4  # two guidances x 4 prompts x 4 steps
@@ -314,7 +316,7 @@ def test_a_tiny_vae_decoder_stays_float(tiny_lcm_dir, tmp_path) -> None:
     from lcm_export.exporter.tiny import build_tiny_autoencoder_tiny
 
     taesd = build_tiny_autoencoder_tiny(tmp_path / "taesd", latent_channels=4, scale_factor_depth=1)
-    bundle = export(tiny_lcm_dir, tmp_path / "fast-int8", precision="int8", tiny_vae=str(taesd), calibration_size=2)
+    bundle = export(tiny_lcm_dir, tmp_path / "fast-int8", variant="int8", tiny_vae=str(taesd), calibration_size=2)
     manifest = load_manifest(bundle)
     assert manifest.pipeline.vae == "autoencoder_tiny"
     assert [v.precision for v in manifest.components["unet"].variants] == ["int8"]
@@ -326,7 +328,7 @@ def test_a_tiny_vae_decoder_stays_float(tiny_lcm_dir, tmp_path) -> None:
     importlib.util.find_spec("tensorrt_rtx_bindings") is None, reason="pip install 'lcm-edge[tensorrt]'"
 )
 def test_tensorrt_rtx_builds_an_int8_engine_from_the_qdq_unet(tiny_lcm_dir, tmp_path) -> None:
-    bundle = export(tiny_lcm_dir, tmp_path / "trt-int8", target="tensorrt", precision="int8", calibration_size=2)
+    bundle = export(tiny_lcm_dir, tmp_path / "trt-int8", target="tensorrt", variant="int8", calibration_size=2)
     manifest = load_manifest(bundle, verify="full")
     unet = manifest.components["unet"].artifacts["tensorrt"]
     assert unet.precision == "int8" and unet.produced_by["from"] == "unet/model-int8.onnx"

@@ -161,7 +161,7 @@ def test_img2img_with_the_tiny_vae_encoder_matches_diffusers(tiny_lcm_dir, tiny_
 
     pixels = np.asarray((make_image(32, 32, 3) * 255).round(), np.uint8).astype(np.float32) / 255
     runtime = Pipeline.load(tiny_vae_bundle, backend="onnxruntime", precision="fp32")
-    table = runtime.scheduler.table(4, 0.6)
+    table = runtime.denoiser.scheduler.table(4, 0.6)
     rng = np.random.default_rng(5)
     shape = (1, 4, 16, 16)
     image_noise = rng.standard_normal(shape).astype(np.float32)

@@ -31,7 +31,7 @@ def test_distilled_lcm_img2img_matches_diffusers(tiny_lcm_dir, tiny_lcm_bundle, 
     pixels = np.asarray((image * 255).round(), np.uint8).astype(np.float32) / 255  # as the PNG diffusers reads
     runtime = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", precision="fp32")
     steps = 4
-    table = runtime.scheduler.table(steps, strength)
+    table = runtime.denoiser.scheduler.table(steps, strength)
     shape = (1, 4, height // 2, width // 2)
     rng = np.random.default_rng(int(strength * 10) + height)
     sample_noise, image_noise = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
@@ -70,7 +70,7 @@ def test_lcm_lora_img2img_matches_diffusers(tiny_cfg_bundle, tiny_cfg_model, str
     pixels = np.asarray((make_image(height, width, 1) * 255).round(), np.uint8).astype(np.float32) / 255
     runtime = Pipeline.load(tiny_cfg_bundle, backend="onnxruntime", precision="fp32")
     steps, guidance = 4, 1.5
-    table = runtime.scheduler.table(steps, strength)
+    table = runtime.denoiser.scheduler.table(steps, strength)
     shape = (1, 4, height // 2, width // 2)
     rng = np.random.default_rng(int(strength * 10) + width)
     sample_noise, image_noise = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))

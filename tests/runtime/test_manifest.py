@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from lcm_export.errors import BundleError
+from lcm_export.errors import BundleError, UserError
 from lcm_export.runtime.manifest import (
     DEFAULT_GUIDANCE_SCALE,
     MANIFEST_NAME,
@@ -31,6 +31,7 @@ from lcm_export.runtime.manifest import (
     strength_key,
 )
 from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec, ShapeRange
+from lcm_export.runtime.variants import choose_variant, choose_variants
 from tests.helpers import as_format_1
 
 Edit = Callable[[dict[str, Any]], Any]
@@ -566,7 +567,8 @@ def test_an_fp16_engine_takes_and_gives_its_io_dtype(bundle) -> None:
     unet = manifest.components["unet"]
     engine, onnx = unet.variants
     assert (engine.format, engine.io_dtype, onnx.format, onnx.io_dtype) == ("tensorrt", "float16", "onnx", "float32")
-    assert unet.select("tensorrt", "fp16") is engine and unet.select("onnx", "fp32") is onnx
+    assert choose_variant(unet, "tensorrt", "fp16").artifact is engine
+    assert choose_variant(unet, "onnx", "fp32").artifact is onnx
     assert {t.dtype for t in unet.spec.inputs} == {"float32"}
     assert {t.dtype for t in unet.resolved(engine).spec.inputs} == {"float16"}
     edit(bundle, lambda d: variant(d).update(io_dtype="float32"))  # but the engine's I/O is float16
@@ -622,7 +624,8 @@ def test_variant_names_are_unique_within_a_format(bundle) -> None:
     as_tensorrt_bundle(bundle, keep_onnx=True)  # an engine named fp32 beside the ONNX variant fp32: two formats
     unet = load_manifest(bundle).components["unet"]
     assert [(v.format, v.name) for v in unet.variants] == [("tensorrt", "fp32"), ("onnx", "fp32")]
-    assert unet.select("onnx", "fp32").format == "onnx" and unet.select("tensorrt", "fp32").format == "tensorrt"
+    assert choose_variant(unet, "onnx", "fp32").artifact.format == "onnx"
+    assert choose_variant(unet, "tensorrt", "fp32").artifact.format == "tensorrt"
 
 
 def test_every_file_of_a_variant_is_listed_in_files(bundle) -> None:
@@ -657,20 +660,23 @@ def test_the_spec_is_float32_and_each_variant_gives_its_io_dtype(bundle) -> None
     assert {t.dtype for t in unet.resolved(unet.variants[0]).spec.inputs} == {"float16"}
 
 
-def test_select_picks_the_first_variant_or_names_what_exists(bundle) -> None:
-    """Per component, a precision no variant has falls back to the preferred variant (the float text encoder of an
+def test_choose_variant_picks_the_first_variant_or_names_what_exists(bundle) -> None:
+    """Per component, a precision no variant has runs the closest more precise one (the float text encoder of an
     INT8 bundle); a forced INT8 that no component has is the pipeline's one-line error
-    (tests/runtime/test_pipeline.py)."""
+    (tests/runtime/test_pipeline.py); a name that is not a variant choice is refused."""
     unet = load_manifest(bundle).components["unet"]
     (only,) = unet.variants
     assert unet.artifacts == {"onnx": only}  # format -> the preferred variant, read-only
-    for precision in ("fp32", "auto", "bf16", "int8", "fp16"):
-        assert unet.select("onnx", precision) is only
+    for precision in ("fp32", "auto", "int8", "fp16"):
+        assert choose_variant(unet, "onnx", precision).artifact is only
+    for not_a_variant in ("bf16", "int8-qdq"):
+        with pytest.raises(UserError, match="pick one of auto, int8, fp16, fp32"):
+            choose_variants({"unet": unet}, ["unet"], "onnx", not_a_variant, bundle)
     with pytest.raises(BundleError, match=r"no tensorrt variant in this bundle \(it has: onnx\)"):
-        unet.select("tensorrt")
+        choose_variant(unet, "tensorrt", "auto")
 
 
-def test_select_and_resolve_among_several_variants(bundle) -> None:
+def test_choose_and_resolve_among_several_variants(bundle) -> None:
     data = read(bundle)
     for name, precision, io_dtype in (("fp16", "fp16", "float16"), ("int8-qdq", "int8", "float32")):
         path = f"unet/model-{name}.onnx"
@@ -684,12 +690,10 @@ def test_select_and_resolve_among_several_variants(bundle) -> None:
     unet = manifest.components["unet"]
     fp32, fp16, int8 = unet.variants
     assert unet.artifacts == {"onnx": fp32}
-    assert [unet.select("onnx", p) for p in ("auto", "fp32", "bf16", "fp16", "int8", "int8-qdq")] == [
-        fp32,
+    assert [choose_variant(unet, "onnx", p).artifact for p in ("auto", "fp32", "fp16", "int8")] == [
         fp32,
         fp32,
         fp16,
-        int8,
         int8,
     ]
     hashes = {entry.path: entry.sha256 for entry in manifest.files}

@@ -18,13 +18,13 @@ def test_second_load_opens_the_saved_optimised_graph(tiny_lcm_bundle, tmp_path, 
     cache = tmp_path / "cache"
     monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(cache))
     first = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
-    assert not any(session.loaded_from_cache for session in first.sessions.values())
+    assert not any(session.loaded_from_cache for session in first.denoiser.sessions.values())
     saved = _files(cache / "onnxruntime")
     assert len([path for path in saved if path.name == "model.onnx"]) == 3  # one per component
     assert not [path for path in (cache / "onnxruntime").iterdir() if path.name.startswith(".")]  # no staging left
 
     second = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
-    assert all(session.loaded_from_cache for session in second.sessions.values())
+    assert all(session.loaded_from_cache for session in second.denoiser.sessions.values())
     assert _files(cache / "onnxruntime") == saved
     latents, noise = random_inputs((1, 4, 16, 24), steps=4, seed=2)
     expected = first("a cat", latents=latents, noise=noise).images
@@ -39,16 +39,17 @@ def test_a_broken_cache_entry_is_rebuilt(tiny_lcm_bundle, tmp_path, monkeypatch)
         if path.name == "model.onnx":
             path.write_bytes(b"not a model")
     reloaded = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
-    assert not any(session.loaded_from_cache for session in reloaded.sessions.values())
+    assert not any(session.loaded_from_cache for session in reloaded.denoiser.sessions.values())
     assert all(
-        session.loaded_from_cache for session in Pipeline.load(tiny_lcm_bundle, backend="onnxruntime").sessions.values()
+        session.loaded_from_cache
+        for session in Pipeline.load(tiny_lcm_bundle, backend="onnxruntime").denoiser.sessions.values()
     )
 
 
-def test_empty_cache_dir_turns_caching_off(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
+def test_cache_false_turns_caching_off(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(tmp_path / "cache"))
-    runtime = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", cache_dir="")
-    assert not any(session.loaded_from_cache for session in runtime.sessions.values())
+    runtime = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", cache=False)
+    assert not any(session.loaded_from_cache for session in runtime.denoiser.sessions.values())
     assert not _files(tmp_path / "cache" / "onnxruntime")
 
 
@@ -56,9 +57,9 @@ def test_low_memory_runs_without_arenas_and_gives_the_same_image(tiny_lcm_bundle
     default = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
     low = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", low_memory=True)
     assert low.options.low_memory and not default.options.low_memory
-    for name, session in low.sessions.items():
+    for name, session in low.denoiser.sessions.items():
         assert not session.session.get_session_options().enable_cpu_mem_arena, name
-        assert default.sessions[name].session.get_session_options().enable_cpu_mem_arena, name
+        assert default.denoiser.sessions[name].session.get_session_options().enable_cpu_mem_arena, name
     latents, noise = random_inputs((2, 4, 16, 24), steps=4, seed=3)
     expected = default(["a cat", "a dog"], latents=latents, noise=noise).images
     assert np.array_equal(low(["a cat", "a dog"], latents=latents, noise=noise).images, expected)

@@ -39,7 +39,7 @@ def test_fp32_matches_diffusers(parity_runtime, tiny_lcm_dir, tiny_lcm_pipeline,
     assert result.images.shape == (1, height, width, 3)
     error = float(np.abs(result.images - expected).max())
     assert error < TOLERANCE, error
-    assert all(session.inference_precision == "f32" for session in parity_runtime.sessions.values())
+    assert all(session.inference_precision == "f32" for session in parity_runtime.denoiser.sessions.values())
 
 
 def test_batch_matches_diffusers(parity_runtime, tiny_lcm_dir, tiny_lcm_pipeline) -> None:
@@ -57,7 +57,7 @@ def test_default_precision_psnr_against_fp32(parity_runtime, tiny_lcm_bundle) ->
     latents, noise = random_inputs((1, 4, 24, 24), steps=4, seed=3)
     reference = parity_runtime("a lighthouse at dusk", latents=latents, noise=noise).images
     image = default("a lighthouse at dusk", latents=latents, noise=noise).images
-    precisions = sorted({session.inference_precision for session in default.sessions.values()})
+    precisions = sorted({session.inference_precision for session in default.denoiser.sessions.values()})
     value = image_psnr(reference, image)
     print(f"OpenVINO default precision {precisions}: PSNR against fp32 {value:.1f} dB")
     assert value >= MIN_DEFAULT_PSNR, (precisions, value)
@@ -77,7 +77,9 @@ def test_auto_backend_picks_openvino_where_it_has_a_faster_float(tiny_lcm_bundle
 def test_unknown_and_unsupported_precisions_are_user_errors(tiny_lcm_bundle) -> None:
     import openvino
 
-    with pytest.raises(UserError, match="precision 'int3' is unknown"):
+    with pytest.raises(
+        UserError, match=r"precision='int3': the openvino backend computes in one of auto, fp32, bf16, fp16"
+    ):
         Pipeline.load(tiny_lcm_bundle, backend="openvino", precision="int3")
     if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         with pytest.raises(UserError, match="does not run it"):
@@ -86,7 +88,9 @@ def test_unknown_and_unsupported_precisions_are_user_errors(tiny_lcm_bundle) -> 
 
 def test_static_shape_runs_and_rejects_other_sizes(parity_runtime, tiny_lcm_bundle) -> None:
     static = Pipeline.load(tiny_lcm_bundle, backend="openvino", precision="fp32", static_shape=(1, 32, 48))
-    unet_inputs = {port.get_any_name(): port.get_partial_shape() for port in static.sessions["unet"].compiled.inputs}
+    unet_inputs = {
+        port.get_any_name(): port.get_partial_shape() for port in static.denoiser.sessions["unet"].compiled.inputs
+    }
     assert unet_inputs["sample"].is_static and list(unet_inputs["sample"].to_shape()) == [1, 4, 16, 24]
     latents, noise = random_inputs((1, 4, 16, 24), steps=4, seed=9)
     expected = parity_runtime("a cat", latents=latents, noise=noise).images
@@ -103,9 +107,9 @@ def test_second_load_uses_the_compiled_model_cache(tiny_lcm_bundle, tmp_path, mo
     first = Pipeline.load(tiny_lcm_bundle, backend="openvino", precision="fp32")
     blobs = _cache_files(cache / "openvino")
     assert len([path for path in blobs if path.suffix == ".blob"]) == 3  # one per component
-    assert not any(session.loaded_from_cache for session in first.sessions.values())
+    assert not any(session.loaded_from_cache for session in first.denoiser.sessions.values())
     second = Pipeline.load(tiny_lcm_bundle, backend="openvino", precision="fp32")
-    assert all(session.loaded_from_cache for session in second.sessions.values())
+    assert all(session.loaded_from_cache for session in second.denoiser.sessions.values())
     assert _cache_files(cache / "openvino") == blobs  # nothing recompiled
     latents, noise = random_inputs((1, 4, 16, 16), steps=4, seed=1)
     assert np.array_equal(
@@ -119,15 +123,15 @@ def test_static_shapes_are_cached_too(tiny_lcm_bundle, tmp_path, monkeypatch) ->
     Pipeline.load(tiny_lcm_bundle, backend="openvino", static_shape=(1, 32, 32))
     files = _cache_files(cache / "openvino")
     second = Pipeline.load(tiny_lcm_bundle, backend="openvino", static_shape=(1, 32, 32))
-    assert all(session.loaded_from_cache for session in second.sessions.values())
+    assert all(session.loaded_from_cache for session in second.denoiser.sessions.values())
     assert _cache_files(cache / "openvino") == files
 
 
-def test_cache_dir_option_overrides_and_empty_turns_it_off(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
+def test_cache_dir_option_overrides_and_cache_false_turns_it_off(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(tmp_path / "environment"))
     Pipeline.load(tiny_lcm_bundle, backend="openvino", cache_dir=str(tmp_path / "explicit"))
     assert _cache_files(tmp_path / "explicit")
     assert not _cache_files(tmp_path / "environment" / "openvino")
-    uncached = Pipeline.load(tiny_lcm_bundle, backend="openvino", cache_dir="")
-    assert not any(session.loaded_from_cache for session in uncached.sessions.values())
+    uncached = Pipeline.load(tiny_lcm_bundle, backend="openvino", cache=False)
+    assert not any(session.loaded_from_cache for session in uncached.denoiser.sessions.values())
     assert not _cache_files(tmp_path / "environment" / "openvino")

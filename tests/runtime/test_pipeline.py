@@ -12,6 +12,7 @@ from lcm_export.errors import BundleError, UserError
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.manifest import FORMAT_VERSION, Artifact, load_manifest
 from lcm_export.runtime.pipeline import StepEvent
+from lcm_export.runtime.variants import choose_variant
 from tests.helpers import FIXTURES, random_inputs
 
 
@@ -60,7 +61,7 @@ def test_observer_sees_every_unet_call(runtime) -> None:
     observed = runtime("a cat", latents=latents, noise=noise, observer=events.append).images
     plain = runtime("a cat", latents=latents, noise=noise).images
     assert np.array_equal(observed, plain)  # observing changes nothing
-    table = runtime.scheduler.table(4)
+    table = runtime.denoiser.scheduler.table(4)
     assert [event.timestep for event in events] == list(table.timesteps)
     assert [event.index for event in events] == [0, 1, 2, 3]
     first = events[0]
@@ -68,7 +69,7 @@ def test_observer_sees_every_unet_call(runtime) -> None:
     assert np.array_equal(first.feeds["sample"], latents)
     assert first.outputs["out_sample"].shape == latents.shape
     # The observed U-Net output, stepped by the scheduler, gives the next step's input.
-    stepped, _ = runtime.scheduler.step(table, 0, first.outputs["out_sample"], first.latents, noise[0])
+    stepped, _ = runtime.denoiser.scheduler.step(table, 0, first.outputs["out_sample"], first.latents, noise[0])
     assert np.allclose(stepped, events[1].feeds["sample"])
 
 
@@ -76,14 +77,14 @@ def test_variant_selection_and_report(tiny_lcm_bundle, runtime) -> None:
     assert {v.name for v in runtime.variants.values()} == {"fp32"}
     assert "unet fp32" in runtime.variant_summary()
     with pytest.raises(UserError, match=r"has no int8 variant \(it has fp32\)"):
-        Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", precision="int8")
+        Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", variant="int8")
     unet = load_manifest(tiny_lcm_bundle).components["unet"]
     # A second variant beside the first: chosen by precision, the first stays the default.
     extra = Artifact("onnx", "unet/model.onnx", "int8", name="int8-qdq")
     both = type(unet)(unet.spec, (*unet.variants, extra), unet.validation)
-    assert both.select("onnx", "int8").name == "int8-qdq"
-    assert both.select("onnx", "auto").name == "fp32"
-    assert both.select("onnx", "fp32").name == "fp32"
+    assert choose_variant(both, "onnx", "int8").name == "int8-qdq"
+    assert choose_variant(both, "onnx", "auto").name == "fp32"
+    assert choose_variant(both, "onnx", "fp32").name == "fp32"
     assert both.resolved(extra).spec.inputs[0].dtype == "float32"  # quantised graphs keep float I/O
 
 
@@ -120,7 +121,7 @@ def test_image_to_image_tables_are_keyed_by_strength(runtime) -> None:
 
     scheduler = LCMScheduler.from_config(runtime.manifest.scheduler.config)
     scheduler.set_timesteps(4, strength=0.5)
-    assert list(runtime.scheduler.table(4, strength=0.5).timesteps) == scheduler.timesteps.tolist()
-    assert list(runtime.scheduler.table(4).timesteps) != scheduler.timesteps.tolist()
+    assert list(runtime.denoiser.scheduler.table(4, strength=0.5).timesteps) == scheduler.timesteps.tolist()
+    assert list(runtime.denoiser.scheduler.table(4).timesteps) != scheduler.timesteps.tolist()
     with pytest.raises(UserError, match=r"strength=0\.55 with num_inference_steps=4"):
-        runtime.scheduler.table(4, strength=0.55)
+        runtime.denoiser.scheduler.table(4, strength=0.55)

@@ -34,7 +34,7 @@ def make_frames(count: int, size: int = 32) -> list[np.ndarray]:
 def test_the_exported_unet_takes_one_timestep_per_row(tiny_lcm_bundle) -> None:
     """A batch of rows at different timesteps gives each row what it gives alone at its own timestep."""
     pipe = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
-    assert pipe.input_shapes["unet"]["timestep"] == ("batch",) and pipe.per_row_timesteps
+    assert pipe.denoiser._input_shapes["unet"]["timestep"] == ("batch",) and pipe.denoiser.per_row_timesteps
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     feeds = {
@@ -42,16 +42,18 @@ def test_the_exported_unet_takes_one_timestep_per_row(tiny_lcm_bundle) -> None:
         "timestep_cond": rng.standard_normal((2, 32)).astype(np.float32),
     }
     timesteps = np.array([999.0, 259.0], np.float32)
-    batched = pipe._run("unet", {**feeds, "sample": sample, "timestep": timesteps})["out_sample"]
+    batched = pipe.denoiser._run("unet", {**feeds, "sample": sample, "timestep": timesteps})["out_sample"]
     alone = [
-        pipe._run(
+        pipe.denoiser._run(
             "unet",
             {name: value[row : row + 1] for name, value in {**feeds, "sample": sample, "timestep": timesteps}.items()},
         )["out_sample"]
         for row in range(2)
     ]
     error = float(np.abs(batched - np.concatenate(alone)).max())
-    same_step = pipe._run("unet", {**feeds, "sample": sample, "timestep": np.full(2, 999.0, np.float32)})["out_sample"]
+    same_step = pipe.denoiser._run("unet", {**feeds, "sample": sample, "timestep": np.full(2, 999.0, np.float32)})[
+        "out_sample"
+    ]
     moved = float(np.abs(same_step[1] - batched[1]).max())
     print(f"per-row timesteps: batch vs rows alone max abs {error:.2e}; row 2 at 999 instead of 259 moves {moved:.2e}")
     assert error <= BATCHED_TOLERANCE
@@ -77,10 +79,10 @@ def test_step_batching_equals_the_unbatched_loop(
     plain = pipe.stream("a cat", **options, batch_steps=False)
     unbatched = [plain(frame) for frame in frames]
     assert plain.steps == steps_run and not plain.batch_steps
-    assert pipe._uses_cfg(plain.request) == (family == "lcm-lora")
+    assert plain.request.use_cfg == (family == "lcm-lora")
 
     batched_stream = pipe.stream("a cat", **options, batch_steps=True)
-    session = pipe.sessions["unet"]
+    session = pipe.denoiser.sessions["unet"]
     rows: list[int] = []
     run = session.run
     session.run = lambda feeds: rows.append(len(feeds["sample"])) or run(feeds)  # count each call's batch
@@ -113,7 +115,15 @@ def test_the_unbatched_loop_equals_img2img_with_the_same_draws(tiny_lcm_bundle) 
     frames = make_frames(2)
     outputs = list(stream.run(frames))
     for frame, output in zip(frames, outputs, strict=True):
-        expected = pipe.img2img(frame, "a cat", strength=0.6, num_inference_steps=4, **stream.draws).images[0]
+        expected = pipe.img2img(
+            frame,
+            "a cat",
+            strength=0.6,
+            num_inference_steps=4,
+            sample_noise=stream.draws.sample_noise,
+            image_noise=stream.draws.image_noise,
+            noise=stream.draws.noise,
+        ).images[0]
         assert np.array_equal(output, expected)
 
 
@@ -141,11 +151,11 @@ def test_step_batching_needs_a_per_row_timestep(tiny_lcm_bundle) -> None:
     """A bundle exported before per-row timesteps declares a scalar timestep: asking it to batch steps is a one-line
     error, the default runs the unbatched loop."""
     pipe = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
-    pipe.input_shapes["unet"]["timestep"] = ()  # what such a bundle's manifest declares
+    pipe.denoiser._input_shapes["unet"]["timestep"] = ()  # what such a bundle's manifest declares
     with pytest.raises(UserError, match=r"takes one timestep for the whole batch .* re-export it, or pass batch_steps"):
         pipe.stream("a cat", batch_steps=True)
     assert not pipe.stream("a cat").batch_steps
-    assert pipe._timestep_feed(np.full(2, 759.0)).shape == ()
+    assert pipe.denoiser._timestep_feed(np.full(2, 759.0)).shape == ()
 
 
 def run_cli(*args, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

@@ -1,9 +1,13 @@
 """Runtime backends, loaded lazily: a missing backend never breaks another one.
 
 Each backend module defines ``ARTIFACT_FORMAT`` (which artifact of a component it runs: "onnx", "tensorrt",
-"mlpackage"), ``is_available()`` and ``open_session(bundle_dir, component, options, static_shapes) -> Session``
-where a session has ``run(feeds) -> outputs`` over numpy arrays named as in the component's spec, and
-``static_shapes`` (input name -> shape, -1 for a dim left dynamic) is given when the call shape is known at load.
+"mlpackage"), ``COMPUTE_PRECISIONS`` (the ``precision`` values it honours), ``check_device(device)`` (a one-line
+error for a device it cannot run on), ``THREAD_SAFE`` (whether one session may run from several threads at once;
+the pipeline puts a lock around the sessions of a backend that says no), ``is_available()`` and
+``open_session(bundle_dir, component, options, static_shapes) -> Session`` where a session has ``run(feeds) ->
+outputs`` over numpy arrays named as in the component's spec, and ``static_shapes`` (input name -> shape, -1 for a
+dim left dynamic) is given when the call shape is known at load. :func:`check_options` checks every option against
+the chosen backend's lists before a session opens.
 A backend with a profiler honours ``options.profiling_dir``: its sessions then also have ``end_profiling() ->
 list[Path]``, which stops the profiler and returns the files it wrote into that folder.
 """
@@ -40,9 +44,12 @@ AUTO_ORDER = ("tensorrt", "coreml", "openvino", "onnxruntime")
 class BackendOptions:
     """Load options shared by the backends (each uses what applies to it).
 
-    ``precision``: "fp32" runs float32 everywhere (parity mode); "auto" lets the backend use the device's fastest
-    float (bf16 on CPUs with AVX-512 BF16 / AMX in OpenVINO). ``static_shape`` (batch, height, width) lets a
-    backend specialise the graph when the call shape is known at load. ``profiling_dir`` turns on the backend's
+    ``precision`` is the compute precision of float graphs, not which stored variant runs (that is
+    :mod:`lcm_export.runtime.variants`): "fp32" computes float32 (parity mode); "auto" lets the backend use the
+    device's fastest float (bf16 on CPUs with AVX-512 BF16 / AMX in OpenVINO); "bf16"/"fp16" where a backend lists
+    them. ``cache`` off turns every compiled-model cache off; ``cache_dir`` moves it (default: the user cache).
+    ``static_shape`` (batch, height, width) lets a backend specialise the graph when the call shape is known at
+    load. ``profiling_dir`` turns on the backend's
     own profiler (onnxruntime's trace, OpenVINO's per-layer counters), which writes into that folder; it slows
     the runs down a little, so it is off unless asked for. ``low_memory`` gives each stage's working memory back to
     the system once it has run instead of keeping it for the next run, for a lower peak at some speed (onnxruntime:
@@ -51,7 +58,8 @@ class BackendOptions:
 
     precision: str = "auto"
     threads: int | None = None
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # None: the user cache (cache_root())
+    cache: bool = True
     device: str = "auto"  # "auto": each backend's natural device (see device_or)
     static_shape: tuple[int, int, int] | None = None
     profiling_dir: str | None = None
@@ -78,6 +86,39 @@ def backend_module(name: str) -> ModuleType:
         reason = getattr(module, "unavailable_reason", lambda: None)()
         raise UserError(reason or f"backend '{name}' is not installed: pip install '{extra}'")
     return module
+
+
+def check_options(name: str, module: ModuleType, options: BackendOptions) -> None:
+    """Check every load option against what backend ``name`` honours, before any session opens: a value it would
+    ignore or silently replace is an error naming the option and the values it takes."""
+    precisions: tuple[str, ...] = module.COMPUTE_PRECISIONS
+    if not isinstance(options.precision, str) or options.precision not in precisions:
+        hint = " (int8 is a stored variant: pass variant='int8')" if options.precision == "int8" else ""
+        raise UserError(
+            f"precision={options.precision!r}: the {name} backend computes in one of {', '.join(precisions)}{hint}"
+        )
+    if not isinstance(options.device, str) or not options.device:
+        raise UserError(f"device={options.device!r}: pass a device name such as 'auto'")
+    module.check_device(options.device)
+    if options.threads is not None and (
+        isinstance(options.threads, bool) or not isinstance(options.threads, int) or options.threads < 1
+    ):
+        raise UserError(f"threads={options.threads!r}: pass an integer >= 1, or None for every core")
+    if not isinstance(options.cache, bool):
+        raise UserError(f"cache={options.cache!r}: pass True or False")
+    if options.cache_dir is not None and (
+        not isinstance(options.cache_dir, (str, os.PathLike)) or not str(options.cache_dir)
+    ):
+        raise UserError(f"cache_dir={options.cache_dir!r}: pass a folder, or cache=False to turn caching off")
+    shape = options.static_shape
+    if shape is not None and (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 3
+        or any(isinstance(value, bool) or not isinstance(value, int) or value < 1 for value in shape)
+    ):
+        raise UserError(f"static_shape={shape!r}: pass (batch, height, width) as three positive integers, or None")
+    if not isinstance(options.low_memory, bool):
+        raise UserError(f"low_memory={options.low_memory!r}: pass True or False")
 
 
 def choose_backend(name: str, formats: set[str]) -> str:
@@ -126,10 +167,12 @@ def cpu_model_and_flags(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None,
 
 
 def backend_cache_dir(options: BackendOptions, backend: str) -> Path | None:
-    """Where ``backend`` caches compiled models: ``options.cache_dir`` when given ("" turns caching off), else
-    ``cache_root()/backend``."""
+    """Where ``backend`` caches compiled models: None when ``options.cache`` is off, ``options.cache_dir`` when
+    given, else ``cache_root()/backend``."""
+    if not options.cache:
+        return None
     if options.cache_dir is not None:
-        return Path(options.cache_dir).expanduser() if options.cache_dir else None
+        return Path(options.cache_dir).expanduser()
     return cache_root() / backend
 
 

@@ -36,6 +36,17 @@ COMPUTE_UNITS = {
 }
 
 
+# An mlpackage computes at the precision it was converted with (the exporter's compute_precision).
+COMPUTE_PRECISIONS = ("auto",)
+# MLModel.predict from several threads at once is not documented as safe: the pipeline locks each session.
+THREAD_SAFE = False
+
+
+def check_device(device: str) -> None:
+    if device.upper() not in COMPUTE_UNITS:
+        raise UserError(f"device '{device}' is not a Core ML compute unit: pick one of {', '.join(COMPUTE_UNITS)}")
+
+
 def is_available() -> bool:
     return platform.system() == "Darwin" and importlib.util.find_spec("coremltools") is not None
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcm_export.errors import UserError
 from lcm_export.runtime.backends import (
     BackendOptions,
     artifact_identity,
@@ -38,10 +39,39 @@ from lcm_export.runtime.backends import (
 from lcm_export.runtime.manifest import Component
 
 ARTIFACT_FORMAT = "onnx"
+# onnxruntime computes a graph in its own types: an fp32 graph in float32, whatever the CPU offers.
+COMPUTE_PRECISIONS = ("auto", "fp32")
+# InferenceSession.run may be called from several threads at once (onnxruntime's documented guarantee).
+THREAD_SAFE = True
 
 
 def is_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def cuda_device_id(device: str) -> int | None:
+    """``"cuda"`` / ``"cuda:N"`` -> the GPU index; None for the CPU (``"auto"``, ``"cpu"``)."""
+    head, _, tail = device.lower().partition(":")
+    if head in ("auto", "cpu") and not tail:
+        return None
+    if head == "cuda" and (tail == "" or tail.isdigit()):
+        return int(tail) if tail else 0
+    raise UserError(f"device {device!r} is not an onnxruntime device: pick auto, cpu, cuda or cuda:N")
+
+
+def check_device(device: str) -> None:
+    """A CUDA device needs onnxruntime's CUDA provider (onnxruntime-gpu); without it, it is an error, never a
+    silent CPU run."""
+    if cuda_device_id(device) is None:
+        return
+    import onnxruntime
+
+    providers = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        raise UserError(
+            f"device {device!r}: this onnxruntime has no CUDA provider (it has {', '.join(providers)}): "
+            "pip install 'lcm-edge[gpu]' on a machine with an NVIDIA GPU, or pass device='cpu'"
+        )
 
 
 class OnnxRuntimeSession:
@@ -61,13 +91,11 @@ class OnnxRuntimeSession:
             self.profiling_dir.mkdir(parents=True, exist_ok=True)
             session_options.enable_profiling = True
             session_options.profile_file_prefix = str(self.profiling_dir / f"onnxruntime_{name}")
-        providers = ["CPUExecutionProvider"]
-        if (
-            options.device.upper().startswith("CUDA")
-            and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-        ):
-            providers.insert(0, "CUDAExecutionProvider")
-        cached = optimized_model_path(path, options, identity) if providers == ["CPUExecutionProvider"] else None
+        providers: list = ["CPUExecutionProvider"]
+        gpu = cuda_device_id(options.device)
+        if gpu is not None:  # check_device made sure the provider exists
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
+        cached = optimized_model_path(path, options, identity) if gpu is None else None
         self.loaded_from_cache = False
         if cached is not None and cached.is_file():
             try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,35 @@ from lcm_export.runtime.backends import (
 from lcm_export.runtime.manifest import Component
 
 ARTIFACT_FORMAT = "onnx"
+# The INFERENCE_PRECISION_HINT values the option maps to (see PRECISION_HINTS); "int8" is a stored variant.
+COMPUTE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# A session keeps a pool of infer requests, one per concurrent call (see OpenVinoSession).
+THREAD_SAFE = True
 
 
 def is_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
+
+
+def check_device(device: str) -> None:
+    """``auto`` (the CPU) or a device OpenVINO lists here (CPU, GPU, GPU.1, NPU, ...; AUTO/HETERO/MULTI with
+    their targets)."""
+    if device.lower() == "auto":
+        return
+    import openvino
+
+    available = list(openvino.Core().available_devices)
+    head = device.split(":", 1)[0].upper()
+    targets = device.split(":", 1)[1].split(",") if ":" in device else []
+    virtual = head in ("AUTO", "HETERO", "MULTI")
+    if (device.upper() in available or device in available) and not virtual:
+        return
+    if virtual and all(target in available or target.split(".")[0] in available for target in targets):
+        return
+    raise UserError(
+        f"device {device!r} is not an OpenVINO device on this machine (it has {', '.join(available)}): pass one of "
+        "those, or auto"
+    )
 
 
 # CPU feature flags (Linux /proc/cpuinfo) with which OpenVINO's CPU plugin runs a float faster than f32 by default.
@@ -78,8 +104,7 @@ def auto_eligible() -> bool:
 # precision option -> INFERENCE_PRECISION_HINT (None: the device's own choice, its fastest float) and the
 # OPTIMIZATION_CAPABILITIES entry a device must list to honour it.
 PRECISION_HINTS: dict[str, tuple[str | None, str | None]] = {
-    "auto": (None, None),
-    "int8": (None, None),  # the variant carries the quantisation; the rest runs at the plugin's float
+    "auto": (None, None),  # an INT8 variant carries its quantisation; the rest runs at the plugin's float
     "fp32": ("f32", None),
     "bf16": ("bf16", "BF16"),
     "fp16": ("f16", "FP16"),
@@ -111,13 +136,17 @@ def compile_config(core: Any, options: BackendOptions) -> dict[str, str]:
                 f"precision '{options.precision}': OpenVINO's {options.device} device here does not run it "
                 f"(it supports {', '.join(capabilities)}): use precision 'auto' or 'fp32'"
             )
-    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
-    if hint is not None:
-        config["INFERENCE_PRECISION_HINT"] = hint
+    if hint is None:
+        # The device's own choice, written out: OpenVINO's compiled-blob cache does not tell a blob compiled with
+        # an explicit f32 hint from one compiled without a hint, and imports the f32 blob into a bf16 run (NaN
+        # images). With the hint always explicit, and each precision in its own cache folder, they never meet.
+        hint = core.get_property(options.device, "INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16", ...
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": hint}
     if options.threads:
         config["INFERENCE_NUM_THREADS"] = str(options.threads)
     cache = backend_cache_dir(options, "openvino")
     if cache is not None:
+        cache = cache / hint
         cache.mkdir(parents=True, exist_ok=True)
         config["CACHE_DIR"] = str(cache)
     return config
@@ -239,6 +268,16 @@ def _prepared_ir(
 
 
 class OpenVinoSession:
+    """One compiled model; ``run`` may be called from several threads at once.
+
+    Each concurrent call takes an infer request from a pool (created on demand, returned after the call), so one
+    call never finds another's request busy. ``max_requests`` caps the pool (1: calls wait for the one request, a
+    lock); the default leaves it to the number of threads calling. With ``NUM_STREAMS`` 1 the plugin runs the
+    requests one at a time on every core, so the pool costs no oversubscription.
+    """
+
+    max_requests: int | None = None
+
     def __init__(
         self,
         path: Path,
@@ -258,20 +297,45 @@ class OpenVinoSession:
         self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE"))
         # What the device runs: "f32", "bf16" or "f16" (for "auto", the plugin's choice).
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        self.request = self.compiled.create_infer_request()
+        self._idle: list[Any] = [self.compiled.create_infer_request()]
+        self._created = 1
+        self._pool = threading.Condition()
         self.layer_profile = (
             LayerProfile(component_name, Path(options.profiling_dir), options.device) if options.profiling_dir else None
         )
         self.output_names = [output.get_any_name() for output in self.compiled.outputs]
 
+    def _acquire(self) -> Any:
+        """An idle infer request, a new one while the pool is under ``max_requests``, else the next one freed."""
+        with self._pool:
+            while not self._idle and self.max_requests is not None and self._created >= self.max_requests:
+                self._pool.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._created += 1
+        return self.compiled.create_infer_request()
+
+    def _release(self, request: Any) -> None:
+        with self._pool:
+            self._idle.append(request)
+            self._pool.notify()
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.request.infer(feeds, share_inputs=True)
-        if self.layer_profile is not None:
-            self.layer_profile.add(self.request.get_profiling_info())
-        return {
-            name: np.asarray(results[output])
-            for name, output in zip(self.output_names, self.compiled.outputs, strict=True)
-        }
+        request = self._acquire()
+        try:
+            # share_outputs stays off: the arrays returned are copies, not views of the request's buffers, which
+            # the next call on that request overwrites.
+            results = request.infer(feeds, share_inputs=True)
+            outputs = {
+                name: np.asarray(results[output])
+                for name, output in zip(self.output_names, self.compiled.outputs, strict=True)
+            }
+            if self.layer_profile is not None:
+                with self._pool:
+                    self.layer_profile.add(request.get_profiling_info())
+        finally:
+            self._release(request)
+        return outputs
 
     def end_profiling(self) -> list[Path]:
         """Write the per-layer profile gathered so far (``profiling_dir``); [] when profiling is off."""

@@ -39,6 +39,10 @@ from lcm_export.runtime.manifest import (
 from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec
 
 ARTIFACT_FORMAT = "tensorrt"
+# An engine computes at the precision it was built with (fp16 or INT8, chosen at export).
+COMPUTE_PRECISIONS = ("auto",)
+# One execution context and one set of device buffers per session: the pipeline locks each session.
+THREAD_SAFE = False
 
 # flavour (TENSORRT_FLAVORS) -> Python module, display name, and what installs it.
 FLAVOR_MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx_bindings"}
@@ -257,6 +261,10 @@ def gpu_count() -> int:
     return int(count) if error == runtime.cudaError_t.cudaSuccess else 0
 
 
+def check_device(device: str) -> None:
+    device_index(device)
+
+
 def device_index(device: str) -> int:
     """``"auto"``, ``"GPU"``, ``"CUDA"`` -> 0; ``"CUDA:1"`` / ``"GPU:1"`` -> 1; anything else (a CPU) is an error:
     TensorRT runs on a GPU."""
@@ -353,7 +361,7 @@ class TensorRTSession:
         if self.static and hasattr(config, "cuda_graph_strategy"):
             config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         cache_dir = backend_cache_dir(options, "tensorrt")
-        if cache_dir is None:  # caching turned off (cache_dir="")
+        if cache_dir is None:  # caching turned off (cache=False)
             return self.engine.create_execution_context(config)
         try:
             cache = config.create_runtime_cache()

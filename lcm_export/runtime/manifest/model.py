@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lcm_export.errors import BundleError
 from lcm_export.runtime.manifest.details import CoreMLPackageDetails, TensorRTEngineDetails
 from lcm_export.runtime.manifest.vocabulary import (
     ARTIFACT_SUFFIXES,
@@ -203,21 +202,6 @@ class Component:
         for variant in self.variants:
             preferred.setdefault(variant.format, variant)
         return preferred
-
-    def select(self, artifact_format: str, precision: str = "auto") -> Artifact:
-        """The variant a backend running ``artifact_format`` uses for ``precision``: the one of that precision (or
-        name) where there is one, else the exporter's preferred (first listed) one, e.g. the float text encoder
-        of an INT8 bundle. Whether a forced precision ran anywhere is the pipeline's check (see ``Pipeline``)."""
-        of_format = [variant for variant in self.variants if variant.format == artifact_format]
-        if not of_format:
-            raise BundleError(
-                f"component '{self.spec.name}' has no {artifact_format} variant in this bundle (it has: "
-                f"{', '.join(sorted({v.format for v in self.variants}))}): pick a backend for those, or re-export"
-            )
-        for variant in of_format:
-            if variant.precision == precision or variant.name == precision:
-                return variant
-        return of_format[0]
 
     def resolved(self, variant: Artifact, hashes: Mapping[str, str] | None = None) -> Component:
         """This component as one backend session sees it: only ``variant``, I/O in its float dtype, and the

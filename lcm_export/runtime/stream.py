@@ -1,0 +1,170 @@
+"""The frame loop: frames in, styled frames out, in order (:meth:`Pipeline.stream` makes one).
+
+A :class:`FrameStream` runs on the pipeline's :class:`~lcm_export.runtime.denoiser.Denoiser` through its public
+stages, as text-to-image and image-to-image do. It draws its random tensors once, in image-to-image's order
+(:func:`~lcm_export.runtime.draws.image_to_image_draws`), and uses them for every frame: a still input gives a still
+output, and its first frame equals ``img2img`` of that frame with the same seed. One stream belongs to one thread
+(it holds the frames in flight); several streams may share a pipeline across threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lcm_export.errors import UserError
+from lcm_export.runtime.denoiser import Denoiser, check_finite
+from lcm_export.runtime.draws import ImageToImageDraws, image_to_image_draws
+from lcm_export.runtime.images import load_image
+from lcm_export.runtime.request import GenerationRequest
+
+
+@dataclass
+class _InFlight:
+    """A frame inside the frame loop: its latents before its next step, and when it came in."""
+
+    latents: np.ndarray  # (1, C, h, w)
+    step: int  # index of the next step in the table
+    arrived: float  # perf_counter() when the frame was pushed
+
+
+class FrameStream:
+    """Frames in, styled frames out, in order.
+
+    ``push(frame)`` takes one frame (anything ``img2img`` takes) and returns the frame that has been through every
+    step, (H, W, 3) float32 in [0, 1], or None while a step-batched stream fills (its first N - 1 pushes);
+    ``flush()`` returns the frames still in flight; ``run(frames)`` does both. Without step batching each push
+    returns its own frame, and ``stream(frame)`` is that push.
+
+    ``latencies``: seconds from each output frame's push to its output, in output order. ``call_seconds``: the
+    seconds of each push and flush step (the work done per frame; frames per second is their count over their sum).
+    """
+
+    def __init__(self, denoiser: Denoiser, request: GenerationRequest, *, batch_steps: bool) -> None:
+        self.denoiser = denoiser
+        self.request = request
+        self.batch_steps = batch_steps
+        self.table = request.table
+        self.steps = request.steps
+        self.timesteps = np.asarray(self.table.timesteps, dtype=np.float32)  # (N,)
+        self.text = denoiser.encode_text(request)  # 1 row, or [unconditional, conditional] with CFG
+        self.size: tuple[int, int] | None = None
+        self.draws: ImageToImageDraws | None = None
+        self.in_flight: list[_InFlight] = []  # the newest frame first
+        self.frames_in = 0
+        self.latencies: list[float] = []
+        self.call_seconds: list[float] = []
+        self._feeds: dict[int, dict[str, np.ndarray]] = {}  # U-Net rows -> conditioning feeds
+        self._timings: dict[str, Any] = {}
+
+    @property
+    def frames_per_second(self) -> float:
+        """Frames out per second of work (pushes and flush steps), 0 before the first frame comes out."""
+        spent = sum(self.call_seconds)
+        return len(self.latencies) / spent if self.latencies and spent > 0 else 0.0
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        """One frame in, the same frame styled out: the unbatched loop only (a step-batched one returns frames
+        later: use :meth:`push` and :meth:`flush`)."""
+        if self.batch_steps:
+            raise UserError("this stream batches steps (frames come out later): call push(frame) and flush()")
+        image = self.push(frame)
+        assert image is not None
+        return image
+
+    def push(self, frame: Any) -> np.ndarray | None:
+        """One frame in; the oldest frame in flight out once it has run every step (None while filling)."""
+        start = time.perf_counter()
+        latents = self._encode(frame)
+        self.in_flight.insert(0, _InFlight(latents, 0, start))
+        self.frames_in += 1
+        image = self._advance()
+        while image is None and not self.batch_steps:  # unbatched: this frame runs all its steps now
+            image = self._advance()
+        self.call_seconds.append(time.perf_counter() - start)
+        return image
+
+    def flush(self) -> list[np.ndarray]:
+        """The frames still in flight, each after its remaining steps, oldest first (none without step batching)."""
+        images = []
+        while self.in_flight:
+            start = time.perf_counter()
+            image = self._advance()
+            if image is not None:
+                images.append(image)
+            self.call_seconds.append(time.perf_counter() - start)
+        return images
+
+    def run(self, frames: Iterable[Any]) -> Iterator[np.ndarray]:
+        """Every frame of ``frames`` styled, in order, one output per input (flushed at the end)."""
+        for frame in frames:
+            image = self.push(frame)
+            if image is not None:
+                yield image
+        yield from self.flush()
+
+    def _encode(self, frame: Any) -> np.ndarray:
+        """The frame's latents at the first step (1, C, h, w); the first frame fixes the size and the draws."""
+        denoiser = self.denoiser
+        info = denoiser.manifest.pipeline
+        pixels = load_image(frame, info.spatial_multiple)
+        size = pixels.shape[:2]
+        if self.size is None:
+            # Step batching runs 1..N rows per U-Net call: the memory check counts N; a static shape cannot hold it.
+            denoiser.check_call(self.request, *size, unet_rows=self.steps if self.batch_steps else None)
+            self.draws = image_to_image_draws(
+                self.request.seed,
+                denoiser.latent_shape(1, *size),
+                self.steps,
+                tiny_vae=info.vae == "autoencoder_tiny",
+            )
+            self.size = size
+        elif size != self.size:
+            raise UserError(
+                f"frame {self.frames_in + 1} is {size[1]}x{size[0]} but the stream started at "
+                f"{self.size[1]}x{self.size[0]}: pass frames of one size (start a new stream for another)"
+            )
+        assert self.draws is not None
+        return denoiser.encode_image(pixels, 1, self.table, self.draws.sample_noise, self.draws.image_noise)
+
+    def _advance(self) -> np.ndarray | None:
+        """One U-Net call over every frame in flight, each at its own step (one row each; the unconditional half
+        too with CFG), then each frame's LCM step; returns the frame that ran its last step, decoded, if any."""
+        denoiser, rows = self.denoiser, self.in_flight
+        assert self.draws is not None
+        latents = rows[0].latents if len(rows) == 1 else np.concatenate([row.latents for row in rows])  # (R, C, h, w)
+        timesteps = self.timesteps[[row.step for row in rows]]  # (R,)
+        prediction, _, _ = denoiser.predict(self.request, self._feeds_for(len(rows)), latents, timesteps)
+        if not np.isfinite(prediction).all():
+            steps = ", ".join(str(row.step + 1) for row in rows)
+            check_finite(prediction, f"the U-Net at step {steps} (timestep {', '.join(f'{t:g}' for t in timesteps)})")
+        finished: tuple[int, np.ndarray] | None = None
+        for index, row in enumerate(rows):
+            noise = self.draws.noise[row.step] if row.step < self.steps - 1 else None
+            row.latents, denoised = denoiser.step(
+                self.table, row.step, prediction[index : index + 1], row.latents, noise
+            )
+            row.step += 1
+            if row.step == self.steps:
+                finished = (index, denoised)
+        if finished is None:
+            return None
+        index, denoised = finished
+        row = rows.pop(index)  # the oldest: every push adds one at step 0 and every call moves all by one
+        check_finite(denoised, f"the LCM step at step {self.steps}")
+        image = denoiser.decode(denoised, self._timings)[0]
+        self.latencies.append(time.perf_counter() - row.arrived)
+        return image
+
+    def _feeds_for(self, rows: int) -> dict[str, np.ndarray]:
+        """The conditioning feeds of a ``rows``-row U-Net call, built once per row count."""
+        if rows not in self._feeds:
+            height, width = self.size
+            self._feeds[rows] = self.denoiser.conditioning_feeds(
+                self.request, self.text.repeat(rows), rows, height, width
+            )
+        return self._feeds[rows]
