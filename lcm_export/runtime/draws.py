@@ -15,10 +15,9 @@ so every runtime draws the same tensors from the same seed.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import secrets
 
 import numpy as np
 
@@ -91,9 +90,7 @@ def _draw(name: str, given: np.ndarray | None, shape: Shape, rng: PhiloxGenerato
     return array
 
 
-def _draw_steps(
-    given: Sequence[np.ndarray] | None, count: int, shape: Shape, rng: PhiloxGenerator
-) -> list[np.ndarray]:
+def _draw_steps(given: Sequence[np.ndarray] | None, count: int, shape: Shape, rng: PhiloxGenerator) -> list[np.ndarray]:
     """The noise added after every step but the last: drawn, or the caller's list checked."""
     if given is None:
         return [rng.standard_normal(shape) for _ in range(count)]

@@ -57,7 +57,12 @@ def standard_normal(seed: int, tensor_index: int, shape: tuple[int, ...]) -> np.
     size = int(np.prod(shape, dtype=np.int64))
     blocks = (size + 3) // 4
     block = np.arange(blocks, dtype=np.uint64)  # j
-    counter = (block & MASK32, np.full(blocks, tensor_index, dtype=np.uint64), block >> np.uint64(32), np.zeros_like(block))
+    counter = (
+        block & MASK32,
+        np.full(blocks, tensor_index, dtype=np.uint64),
+        block >> np.uint64(32),
+        np.zeros_like(block),
+    )
     x0, x1, x2, x3 = philox4x32(counter, (seed & 0xFFFFFFFF, seed >> 32))
     values = np.empty((blocks, 4), dtype=np.float64)
     for column, (a, b) in enumerate(((x0, x1), (x2, x3))):

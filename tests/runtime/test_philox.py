@@ -31,9 +31,7 @@ def test_philox4x32_10_gives_random123_known_answers(counter, key, expected) -> 
 def test_block_j_of_tensor_k_is_philox_of_its_counter() -> None:
     seed = (0x12345678 << 32) | 0x9ABCDEF0
     tensor = standard_normal(seed, 3, (2, 5))  # 10 elements: blocks 0, 1 and half of 2
-    words = philox4x32(
-        tuple(np.array([c], dtype=np.uint64) for c in (2, 3, 0, 0)), (0x9ABCDEF0, 0x12345678)
-    )
+    words = philox4x32(tuple(np.array([c], dtype=np.uint64) for c in (2, 3, 0, 0)), (0x9ABCDEF0, 0x12345678))
     u1 = (float(words[0][0]) + 1) / 2**32
     u2 = float(words[1][0]) / 2**32
     radius = np.sqrt(-2 * np.log(u1))
