@@ -29,6 +29,8 @@ setup: $(BIN)/python
 setup-all: $(BIN)/python
 	$(PIP) -c $(LOCK) $(TORCH) -e '.[all]'
 	$(PIP) -c $(LOCK) --no-deps open-clip-torch
+	# The JavaScript runtime (js/): its postinstall would download GPU libraries from outside the registry.
+	cd js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund
 
 demo: setup
 	$(BIN)/lcm-export builtin:tiny-lcm --output $(DEMO)/bundle --overwrite

@@ -8,24 +8,29 @@ An LCM run's only random draws are, in this order (diffusers' order, ``docs/bund
 
 Each tensor is latent-shaped, (B, C, h, w), standard normal, float32. A caller that passes them (``latents``,
 ``sample_noise``, ``image_noise``, ``noise``) reproduces diffusers exactly; each one passed is checked for shape and
-finiteness and the draws the caller did not pass come from ``seed`` in the order above.
+finiteness and the draws the caller did not pass come from ``seed``: tensor k of the order above is the shared
+generator's tensor k (:mod:`lcm_export.runtime.philox`, counter-based), whether or not the caller passed the others,
+so every runtime draws the same tensors from the same seed.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.philox import PhiloxGenerator
 
 Shape = tuple[int, int, int, int]
 
 
-def generator(seed: int | None) -> np.random.Generator:
-    """The generator every draw of a run comes from: numpy's PCG64 seeded with ``seed`` (None: fresh entropy)."""
-    return np.random.default_rng(seed)
+def generator(seed: int | None) -> PhiloxGenerator:
+    """The generator every draw of a run comes from: the shared Philox4x32-10 generator of ``seed`` (None: a fresh
+    seed from the OS; the pipeline records a seed it chose in its output)."""
+    return PhiloxGenerator(secrets.randbelow(2**64) if seed is None else seed)
 
 
 @dataclass(frozen=True)
@@ -72,10 +77,11 @@ def image_to_image_draws(
     return ImageToImageDraws(sample, image, _draw_steps(noise, steps - 1, shape, rng))
 
 
-def _draw(name: str, given: np.ndarray | None, shape: Shape, rng: np.random.Generator) -> np.ndarray:
+def _draw(name: str, given: np.ndarray | None, shape: Shape, rng: PhiloxGenerator) -> np.ndarray:
     """A standard-normal draw of ``shape``, or the caller's array checked against it."""
     if given is None:
-        return rng.standard_normal(shape, dtype=np.float32)
+        return rng.standard_normal(shape)
+    rng.skip()
     array = np.asarray(given, dtype=np.float32)
     if array.shape != shape:
         raise UserError(f"{name} has shape {list(array.shape)}: expected {list(shape)}")
@@ -84,12 +90,10 @@ def _draw(name: str, given: np.ndarray | None, shape: Shape, rng: np.random.Gene
     return array
 
 
-def _draw_steps(
-    given: Sequence[np.ndarray] | None, count: int, shape: Shape, rng: np.random.Generator
-) -> list[np.ndarray]:
+def _draw_steps(given: Sequence[np.ndarray] | None, count: int, shape: Shape, rng: PhiloxGenerator) -> list[np.ndarray]:
     """The noise added after every step but the last: drawn, or the caller's list checked."""
     if given is None:
-        return [rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
+        return [rng.standard_normal(shape) for _ in range(count)]
     if len(given) != count or any(np.shape(n) != shape for n in given):
         raise UserError(
             f"noise must be {count} arrays of shape {list(shape)} (one per step but the last); got {len(given)}"

@@ -33,8 +33,8 @@ def check_integer(name: str, value: Any, *, minimum: int) -> int:
 def check_seed(seed: Any) -> int | None:
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"seed={seed!r}: pass a non-negative integer (or no seed for a random one)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise UserError(f"seed={seed!r}: pass an integer in [0, 2**64) (or no seed for a random one)")
     return seed
 
 

@@ -390,7 +390,7 @@ class Pipeline:
         """Every argument checked (one-line errors naming it); no seed: a fresh one, recorded in the output so
         that the image can be made again."""
         if seed is None:
-            seed = int(np.random.default_rng().integers(2**63))
+            seed = int(np.random.default_rng().integers(2**64, dtype=np.uint64))
         return GenerationRequest.build(
             self.manifest.pipeline,
             self.denoiser.scheduler,

@@ -1,0 +1,581 @@
+/**
+ * `Pipeline.load(bundle)` then `generate(prompt, …)` / `img2img(image, prompt, …)`: the LCM loop of
+ * docs/bundle-format.md ("The LCM loop as data", "Image-to-image") on ONNX Runtime, in Node or a browser. The loop
+ * knows no model family: the text encoders and U-Net inputs come from the manifest's conditioning declaration.
+ * Given the same random tensors (or the same seed: the shared generator) the images equal the Python runtime's.
+ * @module
+ */
+
+import { openBackend } from "./backends.js";
+import { BundleError, NonFiniteError, UserError } from "./errors.js";
+import { loadManifest, strengthKey, VERIFY_MODES } from "./manifest.js";
+import { PhiloxGenerator, seedKey } from "./philox.js";
+import { openSource } from "./source.js";
+import { PromptTokenizer } from "./tokenizer.js";
+import { checkVariant, chooseVariant, chooseVariants } from "./variants.js";
+import { fromFloat16, toFloat16 } from "./backends.js";
+
+const now = () => globalThis.performance.now();
+
+/**
+ * @typedef {object} Image   an RGB image, row-major (H, W, 3), values in [0, 1]
+ * @property {number} width
+ * @property {number} height
+ * @property {Float32Array} data  H*W*3 values
+ */
+
+/**
+ * @typedef {object} PipelineOutput
+ * @property {Image[]} images
+ * @property {Record<string, number>} timings  milliseconds per stage: tokenize, text_encoder, "unet[i]", "scheduler[i]", vae_encode, vae_decode, total
+ * @property {number | bigint} seed            the seed the draws not passed came from
+ */
+
+/** @param {Float32Array | Uint16Array} values @param {string} stage */
+function checkFinite(values, stage) {
+  for (let i = 0; i < values.length; i++) {
+    if (!Number.isFinite(values[i])) {
+      throw new NonFiniteError(`${stage} produced NaN or inf values: an fp16 overflow or an extreme guidance scale; try a lower guidance, or load with precision 'fp32'`);
+    }
+  }
+}
+
+/** @param {unknown} value @param {string} name @param {number} minimum */
+function checkInteger(value, name, minimum) {
+  if (!Number.isInteger(value) || /** @type {number} */ (value) < minimum) {
+    throw new UserError(`${name}=${JSON.stringify(value)}: pass an integer >= ${minimum}`);
+  }
+  return /** @type {number} */ (value);
+}
+
+/** @param {unknown} prompt @param {string} name @returns {string[]} */
+function checkPrompts(prompt, name = "prompt") {
+  const prompts = typeof prompt === "string" ? [prompt] : prompt;
+  if (!Array.isArray(prompts) || !prompts.length || !prompts.every((p) => typeof p === "string")) {
+    throw new UserError(`${name} must be a string or a non-empty array of strings`);
+  }
+  return [...prompts];
+}
+
+/** The LCM w-embedding of guidance g (bundle-format.md, loop step 5), one row of d float32 values. */
+export function guidanceEmbedding(guidanceScale, dimension, frequencies) {
+  const w = Math.fround(Math.fround(guidanceScale - 1) * 1000);
+  const half = Math.floor(dimension / 2);
+  const row = new Float32Array(dimension);
+  let table;
+  if (frequencies) table = Float32Array.from(frequencies);
+  else {
+    const exponent = Math.fround(Math.fround(Math.log(Math.fround(10000))) / Math.fround(half - 1));
+    table = new Float32Array(half);
+    for (let k = 0; k < half; k++) table[k] = Math.exp(Math.fround(k * -exponent));
+  }
+  for (let k = 0; k < half; k++) {
+    const angle = Math.fround(w * table[k]);
+    row[k] = Math.sin(angle);
+    row[half + k] = Math.cos(angle);
+  }
+  return row;
+}
+
+/** Repeat each of `rows` rows of `rowSize` values `count` times in a row. */
+function repeatRows(data, rows, rowSize, count) {
+  if (count === 1) return data;
+  const out = new data.constructor(rows * count * rowSize);
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < count; c++) out.set(data.subarray(r * rowSize, (r + 1) * rowSize), (r * count + c) * rowSize);
+  }
+  return out;
+}
+
+/** Concatenate float arrays. */
+function concat(parts) {
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
+
+export class Pipeline {
+  /** @private */
+  constructor(source, manifest, backend, precision) {
+    this.source = source;
+    this.manifest = manifest;
+    this.backendImpl = backend;
+    /** which backend runs: "node", "wasm" or "webgpu" */
+    this.backend = backend.name;
+    this.precision = precision;
+    /** @type {Record<string, import("./variants.js").VariantChoice>} the variant each open component runs, and why */
+    this.variants = {};
+    /** @type {Record<string, any>} */
+    this.sessions = {};
+    /** @type {Record<string, PromptTokenizer>} */
+    this.tokenizers = {};
+  }
+
+  /**
+   * Load a bundle: validate the manifest (schema + checks beyond it), verify the files' sizes and sha256, choose one
+   * variant per component, open one session each.
+   * @param {string | URL} location a bundle folder (Node) or base URL
+   * @param {{backend?: "auto" | "node" | "wasm" | "webgpu", precision?: "auto" | "fp32" | "fp16" | "int8",
+   *          verify?: "full" | "cached" | "size", cacheDir?: string, threads?: number, sessionOptions?: object}} [options]
+   * @returns {Promise<Pipeline>}
+   */
+  static async load(location, options = {}) {
+    const { backend = "auto", precision = "auto", verify = "cached", cacheDir, threads, sessionOptions } = options;
+    if (!VERIFY_MODES.includes(verify)) throw new UserError(`verify=${JSON.stringify(verify)}: pick one of ${VERIFY_MODES.join(", ")}`);
+    checkVariant(precision);
+    const opened = await openBackend(backend, { threads, sessionOptions });
+    const source = await openSource(location, { cacheDir });
+    const manifest = await loadManifest(source, verify);
+    const pipe = new Pipeline(source, manifest, opened, precision);
+    const encoders = manifest.conditioning.text_encoders.map((e) => e.component);
+    const needed = [...encoders, "unet", "vae_decoder"];
+    const missing = needed.filter((name) => !(name in manifest.components));
+    if (missing.length) throw new BundleError(`BUNDLE '${source.description}' has no ${missing.join(", ")}: re-export it`);
+    Object.assign(pipe.variants, chooseVariants(manifest, needed, "onnx", precision, source.description));
+    for (const info of manifest.tokenizers) {
+      const bytes = await source.read(info.path);
+      let json;
+      try {
+        json = JSON.parse(new TextDecoder().decode(bytes));
+      } catch {
+        throw new BundleError(`BUNDLE '${source.description}': ${info.path} is not JSON`);
+      }
+      pipe.tokenizers[info.name] = new PromptTokenizer(json, info);
+    }
+    for (const name of needed) await pipe.openSession(name);
+    return pipe;
+  }
+
+  /** @private @param {string} name */
+  async openSession(name) {
+    if (this.sessions[name]) return;
+    const variant = this.variants[name].variant;
+    const source = this.source;
+    let model;
+    const externalData = [];
+    const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
+    if (this.backend === "node" && source.resolve) model = await source.resolve(variant.path);
+    else {
+      model = await source.read(variant.path);
+      for (const file of variant.files) {
+        if (file !== variant.path) externalData.push({ path: file.slice(folder.length), data: await source.read(file) });
+      }
+    }
+    try {
+      this.sessions[name] = await this.backendImpl.createSession(model, externalData);
+    } catch (error) {
+      throw new BundleError(`BUNDLE '${source.description}': ${variant.path} does not open on ${this.backend}: ${error.message}`);
+    }
+    if (source.bytes) for (const file of variant.files) source.bytes.delete(file);
+  }
+
+  /**
+   * Run a component: feeds {name: [dtype, data, dims]} with float data as Float32Array (cast to the variant's
+   * io_dtype here); returns the requested outputs as Float32Array.
+   * @private
+   */
+  async run(name, feeds, outputs) {
+    const ort = this.backendImpl.ort;
+    const ioDtype = this.variants[name].variant.io_dtype;
+    const tensors = {};
+    for (const [input, [dtype, data, dims]] of Object.entries(feeds)) {
+      if (dtype === "float32" && ioDtype === "float16") tensors[input] = new ort.Tensor("float16", toFloat16(data), dims);
+      else tensors[input] = new ort.Tensor(dtype, data, dims);
+    }
+    const results = await this.sessions[name].run(tensors, outputs);
+    /** @type {Record<string, {data: Float32Array, dims: number[]}>} */
+    const out = {};
+    for (const output of outputs) {
+      const tensor = results[output];
+      const data = tensor.type === "float16" ? fromFloat16(tensor.data) : Float32Array.from(tensor.data);
+      out[output] = { data, dims: tensor.dims.map(Number) };
+    }
+    for (const tensor of Object.values(results)) tensor.dispose?.();
+    return out;
+  }
+
+  /** The default guidance of the bundle. */
+  get defaultGuidanceScale() {
+    const p = this.manifest.pipeline;
+    return p.default_guidance_scale ?? (p.guidance === "embedding" ? 8.5 : 1.0);
+  }
+
+  /** @private: every argument checked, the step table looked up */
+  request(prompt, options, strength) {
+    const p = this.manifest.pipeline;
+    const prompts = checkPrompts(prompt);
+    const images = checkInteger(options.numImagesPerPrompt ?? 1, "numImagesPerPrompt", 1);
+    const steps = checkInteger(options.numInferenceSteps ?? 4, "numInferenceSteps", 1);
+    const guidance = options.guidanceScale ?? this.defaultGuidanceScale;
+    if (typeof guidance !== "number" || !Number.isFinite(guidance) || guidance < 0) {
+      throw new UserError(`guidanceScale=${JSON.stringify(guidance)}: pass a finite number >= 0 (about 1-2 for LCM-LoRA bundles, 8.5 for distilled LCMs)`);
+    }
+    let seed = options.seed;
+    if (seed === undefined || seed === null) seed = Math.floor(Math.random() * 2 ** 53);
+    else seedKey(seed);
+    const tables = this.manifest.scheduler.tables;
+    let table;
+    if (strength === undefined) {
+      table = tables[String(steps)];
+      if (!table) {
+        const have = Object.keys(tables).filter((k) => /^\d+$/.test(k)).map(Number).sort((a, b) => a - b);
+        throw new UserError(`numInferenceSteps=${steps}: this bundle has LCM schedules for ${have[0]}-${have[have.length - 1]} steps; pick one of those or re-export with --max-steps ${steps}`);
+      }
+    } else {
+      if (typeof strength !== "number" || !Number.isFinite(strength) || !(strength > 0 && strength <= 1)) {
+        throw new UserError(`strength=${JSON.stringify(strength)}: pass a number in (0, 1] (e.g. 0.5)`);
+      }
+      const key = strengthKey(steps, strength);
+      table = tables[key];
+      if (!table) {
+        const have = Object.keys(tables).filter((k) => k.includes("@")).map((k) => k.replace("@", " steps at ")).join(", ");
+        throw new UserError(`strength=${strength} with numInferenceSteps=${steps}: this bundle has image-to-image schedules for ${have || "no strength"}; pick one of those or re-export`);
+      }
+    }
+    const negative = options.negativePrompt;
+    let negatives = prompts.map(() => "");
+    if (negative !== undefined && negative !== null) {
+      if (p.guidance !== "cfg") throw new UserError("negativePrompt has no effect on this bundle: it is a distilled LCM (guidance is an embedding, there is no unconditional batch): drop the negative prompt");
+      if (guidance <= 1) throw new UserError(`negativePrompt has no effect at guidanceScale=${guidance} (<= 1 runs no unconditional batch): raise the guidance or drop the negative prompt`);
+      negatives = checkPrompts(negative, "negativePrompt");
+      if (negatives.length === 1) negatives = prompts.map(() => negatives[0]);
+      if (negatives.length !== prompts.length) throw new UserError(`negativePrompt: pass one, or one per prompt (${prompts.length}); got ${negatives.length}`);
+    }
+    const useCfg = p.guidance === "cfg" && guidance > 1;
+    return { prompts, negatives, negativeGiven: negative !== undefined && negative !== null, images, steps, guidance, seed, table, useCfg, batch: prompts.length * images };
+  }
+
+  /** @private: a size the VAE can take */
+  checkSize(height, width) {
+    const multiple = this.manifest.pipeline.spatial_multiple;
+    for (const [name, value] of [["height", height], ["width", width]]) {
+      if (!Number.isInteger(value) || value <= 0 || value % multiple) {
+        throw new UserError(`${name}=${JSON.stringify(value)}: must be a positive multiple of ${multiple} (manifest.json field pipeline.spatial_multiple: the VAE's scale factor ${this.manifest.pipeline.vae_scale_factor})`);
+      }
+    }
+  }
+
+  /** @private: a caller's tensor checked, or the next draw (tensor k of the draw order either way) */
+  draw(name, given, size, generator, shape) {
+    if (given === undefined || given === null) return generator.standardNormal(size);
+    generator.skip();
+    if (!(given instanceof Float32Array) || given.length !== size) {
+      throw new UserError(`${name} has ${given?.length ?? "no"} values: expected a Float32Array of shape [${shape}] (${size} values)`);
+    }
+    for (let i = 0; i < size; i++) if (!Number.isFinite(given[i])) throw new UserError(`${name} contains NaN or inf: pass finite values`);
+    return given;
+  }
+
+  /** @private */
+  drawSteps(given, count, size, generator, shape) {
+    if (given === undefined || given === null) return Array.from({ length: count }, () => generator.standardNormal(size));
+    if (!Array.isArray(given) || given.length !== count || given.some((n) => !(n instanceof Float32Array) || n.length !== size)) {
+      throw new UserError(`noise must be ${count} Float32Arrays of shape [${shape}] (one per step but the last); got ${Array.isArray(given) ? given.length : typeof given}`);
+    }
+    for (const n of given) for (let i = 0; i < size; i++) if (!Number.isFinite(n[i])) throw new UserError("noise contains NaN or inf: pass finite noise tensors");
+    for (let i = 0; i < count; i++) generator.skip();
+    return given;
+  }
+
+  /**
+   * Text-to-image.
+   * @param {string | string[]} prompt
+   * @param {{negativePrompt?: string | string[], numInferenceSteps?: number, guidanceScale?: number,
+   *          numImagesPerPrompt?: number, height?: number, width?: number, seed?: number | bigint,
+   *          latents?: Float32Array, noise?: Float32Array[]}} [options]
+   * @returns {Promise<PipelineOutput>}
+   */
+  async generate(prompt, options = {}) {
+    const start = now();
+    const timings = {};
+    const p = this.manifest.pipeline;
+    const request = this.request(prompt, options);
+    const height = options.height ?? p.default_height;
+    const width = options.width ?? p.default_width;
+    this.checkSize(height, width);
+    const shape = [request.batch, p.latent_channels, height / p.vae_scale_factor, width / p.vae_scale_factor];
+    const size = shape.reduce((a, b) => a * b, 1);
+    // 2. Random draws in the format's order: the latents, then one noise per step but the last.
+    const generator = new PhiloxGenerator(request.seed);
+    const initial = Float32Array.from(this.draw("latents", options.latents, size, generator, shape));
+    const sigma = Math.fround(this.manifest.scheduler.init_noise_sigma);
+    for (let i = 0; i < size; i++) initial[i] = Math.fround(initial[i] * sigma);
+    const noise = this.drawSteps(options.noise, request.table.timesteps.length - 1, size, generator, shape);
+    return this.denoise(request, initial, noise, shape, height, width, timings, start);
+  }
+
+  /**
+   * Image-to-image: `image` encoded by the bundle's VAE encoder, noised to the first timestep of the strength's
+   * schedule, denoised from there.
+   * @param {Image} image
+   * @param {string | string[]} prompt
+   * @param {{strength?: number, negativePrompt?: string | string[], numInferenceSteps?: number,
+   *          guidanceScale?: number, numImagesPerPrompt?: number, seed?: number | bigint,
+   *          sampleNoise?: Float32Array, imageNoise?: Float32Array, noise?: Float32Array[]}} [options]
+   * @returns {Promise<PipelineOutput>}
+   */
+  async img2img(image, prompt, options = {}) {
+    const start = now();
+    const timings = {};
+    const p = this.manifest.pipeline;
+    const request = this.request(prompt, options, options.strength ?? 0.5);
+    if (!("vae_encoder" in this.manifest.components)) {
+      throw new BundleError(`BUNDLE '${this.source.description}' has no vae_encoder: re-export it without --no-vae-encoder`);
+    }
+    if (!this.variants.vae_encoder) {
+      this.variants.vae_encoder = chooseVariant("vae_encoder", this.manifest.components.vae_encoder, "onnx", this.precision);
+      await this.openSession("vae_encoder");
+    }
+    const { width, height, data } = image || {};
+    if (!Number.isInteger(width) || !Number.isInteger(height) || !(data instanceof Float32Array) || data.length !== width * height * 3) {
+      throw new UserError("image must be {width, height, data: Float32Array of height*width*3 RGB values in [0, 1]}");
+    }
+    this.checkSize(height, width);
+    const tiny = p.vae === "autoencoder_tiny";
+    if (tiny && options.sampleNoise) throw new UserError("sampleNoise: this bundle's tiny VAE encodes deterministically and draws no latent sample");
+    const C = p.latent_channels;
+    const shape = [request.batch, C, height / p.vae_scale_factor, width / p.vae_scale_factor];
+    const size = shape.reduce((a, b) => a * b, 1);
+    const generator = new PhiloxGenerator(request.seed);
+    const sampleNoise = tiny ? null : this.draw("sampleNoise", options.sampleNoise, size, generator, shape);
+    const imageNoise = this.draw("imageNoise", options.imageNoise, size, generator, shape);
+    const noise = this.drawSteps(options.noise, request.table.timesteps.length - 1, size, generator, shape);
+
+    // Encode: (B, 3, H, W) in [-1, 1].
+    let mark = now();
+    const plane = width * height;
+    const one = new Float32Array(3 * plane);
+    for (let i = 0; i < plane; i++) for (let c = 0; c < 3; c++) one[c * plane + i] = Math.fround(data[i * 3 + c] * 2 - 1);
+    const pixels = repeatRows(one, 1, one.length, request.batch);
+    const outputName = tiny ? "latents" : "latent_parameters";
+    const encoded = (await this.run("vae_encoder", { sample: ["float32", pixels, [request.batch, 3, height, width]] }, [outputName]))[outputName].data;
+    const latentPlane = size / request.batch;
+    const z = new Float32Array(size);
+    if (tiny) z.set(encoded);
+    else {
+      for (let b = 0; b < request.batch; b++) {
+        for (let i = 0; i < latentPlane; i++) {
+          const mean = encoded[b * 2 * latentPlane + i];
+          const logVariance = Math.min(20, Math.max(-30, encoded[b * 2 * latentPlane + latentPlane + i]));
+          const std = Math.fround(Math.exp(Math.fround(0.5 * logVariance)));
+          z[b * latentPlane + i] = Math.fround(mean + Math.fround(std * sampleNoise[b * latentPlane + i]));
+        }
+      }
+    }
+    checkFinite(z, "the VAE encoder");
+    const shift = p.vae_shift_factor;
+    const scaling = Math.fround(p.vae_scaling_factor);
+    const sqrtAlpha = Math.fround(request.table.sqrt_alpha_prod[0]);
+    const sqrtBeta = Math.fround(request.table.sqrt_beta_prod[0]);
+    const latents = new Float32Array(size);
+    for (let i = 0; i < size; i++) {
+      let value = z[i];
+      if (shift !== null && shift !== undefined) value = Math.fround(value - Math.fround(shift));
+      value = Math.fround(value * scaling);
+      latents[i] = Math.fround(Math.fround(sqrtAlpha * value) + Math.fround(sqrtBeta * imageNoise[i]));
+    }
+    timings.vae_encode = now() - mark;
+    return this.denoise(request, latents, noise, shape, height, width, timings, start);
+  }
+
+  /** @private: the text conditioning of the request (rows repeated per image; with CFG the unconditional first) */
+  async encodeText(request, timings) {
+    const c = this.manifest.conditioning;
+    const zeros = request.useCfg && !request.negativeGiven && c.empty_negative === "zeros";
+    const texts = request.useCfg && !zeros ? [...request.negatives, ...request.prompts] : request.prompts;
+    const rows = texts.length;
+    const hiddenParts = [];
+    let pooled = null;
+    let pooledSize = 0;
+    let sequence = 0;
+    let tokenize = 0;
+    let encode = 0;
+    for (const encoder of c.text_encoders) {
+      let mark = now();
+      const tokenizer = this.tokenizers[encoder.tokenizer];
+      const ids = tokenizer.encode(texts);
+      if (tokenizer.truncated.length) {
+        console.warn(`lcm-edge: a prompt is longer than the text encoder's ${tokenizer.info.max_length} tokens: its end is ignored; shorten the prompt`);
+      }
+      sequence = tokenizer.info.max_length;
+      tokenize += now() - mark;
+      mark = now();
+      const wanted = [encoder.hidden_state, ...(encoder.pooled ? [encoder.pooled] : [])];
+      const out = await this.run(encoder.component, { input_ids: ["int64", ids, [rows, sequence]] }, wanted);
+      encode += now() - mark;
+      const hidden = out[encoder.hidden_state];
+      checkFinite(hidden.data, `the text encoder ${encoder.component}`);
+      hiddenParts.push({ data: hidden.data, width: hidden.dims[2] });
+      if (encoder.pooled) {
+        pooled = out[encoder.pooled].data;
+        pooledSize = out[encoder.pooled].dims[1];
+      }
+    }
+    timings.tokenize = tokenize;
+    timings.text_encoder = encode;
+    // Concatenate on the last axis: (rows, S, ΣD).
+    const total = hiddenParts.reduce((n, part) => n + part.width, 0);
+    let hidden = new Float32Array(rows * sequence * total);
+    for (let r = 0; r < rows * sequence; r++) {
+      let offset = 0;
+      for (const part of hiddenParts) {
+        hidden.set(part.data.subarray(r * part.width, (r + 1) * part.width), r * total + offset);
+        offset += part.width;
+      }
+    }
+    if (zeros) {
+      hidden = concat([new Float32Array(hidden.length), hidden]);
+      if (pooled) pooled = concat([new Float32Array(pooled.length), pooled]);
+    }
+    const allRows = zeros ? 2 * rows : rows;
+    return {
+      rows: allRows * request.images,
+      sequence,
+      width: total,
+      hidden: repeatRows(hidden, allRows, sequence * total, request.images),
+      pooledSize,
+      pooled: pooled && repeatRows(pooled, allRows, pooledSize, request.images),
+    };
+  }
+
+  /** @private: the LCM loop from `latents` over the request's table, then the decode */
+  async denoise(request, latents, noise, shape, height, width, timings, start) {
+    const m = this.manifest;
+    const p = m.pipeline;
+    const s = m.scheduler;
+    const text = await this.encodeText(request, timings);
+    const R = text.rows;
+    // 5. Conditioning feeds, built once.
+    const feeds = {};
+    for (const [input, source] of Object.entries(m.conditioning.unet_inputs)) {
+      if (source === "text_hidden_states") feeds[input] = ["float32", text.hidden, [R, text.sequence, text.width]];
+      else if (source === "pooled_text") feeds[input] = ["float32", text.pooled, [R, text.pooledSize]];
+      else if (source === "guidance_embedding") {
+        const d = p.time_cond_proj_dim;
+        const row = guidanceEmbedding(request.guidance, d, m.conditioning.guidance_frequencies);
+        feeds[input] = ["float32", repeatRows(row, 1, d, R), [R, d]];
+      } else {
+        const ids = Float32Array.from([height, width, 0, 0, height, width]);
+        feeds[input] = ["float32", repeatRows(ids, 1, 6, R), [R, 6]];
+      }
+    }
+    const timestepInput = m.components.unet.inputs.find((t) => t.name === "timestep");
+    const perRow = timestepInput.shape.length === 1;
+    const table = request.table;
+    const size = latents.length;
+    const g = Math.fround(request.guidance);
+    let x = latents;
+    let denoised = latents;
+    for (let i = 0; i < table.timesteps.length; i++) {
+      const t = table.timesteps[i];
+      let mark = now();
+      const sample = request.useCfg ? concat([x, x]) : x;
+      const timestep = perRow ? ["float32", new Float32Array(R).fill(t), [R]] : ["float32", Float32Array.of(t), []];
+      const run = { ...feeds, sample: ["float32", sample, [R, ...shape.slice(1)]], timestep };
+      let epsilon = (await this.run("unet", run, ["out_sample"])).out_sample.data;
+      if (request.useCfg) {
+        const guided = new Float32Array(size);
+        for (let k = 0; k < size; k++) {
+          const u = epsilon[k];
+          guided[k] = Math.fround(u + Math.fround(g * Math.fround(epsilon[size + k] - u)));
+        }
+        epsilon = guided;
+      }
+      checkFinite(epsilon, `the U-Net at step ${i + 1} (timestep ${t})`);
+      timings[`unet[${i}]`] = now() - mark;
+      mark = now();
+      ({ x, denoised } = this.step(table, i, epsilon, x, noise[i] ?? null, shape));
+      timings[`scheduler[${i}]`] = now() - mark;
+    }
+    checkFinite(denoised, `the LCM step at step ${table.timesteps.length}`);
+    // 7. Decode.
+    let mark = now();
+    const scaling = Math.fround(p.vae_scaling_factor);
+    const shift = p.vae_shift_factor;
+    const latentSample = new Float32Array(size);
+    for (let k = 0; k < size; k++) {
+      let value = Math.fround(denoised[k] / scaling);
+      if (shift !== null && shift !== undefined) value = Math.fround(value + Math.fround(shift));
+      latentSample[k] = value;
+    }
+    const decoded = (await this.run("vae_decoder", { latent_sample: ["float32", latentSample, shape] }, ["sample"])).sample.data;
+    checkFinite(decoded, "the VAE decoder");
+    timings.vae_decode = now() - mark;
+    const plane = height * width;
+    const images = [];
+    for (let b = 0; b < shape[0]; b++) {
+      const image = new Float32Array(plane * 3);
+      for (let c = 0; c < 3; c++) {
+        const base = (b * 3 + c) * plane;
+        for (let i = 0; i < plane; i++) {
+          const value = Math.fround(Math.fround(decoded[base + i] / 2) + 0.5);
+          image[i * 3 + c] = value < 0 ? 0 : value > 1 ? 1 : value;
+        }
+      }
+      images.push({ width, height, data: image });
+    }
+    timings.total = now() - start;
+    return { images, timings, seed: request.seed };
+  }
+
+  /**
+   * One LCM step (bundle-format.md, "The LCM step"), numbered as diffusers' LCMScheduler.step.
+   * @private
+   */
+  step(table, i, epsilon, x, z, shape) {
+    const s = this.manifest.scheduler;
+    const f = Math.fround;
+    // 2. α, β of this timestep and the next (from the table).
+    const sqrtAlpha = f(table.sqrt_alpha_prod[i]);
+    const sqrtBeta = f(table.sqrt_beta_prod[i]);
+    // 3. Boundary scalings.
+    const cSkip = f(table.c_skip[i]);
+    const cOut = f(table.c_out[i]);
+    const size = x.length;
+    // 4. Predicted original sample.
+    let x0 = new Float32Array(size);
+    for (let k = 0; k < size; k++) {
+      if (s.prediction_type === "epsilon") x0[k] = f(f(x[k] - f(sqrtBeta * epsilon[k])) / sqrtAlpha);
+      else if (s.prediction_type === "sample") x0[k] = epsilon[k];
+      else x0[k] = f(f(sqrtAlpha * x[k]) - f(sqrtBeta * epsilon[k]));
+    }
+    // 5. Thresholding or clipping.
+    if (s.thresholding) x0 = this.threshold(x0, shape[0]);
+    else if (s.clip_sample) {
+      const limit = s.clip_sample_range;
+      for (let k = 0; k < size; k++) x0[k] = Math.min(limit, Math.max(-limit, x0[k]));
+    }
+    // 6. Denoised.
+    const denoised = new Float32Array(size);
+    for (let k = 0; k < size; k++) denoised[k] = f(f(cOut * x0[k]) + f(cSkip * x[k]));
+    // 7. Noise for the next timestep, except after the last step.
+    if (i === table.timesteps.length - 1) return { x: denoised, denoised };
+    const sqrtAlphaNext = f(table.sqrt_alpha_prod_next[i]);
+    const sqrtBetaNext = f(table.sqrt_beta_prod_next[i]);
+    const next = new Float32Array(size);
+    for (let k = 0; k < size; k++) next[k] = f(f(sqrtAlphaNext * denoised[k]) + f(sqrtBetaNext * z[k]));
+    return { x: next, denoised };
+  }
+
+  /** @private: dynamic thresholding per row (linear-interpolation quantile of |x0|) */
+  threshold(x0, rows) {
+    const s = this.manifest.scheduler;
+    const per = x0.length / rows;
+    const out = new Float32Array(x0.length);
+    for (let r = 0; r < rows; r++) {
+      const row = x0.subarray(r * per, (r + 1) * per);
+      const sorted = Float64Array.from(row, Math.abs).sort();
+      const position = s.dynamic_thresholding_ratio * (per - 1);
+      const low = Math.floor(position);
+      const high = Math.min(per - 1, low + 1);
+      let limit = sorted[low] + (sorted[high] - sorted[low]) * (position - low);
+      limit = Math.min(s.sample_max_value, Math.max(1, limit));
+      for (let k = 0; k < per; k++) out[r * per + k] = Math.min(limit, Math.max(-limit, row[k])) / limit;
+    }
+    return out;
+  }
+}
