@@ -33,12 +33,12 @@ from lcm_export.runtime.denoiser import Denoiser, check_finite
 from lcm_export.runtime.draws import image_to_image_draws, text_to_image_draws
 from lcm_export.runtime.images import load_image
 from lcm_export.runtime.manifest import Manifest, load_manifest
+from lcm_export.runtime.manifest.files import VERIFY_MODES
 from lcm_export.runtime.request import GenerationRequest
 from lcm_export.runtime.stream import FrameStream
 from lcm_export.runtime.variants import VariantChoice, check_variant, choose_variant, choose_variants
 
 Verify = Literal["full", "cached", "size"]
-VERIFY_MODES: tuple[str, ...] = ("full", "cached", "size")
 # The frame loop's step batching is off unless asked for: on the 2-core CPU measured it raised frames/s by a few
 # percent and multiplied the latency per frame (bench/RESULTS.md, "Frame loop"; see Pipeline.stream).
 DEFAULT_BATCH_STEPS = False

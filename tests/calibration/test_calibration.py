@@ -31,7 +31,7 @@ CALL = dict(num_inference_steps=4, seed=11)
 
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_lcm_dir, tmp_path_factory) -> Path:
-    return export(tiny_lcm_dir, tmp_path_factory.mktemp("int8") / "bundle", variant="int8", keep_fp32=True)
+    return export(tiny_lcm_dir, tmp_path_factory.mktemp("int8") / "bundle", precision="int8", keep_fp32=True)
 
 
 def int8_ops(path: Path) -> dict[str, int]:
@@ -210,8 +210,9 @@ def test_openvino_reads_the_qdq_unet_with_float_layer_outputs(int8_bundle, tmp_p
     float_layer_outputs(stored)
     runtime_config = compile_config(core, BackendOptions(cache=False, device="CPU"))
     expected = core.compile_model(stored, "CPU", runtime_config)(feeds)[0]
-    for cache in ("", str(tmp_path / "ov-cache"), str(tmp_path / "ov-cache")):  # off, cold, warm
-        pipe = Pipeline.load(int8_bundle, backend="openvino", variant="int8", cache_dir=cache)
+    for cache in (None, tmp_path / "ov-cache", tmp_path / "ov-cache"):  # off, cold, warm
+        caching = {"cache": False} if cache is None else {"cache_dir": cache}
+        pipe = Pipeline.load(int8_bundle, backend="openvino", variant="int8", **caching)
         got = pipe.denoiser.sessions["unet"].run(feeds)["out_sample"]
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), (cache, np.abs(got - expected).max())
 
@@ -290,7 +291,7 @@ def test_int8_on_an_unseen_shape_and_a_lora_bundle(tmp_path) -> None:
     from lcm_export.exporter.tiny import build_tiny_lora
 
     model = build_tiny_pipeline(tmp_path / "unseen", UNSEEN_SHAPES["three-blocks-vae4"])  # test_parity's
-    bundle = export(model, tmp_path / "unseen-int8", variant="int8", calibration_size=4)
+    bundle = export(model, tmp_path / "unseen-int8", precision="int8", calibration_size=4)
     manifest = load_manifest(bundle)
     for name in ("unet", "vae_decoder"):
         assert [v.name for v in manifest.components[name].variants] == ["int8-qdq"]  # no --keep-fp32
@@ -300,7 +301,7 @@ def test_int8_on_an_unseen_shape_and_a_lora_bundle(tmp_path) -> None:
 
     base = build_tiny_pipeline(tmp_path / "sd", TinyPipelineConfig(kind="sd"))
     lora = build_tiny_lora(tmp_path / "lcm.safetensors", base, rank=4, target_modules=("to_q", "to_v", "conv1"))
-    cfg = export(base, tmp_path / "cfg-int8", variant="int8", loras=(LoraSource(str(lora)),), calibration_size=4)
+    cfg = export(base, tmp_path / "cfg-int8", precision="int8", loras=(LoraSource(str(lora)),), calibration_size=4)
     int8 = load_manifest(cfg).components["unet"].variants[0]
     assert int8.produced_by["calibration"]["guidance"] == [1.0, 1.5]
     assert int8.produced_by["calibration"]["unet_calls"] == 2 * 4 * 4  # two guidances x 4 prompts x 4 steps
@@ -316,7 +317,7 @@ def test_a_tiny_vae_decoder_stays_float(tiny_lcm_dir, tmp_path) -> None:
     from lcm_export.exporter.tiny import build_tiny_autoencoder_tiny
 
     taesd = build_tiny_autoencoder_tiny(tmp_path / "taesd", latent_channels=4, scale_factor_depth=1)
-    bundle = export(tiny_lcm_dir, tmp_path / "fast-int8", variant="int8", tiny_vae=str(taesd), calibration_size=2)
+    bundle = export(tiny_lcm_dir, tmp_path / "fast-int8", precision="int8", tiny_vae=str(taesd), calibration_size=2)
     manifest = load_manifest(bundle)
     assert manifest.pipeline.vae == "autoencoder_tiny"
     assert [v.precision for v in manifest.components["unet"].variants] == ["int8"]
@@ -328,7 +329,7 @@ def test_a_tiny_vae_decoder_stays_float(tiny_lcm_dir, tmp_path) -> None:
     importlib.util.find_spec("tensorrt_rtx_bindings") is None, reason="pip install 'lcm-edge[tensorrt]'"
 )
 def test_tensorrt_rtx_builds_an_int8_engine_from_the_qdq_unet(tiny_lcm_dir, tmp_path) -> None:
-    bundle = export(tiny_lcm_dir, tmp_path / "trt-int8", target="tensorrt", variant="int8", calibration_size=2)
+    bundle = export(tiny_lcm_dir, tmp_path / "trt-int8", target="tensorrt", precision="int8", calibration_size=2)
     manifest = load_manifest(bundle, verify="full")
     unet = manifest.components["unet"].artifacts["tensorrt"]
     assert unet.precision == "int8" and unet.produced_by["from"] == "unet/model-int8.onnx"

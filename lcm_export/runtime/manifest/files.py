@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lcm_export.errors import BundleError
+from lcm_export.errors import BundleError, UserError
 from lcm_export.runtime.cache import cache_root
 from lcm_export.runtime.manifest.model import FileEntry
 from lcm_export.runtime.manifest.vocabulary import FOLDER_FORMATS, HASH_CHUNK
@@ -105,13 +105,20 @@ class _VerifiedCache:
     def save(self) -> None:
         if not self.dirty:
             return
+        temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text(json.dumps(self.entries))
             temporary.replace(self.path)
-        except OSError:
-            pass  # a read-only home only costs a re-hash next time
+        except OSError:  # a read-only or full home only costs a re-hash next time; no partial file stays
+            try:
+                temporary.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+# How a load checks the bundle's files: hash everything, hash what was not hashed before, or sizes only.
+VERIFY_MODES = ("full", "cached", "size")
 
 
 def verify_files(bundle_dir: Path, files: tuple[FileEntry, ...], mode: str = "cached") -> None:
@@ -120,8 +127,8 @@ def verify_files(bundle_dir: Path, files: tuple[FileEntry, ...], mode: str = "ca
     ``mode``: "full" hashes everything, "cached" skips files hashed before and unchanged since, "size" checks
     sizes only (for read-only media where hashing multi-GB files at every start is too slow).
     """
-    if mode not in ("full", "cached", "size"):
-        raise ValueError(f"unknown verify mode {mode!r}")
+    if mode not in VERIFY_MODES:
+        raise UserError(f"verify={mode!r}: pick one of {', '.join(VERIFY_MODES)}")
     cache = _VerifiedCache() if mode == "cached" else None
     for entry in files:
         path = bundle_dir / entry.path
