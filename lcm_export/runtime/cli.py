@@ -240,7 +240,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
-    if arguments[:1] == ["serve"]:  # `lcm-run serve BUNDLE`: the bundle in a browser page (a folder named serve: ./serve)
+    if arguments[:1] == ["serve"]:  # `lcm-run serve BUNDLE`: a browser page (a bundle folder named serve: ./serve)
         from lcm_export.runtime.serve import serve
 
         return serve(arguments[1:])

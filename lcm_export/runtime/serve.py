@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
 from lcm_export.errors import UserError
@@ -88,8 +89,12 @@ def _resolve_cjs(modules: Path, base: Path, specifier: str) -> Path | None:
             target = (package / main).resolve()
         else:
             target = package.joinpath(*rest)
-    for candidate in (target, target.with_name(target.name + ".js"), target.with_name(target.name + ".json"),
-                      target / "index.js"):
+    for candidate in (
+        target,
+        target.with_name(target.name + ".js"),
+        target.with_name(target.name + ".json"),
+        target / "index.js",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -100,7 +105,9 @@ def bundle_commonjs(modules: Path, entry: str) -> bytes:
     ``require("…")`` calls, as browserify does) wrapped in a function, with a small ``require`` of its own."""
     start = _resolve_cjs(modules, modules / "index.js", entry)
     if start is None:
-        raise UserError(f"'{modules / entry}' is missing: run `ONNXRUNTIME_NODE_INSTALL=skip npm ci` in {modules.parent}")
+        raise UserError(
+            f"'{modules / entry}' is missing: run `ONNXRUNTIME_NODE_INSTALL=skip npm ci` in {modules.parent}"
+        )
     ids: dict[Path, int] = {}
     order: list[Path] = []
     links: dict[int, dict[str, int]] = {}
@@ -152,11 +159,12 @@ def bundle_commonjs(modules: Path, entry: str) -> bytes:
 class Handler(http.server.SimpleHTTPRequestHandler):
     """GET and HEAD of the mapped folders, with the cross-origin isolation headers."""
 
-    roots: dict[str, Path] = {}
-    modules: Path = JS_DIR / "node_modules"
-    generated: dict[str, bytes] = {}
-    lock = threading.Lock()
-    quiet = True
+    # Set per server by make_server (a subclass each): the folders, node_modules, the generated modules.
+    roots: ClassVar[dict[str, Path]] = {}
+    modules: ClassVar[Path] = JS_DIR / "node_modules"
+    generated: ClassVar[dict[str, bytes]] = {}
+    lock: ClassVar[threading.Lock] = threading.Lock()
+    quiet: ClassVar[bool] = True
 
     def end_headers(self) -> None:
         self.send_header("Cross-Origin-Opener-Policy", "same-origin")
@@ -168,7 +176,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     def guess_type(self, path) -> str:  # type: ignore[override]
         return TYPES.get(Path(str(path)).suffix.lower(), "application/octet-stream")
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002
+    def log_message(self, format: str, *args) -> None:
         if not self.quiet:
             super().log_message(format, *args)
 
@@ -184,7 +192,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         for prefix, root in self.roots.items():
             if not url_path.startswith(prefix):
                 continue
-            relative = posixpath.normpath(url_path[len(prefix):])
+            relative = posixpath.normpath(url_path[len(prefix) :])
             if relative.startswith("..") or relative.startswith("/"):
                 break
             target = (root / relative).resolve()
@@ -207,15 +215,19 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         return super().send_head()
 
 
-def make_server(bundle: Path, host: str = "127.0.0.1", port: int = 8000, js_dir: Path = JS_DIR):
+def make_server(
+    bundle: Path, host: str = "127.0.0.1", port: int = 8000, js_dir: Path = JS_DIR, quiet: bool = True
+) -> http.server.ThreadingHTTPServer:
     """A ThreadingHTTPServer serving ``bundle`` and the page (not started). ``port`` 0 picks a free one."""
     roots = {"/bundle/": Path(bundle).resolve(), **js_roots(js_dir)}
-    handler = type("BundleHandler", (Handler,), {"roots": roots, "modules": js_dir / "node_modules", "generated": {}})
+    settings = {"roots": roots, "modules": js_dir / "node_modules", "generated": {}, "quiet": quiet}
+    handler = type("BundleHandler", (Handler,), settings)
     try:
         return http.server.ThreadingHTTPServer((host, port), handler)
     except OSError as error:
         raise UserError(
-            f"--port {port} on {host} cannot be used ({error.strerror or error}): pass another --port (0 picks a free one)"
+            f"--port {port} on {host} cannot be used ({error.strerror or error}): pass another --port "
+            "(0 picks a free one)"
         ) from None
 
 
@@ -236,8 +248,7 @@ def serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     # The structure and the sizes here (fast on a large bundle); the page hashes every file it reads.
     load_manifest(args.bundle, verify="size")
-    server = make_server(args.bundle, args.host, args.port)
-    server.RequestHandlerClass.quiet = not args.verbose  # type: ignore[attr-defined]
+    server = make_server(args.bundle, args.host, args.port, quiet=not args.verbose)
     host, port = server.server_address[:2]
     print(f"serving {args.bundle} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:
