@@ -1,5 +1,5 @@
 """The bundle in a real browser page: ``lcm-run serve`` serves a tiny bundle and the JavaScript runtime's page
-(js/demo/), offline; Chromium (Debian's, driven by playwright-core through js/test/browser/run-page.mjs) opens
+(js/demo/), offline; Chromium (Debian's, driven by playwright-core through js/tools/run-page.mjs) opens
 ``?prompt=…&seed=…&steps=…&autorun=1`` and the canvas must equal the Python runtime's PNG for the same seed, on WASM
 (threads: the page is cross-origin isolated) and on WebGPU where Chromium offers an adapter. A bundle with a changed
 byte makes the page show an error naming the file.
@@ -62,7 +62,7 @@ def served(bundle: Path) -> Iterator[str]:
 def run_page(url: str, *flags: str) -> dict:
     """run-page.mjs on ``url``: the page's status, backend, canvas bytes and last image."""
     result = subprocess.run(
-        ["node", "test/browser/run-page.mjs", url, "--timeout", str(PAGE_TIMEOUT), *flags],
+        ["node", "tools/run-page.mjs", url, "--timeout", str(PAGE_TIMEOUT), *flags],
         cwd=JS,
         capture_output=True,
         text=True,

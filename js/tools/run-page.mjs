@@ -3,7 +3,9 @@
  * for it to finish and print one JSON object: status, backend, crossOriginIsolated, the canvas's RGBA bytes and
  * window.lastImage's floats. Used by tests/js/test_browser.py.
  *
- *   node test/browser/run-page.mjs URL [--webgpu] [--timeout SECONDS]
+ *   node tools/run-page.mjs URL [--webgpu] [--timeout SECONDS]
+ *
+ * (Outside test/: `node --test test/` runs every .mjs under a folder named test.)
  *
  * --webgpu launches Chromium with --enable-unsafe-webgpu (and the GPU process: SwiftShader where there is no GPU);
  * when navigator.gpu gives no adapter the page is not run and the JSON says {"skip": reason}.
