@@ -143,6 +143,18 @@ def test_changed_byte_shows_error_naming_the_file(tiny_lcm_bundle, tmp_path):
     assert page["lastImage"] is None
 
 
+def test_manifest_broken_while_served_shows_error_naming_the_field(tiny_lcm_bundle, tmp_path):
+    bundle = shutil.copytree(tiny_lcm_bundle, tmp_path / "changed")
+    with served(bundle) as url:  # valid when the server starts; the page reads manifest.json itself
+        path = bundle / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["components"]["unet"]["variants"][0]["io_dtype"] = "float64"
+        path.write_text(json.dumps(manifest))
+        page = run_page(f"{url}{QUERY}&backend=wasm")
+    assert page["status"].startswith("error: "), page["status"]
+    assert "components.unet.variants[0].io_dtype" in page["status"]
+
+
 def test_serve_rejects_a_broken_manifest(tiny_lcm_bundle, tmp_path):
     broken = shutil.copytree(tiny_lcm_bundle, tmp_path / "bad-manifest")
     manifest = json.loads((broken / "manifest.json").read_text())
