@@ -1,4 +1,5 @@
-"""``lcm-run BUNDLE "prompt"``: generate an image from a bundle, optionally profiling every stage."""
+"""``lcm-run BUNDLE "prompt"``: generate an image from a bundle, optionally profiling every stage;
+``lcm-run serve BUNDLE``: the bundle in a browser page (:mod:`lcm_export.runtime.serve`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from lcm_export.errors import UserError, is_disk_full, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lcm-run", description="Run an lcm-export bundle (no torch needed).")
+    parser = argparse.ArgumentParser(
+        prog="lcm-run",
+        description="Run an lcm-export bundle (no torch needed). `lcm-run serve BUNDLE` serves it in a browser page.",
+    )
     parser.add_argument("bundle", type=Path, help="bundle folder written by lcm-export")
     parser.add_argument("prompt", help="text prompt")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (CFG bundles, guidance > 1)")
@@ -235,7 +239,12 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["serve"]:  # `lcm-run serve BUNDLE`: a browser page (a bundle folder named serve: ./serve)
+        from lcm_export.runtime.serve import serve
+
+        return serve(arguments[1:])
+    args = build_parser().parse_args(arguments)
     if args.stream is not None:
         return run_stream(args)
     if args.batch_steps is not None:
