@@ -269,7 +269,7 @@ def sdxl_img2img_parity(runtime: Pipeline, pipeline, size, strength, guidance, n
     height, width = size
     pixels = np.asarray((make_image(height, width, seed) * 255).round(), np.uint8).astype(np.float32) / 255
     steps = 4
-    table = runtime.scheduler.table(steps, strength)
+    table = runtime.denoiser.scheduler.table(steps, strength)
     assert len(table.timesteps) == int(steps * strength)  # the sliced schedule
     factor = runtime.manifest.pipeline.vae_scale_factor
     shape = (1, 4, height // factor, width // factor)
@@ -286,7 +286,8 @@ def sdxl_img2img_parity(runtime: Pipeline, pipeline, size, strength, guidance, n
         strength=strength,
         num_inference_steps=steps,
         guidance_scale=guidance,
-        sample_noise=sample_noise,
+        # a tiny VAE encodes deterministically: it takes no latent-sample noise (passing one is an error)
+        sample_noise=None if runtime.manifest.pipeline.vae == "autoencoder_tiny" else sample_noise,
         image_noise=image_noise,
         noise=step_noise,
         observer=events.append,
