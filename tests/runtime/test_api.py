@@ -179,8 +179,9 @@ def test_sessions_of_backends_that_are_not_thread_safe_are_locked() -> None:
     from lcm_export.runtime.backends import coreml, onnxruntime, openvino, tensorrt
     from lcm_export.runtime.denoiser import LockedSession
 
+    # OpenVINO pools infer requests; the others lock each session (onnxruntime: measured, bench/RESULTS.md).
     assert (onnxruntime.THREAD_SAFE, openvino.THREAD_SAFE, tensorrt.THREAD_SAFE, coreml.THREAD_SAFE) == (
-        True,
+        False,
         True,
         False,
         False,

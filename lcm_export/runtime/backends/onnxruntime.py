@@ -41,8 +41,9 @@ from lcm_export.runtime.manifest import Component
 ARTIFACT_FORMAT = "onnx"
 # onnxruntime computes a graph in its own types: an fp32 graph in float32, whatever the CPU offers.
 COMPUTE_PRECISIONS = ("auto", "fp32")
-# InferenceSession.run may be called from several threads at once (onnxruntime's documented guarantee).
-THREAD_SAFE = True
+# InferenceSession.run may be called from several threads at once, but two concurrent runs share the cores their
+# thread pools each want: a lock per session measured better with 2 threads (bench/RESULTS.md, "Threads").
+THREAD_SAFE = False
 
 
 def is_available() -> bool:
