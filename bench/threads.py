@@ -89,7 +89,7 @@ def _lock_sessions(pipe, locked: bool) -> None:
     thread-safe), or take it away."""
     from lcm_export.runtime.denoiser import LockedSession
 
-    sessions = pipe.denoiser._sessions  # noqa: SLF001 (the benchmark swaps the core's sessions in place)
+    sessions = pipe.denoiser._sessions
     for name, session in sessions.items():
         inner = session.session if isinstance(session, LockedSession) else session
         sessions[name] = LockedSession(inner) if locked else inner
