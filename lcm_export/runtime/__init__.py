@@ -6,8 +6,9 @@ The public API is :data:`__all__`: load a bundle with :meth:`Pipeline.load`, cal
 :class:`VariantChoice` per component, :meth:`Pipeline.session_info` a :class:`SessionInfo`; ``Pipeline.options``
 is the :class:`BackendOptions` it was loaded with, ``Pipeline.denoiser`` the :class:`Denoiser` core every mode
 calls (a :class:`FrameStream` holds its :class:`GenerationRequest`). Every error caused by the caller's input or
-the bundle is a :class:`UserError` (one line naming the input and what to do): :class:`BundleError` for a bundle that is missing,
-incomplete, modified or of another format, :class:`NonFiniteError` for a stage that produced NaN or inf.
+the bundle is a :class:`UserError` (one line naming the input and what to do): :class:`BundleError` for a bundle
+that is missing, incomplete, modified or of another format, :class:`NonFiniteError` for a stage that produced NaN
+or inf.
 :func:`profile_bundle` times every stage over repeated runs (what ``lcm-run --profile`` prints).
 A ``Pipeline`` may be called from several threads at once; a ``FrameStream`` belongs to one thread.
 
