@@ -1,8 +1,10 @@
 /**
  * The demo page: a bundle served by `lcm-run serve` (at /bundle/) run with lcm-edge on onnxruntime-web.
- * For automated checks: ?prompt=…&seed=…&steps=…&guidance=…&backend=auto|wasm|webgpu&autorun=1 generates at once;
- * document.body.dataset.status becomes "done" or "error: <message>"; window.lastImage holds the last image's floats
- * ({width, height, data}) and window.lastBackend the backend that ran.
+ * For automated checks: ?prompt=…&seed=…&steps=…&guidance=…&height=…&width=…&threads=…&backend=auto|wasm|webgpu&autorun=1
+ * generates at once (height/width: the image's size, default the bundle's; threads: WASM threads, default
+ * onnxruntime-web's); document.body.dataset.status becomes "done" or "error: <message>"; window.lastImage holds the
+ * last image's floats ({width, height, data}), window.lastTimings its stage timings (ms) and window.lastBackend the
+ * backend that ran.
  * @module
  */
 
@@ -15,6 +17,12 @@ ort.env.logLevel = "error"; // not the per-session "nodes not assigned to the pr
 
 const $ = (id) => /** @type {HTMLInputElement} */ (document.getElementById(id));
 const BUNDLE = new URL("/bundle/", location.href).href;
+const query = new URLSearchParams(location.search);
+/** @param {string} name @returns {number | undefined} a positive integer query parameter */
+function queryInteger(name) {
+  const value = Number(query.get(name));
+  return query.has(name) && Number.isInteger(value) && value >= 1 ? value : undefined;
+}
 
 /** @type {Map<string, Promise<Pipeline>>} one pipeline per backend asked for, loaded once */
 const pipelines = new Map();
@@ -28,7 +36,8 @@ function setStatus(text, isError = false) {
 /** @param {string} backend */
 function pipeline(backend) {
   if (!pipelines.has(backend)) {
-    const loading = Pipeline.load(BUNDLE, { backend });
+    const threads = queryInteger("threads");
+    const loading = Pipeline.load(BUNDLE, { backend, ...(threads ? { threads } : {}) });
     loading.catch(() => pipelines.delete(backend)); // a failed load is retried next time
     pipelines.set(backend, loading);
   }
@@ -83,12 +92,15 @@ async function generate() {
     const out = await pipe.generate($("prompt").value, {
       numInferenceSteps: Number($("steps").value),
       seed: Number($("seed").value),
+      ...(queryInteger("height") ? { height: queryInteger("height") } : {}),
+      ...(queryInteger("width") ? { width: queryInteger("width") } : {}),
       ...(guidance ? { guidanceScale: Number(guidance) } : {}),
     });
     const image = out.images[0];
     draw(image);
     showTimings(out.timings);
     window.lastImage = { width: image.width, height: image.height, data: image.data };
+    window.lastTimings = out.timings;
     setStatus("done");
   } catch (error) {
     console.error(error);
@@ -98,13 +110,15 @@ async function generate() {
   }
 }
 
+/** Load the pipeline for the chosen backend without generating (bench/web.py times it); resolves to the backend. */
+window.loadPipeline = () => pipeline($("backend").value).then((pipe) => pipe.backend);
+
 $("isolated").textContent = String(globalThis.crossOriginIsolated);
 $("form").addEventListener("submit", (event) => {
   event.preventDefault();
   generate();
 });
 
-const query = new URLSearchParams(location.search);
 for (const name of ["prompt", "seed", "steps", "guidance", "backend"]) {
   if (query.has(name)) $(name).value = query.get(name);
 }

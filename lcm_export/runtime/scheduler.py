@@ -106,7 +106,10 @@ def _guidance_embedding_row(
         table = np.exp(np.arange(half, dtype=np.float32) * -exponent)  # (half,)
     else:  # exactly diffusers' float32 frequencies, computed at export
         table = np.asarray(frequencies, dtype=np.float32)
-    angles = w * table
+    # sin and cos in float64 of the float32 angles, then rounded: numpy's float32 sin/cos are SIMD approximations
+    # (up to 1 ulp off, by CPU dispatch) while the JS runtime's Math.sin/cos are float64; an ulp in timestep_cond
+    # is enough to flip an int8 activation of an INT8 U-Net (docs/design-notes.md, "JavaScript runtime").
+    angles = (w * table).astype(np.float64)
     row = np.concatenate([np.sin(angles), np.cos(angles)])  # sin first
     if embedding_dim % 2 == 1:
         row = np.pad(row, (0, 1))

@@ -176,8 +176,11 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
     add_case("cfg-img2img-0.5", tiny_cfg_bundle, "img2img", strength=0.5, guidance=2.0)
     add_case("tiny-vae", tiny_vae, "txt2img")
     add_case("tiny-vae-img2img", tiny_vae, "img2img", strength=0.5, seed=2)
-    # onnxruntime-web's WASM kernels for QDQ INT8 are not the CPU provider's (measured: 2.7e-2 max abs on the tiny
-    # U-Net and VAE; onnxruntime-node matches Python exactly): WASM INT8 is held to a looser bound.
+    # WASM INT8 is held to a looser bound (docs/design-notes.md, "JavaScript runtime"): WASM runs the same fused
+    # kernels as Python at "all" (QLinearConv, MatMulIntegerToFloat), but its float kernels between the quantisers
+    # (InstanceNormalization, Div, Conv, MatMul) differ from x86 MLAS by ~1e-7, which flips an int8 value that sits at
+    # a rounding boundary (first: one of 8192 at down_blocks.0/resnets.0/Div_output_0_QuantizeLinear) and one step
+    # grows to 2.7e-2 on the image; onnxruntime-node at "extended" instead of "all" is 1.3e-2 off the same way.
     add_case("int8", int8, "txt2img", seed=4, tolerance={"wasm": 0.05})
 
     for seed, tensor_index, size in [(0, 0, 4096), (1, 3, 1023), (2**64 - 1, 1, 777), (2**32 + 7, 0, 100)]:
