@@ -135,7 +135,7 @@ export class Pipeline {
     const needed = [...encoders, "unet", "vae_decoder"];
     const missing = needed.filter((name) => !(name in manifest.components));
     if (missing.length) throw new BundleError(`BUNDLE '${source.description}' has no ${missing.join(", ")}: re-export it`);
-    Object.assign(pipe.variants, chooseVariants(manifest, needed, "onnx", precision, source.description));
+    Object.assign(pipe.variants, chooseVariants(manifest, needed, "onnx", precision, source.description, opened.name));
     for (const info of manifest.tokenizers) {
       const bytes = await source.read(info.path);
       let json;
@@ -327,7 +327,7 @@ export class Pipeline {
       throw new BundleError(`BUNDLE '${this.source.description}' has no vae_encoder: re-export it without --no-vae-encoder`);
     }
     if (!this.variants.vae_encoder) {
-      this.variants.vae_encoder = chooseVariant("vae_encoder", this.manifest.components.vae_encoder, "onnx", this.precision);
+      this.variants.vae_encoder = chooseVariant("vae_encoder", this.manifest.components.vae_encoder, "onnx", this.precision, this.manifest.backend_variants?.[this.backend]);
       await this.openSession("vae_encoder");
     }
     const { width, height, data } = image || {};

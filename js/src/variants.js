@@ -27,13 +27,20 @@ const rank = (precision) => {
 
 /**
  * @param {string} name @param {any} component the manifest's entry @param {string} format @param {string} precision
+ * @param {string} [preferred] the precision the bundle's `backend_variants` gives this backend (for "auto")
  * @returns {VariantChoice}
  */
-export function chooseVariant(name, component, format, precision) {
+export function chooseVariant(name, component, format, precision, preferred) {
   const ofFormat = component.variants.filter((v) => v.format === format);
   if (!ofFormat.length) {
     const formats = [...new Set(component.variants.map((v) => v.format))].sort().join(", ");
     throw new BundleError(`component '${name}' has no ${format} variant in this bundle (it has: ${formats}): re-export it for onnx`);
+  }
+  if (precision === "auto" && preferred) {
+    // Rule 3, backend_variants: the first listed variant of the backend's precision, else the bundle's preferred.
+    const forBackend = ofFormat.find((v) => v.precision === preferred);
+    if (forBackend) return { component: name, variant: forBackend, reason: `${preferred}: the bundle's choice for this backend` };
+    return { component: name, variant: ofFormat[0], reason: `no ${preferred} variant: the bundle's preferred` };
   }
   if (precision === "auto") {
     return { component: name, variant: ofFormat[0], reason: ofFormat.length > 1 ? "the bundle's preferred" : "the only one" };
@@ -50,13 +57,15 @@ export function chooseVariant(name, component, format, precision) {
 
 /**
  * @param {any} manifest @param {string[]} names @param {string} format @param {string} precision @param {string} where
+ * @param {string} [backend] the backend that runs ("node", "wasm", "webgpu"): its `backend_variants` entry steers "auto"
  * @returns {Record<string, VariantChoice>}
  */
-export function chooseVariants(manifest, names, format, precision, where) {
+export function chooseVariants(manifest, names, format, precision, where, backend) {
   checkVariant(precision);
+  const preferred = backend ? manifest.backend_variants?.[backend] : undefined;
   /** @type {Record<string, VariantChoice>} */
   const choices = {};
-  for (const name of names) choices[name] = chooseVariant(name, manifest.components[name], format, precision);
+  for (const name of names) choices[name] = chooseVariant(name, manifest.components[name], format, precision, preferred);
   if (precision !== "auto" && !Object.values(choices).some((c) => c.variant.precision === precision)) {
     const have = [...new Set(Object.values(manifest.components).flatMap((c) => c.variants.map((v) => v.precision)))].sort();
     throw new UserError(`precision '${precision}': BUNDLE '${where}' has no ${precision} variant (it has ${have.join(", ")}): pick one of those, or re-export with --precision ${precision}`);
