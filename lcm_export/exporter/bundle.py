@@ -158,7 +158,12 @@ def check_config(config: ExportConfig) -> None:
     """Reject bad options before any model is loaded."""
     target = get_target(config.target)  # an unknown target is a one-line error
     if resolved_precision(config) not in target.precisions:
-        raise ExportError(f"--precision {config.precision}: pick one of {', '.join(target.precisions)}")
+        written = (
+            f" (--target {target.name} writes the {config.precision} variants beside the fp32 ones)"
+            if config.precision in target.extra_onnx_precisions
+            else ""
+        )
+        raise ExportError(f"--precision {config.precision}: pick one of {', '.join(target.precisions)}{written}")
     if not _is_int(config.max_steps) or not 1 <= config.max_steps <= MAX_STEPS_LIMIT:
         raise ExportError(
             f"--max-steps {config.max_steps}: pass an integer from 1 to {MAX_STEPS_LIMIT} (schedules for 1..N "
