@@ -36,6 +36,7 @@ from lcm_export.exporter.onnx_export import (
     convert_to_fp16,
     export_to_onnx,
     pytorch_reference,
+    repack_onnx,
     save_onnx,
     validate_onnx,
 )
@@ -748,6 +749,9 @@ def _add_int8_variants(
         }
 
     int8 = quantize_components(staging, settings, progress)
+    max_file_bytes = get_target(config.target).max_file_bytes
+    if max_file_bytes is not None:  # onnxruntime's quantizer writes one "<name>.data" of any size
+        int8 = {name: _with_files_at_most(staging, variant, max_file_bytes) for name, variant in int8.items()}
     write_manifest(with_int8(int8, keep_float=True), "onnx")
     report = quality_report(staging, settings, progress)
     for bar in bars.values():
@@ -761,6 +765,18 @@ def _add_int8_variants(
                 for file in float_variant.files:
                     (staging / file).unlink(missing_ok=True)
     return with_int8(int8, keep_float=keep_float)
+
+
+def _with_files_at_most(staging: Path, variant: Artifact, max_file_bytes: int) -> Artifact:
+    """``variant``'s ONNX file with its external data rewritten as files of at most ``max_file_bytes``."""
+    model_path = staging / variant.path
+    repack_onnx(model_path, model_path, consume=True, max_file_bytes=max_file_bytes)
+    for file in variant.files:
+        if file != variant.path:
+            (staging / file).unlink(missing_ok=True)  # the quantizer's data file, copied (consume) or unused
+    data_files = sorted(model_path.parent.glob(glob.escape(model_path.name) + "_data*"), key=_data_file_order)
+    files = (variant.path, *(path.relative_to(staging).as_posix() for path in data_files))
+    return dataclasses.replace(variant, files=files)
 
 
 def _build_target(

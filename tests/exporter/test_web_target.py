@@ -91,18 +91,23 @@ def test_the_web_bundle_has_the_variants_each_backend_wants(web_bundle, web_int8
         jsonschema.Draft202012Validator(schema).validate(manifest)
 
 
-def test_no_file_passes_the_limit_and_weights_are_external_data(web_bundle) -> None:
-    manifest = load_manifest(web_bundle)
+@pytest.mark.parametrize("which", ["float", "int8"])
+def test_no_file_passes_the_limit_and_weights_are_external_data(which, web_bundle, web_int8_bundle) -> None:
+    bundle = web_bundle if which == "float" else web_int8_bundle
+    manifest = load_manifest(bundle)
     for name, component in manifest.components.items():
         for variant in component.variants:
             data_files = [file for file in variant.files if file != variant.path]
             assert data_files, f"{name} {variant.name}: no external data"
-            limit = max(MAX_FILE_BYTES, _largest_tensor(web_bundle / variant.path))
+            limit = max(MAX_FILE_BYTES, _largest_tensor(bundle / variant.path))
             for file in data_files:
-                assert (web_bundle / file).stat().st_size <= limit, file
+                assert (bundle / file).stat().st_size <= limit, file
             # The graph and the tensors under 1 KB stay in the protobuf (an SD U-Net's: about 1 MB).
-            assert (web_bundle / variant.path).stat().st_size <= 2 * MAX_FILE_BYTES, variant.path
-    unet = manifest.components["unet"].variants[0]
+            assert (bundle / variant.path).stat().st_size <= 2 * MAX_FILE_BYTES, variant.path
+    listed = {entry.path for entry in manifest.files}
+    on_disk = {path.relative_to(bundle).as_posix() for path in bundle.rglob("*") if path.name != MANIFEST_NAME}
+    assert listed == {path for path in on_disk if (bundle / path).is_file()}  # the quantizer's data file is gone
+    unet = manifest.components["unet"].variants[1 if which == "int8" else 0]
     assert unet.files[:3] == ("unet/model.onnx", "unet/model.onnx_data", "unet/model.onnx_data_2")
 
 
