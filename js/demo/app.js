@@ -1,6 +1,6 @@
 /**
  * The demo page: a bundle served by `lcm-run serve` (at /bundle/) run with lcm-edge on onnxruntime-web.
- * For automated checks: ?prompt=…&seed=…&steps=…&guidance=…&backend=auto|wasm|webgpu&autorun=1 generates at once;
+ * For automated checks: ?prompt=…&seed=…&steps=…&guidance=…&backend=auto|wasm|webgpu[&precision=fp32|fp16|int8]&autorun=1 generates at once;
  * document.body.dataset.status becomes "done" or "error: <message>"; window.lastImage holds the last image's floats
  * ({width, height, data}) and window.lastBackend the backend that ran.
  * @module
@@ -28,7 +28,9 @@ function setStatus(text, isError = false) {
 /** @param {string} backend */
 function pipeline(backend) {
   if (!pipelines.has(backend)) {
-    const loading = Pipeline.load(BUNDLE, { backend });
+    // ?precision=fp32|fp16|int8 forces a stored variant; "auto" runs what the bundle's backend_variants says.
+    const precision = new URLSearchParams(location.search).get("precision") || "auto";
+    const loading = Pipeline.load(BUNDLE, { backend, precision });
     loading.catch(() => pipelines.delete(backend)); // a failed load is retried next time
     pipelines.set(backend, loading);
   }

@@ -312,10 +312,12 @@ function checkBeyondSchema(m, refuse) {
       refuse(`field scheduler.config.${key} must equal scheduler.${key}`);
     }
   }
-  // X15: a backend's preferred precision is one some onnx variant has.
+  // X15: a backend's precisions are ones some onnx variant has.
   const have = [...new Set(Object.values(m.components).flatMap((c) => c.variants.filter((v) => v.format === "onnx").map((v) => v.precision)))].sort();
-  for (const [backend, precision] of Object.entries(m.backend_variants || {})) {
-    if (!have.includes(precision)) refuse(`field backend_variants.${backend} is '${precision}', which no onnx variant has (they have ${have.join(", ")})`);
+  for (const [backend, precisions] of Object.entries(m.backend_variants || {})) {
+    precisions.forEach((precision, index) => {
+      if (!have.includes(precision)) refuse(`field backend_variants.${backend}[${index}] is '${precision}', which no onnx variant has (they have ${have.join(", ")})`);
+    });
   }
 }
 

@@ -27,7 +27,7 @@ const rank = (precision) => {
 
 /**
  * @param {string} name @param {any} component the manifest's entry @param {string} format @param {string} precision
- * @param {string} [preferred] the precision the bundle's `backend_variants` gives this backend (for "auto")
+ * @param {string[]} [preferred] the precisions "auto" tries on this backend (backendPreference)
  * @returns {VariantChoice}
  */
 export function chooseVariant(name, component, format, precision, preferred) {
@@ -37,10 +37,13 @@ export function chooseVariant(name, component, format, precision, preferred) {
     throw new BundleError(`component '${name}' has no ${format} variant in this bundle (it has: ${formats}): re-export it for onnx`);
   }
   if (precision === "auto" && preferred) {
-    // Rule 3, backend_variants: the first listed variant of the backend's precision, else the bundle's preferred.
-    const forBackend = ofFormat.find((v) => v.precision === preferred);
-    if (forBackend) return { component: name, variant: forBackend, reason: `${preferred}: the bundle's choice for this backend` };
-    return { component: name, variant: ofFormat[0], reason: `no ${preferred} variant: the bundle's preferred` };
+    // Rule 3, backend_variants: the first listed variant of the first of the backend's precisions the component
+    // has, else the bundle's preferred.
+    for (const p of preferred) {
+      const forBackend = ofFormat.find((v) => v.precision === p);
+      if (forBackend) return { component: name, variant: forBackend, reason: `${p}: the bundle's choice for this backend` };
+    }
+    return { component: name, variant: ofFormat[0], reason: `no ${preferred.join(" or ")} variant: the bundle's preferred` };
   }
   if (precision === "auto") {
     return { component: name, variant: ofFormat[0], reason: ofFormat.length > 1 ? "the bundle's preferred" : "the only one" };
@@ -56,13 +59,24 @@ export function chooseVariant(name, component, format, precision, preferred) {
 }
 
 /**
+ * The precisions "auto" tries on `backend`, in order, by the bundle's `backend_variants` (rule 3); undefined where it
+ * names none. fp16 is left out on a WebGPU adapter without the shader-f16 feature (onnxruntime-web's fp16 kernels
+ * need it; measured on SwiftShader: validation errors and a wrong image, no exception).
+ * @param {any} manifest @param {{name: string, fp16: boolean}} backend
+ * @returns {string[] | undefined}
+ */
+export function backendPreference(manifest, backend) {
+  const preferred = manifest.backend_variants?.[backend.name];
+  return preferred && preferred.filter((p) => p !== "fp16" || backend.fp16);
+}
+
+/**
  * @param {any} manifest @param {string[]} names @param {string} format @param {string} precision @param {string} where
- * @param {string} [backend] the backend that runs ("node", "wasm", "webgpu"): its `backend_variants` entry steers "auto"
+ * @param {string[]} [preferred] the precisions "auto" tries on this backend (backendPreference)
  * @returns {Record<string, VariantChoice>}
  */
-export function chooseVariants(manifest, names, format, precision, where, backend) {
+export function chooseVariants(manifest, names, format, precision, where, preferred) {
   checkVariant(precision);
-  const preferred = backend ? manifest.backend_variants?.[backend] : undefined;
   /** @type {Record<string, VariantChoice>} */
   const choices = {};
   for (const name of names) choices[name] = chooseVariant(name, manifest.components[name], format, precision, preferred);

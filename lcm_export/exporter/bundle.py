@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -667,11 +668,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             provenance=_provenance(config),
             loras=tuple(loras),
             conditioning=conditioning,
-            backend_variants={
-                backend: precision
-                for backend, precision in get_target(config.target).backend_variants.items()
-                if any(variant.precision == precision for c in components.values() for variant in c.variants)
-            },
+            backend_variants=_backend_variants(get_target(config.target).backend_variants, components),
         )
         manifest.write(staging)
         return manifest
@@ -683,6 +680,15 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         components = _add_int8_variants(config, staging, components, pipeline_info, write_manifest)
     components = _build_target(config, staging, components, pipeline_info, loaded, sequence)
     return write_manifest(components)
+
+
+def _backend_variants(
+    wanted: Mapping[str, tuple[str, ...]], components: Mapping[str, Component]
+) -> dict[str, tuple[str, ...]]:
+    """The target's backend_variants with the precisions no variant of the bundle has left out."""
+    have = {variant.precision for component in components.values() for variant in component.variants}
+    kept = {backend: tuple(p for p in order if p in have) for backend, order in wanted.items()}
+    return {backend: order for backend, order in kept.items() if order}
 
 
 def _conditioning(loaded: LoadedPipeline, pipeline_info: PipelineInfo) -> Conditioning:

@@ -69,9 +69,9 @@ class Target:
     # float variants then stay beside INT8 ones.
     extra_onnx_precisions: tuple[str, ...] = ()
     max_file_bytes: int | None = None  # no ONNX or external data file larger (browsers: protobuf and ArrayBuffer)
-    # The manifest's backend_variants (a JavaScript backend -> the precision its auto runs), each entry kept where
-    # the bundle has a variant of that precision.
-    backend_variants: Mapping[str, str] = field(default_factory=dict)
+    # The manifest's backend_variants (a JavaScript backend -> the precisions its auto tries, in order), each
+    # precision kept where the bundle has a variant of it.
+    backend_variants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def target_names() -> tuple[str, ...]:

@@ -83,8 +83,12 @@ def test_the_web_bundle_has_the_variants_each_backend_wants(web_bundle, web_int8
     assert _variants(web_int8_bundle)["vae_decoder"] == ["fp32"]  # the INT8 decoder is the CPU targets' (onnx)
     fp32 = json.loads((web_bundle / MANIFEST_NAME).read_text())
     int8 = json.loads((web_int8_bundle / MANIFEST_NAME).read_text())
-    assert (fp32["target"], fp32["precision"], fp32["backend_variants"]) == ("web", "fp32", {"webgpu": "fp16"})
-    assert (int8["precision"], int8["backend_variants"]) == ("int8", {"webgpu": "fp16", "wasm": "int8"})
+    assert (fp32["target"], fp32["precision"]) == ("web", "fp32")
+    assert fp32["backend_variants"] == {"webgpu": ["fp16", "fp32"], "wasm": ["fp32"]}
+    assert (int8["precision"], int8["backend_variants"]) == (
+        "int8",
+        {"webgpu": ["fp16", "fp32"], "wasm": ["int8", "fp32"]},
+    )
     assert "kept_fp32" in fp32["components"]["vae_decoder"]["variants"][0]["produced_by"]
     schema = json.loads((REPOSITORY / "docs" / "manifest.schema.json").read_text())
     for manifest in (fp32, int8):
@@ -115,11 +119,15 @@ def test_a_backend_preference_no_variant_meets_is_refused(web_bundle, tmp_path) 
     bundle = tmp_path / "bundle"
     shutil.copytree(web_bundle, bundle)
     data = json.loads((bundle / MANIFEST_NAME).read_text())
-    data["backend_variants"] = {"wasm": "int8"}
+    data["backend_variants"] = {"wasm": ["int8", "fp32"]}
     (bundle / MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(BundleError, match=r"backend_variants\.wasm.*no onnx variant has"):
+    with pytest.raises(BundleError, match=r"backend_variants\.wasm\[0\].*no onnx variant has \(they have fp16, fp32\)"):
         load_manifest(bundle)
-    data["backend_variants"] = {"onnxruntime": "fp16"}
+    data["backend_variants"] = {"wasm": ["fp32", "fp32"]}
+    (bundle / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"backend_variants\.wasm\[1\].*repeats"):
+        load_manifest(bundle)
+    data["backend_variants"] = {"onnxruntime": ["fp16"]}
     (bundle / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(BundleError, match=r"backend_variants\.onnxruntime.*is not a backend"):
         load_manifest(bundle)
@@ -144,14 +152,17 @@ def test_the_python_runtime_runs_it_as_the_onnx_bundle(web_bundle, tiny_lcm_bund
 NODE_SCRIPT = """
 import { writeFileSync } from "node:fs";
 import { Pipeline, parseManifest } from "./src/index.js";
-import { chooseVariants } from "./src/variants.js";
+import { backendPreference, chooseVariants } from "./src/variants.js";
 import { readFileSync } from "node:fs";
 const [bundle, out] = process.argv.slice(2);
 const manifest = parseManifest(readFileSync(`${bundle}/manifest.json`, "utf8"), bundle);
 const names = ["text_encoder", "unet", "vae_decoder"];
 const result = { chosen: {} };
 for (const backend of ["webgpu", "wasm", "node"]) {
-  const choices = chooseVariants(manifest, names, "onnx", "auto", bundle, backend);
+  // as openBackend opens each (fp16: a WebGPU adapter with shader-f16)
+  const preferred = backendPreference(manifest, { name: backend, fp16: true });
+  if (backend === "webgpu") result.noF16 = backendPreference(manifest, { name: backend, fp16: false });
+  const choices = chooseVariants(manifest, names, "onnx", "auto", bundle, preferred);
   result.chosen[backend] = Object.fromEntries(names.map((n) => [n, choices[n].variant.name]));
 }
 for (const precision of ["auto", "fp16"]) {
@@ -200,6 +211,7 @@ def test_the_js_runtime_auto_follows_backend_variants_on_wasm(web_bundle, web_in
     floats = {"text_encoder": "fp32", "unet": "fp32", "vae_decoder": "fp32"}
     assert fp32["chosen"] == {"webgpu": gpu, "wasm": floats, "node": floats}
     assert fp32["auto"] == floats and fp32["fp16"] == gpu
+    assert fp32["noF16"] == int8["noF16"] == ["fp32"]  # a WebGPU adapter without shader-f16 runs fp32
     int8_unet = {**floats, "unet": "int8-qdq"}
     assert int8["chosen"] == {"webgpu": gpu, "wasm": int8_unet, "node": int8_unet}  # node: the first listed
     assert int8["auto"] == int8_unet and int8["fp16"] == gpu

@@ -28,7 +28,7 @@ from lcm_export.runtime.manifest.vocabulary import (
     SHA256_HEX,
     TARGETS,
 )
-from lcm_export.runtime.specs import Fields, ManifestFieldError, describe
+from lcm_export.runtime.specs import Fields, ManifestFieldError, as_str, describe
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class Manifest:
     loras: tuple[dict[str, Any], ...] = ()
     format_version: int = FORMAT_VERSION  # as read (a format-1 bundle reads as 1, upgraded in memory)
     conditioning: Conditioning | None = None  # None: SD's (Conditioning.of_sd)
-    # JavaScript backend -> the precision its ``auto`` runs (optional; the Python runtime's ``auto`` ignores it)
-    backend_variants: dict[str, str] = field(default_factory=dict)
+    # JavaScript backend -> the precisions its ``auto`` tries, in order (optional; the Python runtime's ``auto``
+    # ignores it: its backends are not these)
+    backend_variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.conditioning is None:
@@ -68,7 +69,7 @@ class Manifest:
             "files": [f.to_json() for f in self.files],
         }
         if self.backend_variants:  # optional: bundles without it are written as before
-            written["backend_variants"] = dict(self.backend_variants)
+            written["backend_variants"] = {backend: list(order) for backend, order in self.backend_variants.items()}
         return written
 
     @classmethod
@@ -151,22 +152,26 @@ def _read_lora(item: Any, where: str) -> Fields:
     return fields
 
 
-def _read_backend_variants(top: Fields, components: dict[str, Component]) -> dict[str, str]:
-    """``backend_variants``: a JavaScript backend -> the precision its ``auto`` runs, one some ONNX variant has
-    (rule X15: a preference nothing meets would silently run the bundle's default)."""
+def _read_backend_variants(top: Fields, components: dict[str, Component]) -> dict[str, tuple[str, ...]]:
+    """``backend_variants``: a JavaScript backend -> the precisions its ``auto`` tries, in order, each one some ONNX
+    variant has (rule X15: a preference nothing meets would silently run the bundle's default)."""
     fields = top.object("backend_variants")
     have = sorted(
         {variant.precision for c in components.values() for variant in c.variants if variant.format == "onnx"}
     )
-    preferences: dict[str, str] = {}
+    preferences: dict[str, tuple[str, ...]] = {}
     for backend in fields.data:
         if backend not in BROWSER_BACKENDS:
             raise ManifestFieldError(fields.path(backend), f"is not a backend: pick from {', '.join(BROWSER_BACKENDS)}")
-        precision = fields.string(backend, choices=PRECISIONS)
-        if precision not in have:
-            raise ManifestFieldError(
-                fields.path(backend),
-                f"is {describe(precision)}, which no onnx variant has (they have {', '.join(have)})",
-            )
-        preferences[backend] = precision
+        order: list[str] = []
+        for at, item in fields.array(backend, min_length=1):
+            precision = as_str(item, at, choices=PRECISIONS)
+            if precision in order:
+                raise ManifestFieldError(at, f"repeats {describe(precision)}")
+            if precision not in have:
+                raise ManifestFieldError(
+                    at, f"is {describe(precision)}, which no onnx variant has (they have {', '.join(have)})"
+                )
+            order.append(precision)
+        preferences[backend] = tuple(order)
     return preferences
