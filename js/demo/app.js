@@ -1,10 +1,11 @@
 /**
  * The demo page: a bundle served by `lcm-run serve` (at /bundle/) run with lcm-edge on onnxruntime-web.
- * For automated checks: ?prompt=…&seed=…&steps=…&guidance=…&height=…&width=…&threads=…&backend=auto|wasm|webgpu&autorun=1
- * generates at once (height/width: the image's size, default the bundle's; threads: WASM threads, default
- * onnxruntime-web's); document.body.dataset.status becomes "done" or "error: <message>"; window.lastImage holds the
- * last image's floats ({width, height, data}), window.lastTimings its stage timings (ms) and window.lastBackend the
- * backend that ran.
+ * For automated checks: ?prompt=…&seed=…&steps=…&guidance=…&height=…&width=…&threads=…&backend=auto|wasm|webgpu
+ * [&precision=auto|fp32|fp16|int8]&autorun=1 generates at once (height/width: the image's size, default the bundle's;
+ * threads: WASM threads, default onnxruntime-web's; precision: a stored variant, "auto" runs what the bundle's
+ * backend_variants says); document.body.dataset.status becomes "done" or "error: <message>"; window.lastImage holds
+ * the last image's floats ({width, height, data}), window.lastTimings its stage timings (ms) and window.lastBackend
+ * the backend that ran.
  * @module
  */
 
@@ -37,7 +38,9 @@ function setStatus(text, isError = false) {
 function pipeline(backend) {
   if (!pipelines.has(backend)) {
     const threads = queryInteger("threads");
-    const loading = Pipeline.load(BUNDLE, { backend, ...(threads ? { threads } : {}) });
+    // ?precision=fp32|fp16|int8 forces a stored variant; "auto" runs what the bundle's backend_variants says.
+    const precision = new URLSearchParams(location.search).get("precision") || "auto";
+    const loading = Pipeline.load(BUNDLE, { backend, precision, ...(threads ? { threads } : {}) });
     loading.catch(() => pipelines.delete(backend)); // a failed load is retried next time
     pipelines.set(backend, loading);
   }

@@ -14,6 +14,7 @@ export const BACKENDS = ["auto", "node", "wasm", "webgpu"];
 /**
  * @typedef {object} Backend
  * @property {string} name            which one runs: "node", "wasm" or "webgpu"
+ * @property {boolean} fp16           it runs fp16 graphs (false: a WebGPU adapter without the shader-f16 feature)
  * @property {any} ort                the onnxruntime module
  * @property {(model: string | Uint8Array, externalData: Array<{path: string, data: Uint8Array | string}>) => Promise<any>} createSession
  */
@@ -26,11 +27,11 @@ async function importNode() {
   }
 }
 
-async function hasWebGpuAdapter() {
+async function webGpuAdapter() {
   try {
-    return !!(globalThis.navigator?.gpu && (await globalThis.navigator.gpu.requestAdapter()));
+    return (globalThis.navigator?.gpu && (await globalThis.navigator.gpu.requestAdapter())) || null;
   } catch {
-    return false;
+    return null;
   }
 }
 
@@ -51,7 +52,7 @@ export async function openBackend(backend, options = {}) {
       nodeModule = await importNode();
       name = nodeModule ? "node" : "wasm";
     } else {
-      name = (await hasWebGpuAdapter()) ? "webgpu" : "wasm";
+      name = (await webGpuAdapter()) ? "webgpu" : "wasm";
     }
   }
   const extra = options.sessionOptions || {};
@@ -67,14 +68,18 @@ export async function openBackend(backend, options = {}) {
     };
     return {
       name,
+      fp16: true,
       ort,
       // A model path lets onnxruntime-node find external data beside it; bytes carry none.
       createSession: (model) => ort.InferenceSession.create(model, sessionOptions),
     };
   }
   let ort;
+  let fp16 = true;
   if (name === "webgpu") {
-    if (!(await hasWebGpuAdapter())) throw new UserError("backend 'webgpu': navigator.gpu gives no adapter here: use 'wasm'");
+    const adapter = await webGpuAdapter();
+    if (!adapter) throw new UserError("backend 'webgpu': navigator.gpu gives no adapter here: use 'wasm'");
+    fp16 = adapter.features.has("shader-f16");
     ort = await import("onnxruntime-web/webgpu");
   } else {
     ort = await import("onnxruntime-web");
@@ -83,6 +88,7 @@ export async function openBackend(backend, options = {}) {
   else if (isNode) ort.env.wasm.numThreads = 1; // Node: no worker threads unless asked
   return {
     name,
+    fp16,
     ort,
     createSession: (model, externalData) =>
       ort.InferenceSession.create(model, {

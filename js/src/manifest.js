@@ -1,6 +1,6 @@
 /**
  * The bundle contract (docs/bundle-format.md): read manifest.json, upgrade format 1, validate it with
- * manifest.schema.json and the checks beyond the schema (X1–X14, those a runtime needs), verify every listed file's
+ * manifest.schema.json and the checks beyond the schema (X1–X15, those a runtime needs), verify every listed file's
  * size and sha256. What comes out is trusted by the rest of the runtime.
  * @module
  */
@@ -189,7 +189,7 @@ function describeSchemaErrors(errors) {
   return `field ${field} ${detail}`.trim();
 }
 
-/** X2, X4–X8, X10 (the runtime's tensors), X14. @param {any} m @param {(message: string) => never} refuse */
+/** X2, X4–X8, X10 (the runtime's tensors), X14, X15. @param {any} m @param {(message: string) => never} refuse */
 function checkBeyondSchema(m, refuse) {
   // X2: unique entries.
   const paths = new Set();
@@ -311,6 +311,13 @@ function checkBeyondSchema(m, refuse) {
     if (key in m.scheduler.config && m.scheduler.config[key] !== m.scheduler[key]) {
       refuse(`field scheduler.config.${key} must equal scheduler.${key}`);
     }
+  }
+  // X15: a backend's precisions are ones some onnx variant has.
+  const have = [...new Set(Object.values(m.components).flatMap((c) => c.variants.filter((v) => v.format === "onnx").map((v) => v.precision)))].sort();
+  for (const [backend, precisions] of Object.entries(m.backend_variants || {})) {
+    precisions.forEach((precision, index) => {
+      if (!have.includes(precision)) refuse(`field backend_variants.${backend}[${index}] is '${precision}', which no onnx variant has (they have ${have.join(", ")})`);
+    });
   }
 }
 

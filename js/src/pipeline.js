@@ -12,7 +12,7 @@ import { loadManifest, strengthKey, VERIFY_MODES } from "./manifest.js";
 import { PhiloxGenerator, seedKey } from "./philox.js";
 import { openSource } from "./source.js";
 import { PromptTokenizer } from "./tokenizer.js";
-import { checkVariant, chooseVariant, chooseVariants } from "./variants.js";
+import { backendPreference, checkVariant, chooseVariant, chooseVariants } from "./variants.js";
 import { fromFloat16, toFloat16 } from "./backends.js";
 
 const now = () => globalThis.performance.now();
@@ -135,7 +135,8 @@ export class Pipeline {
     const needed = [...encoders, "unet", "vae_decoder"];
     const missing = needed.filter((name) => !(name in manifest.components));
     if (missing.length) throw new BundleError(`BUNDLE '${source.description}' has no ${missing.join(", ")}: re-export it`);
-    Object.assign(pipe.variants, chooseVariants(manifest, needed, "onnx", precision, source.description));
+    Object.assign(pipe.variants, chooseVariants(manifest, needed, "onnx", precision, source.description, backendPreference(manifest, opened)));
+    pipe.checkFp16(Object.values(pipe.variants));
     for (const info of manifest.tokenizers) {
       const bytes = await source.read(info.path);
       let json;
@@ -151,6 +152,17 @@ export class Pipeline {
   }
 
   /** @private @param {string} name */
+  /**
+   * fp16 variants on a WebGPU adapter without shader-f16 compute wrong images without an exception: refuse them.
+   * @param {import("./variants.js").VariantChoice[]} choices
+   */
+  checkFp16(choices) {
+    const fp16 = choices.filter((c) => c.variant.precision === "fp16").map((c) => c.component);
+    if (fp16.length && !this.backendImpl.fp16) {
+      throw new UserError(`${fp16.join(", ")} would run fp16 on webgpu, but this adapter has no shader-f16 feature (onnxruntime-web's fp16 kernels need it): pass precision "fp32" or backend "wasm"`);
+    }
+  }
+
   async openSession(name) {
     if (this.sessions[name]) return;
     const variant = this.variants[name].variant;
@@ -327,7 +339,9 @@ export class Pipeline {
       throw new BundleError(`BUNDLE '${this.source.description}' has no vae_encoder: re-export it without --no-vae-encoder`);
     }
     if (!this.variants.vae_encoder) {
-      this.variants.vae_encoder = chooseVariant("vae_encoder", this.manifest.components.vae_encoder, "onnx", this.precision);
+      const choice = chooseVariant("vae_encoder", this.manifest.components.vae_encoder, "onnx", this.precision, backendPreference(this.manifest, this.backendImpl));
+      this.checkFp16([choice]);
+      this.variants.vae_encoder = choice;
       await this.openSession("vae_encoder");
     }
     const { width, height, data } = image || {};

@@ -27,13 +27,23 @@ const rank = (precision) => {
 
 /**
  * @param {string} name @param {any} component the manifest's entry @param {string} format @param {string} precision
+ * @param {string[]} [preferred] the precisions "auto" tries on this backend (backendPreference)
  * @returns {VariantChoice}
  */
-export function chooseVariant(name, component, format, precision) {
+export function chooseVariant(name, component, format, precision, preferred) {
   const ofFormat = component.variants.filter((v) => v.format === format);
   if (!ofFormat.length) {
     const formats = [...new Set(component.variants.map((v) => v.format))].sort().join(", ");
     throw new BundleError(`component '${name}' has no ${format} variant in this bundle (it has: ${formats}): re-export it for onnx`);
+  }
+  if (precision === "auto" && preferred) {
+    // Rule 3, backend_variants: the first listed variant of the first of the backend's precisions the component
+    // has, else the bundle's preferred.
+    for (const p of preferred) {
+      const forBackend = ofFormat.find((v) => v.precision === p);
+      if (forBackend) return { component: name, variant: forBackend, reason: `${p}: the bundle's choice for this backend` };
+    }
+    return { component: name, variant: ofFormat[0], reason: `no ${preferred.join(" or ")} variant: the bundle's preferred` };
   }
   if (precision === "auto") {
     return { component: name, variant: ofFormat[0], reason: ofFormat.length > 1 ? "the bundle's preferred" : "the only one" };
@@ -49,14 +59,27 @@ export function chooseVariant(name, component, format, precision) {
 }
 
 /**
+ * The precisions "auto" tries on `backend`, in order, by the bundle's `backend_variants` (rule 3); undefined where it
+ * names none. fp16 is left out on a WebGPU adapter without the shader-f16 feature (onnxruntime-web's fp16 kernels
+ * need it; measured on SwiftShader: validation errors and a wrong image, no exception).
+ * @param {any} manifest @param {{name: string, fp16: boolean}} backend
+ * @returns {string[] | undefined}
+ */
+export function backendPreference(manifest, backend) {
+  const preferred = manifest.backend_variants?.[backend.name];
+  return preferred && preferred.filter((p) => p !== "fp16" || backend.fp16);
+}
+
+/**
  * @param {any} manifest @param {string[]} names @param {string} format @param {string} precision @param {string} where
+ * @param {string[]} [preferred] the precisions "auto" tries on this backend (backendPreference)
  * @returns {Record<string, VariantChoice>}
  */
-export function chooseVariants(manifest, names, format, precision, where) {
+export function chooseVariants(manifest, names, format, precision, where, preferred) {
   checkVariant(precision);
   /** @type {Record<string, VariantChoice>} */
   const choices = {};
-  for (const name of names) choices[name] = chooseVariant(name, manifest.components[name], format, precision);
+  for (const name of names) choices[name] = chooseVariant(name, manifest.components[name], format, precision, preferred);
   if (precision !== "auto" && !Object.values(choices).some((c) => c.variant.precision === precision)) {
     const have = [...new Set(Object.values(manifest.components).flatMap((c) => c.variants.map((v) => v.precision)))].sort();
     throw new UserError(`precision '${precision}': BUNDLE '${where}' has no ${precision} variant (it has ${have.join(", ")}): pick one of those, or re-export with --precision ${precision}`);

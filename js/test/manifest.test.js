@@ -38,3 +38,16 @@ test("strength keys follow the format's rule", () => {
   assert.equal(strengthKey(4, 1), "4");
   assert.equal(strengthKey(4, 0.1234567), "4@0.123457");
 });
+
+test("backend_variants: a backend it names and a precision some onnx variant has (X15)", () => {
+  const text = readFileSync(new URL("../../tests/fixtures/manifest-v1-tiny-lcm.json", here), "utf8");
+  const manifest = JSON.parse(text);
+  manifest.backend_variants = { webgpu: ["fp32"] };
+  assert.deepEqual(parseManifest(JSON.stringify(manifest), "x").backend_variants, { webgpu: ["fp32"] });
+  manifest.backend_variants = { wasm: ["int8", "fp32"] };
+  assert.throws(() => parseManifest(JSON.stringify(manifest), "x"), /backend_variants\.wasm\[0\] is 'int8', which no onnx variant has \(they have fp32\)/);
+  manifest.backend_variants = { wasm: "fp32" };
+  assert.throws(() => parseManifest(JSON.stringify(manifest), "x"), (e) => e instanceof BundleError && /backend_variants/.test(e.message));
+  manifest.backend_variants = { gpu: ["fp16"] };
+  assert.throws(() => parseManifest(JSON.stringify(manifest), "x"), (e) => e instanceof BundleError && /backend_variants/.test(e.message));
+});

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ from lcm_export.exporter.loading import (
     check_vae_options,
     load_pipeline,
 )
-from lcm_export.exporter.onnx_export import DEFAULT_OPSET, export_to_onnx, pytorch_reference, validate_onnx
+from lcm_export.exporter.onnx_export import (
+    DEFAULT_OPSET,
+    convert_to_fp16,
+    export_to_onnx,
+    pytorch_reference,
+    repack_onnx,
+    save_onnx,
+    validate_onnx,
+)
 from lcm_export.exporter.schedule import guidance_frequencies, img2img_mode, lcm_scheduler_from, scheduler_info
 from lcm_export.runtime.manifest import (
     DEFAULT_GUIDANCE_SCALE,
@@ -151,7 +160,12 @@ def check_config(config: ExportConfig) -> None:
     """Reject bad options before any model is loaded."""
     target = get_target(config.target)  # an unknown target is a one-line error
     if resolved_precision(config) not in target.precisions:
-        raise ExportError(f"--precision {config.precision}: pick one of {', '.join(target.precisions)}")
+        written = (
+            f" (--target {target.name} writes the {config.precision} variants beside the fp32 ones)"
+            if config.precision in target.extra_onnx_precisions
+            else ""
+        )
+        raise ExportError(f"--precision {config.precision}: pick one of {', '.join(target.precisions)}{written}")
     if not _is_int(config.max_steps) or not 1 <= config.max_steps <= MAX_STEPS_LIMIT:
         raise ExportError(
             f"--max-steps {config.max_steps}: pass an integer from 1 to {MAX_STEPS_LIMIT} (schedules for 1..N "
@@ -293,12 +307,55 @@ def _onnx_producer(config: ExportConfig, precision: str, component: str, kept_fp
     if precision == "fp16":
         producer["fp16_conversion"] = f"onnxruntime float16 converter {importlib.metadata.version('onnxruntime')}"
     if kept_fp32:
-        producer["kept_fp32"] = "its VAE config sets force_upcast (diffusers runs it in fp32: it overflows in fp16)"
+        producer["kept_fp32"] = _KEPT_FP32
     if config.attention_slicing and component == "unet":
         from lcm_export.exporter.attention import ATTENTION_SLICING
 
         producer["attention"] = ATTENTION_SLICING
     return producer
+
+
+_KEPT_FP32 = "its VAE config sets force_upcast (diffusers runs it in fp32: it overflows in fp16)"
+
+
+def _checked_variant(
+    config: ExportConfig,
+    staging: Path,
+    name: str,
+    component: Any,
+    check_values: dict[str, int],
+    reference: Any,
+    onnx_path: Path,
+    spec: Any,
+    kept_fp32: bool,
+) -> tuple[Artifact, Any]:
+    """The ONNX file at ``onnx_path`` checked against PyTorch (an error when it does not match), as a variant;
+    with the validation report. ``kept_fp32``: an fp32 variant where fp16 was asked (its producer says why)."""
+    report = validate_onnx(component, onnx_path, spec, check_values, reference)
+    if report.failures:
+        details = "; ".join(
+            f"{out}: max abs {report.max_abs_error[out]:.3g} > {report.tolerance[out]:.3g}" for out in report.failures
+        )
+        raise ExportError(f"{name}: the ONNX export does not match PyTorch ({details})")
+    io_dtype = "float16" if any(t.dtype == "float16" for t in spec.outputs) else "float32"
+    precision = "fp16" if io_dtype == "float16" else "fp32"
+    data_files = sorted(onnx_path.parent.glob(glob.escape(onnx_path.name) + "_data*"), key=_data_file_order)
+    files = [onnx_path, *data_files]
+    variant = Artifact(
+        format="onnx",
+        path=onnx_path.relative_to(staging).as_posix(),
+        precision=precision,
+        io_dtype=io_dtype,
+        files=tuple(path.relative_to(staging).as_posix() for path in files),
+        produced_by=_onnx_producer(config, precision, name, kept_fp32=kept_fp32),
+    )
+    return variant, report
+
+
+def _data_file_order(path: Path) -> tuple[int, str]:
+    """``model.onnx_data`` before ``model.onnx_data_2`` before ``model.onnx_data_10``."""
+    suffix = path.name.rsplit("_data", 1)[1].lstrip("_")
+    return (int(suffix) if suffix.isdigit() else 1, path.name)
 
 
 def _provenance(config: ExportConfig) -> dict[str, Any]:
@@ -521,7 +578,8 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
     # on the check shapes (its PyTorch reference outputs are kept), is traced, and is released right after the
     # trace of its last component, before the weights are repacked or converted and before onnxruntime opens the
     # file to check it. Targets that convert from the torch modules afterwards (Core ML) keep them.
-    keep_modules = get_target(config.target).needs_modules
+    target = get_target(config.target)
+    keep_modules = target.needs_modules
     bar = _progress(names, config.quiet, "export ONNX")
     for position, name in enumerate(bar):
         bar.set_postfix_str(f"{name}: load")  # a full-size U-Net spends minutes in each stage
@@ -540,33 +598,32 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         onnx_path = staging / name / "model.onnx"
         onnx_precision = "fp32" if resolved_precision(config) == "int8" else resolved_precision(config)
         spec = export_to_onnx(
-            component, onnx_path, trace_values, precision=onnx_precision, opset=config.opset, release=release
+            component,
+            onnx_path,
+            trace_values,
+            precision=onnx_precision,
+            opset=config.opset,
+            release=release,
+            max_file_bytes=target.max_file_bytes,
         )
         bar.set_postfix_str(f"{name}: check")
-        report = validate_onnx(component, onnx_path, spec, check_values, reference)
-        component_kept_fp32 = component.keep_fp32 and onnx_precision == "fp16"
+        wants_fp16 = onnx_precision == "fp16" or "fp16" in target.extra_onnx_precisions
+        kept_fp32 = component.keep_fp32 and wants_fp16
+        checked = functools.partial(_checked_variant, config, staging, name, component, check_values, reference)
+        variants = [checked(onnx_path, spec, kept_fp32)]
+        if "fp16" in target.extra_onnx_precisions and onnx_precision == "fp32" and not component.keep_fp32:
+            bar.set_postfix_str(f"{name}: fp16")  # the fp16 rule of the ONNX target, from the checked fp32 file
+            fp16_path = onnx_path.with_name("model-fp16.onnx")
+            converted = convert_to_fp16(onnx_path, finite_mask_fills=component.finite_mask_fills)
+            save_onnx(converted, fp16_path, max_file_bytes=target.max_file_bytes)
+            del converted
+            fp16_spec = spec.with_dtypes("float16")
+            variants.append(checked(fp16_path, fp16_spec, False))
         del component, reference
-        if report.failures:
-            details = "; ".join(
-                f"{out}: max abs {report.max_abs_error[out]:.3g} > {report.tolerance[out]:.3g}"
-                for out in report.failures
-            )
-            raise ExportError(f"{name}: the ONNX export does not match PyTorch ({details})")
-        io_dtype = "float16" if any(t.dtype == "float16" for t in spec.outputs) else "float32"
-        precision = "fp16" if io_dtype == "float16" else "fp32"
-        files = [path for path in (onnx_path, onnx_path.with_name("model.onnx_data")) if path.is_file()]
-        variant = Artifact(
-            format="onnx",
-            path=f"{name}/model.onnx",
-            precision=precision,
-            io_dtype=io_dtype,
-            files=tuple(path.relative_to(staging).as_posix() for path in files),
-            produced_by=_onnx_producer(config, precision, name, kept_fp32=component_kept_fp32),
-        )
         components[name] = Component(
             spec=spec.with_dtypes("float32"),  # the model's logical I/O; the variant carries its own dtype
-            variants=(variant,),
-            validation={"against": "pytorch fp32", **report.to_json()},
+            variants=tuple(variant for variant, _ in variants),
+            validation={"against": "pytorch fp32", **variants[0][1].to_json()},
         )
 
     pipeline_info = PipelineInfo(
@@ -611,6 +668,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             provenance=_provenance(config),
             loras=tuple(loras),
             conditioning=conditioning,
+            backend_variants=_backend_variants(get_target(config.target).backend_variants, components),
         )
         manifest.write(staging)
         return manifest
@@ -622,6 +680,15 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         components = _add_int8_variants(config, staging, components, pipeline_info, write_manifest)
     components = _build_target(config, staging, components, pipeline_info, loaded, sequence)
     return write_manifest(components)
+
+
+def _backend_variants(
+    wanted: Mapping[str, tuple[str, ...]], components: Mapping[str, Component]
+) -> dict[str, tuple[str, ...]]:
+    """The target's backend_variants with the precisions no variant of the bundle has left out."""
+    have = {variant.precision for component in components.values() for variant in component.variants}
+    kept = {backend: tuple(p for p in order if p in have) for backend, order in wanted.items()}
+    return {backend: order for backend, order in kept.items() if order}
 
 
 def _conditioning(loaded: LoadedPipeline, pipeline_info: PipelineInfo) -> Conditioning:
@@ -688,17 +755,34 @@ def _add_int8_variants(
         }
 
     int8 = quantize_components(staging, settings, progress)
+    max_file_bytes = get_target(config.target).max_file_bytes
+    if max_file_bytes is not None:  # onnxruntime's quantizer writes one "<name>.data" of any size
+        int8 = {name: _with_files_at_most(staging, variant, max_file_bytes) for name, variant in int8.items()}
     write_manifest(with_int8(int8, keep_float=True), "onnx")
     report = quality_report(staging, settings, progress)
     for bar in bars.values():
         bar.close()
     int8["unet"] = dataclasses.replace(int8["unet"], details={**int8["unet"].details, "quality": report})
-    if not config.keep_fp32:
+    # Float variants stay with --keep-fp32, and where the target wants them beside INT8 (web: fp16 for WebGPU).
+    keep_float = config.keep_fp32 or bool(get_target(config.target).extra_onnx_precisions)
+    if not keep_float:
         for name in int8:
             for float_variant in components[name].variants:
                 for file in float_variant.files:
                     (staging / file).unlink(missing_ok=True)
-    return with_int8(int8, keep_float=config.keep_fp32)
+    return with_int8(int8, keep_float=keep_float)
+
+
+def _with_files_at_most(staging: Path, variant: Artifact, max_file_bytes: int) -> Artifact:
+    """``variant``'s ONNX file with its external data rewritten as files of at most ``max_file_bytes``."""
+    model_path = staging / variant.path
+    repack_onnx(model_path, model_path, consume=True, max_file_bytes=max_file_bytes)
+    for file in variant.files:
+        if file != variant.path:
+            (staging / file).unlink(missing_ok=True)  # the quantizer's data file, copied (consume) or unused
+    data_files = sorted(model_path.parent.glob(glob.escape(model_path.name) + "_data*"), key=_data_file_order)
+    files = (variant.path, *(path.relative_to(staging).as_posix() for path in data_files))
+    return dataclasses.replace(variant, files=files)
 
 
 def _build_target(

@@ -1,4 +1,4 @@
-"""``lcm-export MODEL --target onnx|tensorrt|coreml --output DIR``: builds an :class:`ExportConfig`, nothing more."""
+"""``lcm-export MODEL --target onnx|tensorrt|coreml|web --output DIR``: builds an :class:`ExportConfig`."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "builtin:tiny-sdxl-lcm, builtin:tiny-sdxl",
     )
     parser.add_argument("--output", "-o", required=True, type=Path, help="bundle folder to write")
-    parser.add_argument("--target", default="onnx", help="onnx (default), tensorrt or coreml")
+    parser.add_argument("--target", default="onnx", help="onnx (default), tensorrt, coreml or web")
     parser.add_argument(
         "--precision",
         default=None,

@@ -13,11 +13,14 @@ without a GPU.
 
 from __future__ import annotations
 
+import glob
+import os
 import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +68,7 @@ def export_to_onnx(
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
     release: Callable[[], None] | None = None,
+    max_file_bytes: int | None = None,
 ) -> ComponentSpec:
     """Write ``component`` to ``output_path`` (+ ``model.onnx_data`` when large); return the spec as exported.
 
@@ -75,8 +79,9 @@ def export_to_onnx(
     ``release`` (when given) is called as soon as the trace is written, before the weights are repacked or
     converted: the caller frees the torch module there (its PyTorch reference outputs computed beforehand, see
     :func:`pytorch_reference`), so the module's weights and the ONNX file's are never in memory together.
+
+    ``max_file_bytes`` (when given): no file written is larger (save_onnx), for browsers (the web target).
     """
-    import onnx
     import torch
 
     spec = component.spec
@@ -102,25 +107,38 @@ def export_to_onnx(
             release()
         exported_spec = spec
         if precision == "fp16" and not component.keep_fp32:
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-
-            # The converter needs value types (e.g. to keep Resize scales fp32); infer them from the file,
-            # which also works past protobuf's 2 GB limit where in-memory inference does not.
-            inferred_path = Path(scratch) / "inferred.onnx"
-            onnx.shape_inference.infer_shapes_path(str(traced_path), str(inferred_path))
-            model = convert_float_to_float16(
-                onnx.load(str(inferred_path)), keep_io_types=False, disable_shape_infer=True
-            )
-            if component.finite_mask_fills:
-                use_finite_mask_fills(model)
+            model = convert_to_fp16(traced_path, finite_mask_fills=component.finite_mask_fills)
             exported_spec = spec.with_dtypes("float16")
         else:
             # fp32: the traced file as it is, its weights streamed tensor by tensor into one data file; loading
             # and re-saving a 3.4 GB U-Net would hold three copies of its weights in memory at once.
-            repack_onnx(traced_path, output_path, consume=True)
+            repack_onnx(traced_path, output_path, consume=True, max_file_bytes=max_file_bytes)
             return exported_spec
-    save_onnx(model, output_path)
+    save_onnx(model, output_path, max_file_bytes=max_file_bytes)
     return exported_spec
+
+
+def convert_to_fp16(source: Path, *, finite_mask_fills: bool = False) -> object:
+    """The fp32 ONNX model at ``source`` (external data beside it, if any) converted to fp16, I/O included.
+
+    ``finite_mask_fills``: then make its mask fills finite (:func:`use_finite_mask_fills`). The model returned holds
+    its weights in memory; write it with :func:`save_onnx`.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # The converter needs value types (e.g. to keep Resize scales fp32); infer them from the file, which also works
+    # past protobuf's 2 GB limit where in-memory inference does not. The inferred copy sits beside the source so
+    # that it finds the source's external data.
+    inferred_path = source.with_name(f".inferred-{os.getpid()}-{source.name}")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(source), str(inferred_path))
+        model = convert_float_to_float16(onnx.load(str(inferred_path)), keep_io_types=False, disable_shape_infer=True)
+    finally:
+        inferred_path.unlink(missing_ok=True)
+    if finite_mask_fills:
+        use_finite_mask_fills(model)
+    return model
 
 
 def use_finite_mask_fills(model: object) -> int:
@@ -199,13 +217,66 @@ def _all_tensors(graph: object):
                 yield from _all_tensors(subgraph)
 
 
-def repack_onnx(source: Path, output_path: Path, *, consume: bool = False) -> None:
+class _DataFiles:
+    """The external data files of one ONNX file: ``<name>_data``, then ``<name>_data_2``, ... where a
+    ``max_file_bytes`` limit is given and the next tensor would pass it (a tensor is never split). Tensors start at
+    page-aligned offsets so runtimes can map them."""
+
+    ALIGNMENT = 4096
+
+    def __init__(self, output_path: Path, max_file_bytes: int | None) -> None:
+        self.folder = output_path.parent
+        self.base = output_path.name + "_data"
+        self.max_file_bytes = max_file_bytes
+        self.count = 0
+        self.handle: Any = None
+        for stale in self.folder.glob(glob.escape(self.base) + "*"):
+            stale.unlink()
+
+    @property
+    def location(self) -> str:
+        return self.base if self.count == 1 else f"{self.base}_{self.count}"
+
+    def write(self, payload: bytes) -> tuple[str, int]:
+        """Write one tensor's bytes; return the file (relative to the model) and the offset it starts at."""
+        offset = -(-self.handle.tell() // self.ALIGNMENT) * self.ALIGNMENT if self.handle else 0
+        if self.handle is None or (
+            self.max_file_bytes is not None and offset and offset + len(payload) > self.max_file_bytes
+        ):
+            if self.handle is not None:
+                self.handle.close()
+            self.count += 1
+            self.handle = open(self.folder / self.location, "wb")
+            offset = 0
+        self.handle.seek(offset)
+        self.handle.write(payload)
+        return self.location, offset
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+def _point_to(tensor: Any, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` read its data from ``location`` at ``offset``."""
+    import onnx
+
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def repack_onnx(source: Path, output_path: Path, *, consume: bool = False, max_file_bytes: int | None = None) -> None:
     """Copy the ONNX model at ``source`` to ``output_path``; weights kept outside the protobuf (one file or one
     per tensor, as torch writes models past 2 GB) are streamed into ``<name>_data`` one tensor at a time, at
     page-aligned offsets so runtimes can map them. Peak memory: the graph and the largest tensor.
 
     ``consume``: ``source`` is scratch; each of its data files is deleted as soon as its last tensor is copied,
     so the disk holds the weights about once, not twice (an SDXL U-Net is 10.3 GB in fp32).
+    ``max_file_bytes``: no file larger (the data split into ``<name>_data``, ``<name>_data_2``, ...; a model
+    without external data that passes it is saved as :func:`save_onnx` does).
     """
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
@@ -213,16 +284,15 @@ def repack_onnx(source: Path, output_path: Path, *, consume: bool = False) -> No
     model = onnx.load(str(source), load_external_data=False)
     external = [tensor for tensor in _all_tensors(model.graph) if uses_external_data(tensor)]
     if not external:
-        save_onnx(model, output_path)
+        save_onnx(model, output_path, max_file_bytes=max_file_bytes)
         return
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    data_name = output_path.name + "_data"
-    alignment = 4096
     uses_left: dict[str, int] = {}
     for tensor in external:
         location = ExternalDataInfo(tensor).location
         uses_left[location] = uses_left.get(location, 0) + 1
-    with open(output_path.parent / data_name, "wb") as data:
+    data = _DataFiles(output_path, max_file_bytes)
+    try:
         for tensor in external:
             info = ExternalDataInfo(tensor)
             with open(source.parent / info.location, "rb") as handle:
@@ -231,34 +301,39 @@ def repack_onnx(source: Path, output_path: Path, *, consume: bool = False) -> No
             uses_left[info.location] -= 1
             if consume and not uses_left[info.location]:
                 (source.parent / info.location).unlink()
-            offset = -(-data.tell() // alignment) * alignment
-            data.seek(offset)
-            data.write(payload)
-            del tensor.external_data[:]
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+            location, offset = data.write(payload)
+            _point_to(tensor, location, offset, len(payload))
+    finally:
+        data.close()
     onnx.save_model(model, str(output_path))
 
 
-def save_onnx(model: object, output_path: Path) -> None:
-    """Save an ONNX model, moving weights to ``<name>_data`` beside it when the file would pass 2 GB."""
+def save_onnx(model: object, output_path: Path, *, max_file_bytes: int | None = None) -> None:
+    """Save an ONNX model, moving weights to ``<name>_data`` beside it when the file would pass 2 GB, or
+    ``max_file_bytes`` when given (then no data file passes it either: ``<name>_data_2``, ... follow)."""
     import onnx
+    from onnx import TensorProto, numpy_helper
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    data_name = output_path.name + "_data"
-    if (output_path.parent / data_name).exists():
-        (output_path.parent / data_name).unlink()
-    large = _serialized_size(model) > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(
-        model,
-        str(output_path),
-        save_as_external_data=large,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
+    limit = EXTERNAL_DATA_THRESHOLD if max_file_bytes is None else min(max_file_bytes, EXTERNAL_DATA_THRESHOLD)
+    data = _DataFiles(output_path, max_file_bytes)  # removes the data files of an earlier save
+    if _serialized_size(model) <= limit:
+        onnx.save_model(model, str(output_path))
+        return
+    try:
+        for tensor in _all_tensors(model.graph):  # type: ignore[attr-defined]
+            if tensor.data_type == TensorProto.STRING or tensor.data_location == TensorProto.EXTERNAL:
+                continue
+            payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            if len(payload) < 1024:
+                continue
+            for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(name)
+            location, offset = data.write(payload)
+            _point_to(tensor, location, offset, len(payload))
+    finally:
+        data.close()
+    onnx.save_model(model, str(output_path))
 
 
 def _serialized_size(model: object) -> int:

@@ -28,6 +28,7 @@ TARGET_MODULES: dict[str, str] = {
     "onnx": "lcm_export.targets.onnx",
     "tensorrt": "lcm_export.targets.tensorrt",
     "coreml": "lcm_export.targets.coreml",
+    "web": "lcm_export.targets.web",
 }
 
 
@@ -63,6 +64,14 @@ class Target:
     preflight: Callable[[Mapping[str, Any]], None]  # raises a one-line UserError; before any model is loaded
     build: Callable[[BuildRequest], dict[str, Component]]
     needs_modules: bool = False  # build() converts from the torch modules, not from the ONNX files
+    # ONNX variants the exporter writes for this target beyond the export's precision: "fp16" also writes the fp16
+    # variant of each component the fp16 rule converts (not a VAE with force_upcast), listed after the fp32 one;
+    # float variants then stay beside INT8 ones.
+    extra_onnx_precisions: tuple[str, ...] = ()
+    max_file_bytes: int | None = None  # no ONNX or external data file larger (browsers: protobuf and ArrayBuffer)
+    # The manifest's backend_variants (a JavaScript backend -> the precisions its auto tries, in order), each
+    # precision kept where the bundle has a variant of it.
+    backend_variants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def target_names() -> tuple[str, ...]:

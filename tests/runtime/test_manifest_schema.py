@@ -1,7 +1,7 @@
 """docs/manifest.schema.json against the Python validator (lcm_export/runtime/manifest.py).
 
 The schema is what a second runtime (JavaScript) validates a manifest with before the checks beyond it
-(docs/bundle-format.md, "Checks beyond the schema", X1-X14). So: the schema is a valid draft 2020-12 schema; the
+(docs/bundle-format.md, "Checks beyond the schema", X1-X15). So: the schema is a valid draft 2020-12 schema; the
 manifests real exports write satisfy it; on every mutation of the manifest fuzz corpus the schema's verdict equals
 the validator's, except the mutations that only a check beyond the schema catches, each allow-listed here with the
 rule that catches it; and a format-1 manifest, upgraded, satisfies it.

@@ -18,15 +18,17 @@ from lcm_export.runtime.manifest.model import (
 from lcm_export.runtime.manifest.tables import SchedulerInfo
 from lcm_export.runtime.manifest.upgrade import upgrade_format_1
 from lcm_export.runtime.manifest.vocabulary import (
+    BROWSER_BACKENDS,
     EXPORT_PRECISIONS,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    PRECISIONS,
     READABLE_VERSIONS,
     SHA256_HEX,
     TARGETS,
 )
-from lcm_export.runtime.specs import Fields, ManifestFieldError, describe
+from lcm_export.runtime.specs import Fields, ManifestFieldError, as_str, describe
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class Manifest:
     loras: tuple[dict[str, Any], ...] = ()
     format_version: int = FORMAT_VERSION  # as read (a format-1 bundle reads as 1, upgraded in memory)
     conditioning: Conditioning | None = None  # None: SD's (Conditioning.of_sd)
+    # JavaScript backend -> the precisions its ``auto`` tries, in order (optional; the Python runtime's ``auto``
+    # ignores it: its backends are not these)
+    backend_variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.conditioning is None:
@@ -49,7 +54,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         """Always the current format (a bundle read as format 1 is written back as format 2)."""
-        return {
+        written = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "target": self.target,
@@ -63,6 +68,9 @@ class Manifest:
             "provenance": self.provenance,
             "files": [f.to_json() for f in self.files],
         }
+        if self.backend_variants:  # optional: bundles without it are written as before
+            written["backend_variants"] = {backend: list(order) for backend, order in self.backend_variants.items()}
+        return written
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
@@ -90,6 +98,7 @@ class Manifest:
         check_conditioning(conditioning, pipeline, tokenizers, top.path("conditioning"))
         components = read_components(top, pipeline, conditioning, target, listed)
         loras = tuple(_read_lora(item, at).data for at, item in top.array("loras")) if top.has("loras") else ()
+        backend_variants = _read_backend_variants(top, components) if top.has("backend_variants") else {}
         return cls(
             target=target,
             precision=precision,
@@ -102,6 +111,7 @@ class Manifest:
             loras=loras,
             format_version=format_version,
             conditioning=conditioning,
+            backend_variants=backend_variants,
         )
 
     def write(self, bundle_dir: Path) -> None:
@@ -140,3 +150,28 @@ def _read_lora(item: Any, where: str) -> Fields:
     if fields.has("sha256"):
         fields.string("sha256", pattern=SHA256_HEX, meaning="64 lowercase hexadecimal digits")
     return fields
+
+
+def _read_backend_variants(top: Fields, components: dict[str, Component]) -> dict[str, tuple[str, ...]]:
+    """``backend_variants``: a JavaScript backend -> the precisions its ``auto`` tries, in order, each one some ONNX
+    variant has (rule X15: a preference nothing meets would silently run the bundle's default)."""
+    fields = top.object("backend_variants")
+    have = sorted(
+        {variant.precision for c in components.values() for variant in c.variants if variant.format == "onnx"}
+    )
+    preferences: dict[str, tuple[str, ...]] = {}
+    for backend in fields.data:
+        if backend not in BROWSER_BACKENDS:
+            raise ManifestFieldError(fields.path(backend), f"is not a backend: pick from {', '.join(BROWSER_BACKENDS)}")
+        order: list[str] = []
+        for at, item in fields.array(backend, min_length=1):
+            precision = as_str(item, at, choices=PRECISIONS)
+            if precision in order:
+                raise ManifestFieldError(at, f"repeats {describe(precision)}")
+            if precision not in have:
+                raise ManifestFieldError(
+                    at, f"is {describe(precision)}, which no onnx variant has (they have {', '.join(have)})"
+                )
+            order.append(precision)
+        preferences[backend] = tuple(order)
+    return preferences

@@ -16,8 +16,12 @@ HASH_CHUNK = 8 * 1024 * 1024
 
 # -- the contract's vocabulary ------------------------------------------------------------------------------------
 
-TARGETS = ("onnx", "tensorrt", "coreml")
-TARGET_FORMATS = {"onnx": "onnx", "tensorrt": "tensorrt", "coreml": "mlpackage"}  # target -> the format it runs
+TARGETS = ("onnx", "tensorrt", "coreml", "web")
+# target -> the format it runs (a web bundle is an ONNX bundle with the variants browsers want)
+TARGET_FORMATS = {"onnx": "onnx", "tensorrt": "tensorrt", "coreml": "mlpackage", "web": "onnx"}
+# The JavaScript runtime's backends (js/src/backends.js), the keys of the manifest's optional "backend_variants":
+# the precision `auto` runs on each (bundle-format.md, "Choosing a variant", rule 3).
+BROWSER_BACKENDS = ("node", "wasm", "webgpu")
 ARTIFACT_SUFFIXES = {"onnx": ".onnx", "tensorrt": ".plan", "mlpackage": ".mlpackage"}
 FOLDER_FORMATS = ("mlpackage",)  # artifacts that are folders: every file inside must be listed in ``files``
 PRECISIONS = ("fp32", "fp16", "int8")  # what a variant stores (int8: quantised weights and activations)
