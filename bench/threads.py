@@ -91,7 +91,7 @@ def _lock_sessions(pipe, locked: bool) -> None:
 
     sessions = pipe.denoiser._sessions
     for name, session in sessions.items():
-        inner = session.session if isinstance(session, LockedSession) else session
+        inner = session.inner if isinstance(session, LockedSession) else session
         sessions[name] = LockedSession(inner) if locked else inner
 
 

@@ -36,18 +36,19 @@ PROMPT_CACHE_SIZE = 16  # prompt lists whose encodings are kept (a profile clear
 
 
 class LockedSession:
-    """A session that one thread at a time may run (backends whose sessions hold one execution context)."""
+    """A session that one thread at a time may run (backends whose sessions are not safe, or not faster, to run
+    concurrently). Every other attribute is the wrapped session's (``end_profiling``, ``loaded_from_cache``, ...)."""
 
     def __init__(self, session: Session) -> None:
-        self.session = session
+        self.inner = session
         self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
-            return self.session.run(feeds)
+            return self.inner.run(feeds)
 
-    def __getattr__(self, name: str) -> Any:  # end_profiling, loaded_from_cache, inference_precision
-        return getattr(self.session, name)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class Denoiser:
