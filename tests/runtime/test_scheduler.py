@@ -252,3 +252,18 @@ def test_guidance_embedding_matches_diffusers(dim: int, guidance: float) -> None
     # k: the angles w * f_k with w = (g - 1) * 1000 move by ~w * 6e-8, measured up to 4.9e-4 at g = 8.5, dim 256.
     fallback = float(np.abs(guidance_scale_embedding(guidance, dim, batch) - expected).max())
     assert fallback <= 1e-3, fallback
+
+
+def test_the_guidance_embedding_is_float64_sin_cos_of_the_float32_angles_rounded() -> None:
+    """bundle-format.md step 5: sin and cos of the float32 angles w·f are taken in float64 and rounded to float32,
+    as the JavaScript runtime's Math.sin/cos do; numpy's float32 sin/cos are SIMD approximations up to 1 ulp off,
+    which flipped an int8 activation of an INT8 U-Net between the two runtimes."""
+    half = 128
+    exponent = np.float32(np.log(10000.0) / (half - 1))
+    frequencies = np.exp(np.arange(half, dtype=np.float32) * -exponent)
+    for guidance in (1.5, 2.0, 4.0, 7.5, 8.5, 12.0):
+        w = np.float32((guidance - 1) * 1000)
+        angles = (w * frequencies).astype(np.float64)
+        expected = np.concatenate([np.sin(angles), np.cos(angles)]).astype(np.float32)
+        row = guidance_scale_embedding(guidance, 2 * half, 1, tuple(float(f) for f in frequencies))[0]
+        assert np.array_equal(row, expected), (guidance, np.abs(row - expected).max())
