@@ -27,10 +27,15 @@ from lcm_export.runtime.philox import PhiloxGenerator
 Shape = tuple[int, int, int, int]
 
 
+def fresh_seed() -> int:
+    """A seed from the OS's entropy, in the generator's range [0, 2^64), for a call that gave none."""
+    return secrets.randbelow(2**64)
+
+
 def generator(seed: int | None) -> PhiloxGenerator:
-    """The generator every draw of a run comes from: the shared Philox4x32-10 generator of ``seed`` (None: a fresh
-    seed from the OS; the pipeline records a seed it chose in its output)."""
-    return PhiloxGenerator(secrets.randbelow(2**64) if seed is None else seed)
+    """The generator every draw of a run comes from: the shared Philox4x32-10 generator of ``seed`` (None: a
+    :func:`fresh_seed`; the pipeline draws one itself so that it can record it in its output)."""
+    return PhiloxGenerator(fresh_seed() if seed is None else seed)
 
 
 @dataclass(frozen=True)

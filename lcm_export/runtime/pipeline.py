@@ -27,13 +27,18 @@ from typing import Any, Literal
 import numpy as np
 
 from lcm_export.errors import UserError
-from lcm_export.runtime.backends import BackendOptions, backend_module, check_options, choose_backend
+from lcm_export.runtime.backends import (
+    BackendOptions,
+    backend_module,
+    check_common_options,
+    check_options,
+    choose_backend,
+)
 from lcm_export.runtime.conditioning import TextConditioning
 from lcm_export.runtime.denoiser import Denoiser, check_finite
-from lcm_export.runtime.draws import image_to_image_draws, text_to_image_draws
+from lcm_export.runtime.draws import fresh_seed, image_to_image_draws, text_to_image_draws
 from lcm_export.runtime.images import load_image
 from lcm_export.runtime.manifest import Manifest, load_manifest
-from lcm_export.runtime.manifest.files import VERIFY_MODES
 from lcm_export.runtime.request import GenerationRequest
 from lcm_export.runtime.stream import FrameStream
 from lcm_export.runtime.variants import VariantChoice, check_variant, choose_variant, choose_variants
@@ -144,28 +149,26 @@ class Pipeline:
         - ``profiling_dir``: the backend's own profiler writes there (:meth:`end_profiling` finishes the files).
         - ``low_memory``: give each stage's working memory back after it runs (lower peak, somewhat slower).
         """
-        if verify not in VERIFY_MODES:
-            raise UserError(f"verify={verify!r}: pick one of {', '.join(VERIFY_MODES)}")
         check_variant(variant)
-        if not isinstance(cache, bool):
-            raise UserError(f"cache={cache!r}: pass True or False")
-        if cache_dir is not None and (not isinstance(cache_dir, (str, Path)) or not str(cache_dir)):
-            raise UserError(f"cache_dir={cache_dir!r}: pass a folder, or cache=False to turn caching off")
         if not isinstance(backend, str):
             raise UserError(f"backend={backend!r}: pass a backend name such as 'auto'")
+        # What needs no backend is refused before the bundle is read (verify: by load_manifest); the backend's own
+        # lists at __init__.
+        options = check_common_options(
+            BackendOptions(
+                precision=precision,
+                threads=threads,
+                cache_dir=cache_dir,
+                cache=cache,
+                device=device,
+                static_shape=static_shape,
+                profiling_dir=None if profiling_dir is None else str(profiling_dir),
+                low_memory=low_memory,
+            )
+        )
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir, verify=verify)
         formats = {fmt for component in manifest.components.values() for fmt in component.artifacts}
-        options = BackendOptions(
-            precision=precision,
-            threads=threads,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-            cache=cache,
-            device=device,
-            static_shape=None if static_shape is None else tuple(static_shape),
-            profiling_dir=None if profiling_dir is None else str(profiling_dir),
-            low_memory=low_memory,
-        )
         return cls(bundle_dir, manifest, choose_backend(backend, formats), options, variant)
 
     # -- what was loaded ------------------------------------------------------------------------------------
@@ -390,7 +393,7 @@ class Pipeline:
         """Every argument checked (one-line errors naming it); no seed: a fresh one, recorded in the output so
         that the image can be made again."""
         if seed is None:
-            seed = int(np.random.default_rng().integers(2**64, dtype=np.uint64))
+            seed = fresh_seed()
         return GenerationRequest.build(
             self.manifest.pipeline,
             self.denoiser.scheduler,

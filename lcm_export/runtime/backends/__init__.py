@@ -14,6 +14,7 @@ list[Path]``, which stops the profiler and returns the files it wrote into that 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -100,6 +101,13 @@ def check_options(name: str, module: ModuleType, options: BackendOptions) -> Non
     if not isinstance(options.device, str) or not options.device:
         raise UserError(f"device={options.device!r}: pass a device name such as 'auto'")
     module.check_device(options.device)
+    check_common_options(options)
+
+
+def check_common_options(options: BackendOptions) -> BackendOptions:
+    """The options every backend reads the same way (threads, cache, static shape, low memory), checked without a
+    backend, so that a load can refuse them before it hashes the bundle; returns them normalised (``cache_dir`` a
+    string, ``static_shape`` a tuple)."""
     if options.threads is not None and (
         isinstance(options.threads, bool) or not isinstance(options.threads, int) or options.threads < 1
     ):
@@ -119,6 +127,11 @@ def check_options(name: str, module: ModuleType, options: BackendOptions) -> Non
         raise UserError(f"static_shape={shape!r}: pass (batch, height, width) as three positive integers, or None")
     if not isinstance(options.low_memory, bool):
         raise UserError(f"low_memory={options.low_memory!r}: pass True or False")
+    return dataclasses.replace(
+        options,
+        cache_dir=None if options.cache_dir is None else str(options.cache_dir),
+        static_shape=None if shape is None else tuple(shape),
+    )
 
 
 def choose_backend(name: str, formats: set[str]) -> str:

@@ -121,14 +121,19 @@ class _VerifiedCache:
 VERIFY_MODES = ("full", "cached", "size")
 
 
+def check_verify_mode(mode: object) -> str:
+    if mode not in VERIFY_MODES:
+        raise UserError(f"verify={mode!r}: pick one of {', '.join(VERIFY_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
 def verify_files(bundle_dir: Path, files: tuple[FileEntry, ...], mode: str = "cached") -> None:
     """Check every listed file exists with its size and sha256.
 
     ``mode``: "full" hashes everything, "cached" skips files hashed before and unchanged since, "size" checks
     sizes only (for read-only media where hashing multi-GB files at every start is too slow).
     """
-    if mode not in VERIFY_MODES:
-        raise UserError(f"verify={mode!r}: pick one of {', '.join(VERIFY_MODES)}")
+    check_verify_mode(mode)
     cache = _VerifiedCache() if mode == "cached" else None
     for entry in files:
         path = bundle_dir / entry.path

@@ -8,7 +8,7 @@ from typing import Any
 
 from lcm_export.errors import BundleError
 from lcm_export.runtime.manifest.document import Manifest
-from lcm_export.runtime.manifest.files import check_bundle_paths, verify_files
+from lcm_export.runtime.manifest.files import check_bundle_paths, check_verify_mode, verify_files
 from lcm_export.runtime.manifest.vocabulary import FORMAT_NAME, MANIFEST_NAME, READABLE_VERSIONS
 from lcm_export.runtime.specs import ManifestFieldError, describe
 
@@ -25,6 +25,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def load_manifest(bundle_dir: str | Path, verify: str = "cached") -> Manifest:
     """Read, validate and verify a bundle's manifest. Raises :class:`BundleError` with a one-line message."""
+    check_verify_mode(verify)  # before anything is read
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleError(f"BUNDLE '{bundle_dir}' is not a folder: pass the folder lcm-export wrote")
