@@ -57,6 +57,28 @@ class Settings:
     supplementary: tuple[Path, ...] = ()
 
 
+def export_jobs(work_dir: Path, calibration_size: int = 8, calibration_resolution: int = 256) -> dict[str, list[str]]:
+    """Each bundle's exporter options beyond the model (``work_dir``: the SD1.5-shaped model and TAESD from
+    models.py): full VAE, tiny VAE, and both with an INT8 U-Net."""
+    tiny = ["--tiny-vae", str(work_dir / "taesd")]
+    int8 = [
+        "--precision",
+        "int8",
+        "--calibration-size",
+        str(calibration_size),
+        "--calibration-resolution",
+        str(calibration_resolution),
+    ]
+    return {
+        "full": [],
+        "fast": tiny,
+        "int8": [*int8, "--keep-fp32"],
+        "fast-int8": [*tiny, *int8],
+        # the memory-minded edge build: attention one head at a time (run with --low-memory)
+        "fast-int8-sliced": [*tiny, *int8, "--attention-slicing"],
+    }
+
+
 @dataclass(frozen=True)
 class Engine:
     """One row of the results: what runs, in which interpreter, with which settings."""

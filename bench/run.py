@@ -47,6 +47,7 @@ from common import (
     Worker,
     build_models,
     ensure_optimum_venv,
+    export_jobs,
     log,
     machine_info,
     measured,
@@ -59,27 +60,6 @@ from common import (
 )
 
 # -- stages -------------------------------------------------------------------------------------------------
-
-
-def export_jobs(settings: Settings) -> dict[str, list[str]]:
-    """Each bundle's exporter options beyond the model: full VAE, tiny VAE, and both with an INT8 U-Net."""
-    tiny = ["--tiny-vae", str(settings.work_dir / "taesd")]
-    int8 = [
-        "--precision",
-        "int8",
-        "--calibration-size",
-        str(settings.calibration_size),
-        "--calibration-resolution",
-        str(settings.calibration_resolution),
-    ]
-    return {
-        "full": [],
-        "fast": tiny,
-        "int8": [*int8, "--keep-fp32"],
-        "fast-int8": [*tiny, *int8],
-        # the memory-minded edge build: attention one head at a time (run with --low-memory)
-        "fast-int8-sliced": [*tiny, *int8, "--attention-slicing"],
-    }
 
 
 def bundle_summary(bundle: Path) -> dict[str, Any]:
@@ -110,7 +90,8 @@ def export_bundles(settings: Settings) -> dict[str, Any]:
     metrics_path = settings.work_dir / "exports.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     model = settings.work_dir / "sd15-lcm"
-    for name, extra in export_jobs(settings).items():
+    jobs = export_jobs(settings.work_dir, settings.calibration_size, settings.calibration_resolution)
+    for name, extra in jobs.items():
         bundle = settings.work_dir / f"bundle-{name}"
         command = [sys.executable, "-m", "lcm_export.exporter.cli", str(model), "-o", str(bundle), "--overwrite"]
         command += [*extra, "--quiet"]

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import export_jobs
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROMPTS = [
@@ -42,20 +43,8 @@ def export_bundle(work: Path) -> Path:
     bundle = work / "bundle-fast-int8"
     if (bundle / "manifest.json").is_file():
         return bundle
-    command = [
-        sys.executable,
-        "-m",
-        "lcm_export.exporter.cli",
-        str(work / "sd15-lcm"),
-        "--tiny-vae",
-        str(work / "taesd"),
-        "--precision",
-        "int8",
-        "--calibration-resolution",
-        "256",
-        "--output",
-        str(bundle),
-    ]
+    command = [sys.executable, "-m", "lcm_export.exporter.cli", str(work / "sd15-lcm"), "--output", str(bundle)]
+    command += export_jobs(work)["fast-int8"]  # the main benchmark's fast INT8 bundle, the same options
     subprocess.run(command, check=True)
     return bundle
 
