@@ -219,6 +219,21 @@ def test_stream_and_img2img_draw_alike(request, bundle_fixture: str) -> None:
     assert not np.array_equal(other, single)
 
 
+def test_a_tiny_vae_takes_no_latent_sample_noise(tiny_vae_bundle: Path) -> None:
+    # Before: the noise was silently ignored (a caller reproducing diffusers' draws would not know it was unused).
+    pipe = Pipeline.load(tiny_vae_bundle, backend="onnxruntime", precision="fp32")
+    image = np.full((32, 32, 3), 0.5, dtype=np.float32)
+    noise = np.zeros((1, 4, 16, 16), dtype=np.float32)
+    with pytest.raises(UserError, match="sample_noise: this bundle's tiny VAE encodes deterministically"):
+        pipe.img2img(image, "a cat", sample_noise=noise)
+
+
+def test_load_manifest_checks_verify_before_reading(tmp_path: Path) -> None:
+    # Before: a ValueError, and only after the manifest was read and validated.
+    with pytest.raises(UserError, match=r"verify='sometimes': pick one of full, cached, size"):
+        runtime.load_manifest(tmp_path / "no-such-bundle", verify="sometimes")
+
+
 def test_strength_and_guidance_take_numbers_in_every_mode(tiny_lcm_bundle: Path) -> None:
     # Before: stream(strength="0.5") raised TypeError inside the scheduler; img2img(strength="0.5") accepted it.
     pipe = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", precision="fp32")
