@@ -77,6 +77,7 @@ def test_variant_rules_on_a_component_with_several_variants(tiny_lcm_bundle: Pat
         ({"cache": "no"}, r"cache='no': pass True or False"),
         ({"threads": 0}, r"threads=0: pass an integer >= 1"),
         ({"static_shape": (1, 32)}, r"static_shape=\(1, 32\): pass \(batch, height, width\)"),
+        ({"static_shape": 5}, r"static_shape=5: pass \(batch, height, width\)"),
         ({"backend": "onnx"}, r"backend 'onnx' is unknown"),
     ],
 )
