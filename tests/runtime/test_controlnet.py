@@ -260,7 +260,7 @@ def test_control_image_size_is_taken_or_refused(distilled, tiny_lcm_bundle) -> N
         runtime("a cat", control_image=images, height=32, width=32)
     with pytest.raises(UserError, match="2 ControlNet"):
         runtime("a cat", control_image=images[0])
-    with pytest.raises(UserError, match="control_guidance_start 0.6 must be below"):
+    with pytest.raises(UserError, match=r"control_guidance_start 0\.6 must be below"):
         runtime("a cat", control_image=images, control_guidance_start=0.6, control_guidance_end=0.4)
     plain = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
     with pytest.raises(UserError, match="has no ControlNet: re-export it with --controlnet"):
