@@ -18,7 +18,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from lcm_export.exporter.controlnet import controlnet_component, unet_residual_inputs
+from lcm_export.exporter.controlnet import controlnet_module, unet_residual_inputs
 from lcm_export.exporter.loading import LoadedPipeline
 from lcm_export.runtime.conditioning import SDXL_SIZE_IDS
 from lcm_export.runtime.manifest import CONTROLNET_COMPONENT
@@ -320,10 +320,13 @@ def build_components(loaded: LoadedPipeline, names: list[str]) -> dict[str, Expo
     """The exportable components of ``loaded``, in ``names`` order (their modules' weights loaded)."""
     builders = COMPONENT_BUILDERS if loaded.tiny_vae is None else {**COMPONENT_BUILDERS, **TINY_VAE_BUILDERS}
     return {
-        name: (
-            controlnet_component(loaded, name, unet_inputs(loaded))
-            if CONTROLNET_COMPONENT.fullmatch(name)
-            else builders[name](loaded)
-        )
+        name: _controlnet(loaded, name) if CONTROLNET_COMPONENT.fullmatch(name) else builders[name](loaded)
         for name in names
     }
+
+
+def _controlnet(loaded: LoadedPipeline, name: str) -> ExportableComponent:
+    """A ControlNet of ``--controlnet`` (:mod:`lcm_export.exporter.controlnet`): the U-Net's inputs and the control
+    image in, the residuals out."""
+    spec, module = controlnet_module(loaded, name, unet_inputs(loaded))
+    return ExportableComponent(spec, module, atol=1e-4)

@@ -178,11 +178,9 @@ def unet_residual_inputs(loaded: Any) -> tuple[TensorSpec, ...]:
     return control_residual_specs(residual_layout(dict(loaded.unet.config)))
 
 
-def controlnet_component(loaded: Any, name: str, unet_spec_inputs: tuple[TensorSpec, ...]) -> Any:
-    """The exportable ControlNet ``name``: its spec (from the U-Net's inputs) and a module taking them in order."""
+def controlnet_module(loaded: Any, name: str, unet_spec_inputs: tuple[TensorSpec, ...]) -> tuple[ComponentSpec, Any]:
+    """The ControlNet ``name``'s spec (from the U-Net's inputs) and a torch module taking its inputs in order."""
     import torch
-
-    from lcm_export.exporter.components import ExportableComponent
 
     attached = next(control for control in loaded.controlnets if control.component == name)
     model = attached.load()
@@ -218,7 +216,7 @@ def controlnet_component(loaded: Any, name: str, unet_spec_inputs: tuple[TensorS
     parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     parameters += [inspect.Parameter(input_name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for input_name in names]
     ControlNet.forward.__signature__ = inspect.Signature(parameters)
-    return ExportableComponent(spec, ControlNet().eval(), atol=1e-4)
+    return spec, ControlNet().eval()
 
 
 def controlnet_info(loaded: Any) -> ControlNetInfo | None:
