@@ -61,6 +61,9 @@ def test_controlnet_commands_end_to_end(tiny_lcm_dir, tiny_lcm_bundle, tmp_path)
     result = export_cli(tiny_lcm_dir, "--controlnet", f"{controlnet}:0.7", "--output", bundle, "--no-vae-encoder")
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = load_manifest(bundle)
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).parents[2] / "docs" / "manifest.schema.json").read_text())
+    jsonschema.validate(json.loads((bundle / "manifest.json").read_text()), schema)
     assert manifest.controlnet.models[0].conditioning_scale == pytest.approx(0.7)
     assert manifest.controlnet.residual_inputs[-1] == "mid_block_residual"
     assert set(manifest.controlnet.residual_inputs) <= set(manifest.components["unet"].spec.input_names)
