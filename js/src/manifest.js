@@ -162,6 +162,14 @@ export function parseManifest(text, where) {
     );
     if (bad) refuse(`field ${pointerField(bad.instancePath)} must be an integer written without a fraction (not 2.0)`);
   }
+  if (data.controlnet) {
+    // A ControlNet bundle (lcm-export --controlnet): its U-Net takes residuals this runtime does not compute.
+    const names = data.controlnet.models.map((model) => model.component).join(", ");
+    throw new BundleError(
+      `BUNDLE '${where}' has ControlNet components (${names}), which the JavaScript runtime does not run: ` +
+        "use the Python runtime (lcm_export.runtime), or export the model without --controlnet",
+    );
+  }
   checkBeyondSchema(data, refuse);
   Object.defineProperty(data, "formatVersionRead", { value: version, enumerable: false });
   return data;

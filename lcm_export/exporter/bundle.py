@@ -24,6 +24,12 @@ from typing import Any
 from lcm_export.calibration.prompts import CALIBRATION_PROMPTS
 from lcm_export.errors import ExportError, is_disk_full
 from lcm_export.exporter.components import build_components, penultimate_hidden_state_name, pipeline_module_of
+from lcm_export.exporter.controlnet import (
+    ControlNetSource,
+    attach_controlnets,
+    check_controlnet_sources,
+    controlnet_info,
+)
 from lcm_export.exporter.ecosystem import TOKENIZER_LIBRARY_CLASS, write_tokenizer
 from lcm_export.exporter.loading import (
     LoadedPipeline,
@@ -100,6 +106,7 @@ class ExportConfig:
     calibration_size: int | None = None
     calibration_resolution: int | None = None
     keep_fp32: bool = False
+    controlnets: tuple[ControlNetSource, ...] = ()  # --controlnet CN[:SCALE]: the residual U-Net and each ControlNet
 
     def int8_settings(self, spatial_multiple: int) -> Any:
         """The calibration's settings (checked here: the resolution needs the model's spatial multiple)."""
@@ -202,6 +209,7 @@ def check_config(config: ExportConfig) -> None:
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(unknown)}: pick from {', '.join(DEFAULT_COMPONENTS)}")
     check_vae_options(config.vae, config.tiny_vae)  # a wrong --vae or --tiny-vae fails before the pipeline loads
+    check_controlnet_sources(config.controlnets)
     target.preflight(config.target_options)  # installed, options valid: before the model is loaded
 
 
@@ -245,6 +253,8 @@ def component_names(config: ExportConfig, loaded: LoadedPipeline) -> list[str]:
             names.extend(encoder for encoder, _ in loaded.text_encoders)
         else:
             names.append(name)
+        if name == "unet":  # the ControlNets go with the U-Net that takes their residuals
+            names.extend(control.component for control in loaded.controlnets)
     return names
 
 
@@ -261,6 +271,7 @@ def _write_ecosystem_files(loaded: LoadedPipeline, staging: Path, names: list[st
         "unet": dict(pipeline.unet.config),
         "vae_decoder": dict(vae.config),
         "vae_encoder": dict(vae.config),
+        **{control.component: control.config for control in loaded.controlnets},
     }
     # "_name_or_path" is the exporting machine's local path: not the bundle's to carry (and without it the same
     # model exports to the same bytes).
@@ -278,6 +289,8 @@ def _write_ecosystem_files(loaded: LoadedPipeline, staging: Path, names: list[st
     index["vae_decoder"] = ["diffusers", type(vae).__name__]
     if "vae_encoder" in names:
         index["vae_encoder"] = ["diffusers", type(vae).__name__]
+    for control in loaded.controlnets:
+        index[control.component] = ["diffusers", "ControlNetModel"]
     (staging / "model_index.json").write_text(json.dumps(index, indent=2, default=str) + "\n")
 
 
@@ -370,6 +383,8 @@ def _provenance(config: ExportConfig) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             pass
     vae_source = {"source_vae": config.vae or config.tiny_vae} if config.vae or config.tiny_vae else {}
+    if config.controlnets:
+        vae_source["source_controlnets"] = [control.source for control in config.controlnets]
     return {
         "source_model": config.model,
         **vae_source,  # --vae or --tiny-vae as passed (pipeline.vae says which kind)
@@ -555,6 +570,8 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         loras = fuse_loras(loaded, config.loras)
     if config.tiny_vae is not None:
         loaded = attach_tiny_vae(loaded, config.tiny_vae, with_encoder="vae_encoder" in config.components)
+    if config.controlnets:  # checked against the U-Net and the VAE before any ControlNet weight is read
+        loaded.controlnets = attach_controlnets(loaded, config.controlnets)
     staging.mkdir(parents=True)
     names = component_names(config, loaded)
     _write_ecosystem_files(loaded, staging, names)
@@ -645,6 +662,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         guidance_frequencies=guidance_frequencies(pipeline_info.time_cond_proj_dim),
     )
 
+    control = controlnet_info(loaded)  # before the int8 export drops the pipeline
     scheduler = scheduler_info(
         dict(loaded.pipeline.scheduler.config), config.max_steps, img2img_mode(loaded.family, loaded.guidance)
     )
@@ -669,6 +687,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             loras=tuple(loras),
             conditioning=conditioning,
             backend_variants=_backend_variants(get_target(config.target).backend_variants, components),
+            controlnet=control,
         )
         manifest.write(staging)
         return manifest

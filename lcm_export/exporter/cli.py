@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH_OR_ID[:WEIGHT]",
         help="LoRA to fuse into the U-Net (repeatable; weight defaults to 1.0)",
     )
+    parser.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="CN[:SCALE]",
+        help="a diffusers ControlNetModel folder or hub id, and its default conditioning scale (repeatable: several "
+        "ControlNets); the bundle's U-Net then takes their residuals",
+    )
     parser.add_argument("--max-steps", type=int, default=8, help="precompute LCM schedules for 1..N steps")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder (text-to-image only)")
@@ -138,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     from lcm_export.exporter.bundle import DEFAULT_COMPONENTS, ExportConfig
+    from lcm_export.exporter.controlnet import ControlNetSource
 
     components = tuple(c for c in DEFAULT_COMPONENTS if not (args.no_vae_encoder and c == "vae_encoder"))
     return ExportConfig(
@@ -146,6 +155,7 @@ def config_from_args(args: argparse.Namespace):
         target=args.target,
         precision=args.precision,
         loras=tuple(parse_lora(value) for value in args.lora),
+        controlnets=tuple(ControlNetSource.parse(value) for value in args.controlnet),
         components=components,
         max_steps=args.max_steps,
         opset=args.opset,

@@ -18,8 +18,10 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+from lcm_export.exporter.controlnet import controlnet_module, unet_residual_inputs
 from lcm_export.exporter.loading import LoadedPipeline
 from lcm_export.runtime.conditioning import SDXL_SIZE_IDS
+from lcm_export.runtime.manifest import CONTROLNET_COMPONENT
 from lcm_export.runtime.specs import ComponentSpec, TensorSpec
 
 # TensorRT-RTX 1.7 cannot build an fp16 causal mask filled with -inf when the attention head size is above 8 and
@@ -106,15 +108,11 @@ def _text_encoder_2(loaded: LoadedPipeline) -> ExportableComponent:
     return _text_encoder_named(loaded, "text_encoder_2")
 
 
-def _unet(loaded: LoadedPipeline) -> ExportableComponent:
-    import torch
-
-    unet = loaded.module("unet")
-    config = unet.config
+def unet_inputs(loaded: LoadedPipeline) -> tuple[TensorSpec, ...]:
+    """The U-Net's inputs in order, from its config (no weights needed): the ControlNets' specs share them."""
+    config = loaded.unet.config
     channels = config.in_channels
     has_cond = config.time_cond_proj_dim is not None
-    cfg = 2 if loaded.guidance == "cfg" else 1
-
     inputs = [
         TensorSpec("sample", "float32", ("batch", channels, "latent_height", "latent_width")),
         # One timestep per row (B,): rows may sit at different steps (the frame loop's step batching). optimum's
@@ -122,14 +120,29 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
         TensorSpec("timestep", "float32", ("batch",)),
         TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", config.cross_attention_dim)),
     ]
-    sdxl = loaded.family == "sdxl"
-    if sdxl:  # the "text_time" added embedding: pooled text (B, P) and size ids (B, 6)
+    if loaded.family == "sdxl":  # the "text_time" added embedding: pooled text (B, P) and size ids (B, 6)
         pooled_width = int(loaded.pipeline.text_encoder_2.config.projection_dim)
         inputs.append(TensorSpec("text_embeds", "float32", ("batch", pooled_width)))
         inputs.append(TensorSpec("time_ids", "float32", ("batch", SDXL_SIZE_IDS)))
     if has_cond:
         inputs.append(TensorSpec("timestep_cond", "float32", ("batch", config.time_cond_proj_dim)))
+    # With --controlnet: the residuals of the ControlNets (summed) for the down blocks and the mid block.
+    inputs.extend(unet_residual_inputs(loaded))
+    return tuple(inputs)
+
+
+def _unet(loaded: LoadedPipeline) -> ExportableComponent:
+    import torch
+
+    from lcm_export.runtime.specs import MID_BLOCK_RESIDUAL
+
+    unet = loaded.module("unet")
+    config = unet.config
+    cfg = 2 if loaded.guidance == "cfg" else 1
+    sdxl = loaded.family == "sdxl"
+    inputs = unet_inputs(loaded)
     names = [tensor.name for tensor in inputs]
+    residual_names = [tensor.name for tensor in unet_residual_inputs(loaded)]
 
     class UNet(torch.nn.Module):
         def __init__(self) -> None:
@@ -139,6 +152,12 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
         def forward(self, sample, timestep, encoder_hidden_states, *conditioning):
             extra = dict(zip(names[3:], conditioning, strict=True))
             added = {"text_embeds": extra["text_embeds"], "time_ids": extra["time_ids"]} if sdxl else None
+            residuals = {}
+            if residual_names:  # the residual U-Net (--controlnet)
+                residuals = {
+                    "down_block_additional_residuals": tuple(extra[name] for name in residual_names[:-1]),
+                    "mid_block_additional_residual": extra[MID_BLOCK_RESIDUAL],
+                }
             output = self.unet(
                 sample,
                 timestep,
@@ -146,6 +165,7 @@ def _unet(loaded: LoadedPipeline) -> ExportableComponent:
                 timestep_cond=extra.get("timestep_cond"),
                 added_cond_kwargs=added,
                 return_dict=False,
+                **residuals,
             )[0]
             return (output,)  # (B, C, h, w)
 
@@ -289,8 +309,9 @@ COMPONENT_MODULES = {
 
 
 def pipeline_module_of(loaded: LoadedPipeline, name: str) -> str | None:
-    """The pipeline module component ``name`` runs, or None where it runs the ``--tiny-vae`` AutoencoderTiny."""
-    if loaded.tiny_vae is not None and name in TINY_VAE_BUILDERS:
+    """The pipeline module component ``name`` runs, or None where it runs the ``--tiny-vae`` AutoencoderTiny or a
+    ControlNet (loaded from its own folder when its component is built, freed with it)."""
+    if (loaded.tiny_vae is not None and name in TINY_VAE_BUILDERS) or CONTROLNET_COMPONENT.fullmatch(name):
         return None
     return COMPONENT_MODULES[name]
 
@@ -298,4 +319,14 @@ def pipeline_module_of(loaded: LoadedPipeline, name: str) -> str | None:
 def build_components(loaded: LoadedPipeline, names: list[str]) -> dict[str, ExportableComponent]:
     """The exportable components of ``loaded``, in ``names`` order (their modules' weights loaded)."""
     builders = COMPONENT_BUILDERS if loaded.tiny_vae is None else {**COMPONENT_BUILDERS, **TINY_VAE_BUILDERS}
-    return {name: builders[name](loaded) for name in names}
+    return {
+        name: _controlnet(loaded, name) if CONTROLNET_COMPONENT.fullmatch(name) else builders[name](loaded)
+        for name in names
+    }
+
+
+def _controlnet(loaded: LoadedPipeline, name: str) -> ExportableComponent:
+    """A ControlNet of ``--controlnet`` (:mod:`lcm_export.exporter.controlnet`): the U-Net's inputs and the control
+    image in, the residuals out."""
+    spec, module = controlnet_module(loaded, name, unet_inputs(loaded))
+    return ExportableComponent(spec, module, atol=1e-4)

@@ -59,6 +59,7 @@ class LoadedPipeline:
     tiny_vae: Any = None  # diffusers AutoencoderTiny (--tiny-vae) replacing the VAE in the bundle, or None
     replaced: dict[str, ReplacedModule] = field(default_factory=dict)  # modules loaded from elsewhere (--vae)
     released: set[str] = field(default_factory=set)  # modules whose weights release() freed
+    controlnets: tuple[Any, ...] = ()  # --controlnet: exporter.controlnet.LoadedControlNet, in order
 
     @property
     def unet(self) -> Any:

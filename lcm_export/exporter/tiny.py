@@ -405,3 +405,76 @@ def build_tiny_autoencoder_tiny(
     path = Path(path)
     vae.save_pretrained(str(path))
     return path
+
+
+# The U-Net config keys a ControlNet copies (diffusers' ControlNetModel.from_unet, which fails on a distilled LCM
+# U-Net: the ControlNet has no time_cond_proj_dim, cond_proj.weight is an unexpected key).
+CONTROLNET_UNET_KEYS = (
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "class_embed_type",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "num_class_embeds",
+    "upcast_attention",
+    "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim",
+    "mid_block_type",
+)
+
+
+def build_controlnet(
+    path: str | Path,
+    model_dir: str | Path,
+    *,
+    embedding_channels: tuple[int, ...] | None = None,
+    seed: int = 0,
+    residual_std: float = 0.05,
+) -> Path:
+    """A random-weight diffusers ``ControlNetModel`` for the pipeline at ``model_dir``, ``save_pretrained``.
+
+    Built from the pipeline's U-Net config (its down blocks, cross-attention size, heads, norm groups, SDXL's
+    added embedding) without ``time_cond_proj_dim``; its conditioning embedding down-samples by the VAE's scale
+    factor (``embedding_channels``: one entry per stage, default 16, 32, .. as many as the VAE needs). diffusers
+    zero-initialises the residual convolutions (a fresh ControlNet changes nothing); here they get random weights
+    of ``residual_std`` so that the control image visibly changes the image.
+    """
+    import torch
+    from diffusers import ControlNetModel
+
+    model_dir = Path(model_dir)
+    unet = json.loads((model_dir / "unet" / "config.json").read_text())
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    stages = len(vae["block_out_channels"])  # scale factor 2 ** (stages - 1): as many embedding entries
+    channels = embedding_channels or tuple(16 * 2**index for index in range(stages))
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel(
+        **{key: unet[key] for key in CONTROLNET_UNET_KEYS if key in unet},
+        conditioning_embedding_out_channels=channels,
+    )
+    zeroed = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    zeroed.append(controlnet.controlnet_cond_embedding.conv_out)
+    with torch.no_grad():
+        for module in zeroed:
+            torch.nn.init.normal_(module.weight, std=residual_std)
+            torch.nn.init.normal_(module.bias, std=residual_std)
+    path = Path(path)
+    controlnet.save_pretrained(str(path))
+    return path

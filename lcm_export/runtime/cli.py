@@ -73,6 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
         "step batching: N frames in flight, N-1 frames more latency; off by default: on a small CPU it gains "
         "little throughput for much more latency, see docs/design-notes.md)",
     )
+    control = parser.add_argument_group("ControlNet (bundles exported with --controlnet)")
+    control.add_argument(
+        "--control-image",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="control image, the output's size (repeatable: one per ControlNet, in the bundle's order)",
+    )
+    control.add_argument(
+        "--control-scale",
+        type=float,
+        action="append",
+        default=[],
+        metavar="S",
+        help="conditioning scale (one for all, or one per ControlNet; default: the bundle's)",
+    )
+    control.add_argument(
+        "--control-preprocess",
+        choices=("canny",),
+        default=None,
+        help="canny: the Canny edge map of each control image (with --stream and no --control-image: of each "
+        "frame) is the control image; needs OpenCV (pip install 'lcm-edge[canny]')",
+    )
     profile = parser.add_argument_group(
         "profiling (--profile: time every stage over repeated runs; --output gets the last run's image)"
     )
@@ -192,6 +216,33 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def control_arguments(args: argparse.Namespace, pipe: Any, *, stream: bool = False) -> dict[str, Any]:
+    """The pipeline's ControlNet keyword arguments for ``--control-image`` / ``--control-scale`` /
+    ``--control-preprocess`` (none when no flag is given)."""
+    from lcm_export.runtime.control import canny_edges
+
+    images: list[Any] = list(args.control_image)
+    if not images and not args.control_scale and args.control_preprocess is None:
+        return {}
+    if pipe.manifest.controlnet is None:
+        flag = "--control-image" if images else ("--control-scale" if args.control_scale else "--control-preprocess")
+        raise UserError(
+            f"{flag}: BUNDLE '{args.bundle}' has no ControlNet: re-export it with --controlnet CN, or drop {flag}"
+        )
+    if args.control_preprocess == "canny":
+        if images:
+            images = [canny_edges(image) for image in images]
+        elif stream:
+            count = len(pipe.manifest.controlnet.models)
+            images = [canny_edges] * count  # a function of each frame
+        else:
+            raise UserError("--control-preprocess canny needs --control-image FILE (or --stream: of each frame)")
+    if not images:
+        raise UserError("--control-scale applies to a control image: add --control-image FILE")
+    scale = args.control_scale[0] if len(args.control_scale) == 1 else (args.control_scale or None)
+    return {"control_image": images if len(images) > 1 else images[0], "controlnet_conditioning_scale": scale}
+
+
 def run_profile(args: argparse.Namespace) -> int:
     """``--profile``: hand the flags to :func:`profile_bundle`, print its table, write the JSON and the chart."""
     from lcm_export.runtime.profile import profile_bundle
@@ -269,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--height", args.height), ("--width", args.width)):
             if value is not None:
                 raise UserError(f"{flag} does not apply with --image: the image's own size is used")
-        result = pipe.img2img(args.image, args.prompt, strength=args.strength, **common)
+        result = pipe.img2img(
+            args.image, args.prompt, strength=args.strength, **common, **control_arguments(args, pipe)
+        )
     else:
-        result = pipe(args.prompt, height=args.height, width=args.width, **common)
+        result = pipe(args.prompt, height=args.height, width=args.width, **common, **control_arguments(args, pipe))
     paths = save_images(result.images, args.output)
     if not args.quiet:
         timings = result.timings
@@ -433,6 +486,7 @@ def run_stream(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         seed=args.seed,
         batch_steps=args.batch_steps,
+        **control_arguments(args, pipe, stream=True),
     )
     names = (f"{frame.stem}.png" for frame in frames) if isinstance(frames, list) else None
     writer = VideoWriter(output, frame_rate) if video_output else None

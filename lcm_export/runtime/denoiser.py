@@ -24,6 +24,7 @@ import numpy as np
 from lcm_export.errors import NonFiniteError, UserError
 from lcm_export.runtime.backends import BackendOptions, Session
 from lcm_export.runtime.conditioning import TextConditioning, unet_conditioning_feeds
+from lcm_export.runtime.control import StepControl, control_residuals
 from lcm_export.runtime.inputs import MemoryModel, check_memory
 from lcm_export.runtime.manifest import Manifest, StepTable
 from lcm_export.runtime.request import GenerationRequest
@@ -278,14 +279,26 @@ class Denoiser:
         feeds: dict[str, np.ndarray],
         latents: np.ndarray,  # (B, C, h, w)
         timesteps: np.ndarray,  # (B,): each row's timestep
+        control: StepControl | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """One U-Net call over ``latents``, each row at its own timestep; with CFG the batch is doubled
         ([unconditional, conditional]) and combined. ``feeds`` (from :meth:`conditioning_feeds`) is not changed.
-        Returns the guided prediction (B, C, h, w), the feeds as run and the raw outputs."""
+        On a ControlNet bundle the ControlNets run first on the same feeds (``control``: their images and each
+        row's scales; None: no control, zero residuals). Returns the guided prediction (B, C, h, w), the feeds as
+        run and the raw outputs."""
         run_feeds = dict(feeds)
         run_feeds["sample"] = np.concatenate([latents, latents]) if request.use_cfg else latents  # (B[*2], C, h, w)
         both = np.concatenate([timesteps, timesteps]) if request.use_cfg else timesteps
         run_feeds["timestep"] = self._timestep_feed(both)
+        info = self.manifest.controlnet
+        if info is not None:  # the residual U-Net: the ControlNets' residuals, summed (zeros without control)
+            residual_specs = tuple(
+                t for t in self.manifest.components["unet"].spec.inputs if t.name in info.residual_inputs
+            )
+            names = {model.component: list(self._input_dtypes[model.component]) for model in info.models}
+            run_feeds.update(
+                control_residuals(self._run, info, names, residual_specs, run_feeds, control, request.use_cfg)
+            )
         outputs = self._run("unet", run_feeds)
         prediction = outputs["out_sample"].astype(np.float32, copy=False)
         if request.use_cfg:

@@ -35,6 +35,7 @@ from lcm_export.runtime.backends import (
     choose_backend,
 )
 from lcm_export.runtime.conditioning import TextConditioning
+from lcm_export.runtime.control import ControlRequest, StepControl, build_control, check_control_size
 from lcm_export.runtime.denoiser import Denoiser, check_finite
 from lcm_export.runtime.draws import fresh_seed, image_to_image_draws, text_to_image_draws
 from lcm_export.runtime.images import load_image
@@ -105,7 +106,8 @@ class Pipeline:
         module = backend_module(backend)
         check_options(backend, module, options)
         encoders = [encoder.component for encoder in manifest.conditioning.text_encoders]
-        needed = [*encoders, "unet", "vae_decoder"]
+        controlnets = list(manifest.controlnet.components) if manifest.controlnet is not None else []
+        needed = [*encoders, "unet", *controlnets, "vae_decoder"]
         missing = [name for name in needed if name not in manifest.components]
         if missing:
             raise UserError(f"BUNDLE '{bundle_dir}' has no {', '.join(missing)}: re-export it")
@@ -228,6 +230,10 @@ class Pipeline:
         latents: np.ndarray | None = None,
         noise: list[np.ndarray] | None = None,
         observer: Callable[[StepEvent], None] | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] | None = None,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
     ) -> PipelineOutput:
         """Text-to-image. ``latents`` (B*n, C, h, w) and ``noise`` (steps - 1 tensors of that shape) make the run
         reproduce diffusers exactly; what is not passed is drawn from ``seed`` (None: a fresh one, given back as
@@ -237,6 +243,12 @@ class Pipeline:
         distilled LCM as in diffusers, about 1-2 for LCM-LoRA). Every argument is checked before anything runs;
         a NaN or inf coming out of a stage raises :class:`NonFiniteError` naming the stage. ``observer`` is
         called after every step with a :class:`StepEvent` (nothing is recorded when it is None).
+
+        ControlNet bundles (exported with ``--controlnet``): ``control_image`` (an image as ``img2img`` takes, or
+        a list of one per ControlNet), ``controlnet_conditioning_scale`` (default: each ControlNet's scale in the
+        manifest), ``control_guidance_start`` / ``control_guidance_end`` (the fraction of the steps each ControlNet
+        runs in), as diffusers' ``StableDiffusionControlNetPipeline`` takes them; the control image sets the size
+        when ``height``/``width``/``latents`` do not, and must equal it when they do.
         """
         start = time.perf_counter()
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
@@ -244,7 +256,15 @@ class Pipeline:
         request = self._request(
             prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, seed
         )
+        control = self._control(
+            control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end
+        )
         batch = request.batch
+        if control is not None and latents is None:
+            height, width = (
+                (control.size[0] if height is None else height),
+                (control.size[1] if width is None else width),
+            )
 
         # 1. Shapes: from the latents when given, else from height/width (default: the model's sample size).
         if latents is not None:
@@ -260,6 +280,7 @@ class Pipeline:
         height = info.default_height if height is None else height
         width = info.default_width if width is None else width
         self.denoiser.check_call(request, height, width)
+        check_control_size(control, height, width)
 
         # 2. Random draws, in diffusers' order: initial latents, then one noise tensor per step but the last.
         draws = text_to_image_draws(
@@ -269,7 +290,7 @@ class Pipeline:
 
         # 3-6. Prompt encodings, the loop from the initial latents, the decode.
         timings["prepare"] = time.perf_counter() - start
-        return self._generate(request, initial, draws.noise, height, width, observer, timings, start)
+        return self._generate(request, initial, draws.noise, height, width, observer, timings, start, control)
 
     def img2img(
         self,
@@ -286,6 +307,10 @@ class Pipeline:
         image_noise: np.ndarray | None = None,
         noise: list[np.ndarray] | None = None,
         observer: Callable[[StepEvent], None] | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] | None = None,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
     ) -> PipelineOutput:
         """Image-to-image: ``image`` (a PIL image, a float (H, W, 3) array in [0, 1], or a path) is encoded by the
         bundle's VAE encoder, noised to the first timestep of the ``strength`` schedule and denoised from there.
@@ -295,6 +320,8 @@ class Pipeline:
         ``StableDiffusionImg2ImgPipeline`` + ``LCMScheduler``, the last ``int(steps * strength)`` steps). Every
         random draw can be passed: ``sample_noise`` (the VAE's latent sample; not drawn by a tiny VAE),
         ``image_noise`` (added to the encoded image), ``noise`` (one per step but the last), each latent-shaped.
+        The ControlNet arguments are text-to-image's (diffusers' ``StableDiffusionControlNetImg2ImgPipeline``); the
+        control image must be the image's size.
         """
         start = time.perf_counter()
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
@@ -302,10 +329,14 @@ class Pipeline:
         request = self._request(
             prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, seed, strength
         )
+        control = self._control(
+            control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end
+        )
         self._open_encoder()
         pixels = load_image(image, info.spatial_multiple)  # (H, W, 3) in [0, 1]
         height, width = pixels.shape[:2]
         self.denoiser.check_call(request, height, width)
+        check_control_size(control, height, width)
 
         # 1. Random draws, in diffusers' order: the VAE's latent sample, the image noise, one noise per step.
         draws = image_to_image_draws(
@@ -325,7 +356,7 @@ class Pipeline:
         )
         timings["vae_encode"] = time.perf_counter() - mark
         timings["prepare"] = time.perf_counter() - start - timings["vae_encode"]
-        return self._generate(request, latents, draws.noise, height, width, observer, timings, start)
+        return self._generate(request, latents, draws.noise, height, width, observer, timings, start, control)
 
     def stream(
         self,
@@ -337,6 +368,10 @@ class Pipeline:
         negative_prompt: str | None = None,
         seed: int | None = None,
         batch_steps: bool | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] | None = None,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
     ) -> FrameStream:
         """A frame loop for frames of one size (:class:`FrameStream`): the prompt encoded, the tables, the
         conditioning feeds and the VAE encoder prepared once, and the same draws for every frame, in
@@ -355,6 +390,10 @@ class Pipeline:
         Default (None): off. On a CPU a U-Net batch of N rows costs nearly N single calls, so batching adds little
         throughput and multiplies each frame's latency (measured: bench/RESULTS.md, "Frame loop"); turn it on for
         throughput (a video file) or where a batch is much cheaper per row than a single call (GPUs).
+
+        ControlNet bundles: ``control_image`` is one image for every frame, or a function of the frame (it gets
+        the frame as (H, W, 3) float32 in [0, 1] and returns the control image(s)); ``FrameStream.push(frame,
+        control_image=...)`` gives a frame its own. Scales and the guidance window are text-to-image's.
         """
         if batch_steps is not None and not isinstance(batch_steps, bool):
             raise UserError(f"batch_steps={batch_steps!r}: pass True, False or None (the default, off)")
@@ -375,8 +414,15 @@ class Pipeline:
                 "batch_steps runs U-Net batches of 1 to N rows as the pipeline fills and flushes: load the pipeline "
                 "without static_shape, or pass batch_steps=False"
             )
+        control = self._control(
+            control_image,
+            controlnet_conditioning_scale,
+            control_guidance_start,
+            control_guidance_end,
+            image_transform=True,
+        )
         self._open_encoder()
-        return FrameStream(self.denoiser, request, batch_steps=batch)
+        return FrameStream(self.denoiser, request, batch_steps=batch, control=control)
 
     # -- shared steps ---------------------------------------------------------------------------------------
 
@@ -406,6 +452,20 @@ class Pipeline:
             strength=strength,
         )
 
+    def _control(
+        self, image: Any, scale: Any, start: Any, end: Any, *, image_transform: bool = False
+    ) -> ControlRequest | None:
+        """A call's ControlNet arguments, checked against the bundle (:func:`build_control`)."""
+        return build_control(
+            self.manifest,
+            str(self.bundle_dir),
+            image,
+            conditioning_scale=scale,
+            guidance_start=start,
+            guidance_end=end,
+            image_transform=image_transform,
+        )
+
     def _open_encoder(self) -> None:
         """Open the VAE encoder on its variant (image-to-image and the frame loop need it; text-to-image not)."""
         if "vae_encoder" not in self.manifest.components:
@@ -423,9 +483,10 @@ class Pipeline:
         observer: Callable[[StepEvent], None] | None,
         timings: dict[str, Any],
         start: float,
+        control: ControlRequest | None = None,
     ) -> PipelineOutput:
         """Encode the prompts, run the LCM loop from ``latents`` over the request's table, decode: shared by
-        text-to-image and image-to-image."""
+        text-to-image and image-to-image (``control``: the ControlNets' images, scales and window)."""
         denoiser, table, batch = self.denoiser, request.table, request.batch
         # 3. Prompt encodings, repeated per image; with CFG the unconditional half comes first.
         text = denoiser.encode_text(request, timings).repeat(request.images_per_prompt)  # (B*n[*2], S, D)
@@ -437,7 +498,10 @@ class Pipeline:
         denoised = latents
         for index, timestep in enumerate(table.timesteps):
             mark = time.perf_counter()
-            prediction, run_feeds, outputs = denoiser.predict(request, feeds, latents, np.full(batch, timestep))
+            step_control = None if control is None else StepControl.of(control, batch, index, len(table.timesteps))
+            prediction, run_feeds, outputs = denoiser.predict(
+                request, feeds, latents, np.full(batch, timestep), step_control
+            )
             check_finite(prediction, f"the U-Net at step {index + 1} (timestep {timestep})")
             after_unet = time.perf_counter()
             step_noise = noise[index] if index < len(noise) else None

@@ -11,6 +11,8 @@ CoreML input shapes, the manifest's I/O table and the runtime's input checks. Th
 ``latent_width``   image width / vae_scale_factor
 ``image_height``   pixels
 ``image_width``    pixels
+``latent_height_K`` latent_height / K for K in 2, 4, 8, 16, 32 (a ControlNet's residuals at the U-Net's lower
+``latent_width_K``  resolutions; the bundle's spatial multiple makes the division exact)
 =================  ===========================================================
 
 It also holds the typed readers with which ``manifest.json`` (untrusted input) is parsed: :class:`Fields` and the
@@ -33,7 +35,17 @@ from lcm_export.errors import BundleError
 # CLIP's padded length: only a default for shape ranges built without a bundle (tests, tools). A bundle's own
 # length is its tokenizer's max_length (``TokenizerInfo``), which the exporter and the runtime pass explicitly.
 DEFAULT_SEQUENCE = 77
-SYMBOLS = ("batch", "sequence", "latent_height", "latent_width", "image_height", "image_width")
+# The U-Net's down-sampled latent sizes a ControlNet's residuals have: latent size / K (one symbol per K).
+DOWNSAMPLED_FACTORS = (2, 4, 8, 16, 32)
+SYMBOLS = (
+    "batch",
+    "sequence",
+    "latent_height",
+    "latent_width",
+    "image_height",
+    "image_width",
+    *(f"latent_{side}_{factor}" for factor in DOWNSAMPLED_FACTORS for side in ("height", "width")),
+)
 # numpy dtype names a component's tensors may have: what the exporter writes (float32, float16 for fp16 components,
 # int64 token ids) and int32 (Core ML's token ids).
 TENSOR_DTYPES = ("float32", "float16", "int64", "int32")
@@ -183,8 +195,7 @@ class ShapeRange:
             "sequence": self.sequence,
             "image_height": height,
             "image_width": width,
-            "latent_height": height // vae_scale_factor,
-            "latent_width": width // vae_scale_factor,
+            **latent_symbol_values(height // vae_scale_factor, width // vae_scale_factor),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -213,6 +224,72 @@ class ShapeRange:
 
         sequence = fields.integer("sequence", minimum=1, maximum=MAX_DIM, default=DEFAULT_SEQUENCE)
         return cls(span("batch"), span("height"), span("width"), sequence)
+
+
+def latent_symbol_values(latent_height: int, latent_width: int) -> dict[str, int]:
+    """``latent_height`` / ``latent_width`` and their down-sampled sizes ``latent_height_K`` (ceil, as a stride-2
+    convolution with padding 1 rounds; exact at the bundle's spatial multiple)."""
+    values = {"latent_height": latent_height, "latent_width": latent_width}
+    for factor in DOWNSAMPLED_FACTORS:
+        values[f"latent_height_{factor}"] = -(-latent_height // factor)
+        values[f"latent_width_{factor}"] = -(-latent_width // factor)
+    return values
+
+
+def latent_symbol(side: str, factor: int) -> str:
+    """The symbol of the latent ``side`` ("height" or "width") down-sampled by ``factor`` (1: the latent size)."""
+    if factor == 1:
+        return f"latent_{side}"
+    if factor not in DOWNSAMPLED_FACTORS:
+        raise ValueError(f"no symbol for a latent size down-sampled by {factor}")
+    return f"latent_{side}_{factor}"
+
+
+# -- ControlNet: its component and the residual inputs of the U-Net that takes them ------------------------------
+
+CONTROL_IMAGE_INPUT = "controlnet_cond"  # a ControlNet's conditioning image, (batch, 3, H, W) in [0, 1]
+MID_BLOCK_RESIDUAL = "mid_block_residual"
+
+
+def down_block_residual(index: int) -> str:
+    """The name of the ``index``-th down-block residual (a ControlNet's output, the residual U-Net's input)."""
+    return f"down_block_residual_{index}"
+
+
+def residual_names(count: int) -> tuple[str, ...]:
+    """The names of ``count`` residuals: ``down_block_residual_0`` .. for all but the last, ``mid_block_residual``."""
+    return (*(down_block_residual(index) for index in range(count - 1)), MID_BLOCK_RESIDUAL)
+
+
+def control_residual_specs(residuals: tuple[tuple[int, int], ...]) -> tuple[TensorSpec, ...]:
+    """The residual tensors a ControlNet gives and its U-Net takes: one per (channels, down-sampling factor) of the
+    U-Net's down blocks in order (``down_block_residual_0`` ..), the last being the mid block's
+    (``mid_block_residual``)."""
+
+    def spatial(factor: int) -> tuple[str, str]:
+        return latent_symbol("height", factor), latent_symbol("width", factor)
+
+    return tuple(
+        TensorSpec(name, "float32", ("batch", channels, *spatial(factor)))
+        for name, (channels, factor) in zip(residual_names(len(residuals)), residuals, strict=True)
+    )
+
+
+def controlnet_spec(
+    name: str,
+    unet_inputs: tuple[TensorSpec, ...],
+    conditioning_channels: int,
+    residuals: tuple[tuple[int, int], ...],
+    batch_multiplier: int,
+) -> ComponentSpec:
+    """A ControlNet component: the U-Net's ``sample``, ``timestep`` and text conditioning (SDXL: ``text_embeds``
+    and ``time_ids``; never the LCM w-embedding, which ControlNets do not take) and the control image in, the
+    residuals out (unscaled: the runtime multiplies them by the conditioning scale, as diffusers does in the model).
+    It sees the same batch as the U-Net (both CFG halves)."""
+    shared = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+    inputs = tuple(tensor for tensor in unet_inputs if tensor.name in shared)
+    image = TensorSpec(CONTROL_IMAGE_INPUT, "float32", ("batch", conditioning_channels, "image_height", "image_width"))
+    return ComponentSpec(name, (*inputs, image), control_residual_specs(residuals), batch_multiplier)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,13 @@ from typing import Any
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.control import (
+    ControlRequest,
+    StepControl,
+    build_control,
+    check_control_size,
+    load_control_image,
+)
 from lcm_export.runtime.denoiser import Denoiser, check_finite
 from lcm_export.runtime.draws import ImageToImageDraws, image_to_image_draws
 from lcm_export.runtime.images import load_image
@@ -30,6 +37,7 @@ class _InFlight:
     latents: np.ndarray  # (1, C, h, w)
     step: int  # index of the next step in the table
     arrived: float  # perf_counter() when the frame was pushed
+    control: ControlRequest | None = None  # the frame's control images (ControlNet bundles)
 
 
 class FrameStream:
@@ -44,9 +52,17 @@ class FrameStream:
     seconds of each push and flush step (the work done per frame; frames per second is their count over their sum).
     """
 
-    def __init__(self, denoiser: Denoiser, request: GenerationRequest, *, batch_steps: bool) -> None:
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        request: GenerationRequest,
+        *,
+        batch_steps: bool,
+        control: ControlRequest | None = None,
+    ) -> None:
         self.denoiser = denoiser
         self.request = request
+        self.control = control  # images, or functions of the frame, with the scales and window of every frame
         self.batch_steps = batch_steps
         self.table = request.table
         self.steps = request.steps
@@ -67,20 +83,21 @@ class FrameStream:
         spent = sum(self.call_seconds)
         return len(self.latencies) / spent if self.latencies and spent > 0 else 0.0
 
-    def __call__(self, frame: Any) -> np.ndarray:
+    def __call__(self, frame: Any, control_image: Any = None) -> np.ndarray:
         """One frame in, the same frame styled out: the unbatched loop only (a step-batched one returns frames
         later: use :meth:`push` and :meth:`flush`)."""
         if self.batch_steps:
             raise UserError("this stream batches steps (frames come out later): call push(frame) and flush()")
-        image = self.push(frame)
+        image = self.push(frame, control_image)
         assert image is not None
         return image
 
-    def push(self, frame: Any) -> np.ndarray | None:
-        """One frame in; the oldest frame in flight out once it has run every step (None while filling)."""
+    def push(self, frame: Any, control_image: Any = None) -> np.ndarray | None:
+        """One frame in; the oldest frame in flight out once it has run every step (None while filling).
+        ``control_image``: this frame's control image(s) on a ControlNet bundle (default: the stream's)."""
         start = time.perf_counter()
-        latents = self._encode(frame)
-        self.in_flight.insert(0, _InFlight(latents, 0, start))
+        latents, control = self._encode(frame, control_image)
+        self.in_flight.insert(0, _InFlight(latents, 0, start, control))
         self.frames_in += 1
         image = self._advance()
         while image is None and not self.batch_steps:  # unbatched: this frame runs all its steps now
@@ -107,8 +124,28 @@ class FrameStream:
                 yield image
         yield from self.flush()
 
-    def _encode(self, frame: Any) -> np.ndarray:
-        """The frame's latents at the first step (1, C, h, w); the first frame fixes the size and the draws."""
+    def _frame_control(self, pixels: np.ndarray, control_image: Any) -> ControlRequest | None:
+        """The frame's control request: its own images, the stream's, or the stream's function of the frame."""
+        base = self.control
+        info = self.denoiser.manifest.pipeline
+        if control_image is not None:
+            if base is None:
+                return build_control(self.denoiser.manifest, str(self.denoiser.bundle_dir), control_image)
+            own = control_image if isinstance(control_image, (list, tuple)) else [control_image]
+            if len(own) != len(base.images):
+                raise UserError(f"control_image: pass {len(base.images)} image(s), one per ControlNet of the bundle")
+            control = base.with_images(tuple(load_control_image(image, info.spatial_multiple) for image in own))
+        elif base is not None and callable(base.images[0]):
+            made = [function(pixels.copy()) for function in base.images]
+            control = base.with_images(tuple(load_control_image(image, info.spatial_multiple) for image in made))
+        else:
+            control = base
+        check_control_size(control, pixels.shape[0], pixels.shape[1])
+        return control
+
+    def _encode(self, frame: Any, control_image: Any = None) -> tuple[np.ndarray, ControlRequest | None]:
+        """The frame's latents at the first step (1, C, h, w) and its control; the first frame fixes the size and
+        the draws."""
         denoiser = self.denoiser
         info = denoiser.manifest.pipeline
         pixels = load_image(frame, info.spatial_multiple)
@@ -129,7 +166,9 @@ class FrameStream:
                 f"{self.size[1]}x{self.size[0]}: pass frames of one size (start a new stream for another)"
             )
         assert self.draws is not None
-        return denoiser.encode_image(pixels, 1, self.table, self.draws.sample_noise, self.draws.image_noise)
+        control = self._frame_control(pixels, control_image)
+        latents = denoiser.encode_image(pixels, 1, self.table, self.draws.sample_noise, self.draws.image_noise)
+        return latents, control
 
     def _advance(self) -> np.ndarray | None:
         """One U-Net call over every frame in flight, each at its own step (one row each; the unconditional half
@@ -138,7 +177,14 @@ class FrameStream:
         assert self.draws is not None
         latents = rows[0].latents if len(rows) == 1 else np.concatenate([row.latents for row in rows])  # (R, C, h, w)
         timesteps = self.timesteps[[row.step for row in rows]]  # (R,)
-        prediction, _, _ = denoiser.predict(self.request, self._feeds_for(len(rows)), latents, timesteps)
+        control = None
+        controlled = [row.control for row in rows if row.control is not None]
+        if controlled:  # each row's control images at its own step; a row without any runs at scale 0
+            parts = [
+                StepControl.of(row.control or controlled[0].without_effect(), 1, row.step, self.steps) for row in rows
+            ]
+            control = StepControl.stack(parts)
+        prediction, _, _ = denoiser.predict(self.request, self._feeds_for(len(rows)), latents, timesteps, control)
         if not np.isfinite(prediction).all():
             steps = ", ".join(str(row.step + 1) for row in rows)
             check_finite(prediction, f"the U-Net at step {steps} (timestep {', '.join(f'{t:g}' for t in timesteps)})")

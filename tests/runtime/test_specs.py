@@ -8,6 +8,7 @@ import json
 import pytest
 
 from lcm_export.runtime.specs import (
+    SYMBOLS,
     ComponentProfiles,
     ComponentSpec,
     ManifestFieldError,
@@ -143,6 +144,12 @@ def test_symbol_values_multiply_opt_and_max_batch_but_not_min(batch_multiplier: 
         values = shape_range.symbol_values(which, VAE_SCALE_FACTOR, batch_multiplier)
         # guidance <= 1 runs a CFG component without its unconditional half: its minimum stays one image's batch.
         factor = 1 if which == "min" else batch_multiplier
+        latent = values["latent_height"], values["latent_width"]
+        for down in (2, 4, 8, 16, 32):  # a ControlNet's residuals at the U-Net's lower resolutions (ceil)
+            assert (values.pop(f"latent_height_{down}"), values.pop(f"latent_width_{down}")) == (
+                -(-latent[0] // down),
+                -(-latent[1] // down),
+            )
         assert values == {
             "batch": shape_range.batch[index] * factor,
             "sequence": shape_range.sequence,
@@ -162,14 +169,8 @@ def test_static_cfg_range_min_is_one_image_batch() -> None:
     }
     assert values == {"min": 2, "opt": 4, "max": 4}
     # Every symbol a spec may use has a value.
-    assert set(ShapeRange.static(2, 64, 64).symbol_values("opt", 8)) == {
-        "batch",
-        "sequence",
-        "latent_height",
-        "latent_width",
-        "image_height",
-        "image_width",
-    }
+    assert set(ShapeRange.static(2, 64, 64).symbol_values("opt", 8)) == set(SYMBOLS)
+    assert {"batch", "latent_height", "latent_width_8"} <= set(SYMBOLS)
 
 
 # -- ComponentProfiles --------------------------------------------------------------------------------------------

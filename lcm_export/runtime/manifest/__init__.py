@@ -40,6 +40,12 @@ importable from here.
 from __future__ import annotations
 
 from lcm_export.runtime.manifest.checks import TIMESTEP_SHAPES
+from lcm_export.runtime.manifest.control import (
+    CONTROLNET_COMPONENT,
+    ControlNetInfo,
+    ControlNetModelInfo,
+    controlnet_component_name,
+)
 from lcm_export.runtime.manifest.details import (
     COMPUTE_CAPABILITY,
     DEFAULT_ENGINE_VAE_SCALE_FACTOR,
@@ -118,6 +124,7 @@ __all__ = [
     "COMPONENT_NAMES",
     "COMPUTE_CAPABILITY",
     "CONDITIONING_SOURCES",
+    "CONTROLNET_COMPONENT",
     "DEFAULT_ENGINE_VAE_SCALE_FACTOR",
     "DEFAULT_GUIDANCE_SCALE",
     "EMPTY_NEGATIVE_MODES",
@@ -163,6 +170,8 @@ __all__ = [
     "Artifact",
     "Component",
     "Conditioning",
+    "ControlNetInfo",
+    "ControlNetModelInfo",
     "CoreMLPackageDetails",
     "CoreMLTensor",
     "FileEntry",
@@ -177,6 +186,7 @@ __all__ = [
     "TokenizerInfo",
     "as_bundle_path",
     "check_bundle_paths",
+    "controlnet_component_name",
     "file_entry",
     "load_manifest",
     "parse_compute_capability",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from lcm_export.runtime.manifest.control import CONTROLNET_COMPONENT, ControlNetInfo, check_controlnet
 from lcm_export.runtime.manifest.details import CoreMLPackageDetails, TensorRTEngineDetails
 from lcm_export.runtime.manifest.model import Component, Conditioning, PipelineInfo, TokenizerInfo
 from lcm_export.runtime.manifest.vocabulary import (
@@ -38,7 +39,12 @@ def unlisted(path: str) -> str:
 
 
 def read_components(
-    top: Fields, pipeline: PipelineInfo, conditioning: Conditioning, target: str, listed: set[str]
+    top: Fields,
+    pipeline: PipelineInfo,
+    conditioning: Conditioning,
+    target: str,
+    listed: set[str],
+    control: ControlNetInfo | None = None,
 ) -> dict[str, Component]:
     entries = top.object("components")
     if not entries.data:
@@ -46,8 +52,9 @@ def read_components(
     components: dict[str, Component] = {}
     for name, entry in entries.data.items():
         where = entries.path(name)
-        if name not in COMPONENT_NAMES:
-            raise ManifestFieldError(where, f"is not a component this runtime knows ({', '.join(COMPONENT_NAMES)})")
+        if name not in COMPONENT_NAMES and not CONTROLNET_COMPONENT.fullmatch(name):
+            known = ", ".join((*COMPONENT_NAMES, "controlnet", "controlnet_N"))
+            raise ManifestFieldError(where, f"is not a component this runtime knows ({known})")
         declared = [encoder.component for encoder in conditioning.text_encoders]
         if name.startswith("text_encoder") and name not in declared:
             raise ManifestFieldError(
@@ -55,7 +62,7 @@ def read_components(
             )
         component = Component.from_json(name, entry, where)
         _check_variants(component, where, pipeline, target, listed)
-        _check_io(component, where, pipeline, conditioning)
+        _check_io(component, where, pipeline, conditioning, control)
         components[name] = component
     for name in RUNTIME_COMPONENTS:
         # A bundle exported without a component has no files in its folder; one whose entry was lost has.
@@ -64,6 +71,11 @@ def read_components(
             raise ManifestFieldError(
                 entries.path(name), f"is missing although files lists {describe(orphans[0])} of it"
             )
+    control_at = top.path("controlnet")
+    if control is not None:
+        check_controlnet(control, {name: component.spec for name, component in components.items()}, control_at)
+    elif any(CONTROLNET_COMPONENT.fullmatch(name) for name in components):
+        raise ManifestFieldError(control_at, "is missing, but the bundle has a ControlNet component")
     unet = components.get("unet")
     encoders = [components.get(encoder.component) for encoder in conditioning.text_encoders]
     if unet is not None and all(encoder is not None for encoder in encoders):
@@ -188,7 +200,7 @@ def _check_variants(component: Component, where: str, pipeline: PipelineInfo, ta
                     f"must be float32: the spec gives the model's float tensors as float32, each variant its own "
                     f"io_dtype (got {tensor.dtype})",
                 )
-    sees_cfg_batch = name == "unet" or name.startswith("text_encoder")
+    sees_cfg_batch = name == "unet" or name.startswith("text_encoder") or bool(CONTROLNET_COMPONENT.fullmatch(name))
     wanted = 2 if pipeline.guidance == "cfg" and sees_cfg_batch else 1
     if spec.batch_multiplier != wanted:
         raise ManifestFieldError(
@@ -209,9 +221,10 @@ def _shape_matches(shape: tuple[int | str, ...], expected: tuple[int | str, ...]
 
 
 def _expected_io(
-    name: str, pipeline: PipelineInfo, conditioning: Conditioning
-) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """(inputs, outputs) name -> expected shape of what the runtime feeds and reads (``_ANY``: any size).
+    name: str, pipeline: PipelineInfo, conditioning: Conditioning, control: ControlNetInfo | None = None
+) -> tuple[dict[str, tuple | None], dict[str, tuple]]:
+    """(inputs, outputs) name -> expected shape of what the runtime feeds and reads (``_ANY``: any size; None: a
+    ControlNet residual, whose shape :func:`check_controlnet` checks against the ControlNets').
 
     The inputs are exactly these; the outputs at least these (the text encoder also gives ``pooler_output``).
     The text encoders' outputs and the U-Net's conditioning inputs follow the conditioning declaration.
@@ -234,6 +247,7 @@ def _expected_io(
         }
         inputs = {"sample": latent, "timestep": TIMESTEP_SHAPES}
         inputs.update({input_name: by_source[source] for input_name, source in conditioning.unet_inputs.items()})
+        inputs.update({residual: None for residual in (control.residual_inputs if control else ())})
         return inputs, {"out_sample": latent}
     if name.startswith("text_encoder"):  # a text encoder the conditioning does not use
         return {"input_ids": ("batch", "sequence")}, {}
@@ -245,9 +259,17 @@ def _expected_io(
     return {"sample": image}, {"latents": latent}
 
 
-def _check_io(component: Component, where: str, pipeline: PipelineInfo, conditioning: Conditioning) -> None:
+def _check_io(
+    component: Component,
+    where: str,
+    pipeline: PipelineInfo,
+    conditioning: Conditioning,
+    control: ControlNetInfo | None = None,
+) -> None:
     spec = component.spec
-    inputs, outputs = _expected_io(spec.name, pipeline, conditioning)
+    if CONTROLNET_COMPONENT.fullmatch(spec.name):
+        return  # a ControlNet's I/O is the U-Net's: check_controlnet
+    inputs, outputs = _expected_io(spec.name, pipeline, conditioning, control)
     if sorted(spec.input_names) != sorted(inputs):
         raise ManifestFieldError(
             f"{where}.inputs",
@@ -261,7 +283,7 @@ def _check_io(component: Component, where: str, pipeline: PipelineInfo, conditio
         )
     for kind, tensors, expected in (("inputs", spec.inputs, inputs), ("outputs", spec.outputs, outputs)):
         for index, tensor in enumerate(tensors):
-            if tensor.name not in expected:
+            if expected.get(tensor.name) is None:
                 continue
             at = f"{where}.{kind}[{index}]"
             wanted = expected[tensor.name]

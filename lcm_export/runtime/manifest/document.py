@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lcm_export.runtime.manifest.checks import check_conditioning, read_components, unlisted
+from lcm_export.runtime.manifest.control import ControlNetInfo
 from lcm_export.runtime.manifest.model import (
     Component,
     Conditioning,
@@ -47,6 +48,7 @@ class Manifest:
     # JavaScript backend -> the precisions its ``auto`` tries, in order (optional; the Python runtime's ``auto``
     # ignores it: its backends are not these)
     backend_variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    controlnet: ControlNetInfo | None = None  # the ControlNets and the U-Net taking their residuals (optional)
 
     def __post_init__(self) -> None:
         if self.conditioning is None:
@@ -70,6 +72,8 @@ class Manifest:
         }
         if self.backend_variants:  # optional: bundles without it are written as before
             written["backend_variants"] = {backend: list(order) for backend, order in self.backend_variants.items()}
+        if self.controlnet is not None:  # optional: bundles without ControlNet are written as before
+            written["controlnet"] = self.controlnet.to_json()
         return written
 
     @classmethod
@@ -96,7 +100,10 @@ class Manifest:
         listed = {entry.path for entry in files}
         tokenizers = _read_tokenizers(top, listed)
         check_conditioning(conditioning, pipeline, tokenizers, top.path("conditioning"))
-        components = read_components(top, pipeline, conditioning, target, listed)
+        control = None
+        if top.has("controlnet"):
+            control = ControlNetInfo.from_json(top.get("controlnet"), top.path("controlnet"))
+        components = read_components(top, pipeline, conditioning, target, listed, control)
         loras = tuple(_read_lora(item, at).data for at, item in top.array("loras")) if top.has("loras") else ()
         backend_variants = _read_backend_variants(top, components) if top.has("backend_variants") else {}
         return cls(
@@ -112,6 +119,7 @@ class Manifest:
             format_version=format_version,
             conditioning=conditioning,
             backend_variants=backend_variants,
+            controlnet=control,
         )
 
     def write(self, bundle_dir: Path) -> None:
