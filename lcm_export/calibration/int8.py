@@ -97,9 +97,11 @@ def quantize_components(
 
     variants = {}
     for name, paths in samples.items():
-        label = f"quantising the {COMPONENT_LABELS[name]} on {len(paths)} {SAMPLE_LABELS[name]}"
-        if progress:
-            progress(label, 0, 1)
+        ranges_label = f"activation ranges of the {COMPONENT_LABELS[name]} on {len(paths)} {SAMPLE_LABELS[name]}"
+        label = f"quantising the {COMPONENT_LABELS[name]}"
+        step = (
+            (lambda done, total, ranges_label=ranges_label: progress(ranges_label, done, total)) if progress else None
+        )
         output = bundle / name / INT8_FILE
         before = set(output.parent.iterdir())
         report = quantize_qdq(
@@ -108,6 +110,8 @@ def quantize_components(
             lambda i, paths=paths: load_sample(paths[i]),
             len(paths),
             settings.recipe,
+            progress=step,
+            on_ranges=(lambda label=label: progress(label, 0, 1)) if progress else None,
         )
         if name == "vae_decoder":  # its own share of the image error, on the first calibration latents
             report["decoded_psnr_db"] = _decoder_psnr(bundle / floats[name].path, output, paths[:2])
@@ -145,41 +149,64 @@ def _decoder_psnr(float_path: Path, int8_path: Path, samples: list[Path]) -> lis
 
 
 def quality_report(
-    bundle: Path, settings: Int8Settings, progress: Callable[[str, int, int], None] | None = None
+    bundle: Path,
+    settings: Int8Settings,
+    progress: Callable[[str, int, int], None] | None = None,
+    budget_seconds: float | None = None,
 ) -> dict[str, Any]:
     """PSNR/SSIM of the INT8 bundle's images against the float bundle's, same prompts, latents and noise.
 
     The float runs come first and their (small) images are kept; the float sessions are released before the INT8
     ones open, so the report's memory is one pipeline's, not two.
+
+    ``budget_seconds`` bounds the report's time (the exporter passes the quantisation's own): the runs are ordered
+    prompt by prompt across every set and guidance, and once the first float run's time is known, only as many
+    pairs as fit the budget are run, never fewer than one per set and guidance. The report says how many ran.
     """
     started = time.perf_counter()
     float_pipe = _float_pipeline(bundle)
     info = float_pipe.manifest.pipeline
     height, width = settings.height or info.default_height, settings.width or info.default_width
     sets = (("calibration", settings.prompts[: settings.report_prompts]), ("held_out", settings.held_out))
-    runs = [
-        (label, guidance, index, prompt)
-        for label, prompts in sets
-        for guidance in REPORT_GUIDANCE[info.guidance]
-        for index, prompt in enumerate(prompts)
-    ]
+    # Prompt by prompt across the sets and guidances, so that a budget cut keeps every set and guidance.
+    runs = sorted(
+        (
+            (label, guidance, index, prompt)
+            for label, prompts in sets
+            for guidance in REPORT_GUIDANCE[info.guidance]
+            for index, prompt in enumerate(prompts)
+        ),
+        key=lambda run: run[2],
+    )
+    planned = len(runs)
+    groups = len({(label, guidance) for label, guidance, _, _ in runs})
 
     def generate(pipe: Pipeline, guidance: float, index: int, prompt: str) -> np.ndarray:
         call = dict(num_inference_steps=settings.steps, height=height, width=width, seed=10_000 + index)
         return pipe(prompt, guidance_scale=guidance, **call).images
 
-    label = f"quality report: {len(runs)} float and {len(runs)} INT8 runs"
+    bar_label = f"quality report: {len(runs)} float and {len(runs)} INT8 runs"
     done = 0
 
     def advance() -> None:
         nonlocal done
         done += 1
         if progress:
-            progress(label, done, 2 * len(runs))
+            progress(bar_label, done, 2 * len(runs))
 
-    references = []
-    for _, guidance, index, prompt in runs:
+    references: list[np.ndarray] = []
+    while len(references) < len(runs):
+        _, guidance, index, prompt = runs[len(references)]
+        run_started = time.perf_counter()
         references.append(generate(float_pipe, guidance, index, prompt))
+        if len(references) == 1 and budget_seconds is not None:
+            # What is left of the budget after this run, the INT8 pipeline's load (about the float one's) and this
+            # pair's INT8 run, in pairs of a float and an INT8 run about as long as this one.
+            now = time.perf_counter()
+            run_seconds, load_seconds = now - run_started, run_started - started
+            left = budget_seconds - (now - started) - load_seconds - run_seconds
+            runs = runs[: max(groups, 1 + int(left // (2 * run_seconds)))]
+            bar_label = f"quality report: {len(runs)} float and {len(runs)} INT8 runs"
         advance()
     del float_pipe
     gc.collect()
@@ -189,7 +216,10 @@ def quality_report(
         image = generate(int8_pipe, guidance, index, prompt)
         advance()
         scores.setdefault((label, guidance), []).append((psnr(reference, image), ssim(reference, image)))
-    report: dict[str, Any] = {"size": [height, width], "steps": settings.steps, "sets": {}}
+    report: dict[str, Any] = {"size": [height, width], "steps": settings.steps, "runs": len(runs), "sets": {}}
+    if budget_seconds is not None:
+        report["budget_seconds"] = round(budget_seconds, 1)
+        report["runs_planned"] = planned
     for (label, guidance), pairs in scores.items():
         psnrs, ssims = zip(*pairs, strict=True)
         report["sets"].setdefault(label, {})[f"{guidance:g}"] = {

@@ -13,6 +13,13 @@ outputs alone are left float (``float_outputs``): onnxruntime still runs them as
 need no quantised output to run in 8 bit, so its backend reads this same file with the convolution outputs float as
 well (``runtime.backends.openvino.float_layer_outputs``). Measured: docs/design-notes.md#calibration-onnx-qdq.
 
+Weights use 7 of their 8 bits (``reduce_range``, onnxruntime's advice for x86): on a CPU without VNNI (AVX2 only,
+e.g. the AMD EPYC machines here, or AVX-512 without VNNI) both onnxruntime's MLAS and OpenVINO's oneDNN multiply u8
+activations by s8 weights with ``vpmaddubsw``, whose int16 sum of two products saturates once both are large; with
+full-range weights the tiny pipelines' INT8 images fell from 41-42 dB to 27 dB against float on such a CPU. Seven-bit
+weights cannot overflow it, run the same kernels at the same speed on every CPU, and cost half a step of weight
+precision. TensorRT's recipe keeps the full range (a GPU's integer units do not saturate that way).
+
 What stays float is a rule over the graph's structure (:func:`float_nodes`), not a list of names:
 
 - the first and last convolution (``conv_in`` reads the noisy latents, ``conv_out`` writes the prediction the
@@ -53,6 +60,9 @@ class QdqRecipe:
     keep_float: tuple[str, ...] = FLOAT_RULES  # which parts of the float rule apply (see the module docstring)
     float_outputs: tuple[str, ...] = ("MatMul",)  # op types whose outputs stay float (see the module docstring)
     symmetric_activations: bool = False  # zero point 0 (TensorRT parses no other)
+    # Weights in 7 bits ([-64, 63]): x86 CPUs without VNNI multiply u8 x s8 pairs into saturating int16 sums
+    # (vpmaddubsw), which full-range weights overflow (see the module docstring).
+    reduce_range: bool = True
     quantize_bias: bool = True  # int32 biases (onnxruntime); TensorRT takes float biases beside int8 weights
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +77,7 @@ class QdqRecipe:
             "keep_float": list(self.keep_float),
             "float_outputs": list(self.float_outputs),
             "symmetric_activations": self.symmetric_activations,
+            "reduce_range": self.reduce_range,
             "quantize_bias": self.quantize_bias,
         }
 
@@ -76,7 +87,9 @@ class QdqRecipe:
 RECIPES = {
     "onnx": QdqRecipe(),
     # TensorRT: every output quantised, as measured with TensorRT-RTX's builder (float MatMul outputs not measured)
-    "tensorrt": QdqRecipe(activation_type="int8", symmetric_activations=True, quantize_bias=False, float_outputs=()),
+    "tensorrt": QdqRecipe(
+        activation_type="int8", symmetric_activations=True, quantize_bias=False, float_outputs=(), reduce_range=False
+    ),
 }
 
 
@@ -105,10 +118,17 @@ class _Reader:
     reads the samples range by range (``set_range``).
     """
 
-    def __init__(self, load: Callable[[int], dict[str, np.ndarray]], count: int, inputs: list[str]) -> None:
+    def __init__(
+        self,
+        load: Callable[[int], dict[str, np.ndarray]],
+        count: int,
+        inputs: list[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.load = load
         self.count = count
         self.inputs = inputs
+        self.progress = progress  # (samples read, count), before each sample and at the end
         self.position, self.end = 0, count
 
     def __len__(self) -> int:
@@ -118,6 +138,8 @@ class _Reader:
         self.position, self.end = start_index, min(end_index, self.count)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.progress:
+            self.progress(min(self.position, self.end), self.end)
         if self.position >= self.end:
             return None
         sample = self.load(self.position)
@@ -132,6 +154,8 @@ def quantize_qdq(
     load: Callable[[int], dict[str, np.ndarray]],
     count: int,
     recipe: QdqRecipe | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_ranges: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write the QDQ INT8 model of ``float_path`` to ``output_path`` (with ``<name>_data`` when over 2 GB).
 
@@ -140,7 +164,9 @@ def quantize_qdq(
     ``quantize_static`` loads the model again to rewrite it with those ranges. In one call ``quantize_static`` held
     the model, its augmented copy and the calibration session at once (measured: docs/design-notes.md).
 
-    Returns what the manifest records: the recipe, the float nodes, counts and the time it took.
+    ``progress(done, count)`` follows the samples through the ranges phase; ``on_ranges()`` is called when the
+    ranges are known and the rewrite starts. Returns what the manifest records: the recipe, the float nodes, counts
+    and the time it took.
     """
     import inspect
     import tempfile
@@ -156,7 +182,7 @@ def quantize_qdq(
     large = any(initializer.data_location == onnx.TensorProto.EXTERNAL for initializer in model.graph.initializer)
     del model
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    reader = _Reader(load, count, inputs)
+    reader = _Reader(load, count, inputs, progress)
     options: dict[str, Any] = {
         "ActivationSymmetric": recipe.symmetric_activations,
         "QuantizeBias": recipe.quantize_bias,
@@ -176,6 +202,8 @@ def quantize_qdq(
                 ranges_path = Path(scratch) / "ranges.json"
                 ranges = calibrate_ranges(float_path, reader, recipe, large, Path(scratch))
                 save_tensors_data(ranges, ranges_path)
+                if on_ranges:
+                    on_ranges()
                 phase = {"calibration_data_reader": None, "calibration_cache_path": str(ranges_path)}
             else:  # older onnxruntime: one call
                 phase = {"calibration_data_reader": reader}
@@ -186,6 +214,7 @@ def quantize_qdq(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(recipe.op_types),
                 per_channel=recipe.per_channel,
+                reduce_range=recipe.reduce_range,
                 activation_type=types[recipe.activation_type],
                 weight_type=types[recipe.weight_type],
                 nodes_to_exclude=keep,
@@ -217,7 +246,8 @@ def calibrate_ranges(float_path: Path, reader: _Reader, recipe: QdqRecipe, large
     stretch the range for all).
 
     onnxruntime's calibrator keeps the model it augmented in memory beside the session it runs; it is dropped as
-    soon as the augmented copy is on disk, so this phase holds one session and nothing else.
+    soon as the augmented copy is on disk, so this phase holds one session and nothing else. The session is
+    :func:`calibration_session`'s, which frees each activation once its statistics are taken.
     """
     import gc
 
@@ -235,10 +265,28 @@ def calibrate_ranges(float_path: Path, reader: _Reader, recipe: QdqRecipe, large
     calibrator.augment_graph()
     calibrator.model = None  # on disk now; collect_data and compute_data read only the session
     gc.collect()
-    calibrator.create_inference_session()
+    calibrator.infer_session = calibration_session(calibrator.augmented_model_path, calibrator.execution_providers)
     reader.set_range(0, len(reader))
     calibrator.collect_data(reader)
     ranges = calibrator.compute_data()
     del calibrator
     gc.collect()
     return ranges
+
+
+def calibration_session(augmented_path: str | Path, providers: list[str]) -> Any:
+    """The onnxruntime session that runs the augmented model (a ReduceMin and a ReduceMax after every tensor to
+    quantise): no graph optimisation (a fusion would remove the tensors being measured), as onnxruntime's own
+    calibrator, and nodes run in priority order, which runs each Reduce as soon as its tensor exists.
+
+    onnxruntime's default execution order ran the Reduce nodes late and so kept every calibrated tensor of a call
+    alive at once: one SD1.5-shaped U-Net call peaked at 5.34 GB RSS at 256 px against 3.55 GB in priority order
+    (3.60 GB for the plain model), about 20 GB at 512 px against 4.70 GB, and ran 1.5x slower
+    (docs/design-notes.md#calibration-memory).
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
+    return onnxruntime.InferenceSession(str(augmented_path), sess_options=options, providers=providers)
