@@ -122,13 +122,18 @@ class _Locator:
             info = ExternalDataInfo(tensor)
             file = (self.onnx_path.parent / info.location).relative_to(self.staging).as_posix()
             offset = int(info.offset or 0)
-        elif tensor.raw_data and len(tensor.raw_data) == length:
-            offset = self._map.find(tensor.raw_data)
+        else:
+            # raw_data as it is; float_data is a packed repeated fixed32 field, whose bytes are the float32 array's
+            if tensor.raw_data:
+                payload = tensor.raw_data
+            elif dtype == "float32" and len(tensor.float_data) == count:
+                payload = np.asarray(tensor.float_data, dtype="<f4").tobytes()
+            else:
+                return None  # varint-encoded data (int32_data) cannot be found or patched in place
+            offset = self._map.find(payload) if len(payload) == length else -1
             if offset < 0:
                 return None
             file = self.onnx_path.relative_to(self.staging).as_posix()
-        else:
-            return None
         return {
             "name": tensor.name,
             "file": file,

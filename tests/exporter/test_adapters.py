@@ -30,7 +30,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` at
 BACKENDS = ("onnxruntime", "openvino")
 EXACT = 1e-4  # max abs between images, fp32
 WEIGHT_B = 0.7
-INT8_PSNR_FLOOR_DB = 30.0  # INT8 + adapter against the INT8 bundle exported with both LoRAs fused (measured: 37-41)
+# INT8 + adapter against the INT8 bundle exported with both LoRAs fused (measured: 35.3 dB onnxruntime, 36.2 OpenVINO;
+# the INT8 bundle without the adapter: 28.6)
+INT8_PSNR_FLOOR_DB = 32.0
 B_TARGETS = ("to_q", "to_out.0", "conv1", "conv2", "proj_in", "ff.net.2")  # attention, 3x3 and 1x1 convolutions
 
 
@@ -101,7 +103,8 @@ def test_weight_map_is_in_the_manifest(sd) -> None:
         assert f"{name}/weights.json" in listed
         weight_map = json.loads((sd["bundle_a"] / name / "weights.json").read_text())
         layouts = {entry["layout"] for entry in weight_map["weights"].values()}
-        assert layouts == {"same", "transposed"}  # convolutions as they are, MatMul weights transposed
+        # convolutions as they are, MatMul weights transposed (a text encoder has no convolution)
+        assert layouts == ({"same", "transposed"} if name == "unet" else {"transposed"})
     assert "weight_map" not in manifest["components"]["vae_decoder"]
 
 
@@ -137,10 +140,10 @@ def sdxl_ab_bundle(other_sdxl_model, other_sdxl_bundle, tmp_path_factory) -> tup
 
 @pytest.fixture(scope="module")
 def int8_bundles(sd, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """The INT8 bundles (U-Net and VAE decoder QDQ; 2 calibration prompts) with A and with A+B fused; B as an
-    adapter for the first."""
+    """The INT8 bundles (U-Net and VAE decoder QDQ; 1 calibration prompt, no VAE encoder) with A and with A+B
+    fused; B as an adapter for the first."""
     folder = tmp_path_factory.mktemp("adapters-int8")
-    options = {"precision": "int8", "calibration_size": 2}
+    options = {"precision": "int8", "calibration_size": 1, "components": ("text_encoder", "unet", "vae_decoder")}
     bundle_a = export(sd["base"], folder / "int8-a", loras=(LoraSource(str(sd["a"])),), **options)
     bundle_ab = export(
         sd["base"], folder / "int8-ab", loras=(LoraSource(str(sd["a"])), LoraSource(str(sd["b"]), WEIGHT_B)), **options
@@ -150,6 +153,7 @@ def int8_bundles(sd, tmp_path_factory) -> tuple[Path, Path, Path]:
     return bundle_a, bundle_ab, adapter
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int8_adapter_is_close_to_the_int8_bundle_fused(int8_bundles, backend) -> None:
     bundle_a, bundle_ab, adapter = int8_bundles
