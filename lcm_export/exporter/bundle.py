@@ -38,6 +38,7 @@ from lcm_export.exporter.loading import (
     check_vae_options,
     load_pipeline,
 )
+from lcm_export.exporter.lora import LORA_COMPONENTS
 from lcm_export.exporter.onnx_export import (
     DEFAULT_OPSET,
     convert_to_fp16,
@@ -48,6 +49,7 @@ from lcm_export.exporter.onnx_export import (
     validate_onnx,
 )
 from lcm_export.exporter.schedule import guidance_frequencies, img2img_mode, lcm_scheduler_from, scheduler_info
+from lcm_export.exporter.weight_map import float_weight_names, weight_fingerprints, write_weight_map
 from lcm_export.runtime.manifest import (
     DEFAULT_GUIDANCE_SCALE,
     FORMAT_NAME,
@@ -591,6 +593,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
     trace_values["sequence"] = check_values["sequence"] = sequence
 
     components: dict[str, Component] = {}
+    weight_names: dict[str, dict[str, Any]] = {}  # per component: ONNX initializer -> torch weight (weight_map.py)
     # One component's weights in memory at a time: each module is loaded when its component is built, runs once
     # on the check shapes (its PyTorch reference outputs are kept), is traced, and is released right after the
     # trace of its last component, before the weights are repacked or converted and before onnxruntime opens the
@@ -612,6 +615,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             pipeline_module_of(loaded, later) != module for later in names[position + 1 :]
         )
         release = functools.partial(loaded.release, module) if done_with_module and not keep_modules else None
+        fingerprints = weight_fingerprints(getattr(loaded.pipeline, module)) if name in LORA_COMPONENTS else {}
         onnx_path = staging / name / "model.onnx"
         onnx_precision = "fp32" if resolved_precision(config) == "int8" else resolved_precision(config)
         spec = export_to_onnx(
@@ -623,6 +627,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             release=release,
             max_file_bytes=target.max_file_bytes,
         )
+        weight_names[name] = float_weight_names(onnx_path, fingerprints) if fingerprints else {}
         bar.set_postfix_str(f"{name}: check")
         wants_fp16 = onnx_precision == "fp16" or "fp16" in target.extra_onnx_precisions
         kept_fp32 = component.keep_fp32 and wants_fp16
@@ -698,6 +703,8 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             gc.collect()
         components = _add_int8_variants(config, staging, components, pipeline_info, write_manifest)
     components = _build_target(config, staging, components, pipeline_info, loaded, sequence)
+    for name, names in weight_names.items():  # where run-time adapters apply (docs/bundle-format.md)
+        components[name] = write_weight_map(staging, name, components[name], names) or components[name]
     return write_manifest(components)
 
 

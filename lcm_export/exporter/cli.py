@@ -197,7 +197,41 @@ def require_export_extra() -> None:
         )
 
 
+def build_adapter_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lcm-export adapter",
+        description="Turn a LoRA into a small adapter file that the runtime applies to BUNDLE without re-export.",
+    )
+    parser.add_argument("lora", metavar="LORA", help="LoRA .safetensors file (diffusers/peft or kohya), or a hub id")
+    parser.add_argument("--bundle", required=True, type=Path, help="the bundle the adapter is made for")
+    parser.add_argument("--output", "-o", required=True, type=Path, help="adapter file to write (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    parser.add_argument("--quiet", "-q", action="store_true")
+    return parser
+
+
+def adapter_main(argv: list[str]) -> int:
+    """``lcm-export adapter``: see :mod:`lcm_export.exporter.adapter`."""
+    args = build_adapter_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    require_export_extra()
+    from lcm_export.exporter.adapter import make_adapter
+    from lcm_export.exporter.bundle import LoraSource
+
+    summary = make_adapter(LoraSource(args.lora), args.bundle, args.output, overwrite=args.overwrite)
+    if not args.quiet:
+        layers = ", ".join(f"{name} {count}" for name, count in summary["layers"].items())
+        ranks = ", ".join(map(str, summary["ranks"]))
+        size = summary["size_bytes"] / 1e6
+        print(f"adapter written to {args.output} ({size:.2f} MB; layers: {layers}; rank {ranks})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["adapter"]:  # a model folder named "adapter": pass ./adapter
+        return adapter_main(argv[1:])
     args = build_parser().parse_args(argv)
     # Library chatter (e.g. transformers' note that torchvision is absent) is not ours to print; errors are.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

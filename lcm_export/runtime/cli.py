@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--low-memory",
         action="store_true",
         help="give each stage's working memory back after it runs: lower peak memory, a few %% slower",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="run-time adapter (lcm-export adapter) at WEIGHT (default 1.0); repeatable: adapters mix",
     )
     parser.add_argument("--quiet", "-q", action="store_true")
     image = parser.add_argument_group("image-to-image")
@@ -204,6 +212,23 @@ def remove_new_files(folder: Path, before: set[str]) -> None:
         folder.rmdir()
 
 
+def parse_adapters(values: list[str]) -> dict[str, float]:
+    """``--adapter FILE[:WEIGHT]`` flags -> {FILE: WEIGHT} (the weight checked again by set_adapters)."""
+    adapters: dict[str, float] = {}
+    for value in values:
+        path, separator, tail = value.rpartition(":")
+        if not separator or not path or (len(path) == 1 and path.isalpha()):  # no weight, or a Windows drive
+            path, tail = value, "1"
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise UserError(f"--adapter '{value}': weight '{tail}' is not a number: use FILE or FILE:WEIGHT") from None
+        if not math.isfinite(weight):
+            raise UserError(f"--adapter '{value}': weight '{tail}' is not a finite number: pass e.g. FILE:0.8")
+        adapters[path] = weight
+    return adapters
+
+
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """The flags that go to :meth:`Pipeline.load`, checked there against the chosen backend."""
     return dict(
@@ -308,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} applies to profiling: add --profile")
     from lcm_export.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.bundle, **load_options(args))
+    pipe = Pipeline.load(args.bundle, **load_options(args), adapters=parse_adapters(args.adapter))
     common = dict(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -477,7 +502,7 @@ def run_stream(args: argparse.Namespace) -> int:
         raise UserError(f"--output '{output}' is a file: pass a folder")
     frames, frame_rate = _stream_source(args.stream)
     check_output_writable(output if video_output else output / "frame.png")
-    pipe = Pipeline.load(args.bundle, **load_options(args))
+    pipe = Pipeline.load(args.bundle, **load_options(args), adapters=parse_adapters(args.adapter))
     stream = pipe.stream(
         args.prompt,
         strength=args.strength,

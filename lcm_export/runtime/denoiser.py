@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lcm_export.errors import NonFiniteError, UserError
+from lcm_export.runtime.adapters import WeightOverrides
 from lcm_export.runtime.backends import BackendOptions, Session
 from lcm_export.runtime.conditioning import TextConditioning, unet_conditioning_feeds
 from lcm_export.runtime.control import StepControl, control_residuals
@@ -88,14 +89,27 @@ class Denoiser:
 
     def _open(self, name: str) -> None:
         """Open ``name``'s session on its chosen variant."""
+        self._sessions[name] = self.new_session(name)
+
+    def new_session(self, name: str, weights: WeightOverrides | None = None) -> Session:
+        """A session of ``name`` on its chosen variant, not yet used by calls; ``weights`` (initializer name ->
+        array) replace those initializers (run-time adapters: the backend must list ``ADAPTERS``)."""
         hashes = {entry.path: entry.sha256 for entry in self.manifest.files}
         resolved = self.manifest.components[name].resolved(self._variants[name].artifact, hashes)
-        session = self._module.open_session(self.bundle_dir, resolved, self.options, self._static_shapes(name))
+        extra = {"weights": weights} if weights else {}
+        session = self._module.open_session(self.bundle_dir, resolved, self.options, self._static_shapes(name), **extra)
         if not self._module.THREAD_SAFE:
             session = LockedSession(session)
         self._input_dtypes[name] = {t.name: np.dtype(t.dtype) for t in resolved.spec.inputs}
         self._input_shapes[name] = {t.name: t.shape for t in resolved.spec.inputs}
-        self._sessions[name] = session
+        return session
+
+    def replace_sessions(self, sessions: dict[str, Session]) -> None:
+        """Make ``sessions`` (from :meth:`new_session`) the ones calls run, at once, and forget cached prompt
+        encodings (a text encoder may have changed). The caller makes sure no call is running."""
+        with self._open_lock:
+            self._sessions.update(sessions)
+        self.clear_prompt_cache()
 
     def open_encoder(self, variant: VariantChoice) -> None:
         """Open the VAE encoder (image-to-image, the frame loop) once, whichever thread asks first."""

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.adapters import AdapterState, CallGuard, one_weight_set
 from lcm_export.runtime.backends import (
     BackendOptions,
     backend_module,
@@ -114,6 +115,8 @@ class Pipeline:
         self._format = module.ARTIFACT_FORMAT
         chosen = choose_variants(manifest.components, needed, self._format, self.variant, bundle_dir)
         self.denoiser = Denoiser(bundle_dir, manifest, module, options, chosen)
+        self.adapter_state = AdapterState(bundle_dir, manifest)
+        self.call_guard = CallGuard()
 
     @classmethod
     def load(
@@ -131,6 +134,7 @@ class Pipeline:
         verify: Verify = "cached",
         profiling_dir: str | Path | None = None,
         low_memory: bool = False,
+        adapters: dict[str | Path, float] | None = None,
     ) -> Pipeline:
         """Load a bundle: validate the manifest, verify file hashes, check every option against the backend, choose
         one variant per component, open one session each.
@@ -150,6 +154,7 @@ class Pipeline:
         - ``verify``: "cached" (hash files not hashed before, the default), "full" (hash everything) or "size".
         - ``profiling_dir``: the backend's own profiler writes there (:meth:`end_profiling` finishes the files).
         - ``low_memory``: give each stage's working memory back after it runs (lower peak, somewhat slower).
+        - ``adapters``: {adapter file: weight} applied at load (see :meth:`set_adapters`).
         """
         check_variant(variant)
         if not isinstance(backend, str):
@@ -171,7 +176,33 @@ class Pipeline:
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir, verify=verify)
         formats = {fmt for component in manifest.components.values() for fmt in component.artifacts}
-        return cls(bundle_dir, manifest, choose_backend(backend, formats), options, variant)
+        pipeline = cls(bundle_dir, manifest, choose_backend(backend, formats), options, variant)
+        if adapters:
+            pipeline.set_adapters(adapters)
+        return pipeline
+
+    # -- run-time adapters ----------------------------------------------------------------------------------
+
+    def set_adapters(self, adapters: dict[str | Path, float]) -> None:
+        """Run the next calls with these adapters (files from ``lcm-export adapter``) at these weights, mixed:
+        W + Σ λᵢ·Bᵢ·Aᵢ, always from the base weights (``{}``: the base). Every file and weight is checked first;
+        the components they change get new sessions, swapped in when no call is running (a call in progress
+        finishes on the weights it started with); cached prompt encodings are dropped. See
+        :mod:`lcm_export.runtime.adapters`."""
+        if not getattr(backend_module(self.backend), "ADAPTERS", False):
+            raise UserError(
+                f"the {self.backend} backend does not apply run-time adapters: load with backend='onnxruntime' or "
+                "'openvino', or export with the LoRA fused (lcm-export MODEL --lora FILE)"
+            )
+        sessions, active = self.adapter_state.prepare(self.denoiser, adapters)
+        with self.call_guard.swap():
+            self.denoiser.replace_sessions(sessions)
+            self.adapter_state.active = active
+
+    @property
+    def adapters(self) -> dict[str, float]:
+        """The adapters the calls run with, {file: weight} ({}: the base weights)."""
+        return self.adapter_state.weights
 
     # -- what was loaded ------------------------------------------------------------------------------------
 
@@ -216,6 +247,7 @@ class Pipeline:
 
     # -- generation -----------------------------------------------------------------------------------------
 
+    @one_weight_set
     def __call__(
         self,
         prompt: str | list[str],
@@ -292,6 +324,7 @@ class Pipeline:
         timings["prepare"] = time.perf_counter() - start
         return self._generate(request, initial, draws.noise, height, width, observer, timings, start, control)
 
+    @one_weight_set
     def img2img(
         self,
         image: Any,

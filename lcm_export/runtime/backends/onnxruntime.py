@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.adapters import WeightOverrides
 from lcm_export.runtime.backends import (
     BackendOptions,
     artifact_identity,
@@ -41,6 +42,8 @@ from lcm_export.runtime.manifest import Component
 ARTIFACT_FORMAT = "onnx"
 # onnxruntime computes a graph in its own types: an fp32 graph in float32, whatever the CPU offers.
 COMPUTE_PRECISIONS = ("auto", "fp32")
+# Sessions may open with some initializers replaced (run-time adapters: lcm_export.runtime.adapters).
+ADAPTERS = True
 # InferenceSession.run may be called from several threads at once, but two concurrent runs share the cores their
 # thread pools each want: a lock per session measured better with 2 threads (bench/RESULTS.md, "Threads").
 THREAD_SAFE = False
@@ -76,7 +79,19 @@ def check_device(device: str) -> None:
 
 
 class OnnxRuntimeSession:
-    def __init__(self, path: Path, options: BackendOptions, name: str = "model", identity: str | None = None) -> None:
+    """One InferenceSession. ``weights`` (initializer name -> array) replace those initializers of the file (an
+    adapter's merged weights, ``SessionOptions.add_external_initializers``); such a session is optimised from the
+    ONNX file at every open and never cached: the cached graph's weights are folded and pre-packed under other
+    names, and a merge is made once."""
+
+    def __init__(
+        self,
+        path: Path,
+        options: BackendOptions,
+        name: str = "model",
+        identity: str | None = None,
+        weights: WeightOverrides | None = None,
+    ) -> None:
         import onnxruntime
 
         session_options = onnxruntime.SessionOptions()
@@ -96,7 +111,10 @@ class OnnxRuntimeSession:
         gpu = cuda_device_id(options.device)
         if gpu is not None:  # check_device made sure the provider exists
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
-        cached = optimized_model_path(path, options, identity) if gpu is None else None
+        cached = optimized_model_path(path, options, identity) if gpu is None and not weights else None
+        model: str | bytes = str(path)
+        if weights:
+            model, self._replaced = _with_weights(onnxruntime, path, session_options, weights)
         self.loaded_from_cache = False
         if cached is not None and cached.is_file():
             try:
@@ -110,7 +128,7 @@ class OnnxRuntimeSession:
                 with cache_entry_writer(cached.parent) if cached is not None else nullcontext() as staging:
                     if staging is not None:
                         _save_optimized_into(session_options, staging / cached.name)
-                    self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
+                    self.session = onnxruntime.InferenceSession(model, session_options, providers=providers)
             except Exception as error:
                 if cached is None:
                     raise
@@ -134,6 +152,31 @@ class OnnxRuntimeSession:
         if path.resolve().parent != self.profiling_dir.resolve():
             path = Path(shutil.move(str(path), str(self.profiling_dir / path.name)))
         return [path]
+
+
+def _with_weights(onnxruntime, path: Path, session_options, weights: WeightOverrides) -> tuple[str | bytes, list]:
+    """Set ``session_options`` up to replace ``weights`` when the session opens; returns what to open and the
+    values the session must keep referenced. Weights in external data are replaced with
+    ``add_external_initializers`` (onnxruntime reads those arrays in place, for the session's life); onnxruntime
+    refuses that for weights stored inside the .onnx file, so those are written over their bytes in a copy of the
+    file, opened from memory (its external data still read from the bundle folder)."""
+    external = {
+        name: np.ascontiguousarray(value)
+        for name, value in weights.values.items()
+        if name not in weights.inline_offsets
+    }
+    values = [onnxruntime.OrtValue.ortvalue_from_numpy(value) for value in external.values()]
+    if external:
+        session_options.add_external_initializers(list(external), values)
+    kept = [*external.values(), *values]
+    if not weights.inline_offsets:
+        return str(path), kept
+    data = bytearray(path.read_bytes())
+    for name, offset in weights.inline_offsets.items():
+        payload = np.ascontiguousarray(weights.values[name]).tobytes()
+        data[offset : offset + len(payload)] = payload
+    session_options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return bytes(data), kept
 
 
 def _cpu_identity() -> str:
@@ -183,6 +226,8 @@ def open_session(
     component: Component,
     options: BackendOptions,
     static_shapes: dict[str, tuple[int, ...]] | None = None,
+    weights: WeightOverrides | None = None,
 ) -> OnnxRuntimeSession:
     path = artifact_path(bundle_dir, component, ARTIFACT_FORMAT)
-    return OnnxRuntimeSession(path, options, component.spec.name, artifact_identity(component, ARTIFACT_FORMAT))
+    identity = artifact_identity(component, ARTIFACT_FORMAT)
+    return OnnxRuntimeSession(path, options, component.spec.name, identity, weights)

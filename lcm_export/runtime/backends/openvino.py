@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.adapters import WeightOverrides
 from lcm_export.runtime.backends import (
     BackendOptions,
     artifact_identity,
@@ -53,6 +54,8 @@ from lcm_export.runtime.manifest import Component
 ARTIFACT_FORMAT = "onnx"
 # The INFERENCE_PRECISION_HINT values the option maps to (see PRECISION_HINTS); "int8" is a stored variant.
 COMPUTE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Sessions may open with some initializers replaced (run-time adapters: lcm_export.runtime.adapters).
+ADAPTERS = True
 # A session keeps a pool of infer requests, one per concurrent call (see OpenVinoSession).
 THREAD_SAFE = True
 
@@ -228,8 +231,33 @@ def float_layer_outputs(model: Any) -> int:
     return bypassed
 
 
-def _read(core: Any, path: Path, shapes: dict[str, list[int]], quantised: bool) -> Any:
+def replace_constants(model: Any, weights: dict[str, np.ndarray]) -> None:
+    """Replace the Constants that hold the ONNX initializers named in ``weights`` by new ones with those values
+    (an adapter's merged weights), before the model is compiled."""
+    import openvino
+
+    left = dict(weights)
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "Constant" or not left:
+            continue
+        names = node.output(0).get_names()
+        hit = next((name for name in names if name in left), None)
+        if hit is None:
+            continue
+        value = left.pop(hit)
+        replacement = openvino.op.Constant(np.ascontiguousarray(value), shared_memory=False)
+        replacement.output(0).set_names(set(names))
+        node.output(0).replace(replacement.output(0))
+    if left:
+        raise RuntimeError(f"OpenVINO's model has no constant for {', '.join(sorted(left)[:3])}")
+
+
+def _read(
+    core: Any, path: Path, shapes: dict[str, list[int]], quantised: bool, weights: dict[str, np.ndarray] | None = None
+) -> Any:
     model = core.read_model(str(path))
+    if weights:
+        replace_constants(model, weights)
     if quantised:
         float_layer_outputs(model)
     if shapes:
@@ -286,6 +314,7 @@ class OpenVinoSession:
         component_name: str = "model",
         identity: str | None = None,
         quantised: bool = False,
+        weights: WeightOverrides | None = None,
     ) -> None:
         import openvino
 
@@ -293,7 +322,16 @@ class OpenVinoSession:
         config = compile_config(core, options)
         if options.profiling_dir:
             config["PERF_COUNT"] = "YES"  # per-layer counters, read after every inference
-        self.compiled = compile_onnx(core, path, options, config, static_shapes, identity, quantised)
+        if weights:
+            # An adapter's merged weights: the model read, its constants replaced, compiled uncached (a merge is
+            # compiled once; OpenVINO's cache would hash every weight to key it).
+            shapes = {name: list(shape) for name, shape in (static_shapes or {}).items() if len(shape)}
+            uncached = {key: value for key, value in config.items() if key != "CACHE_DIR"}
+            model = _read(core, path, shapes, quantised, weights.values)
+            self.compiled = core.compile_model(model, options.device, uncached)
+            del model
+        else:
+            self.compiled = compile_onnx(core, path, options, config, static_shapes, identity, quantised)
         self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE"))
         # What the device runs: "f32", "bf16" or "f16" (for "auto", the plugin's choice).
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -404,10 +442,10 @@ def open_session(
     component: Component,
     options: BackendOptions,
     static_shapes: dict[str, tuple[int, ...]] | None = None,
+    weights: WeightOverrides | None = None,
 ) -> OpenVinoSession:
     path = artifact_path(bundle_dir, component, ARTIFACT_FORMAT)
     options = dataclasses.replace(options, device=options.device_or("CPU"))
     quantised = component.artifacts[ARTIFACT_FORMAT].precision == "int8"  # a QDQ variant
-    return OpenVinoSession(
-        path, options, static_shapes, component.spec.name, artifact_identity(component, ARTIFACT_FORMAT), quantised
-    )
+    identity = artifact_identity(component, ARTIFACT_FORMAT)
+    return OpenVinoSession(path, options, static_shapes, component.spec.name, identity, quantised, weights)

@@ -194,6 +194,9 @@ class Component:
     spec: ComponentSpec
     variants: tuple[Artifact, ...]
     validation: dict[str, Any] = field(default_factory=dict)
+    # The component's weight map (``<name>/weights.json``: torch module -> ONNX initializer, where run-time
+    # adapters apply; lcm_export.runtime.adapters), or None: a bundle without one takes no adapter.
+    weight_map: str | None = None
 
     @property
     def artifacts(self) -> dict[str, Artifact]:
@@ -208,13 +211,14 @@ class Component:
         sha256 of its files from ``hashes`` (path -> sha256, the manifest's ``files``)."""
         digests = tuple(hashes[path] for path in variant.files if path in hashes) if hashes else ()
         chosen = dataclasses.replace(variant, digests=digests)
-        return Component(self.spec.with_dtypes(variant.io_dtype), (chosen,), self.validation)
+        return Component(self.spec.with_dtypes(variant.io_dtype), (chosen,), self.validation, self.weight_map)
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.spec.to_json(),
             "variants": [variant.to_json() for variant in self.variants],
             "validation": self.validation,
+            **({"weight_map": self.weight_map} if self.weight_map is not None else {}),
         }
 
     @classmethod
@@ -230,7 +234,10 @@ class Component:
                     f"{at}.name", f"repeats the {variant.format} variant name {describe(variant.name)}"
                 )
             variants.append(variant)
-        return cls(spec, tuple(variants), fields.object("validation", default={}).data)
+        weight_map = fields.get("weight_map", None)
+        if weight_map is not None:
+            weight_map = as_bundle_path(weight_map, fields.path("weight_map"))
+        return cls(spec, tuple(variants), fields.object("validation", default={}).data, weight_map)
 
 
 @dataclass(frozen=True)

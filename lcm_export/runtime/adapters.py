@@ -1,0 +1,470 @@
+"""Run-time adapters: LoRA styles merged into a loaded bundle's weights, switched between calls without re-export.
+
+An adapter file (written by ``lcm-export adapter LORA --bundle BUNDLE``) is a safetensors file holding, per adapted
+weight, the LoRA's two factors keyed by the bundle's own ONNX initializer name: ``<component>/<name>.down``
+(r, in·kh·kw) and ``<component>/<name>.up`` (out, r), the LoRA's alpha/r already in ``up``; its metadata ties it to
+the bundle it was made for (the sha256 of each adapted component's weight map, which records the sha256 of the
+weights themselves). The format is in docs/bundle-format.md ("Adapter files").
+
+Applying a set of adapters {file: λ} is a merge from the base weights, never from the weights of the previous set:
+W' = W + Σ λᵢ·upᵢ·downᵢ (reshaped to the weight's layout, transposed where the ONNX file holds W transposed), so
+A -> B -> base -> A gives each one's own weights. An INT8 (QDQ) variant's weight is dequantised, merged in float and
+requantised per output channel (symmetric int8, scale max|W'|/127), and its int32 bias requantised to the new
+scale; activation ranges stay as calibrated. The base weights are read from where the component's weight map says
+they are (file, offset, length): no ONNX parser is needed. Why a merge and a new session rather than factors fed as
+graph inputs: docs/design-notes.md#adapters.
+
+Everything read from an adapter file or a weight map is checked at the border: a file made for another bundle,
+factors for weights the bundle does not have, shapes or ranks that do not fit, non-finite values or weights are
+each one :class:`AdapterError` line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import struct
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcm_export.errors import UserError
+from lcm_export.runtime.manifest import Manifest
+
+WEIGHT_MAP_NAME = "weights.json"  # per component folder
+WEIGHT_MAP_FORMAT = "lcm-export-weight-map"
+WEIGHT_MAP_VERSION = 1
+ADAPTER_FORMAT = "lcm-export-adapter"
+ADAPTER_VERSION = "1"
+MAX_HEADER_BYTES = 100_000_000  # a safetensors header larger than this is not an adapter file
+INT8_LEVELS = 127.0  # symmetric int8 weights: [-127, 127], as onnxruntime's quantizer writes them
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
+
+
+class AdapterError(UserError):
+    """An adapter file or weight that cannot be applied to this bundle."""
+
+
+# -- the bundle side: weight maps --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MappedWeight:
+    """One adaptable weight of a component: its float ONNX initializer name, the torch module it came from, its
+    kind ("linear", "conv") and layout ("same", or "transposed": the ONNX holds Wᵀ), and its ONNX shape."""
+
+    name: str
+    module: str
+    kind: str
+    layout: str
+    shape: tuple[int, ...]
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        """(out, in) or (out, in, kh, kw): the shape a LoRA's B·A has."""
+        return tuple(reversed(self.shape)) if self.layout == "transposed" else self.shape
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """A component's ``weights.json``: its adaptable weights and, per ONNX variant, where they are stored."""
+
+    component: str
+    path: str  # inside the bundle
+    sha256: str  # as the manifest lists it: what an adapter file is tied to
+    weights: dict[str, MappedWeight]
+    variants: dict[str, dict[str, Any]]  # variant name -> {"path", "tensors": {name: location}}
+
+
+def _map_error(path: str, problem: str) -> AdapterError:
+    return AdapterError(f"weight map '{path}' {problem}: re-export the bundle")
+
+
+def read_weight_map(bundle_dir: Path, manifest: Manifest, component: str) -> WeightMap | None:
+    """The weight map of ``component``, or None where the bundle has none (exported before weight maps, or a
+    component without Linear/Conv weights). Its hash was verified with the bundle's other files."""
+    relative = manifest.components[component].weight_map
+    if relative is None:
+        return None
+    hashes = {entry.path: entry.sha256 for entry in manifest.files}
+    if relative not in hashes:
+        raise _map_error(relative, "is not listed in the manifest's files")
+    try:
+        data = json.loads((bundle_dir / relative).read_text())
+    except (OSError, ValueError) as error:
+        raise _map_error(relative, f"cannot be read ({type(error).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != WEIGHT_MAP_FORMAT or data.get("version") != 1:
+        raise _map_error(relative, f"is not a version-{WEIGHT_MAP_VERSION} {WEIGHT_MAP_FORMAT}")
+    weights: dict[str, MappedWeight] = {}
+    try:
+        for name, entry in data["weights"].items():
+            shape = tuple(int(dim) for dim in entry["shape"])
+            if entry["kind"] not in ("linear", "conv") or entry["layout"] not in ("same", "transposed"):
+                raise ValueError(name)
+            weights[name] = MappedWeight(name, str(entry["module"]), entry["kind"], entry["layout"], shape)
+        variants = {str(name): dict(entry) for name, entry in data["variants"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _map_error(relative, f"has a malformed entry ({error})") from None
+    return WeightMap(component, relative, hashes[relative], weights, variants)
+
+
+def _read_location(bundle_dir: Path, manifest: Manifest, where: Any, what: str) -> np.ndarray:
+    """The tensor stored at ``where`` ({file, offset, length, dtype, shape}) in a bundle file the manifest lists."""
+    try:
+        file, offset, length = str(where["file"]), int(where["offset"]), int(where["length"])
+        dtype, shape = np.dtype(where["dtype"]), tuple(int(dim) for dim in where["shape"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise AdapterError(f"{what}: malformed location in its weight map ({error}): re-export the bundle") from None
+    if file not in {entry.path for entry in manifest.files}:
+        raise AdapterError(f"{what}: its weight map names '{file}', which the manifest does not list: re-export")
+    count = math.prod(shape) if shape else 1
+    if offset < 0 or count * dtype.itemsize != length:
+        raise AdapterError(f"{what}: its weight map's location does not fit its shape: re-export the bundle")
+    values = np.fromfile(bundle_dir / file, dtype=dtype, count=count, offset=offset)
+    if values.size != count:
+        raise AdapterError(f"{what}: '{file}' is shorter than its weight map says: re-export the bundle")
+    return values.reshape(shape)
+
+
+# -- adapter files -----------------------------------------------------------------------------------------------
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, read with numpy only (8-byte header length, JSON header,
+    little-endian data). Raises :class:`AdapterError` on anything that is not one."""
+    label = f"adapter '{path}'"
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise AdapterError(
+            f"{label} cannot be read ({error.strerror or type(error).__name__}): pass an adapter file "
+            "made by lcm-export adapter"
+        ) from None
+    try:
+        (header_size,) = struct.unpack("<Q", raw[:8])
+        if not 0 < header_size <= min(MAX_HEADER_BYTES, len(raw) - 8):
+            raise ValueError("header size")
+        header = json.loads(raw[8 : 8 + header_size])
+        if not isinstance(header, dict):
+            raise ValueError("header")
+        metadata = header.pop("__metadata__", {}) or {}
+        data = memoryview(raw)[8 + header_size :]
+        tensors: dict[str, np.ndarray] = {}
+        for name, entry in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"dtype {entry['dtype']}")
+            start, end = (int(value) for value in entry["data_offsets"])
+            shape = tuple(int(dim) for dim in entry["shape"])
+            if not 0 <= start <= end <= len(data) or (end - start) != math.prod(shape) * np.dtype(dtype).itemsize:
+                raise ValueError(f"offsets of {name}")
+            tensors[name] = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    except (struct.error, ValueError, KeyError, TypeError) as error:
+        raise AdapterError(
+            f"{label} is not a safetensors file ({error}): pass an adapter file made by lcm-export adapter"
+        ) from None
+    return tensors, {str(key): str(value) for key, value in metadata.items()}
+
+
+@dataclass(frozen=True)
+class AdapterLayer:
+    """One adapted weight: ``up`` (out, r) · ``down`` (r, in·kh·kw) is its ΔW in torch's layout, alpha/r included."""
+
+    component: str
+    weight: str  # the float ONNX initializer name
+    down: np.ndarray
+    up: np.ndarray
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A checked adapter file: its layers and what it was made from."""
+
+    path: Path
+    source: str  # the LoRA it was made from, as recorded
+    layers: tuple[AdapterLayer, ...]
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(sorted({layer.component for layer in self.layers}))
+
+
+def load_adapter(path: str | Path, bundle_dir: Path, weight_maps: Mapping[str, WeightMap]) -> Adapter:
+    """Read ``path`` and check it against this bundle's weight maps: the bundle it was made for, every key, every
+    shape and rank, finite values."""
+    path = Path(path)
+    label = f"adapter '{path}'"
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(
+            f"{label} is not an lcm-export adapter file (no '{ADAPTER_FORMAT}' metadata): make one "
+            "with lcm-export adapter LORA --bundle BUNDLE --output FILE"
+        )
+    if metadata.get("version") != ADAPTER_VERSION:
+        raise AdapterError(
+            f"{label} is adapter format version {metadata.get('version')!r}; this runtime reads "
+            f"{ADAPTER_VERSION}: make it again with this lcm-export"
+        )
+    try:
+        made_for = json.loads(metadata.get("bundle", ""))
+        assert isinstance(made_for, dict)
+    except (ValueError, AssertionError):
+        raise AdapterError(f"{label} has no valid 'bundle' metadata: make it again with lcm-export adapter") from None
+    for component, digest in sorted(made_for.items()):
+        weight_map = weight_maps.get(component)
+        if weight_map is None or weight_map.sha256 != digest:
+            what = "has no weight map for it" if weight_map is None else "has other weights"
+            raise AdapterError(
+                f"{label} was made for another bundle (its {component} {what} here): make it for this one with "
+                f"lcm-export adapter LORA --bundle '{bundle_dir}' --output FILE"
+            )
+    groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for key, values in tensors.items():
+        component, _, rest = key.partition("/")
+        weight, _, role = rest.rpartition(".")
+        if component not in made_for or role not in ("down", "up") or not weight:
+            raise AdapterError(
+                f"{label} holds a tensor '{key}' that is not <component>/<weight>.down|.up of a "
+                "component it was made for: make it again with lcm-export adapter"
+            )
+        groups.setdefault((component, weight), {})[role] = values
+    layers = []
+    for (component, weight), factors in sorted(groups.items()):
+        mapped = weight_maps[component].weights.get(weight)
+        where = f"{label}: {component} weight '{weight}'"
+        if mapped is None:
+            raise AdapterError(f"{where} is not an adaptable weight of this bundle: make the adapter for this bundle")
+        if set(factors) != {"down", "up"}:
+            raise AdapterError(f"{where} has only its {next(iter(factors))} factor: make the adapter again")
+        down, up = factors["down"].astype(np.float32), factors["up"].astype(np.float32)
+        out_features, inner = mapped.torch_shape[0], math.prod(mapped.torch_shape[1:])
+        fits = down.ndim == 2 and up.ndim == 2 and up.shape[1] == down.shape[0]
+        if not fits or up.shape[0] != out_features or down.shape[1] != inner:
+            raise AdapterError(
+                f"{where}: factors {list(up.shape)} x {list(down.shape)} do not fit the weight "
+                f"{list(mapped.torch_shape)} (up (out, r), down (r, in*kh*kw)): make the adapter for this bundle"
+            )
+        if not (np.isfinite(down).all() and np.isfinite(up).all()):
+            raise AdapterError(f"{where} holds NaN or inf: the LoRA it was made from is broken")
+        layers.append(AdapterLayer(component, weight, down, up))
+    if not layers:
+        raise AdapterError(f"{label} adapts no weight: make it again with lcm-export adapter")
+    return Adapter(path, metadata.get("source", path.name), tuple(layers))
+
+
+def check_adapter_weights(adapters: Any) -> dict[str, float]:
+    """``{FILE: weight, ...}`` (a mapping; an empty one means the base weights) with finite numeric weights."""
+    if not isinstance(adapters, Mapping):
+        raise AdapterError(f"adapters={adapters!r}: pass a dict {{'style.safetensors': 0.8, ...}} ({{}}: no adapter)")
+    checked: dict[str, float] = {}
+    for path, weight in adapters.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating)) or not math.isfinite(weight):
+            raise AdapterError(f"adapter '{path}': weight {weight!r} is not a finite number: pass e.g. 0.8")
+        checked[str(path)] = float(weight)
+    return checked
+
+
+# -- merging -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightOverrides:
+    """Initializers of one ONNX variant to replace when its session opens: name -> new value, and for those stored
+    inside the .onnx file itself (small models) the byte offset of their data there, so that a backend that can
+    only replace external data (onnxruntime) patches those bytes in a copy of the file instead."""
+
+    values: dict[str, np.ndarray]
+    inline_offsets: dict[str, int]
+
+    def __bool__(self) -> bool:
+        return bool(self.values)
+
+
+def _delta(mapped: MappedWeight, terms: list[tuple[float, AdapterLayer]]) -> np.ndarray:
+    """Σ λ·up·down in the ONNX layout of ``mapped``, float32."""
+    total = np.zeros((mapped.torch_shape[0], math.prod(mapped.torch_shape[1:])), dtype=np.float32)
+    for weight, layer in terms:
+        total += np.float32(weight) * (layer.up @ layer.down)
+    total = total.reshape(mapped.torch_shape)
+    return np.ascontiguousarray(total.T) if mapped.layout == "transposed" else total
+
+
+def _requantized(merged: np.ndarray, old_scale: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 of ``merged`` along ``axis``: (int8 values, float32 scales); a channel that is
+    all zero keeps its old scale."""
+    reduce = tuple(index for index in range(merged.ndim) if index != axis)
+    scale = (np.abs(merged).max(axis=reduce) / np.float32(INT8_LEVELS)).astype(np.float32)
+    scale = np.where(scale > 0, scale, old_scale.reshape(scale.shape)).astype(np.float32)
+    shape = [1] * merged.ndim
+    shape[axis] = -1
+    quantized = np.clip(np.rint(merged / scale.reshape(shape)), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    return quantized, scale.reshape(old_scale.shape)
+
+
+def merged_weights(
+    bundle_dir: Path,
+    manifest: Manifest,
+    weight_map: WeightMap,
+    variant: str,
+    active: list[tuple[Adapter, float]],
+) -> WeightOverrides:
+    """The initializers of ``variant`` of the component to replace for the ``active`` adapters (with their weights):
+    initializer name -> new value. Float variants: W + ΔW in the stored dtype; INT8 variants: the requantised int8
+    weight, its scales and its requantised int32 bias."""
+    stored = weight_map.variants.get(variant)
+    if stored is None:
+        raise AdapterError(
+            f"the {weight_map.component} variant '{variant}' is not in its weight map: load another variant "
+            "(variant='fp32') or re-export the bundle"
+        )
+    terms: dict[str, list[tuple[float, AdapterLayer]]] = {}
+    for adapter, weight in active:
+        for layer in adapter.layers:
+            if layer.component == weight_map.component and weight != 0:
+                terms.setdefault(layer.weight, []).append((weight, layer))
+    overrides: dict[str, np.ndarray] = {}
+    inline: dict[str, int] = {}
+    tensors = stored.get("tensors", {})
+
+    def replace(where: Any, value: np.ndarray) -> None:
+        overrides[str(where["name"])] = value
+        if where["file"] == stored.get("path"):
+            inline[str(where["name"])] = int(where["offset"])
+
+    for name, layer_terms in terms.items():
+        mapped = weight_map.weights[name]
+        where = tensors.get(name)
+        what = f"{weight_map.component} weight '{name}' ({mapped.module}) of variant '{variant}'"
+        if where is None:
+            raise AdapterError(f"{what} is not adaptable (its weight map has no location): load variant='fp32'")
+        delta = _delta(mapped, layer_terms)
+        if where["dtype"] in ("float32", "float16"):
+            base = _read_location(bundle_dir, manifest, where, what)
+            replace(where, (base.astype(np.float32) + delta).astype(base.dtype))
+            continue
+        # INT8: dequantise, merge in float, requantise per channel; the bias follows the new scales.
+        quantized = _read_location(bundle_dir, manifest, where, what)
+        old_scale = _read_location(bundle_dir, manifest, where["scale"], what).astype(np.float32)
+        axis = int(where["axis"]) % quantized.ndim
+        shape = [1] * quantized.ndim
+        shape[axis] = -1
+        merged = quantized.astype(np.float32) * old_scale.reshape(shape) + delta
+        new_quantized, new_scale = _requantized(merged, old_scale, axis)
+        replace(where, new_quantized)
+        replace(where["scale"], new_scale)
+        bias = where.get("bias")
+        if bias is not None:
+            bias_values = _read_location(bundle_dir, manifest, bias, what)
+            bias_scale = _read_location(bundle_dir, manifest, bias["scale"], what).astype(np.float32)
+            new_bias_scale = (bias_scale * (new_scale / old_scale)).astype(np.float32)
+            real = bias_values.astype(np.float64) * bias_scale
+            replace(bias, np.rint(real / new_bias_scale).astype(np.int32))
+            replace(bias["scale"], new_bias_scale)
+    for name, value in overrides.items():
+        if not np.isfinite(value.astype(np.float32)).all():
+            raise AdapterError(f"the merged {weight_map.component} weight '{name}' is not finite: lower the weights")
+    return WeightOverrides(overrides, inline)
+
+
+# -- switching between calls -------------------------------------------------------------------------------------
+
+
+class CallGuard:
+    """Calls run concurrently with each other; a swap of sessions waits for the running calls to end and holds new
+    ones until it is done, so no call runs partly on the old weights and partly on the new."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._calls = 0
+        self._swapping = False
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        with self._condition:
+            while self._swapping:
+                self._condition.wait()
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._calls -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def swap(self) -> Iterator[None]:
+        with self._condition:
+            while self._swapping:
+                self._condition.wait()
+            self._swapping = True
+            while self._calls:
+                self._condition.wait()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._swapping = False
+                self._condition.notify_all()
+
+
+def one_weight_set(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`Pipeline` method that runs on one set of weights from start to end (its ``call_guard``)."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.call_guard.call():
+            return method(self, *args, **kwargs)
+
+    return guarded
+
+
+class AdapterState:
+    """The adapters a pipeline runs with, and the bundle facts applying them needs (weight maps, read once)."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest) -> None:
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self._weight_maps: dict[str, WeightMap] | None = None
+        self.active: tuple[tuple[Adapter, float], ...] = ()
+
+    @property
+    def weight_maps(self) -> dict[str, WeightMap]:
+        if self._weight_maps is None:
+            maps = {name: read_weight_map(self.bundle_dir, self.manifest, name) for name in self.manifest.components}
+            self._weight_maps = {name: found for name, found in maps.items() if found is not None}
+        return self._weight_maps
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The active adapters as {file: weight} (empty: the base weights)."""
+        return {str(adapter.path): weight for adapter, weight in self.active}
+
+    def prepare(self, denoiser: Any, adapters: Any) -> tuple[dict[str, Any], tuple[tuple[Adapter, float], ...]]:
+        """New sessions for every component whose weights change from the active set to ``adapters`` (each merged
+        from the base weights), not yet in use; and the new set. Raises :class:`AdapterError` before any session
+        opens when a file or weight is bad."""
+        checked = check_adapter_weights(adapters)
+        if checked and not self.weight_maps:
+            raise AdapterError(
+                f"BUNDLE '{self.bundle_dir}' has no weight maps (exported before run-time adapters): re-export it"
+            )
+        wanted = tuple(
+            (load_adapter(path, self.bundle_dir, self.weight_maps), weight) for path, weight in checked.items()
+        )
+        touched = {component for adapter, _ in (*self.active, *wanted) for component in adapter.components}
+        sessions: dict[str, Any] = {}
+        for component in sorted(touched):
+            terms = [(adapter, weight) for adapter, weight in wanted if component in adapter.components]
+            if not terms:
+                sessions[component] = denoiser.new_session(component)  # back to the base weights
+                continue
+            variant = denoiser.variants[component].name
+            weights = merged_weights(self.bundle_dir, self.manifest, self.weight_maps[component], variant, terms)
+            sessions[component] = denoiser.new_session(component, weights)
+        return sessions, wanted

@@ -1,0 +1,253 @@
+"""Run-time adapters: a bundle with LoRA A fused plus adapter B at weight w gives the image of the bundle exported
+with A and B both fused, on onnxruntime and OpenVINO (fp32), for SD1.5-family and SDXL tiny models with attention,
+convolution and text-encoder LoRAs; switching A+B -> base -> A+B gives each one's own image; the INT8 variant with an
+adapter stays close to the INT8 bundle exported with both fused; every bad input is one line.
+
+The SDXL case is the OTHER_SDXL shape (other block counts and head sizes than the default tiny SDXL) with a LoRA
+of a rank (3) no other test uses, on both text encoders as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcm_export.errors import ExportError
+from lcm_export.exporter.adapter import make_adapter
+from lcm_export.exporter.bundle import LoraSource
+from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_lora, build_tiny_pipeline
+from lcm_export.runtime import Pipeline
+from lcm_export.runtime.adapters import AdapterError
+from tests.helpers import assert_one_line_error, export, run_module
+
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+BACKENDS = ("onnxruntime", "openvino")
+EXACT = 1e-4  # max abs between images, fp32
+WEIGHT_B = 0.7
+# INT8 + adapter against the INT8 bundle exported with both LoRAs fused (measured: 35.3 dB onnxruntime, 36.2 OpenVINO;
+# the INT8 bundle without the adapter: 28.6)
+INT8_PSNR_FLOOR_DB = 32.0
+B_TARGETS = ("to_q", "to_out.0", "conv1", "conv2", "proj_in", "ff.net.2")  # attention, 3x3 and 1x1 convolutions
+
+
+def _images(bundle_or_pipe, backend: str = "onnxruntime", **load) -> np.ndarray:
+    pipe = bundle_or_pipe
+    if not isinstance(pipe, Pipeline):
+        pipe = Pipeline.load(bundle_or_pipe, backend=backend, precision="fp32", **load)
+    return pipe("a photo of a cat", negative_prompt="blurry", guidance_scale=1.5, num_inference_steps=2, seed=5).images
+
+
+def _psnr(first: np.ndarray, second: np.ndarray) -> float:
+    mse = float(np.mean((first.astype(np.float64) - second) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory) -> dict[str, Path]:
+    """A tiny base SD, LoRA A (attention, U-Net and text encoder) fused, LoRA B (rank 3: attention, 3x3 and 1x1
+    convolutions, feed-forward, text-encoder q/fc1) as an adapter; the bundles with A and with A+B (B at WEIGHT_B)."""
+    folder = tmp_path_factory.mktemp("adapters-sd")
+    base = build_tiny_pipeline(folder / "base", TinyPipelineConfig(kind="sd"))
+    lora_a = build_tiny_lora(
+        folder / "a.safetensors", base, rank=4, alpha=8, target_modules=("to_q", "to_k", "to_v"), text_encoder=True
+    )
+    lora_b = build_tiny_lora(
+        folder / "b.safetensors",
+        base,
+        rank=3,
+        target_modules=B_TARGETS,
+        text_encoder=True,
+        text_encoder_target_modules=("q_proj", "fc1"),
+        seed=2,
+    )
+    bundle_a = export(base, folder / "bundle-a", loras=(LoraSource(str(lora_a)),))
+    bundle_ab = export(base, folder / "bundle-ab", loras=(LoraSource(str(lora_a)), LoraSource(str(lora_b), WEIGHT_B)))
+    adapter = folder / "b.adapter"
+    make_adapter(LoraSource(str(lora_b)), bundle_a, adapter)
+    return {"base": base, "a": lora_a, "b": lora_b, "bundle_a": bundle_a, "bundle_ab": bundle_ab, "adapter": adapter}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd_adapter_gives_the_fused_image_and_switches_back(sd, backend) -> None:
+    fused_a, fused_ab = _images(sd["bundle_a"], backend), _images(sd["bundle_ab"], backend)
+    assert np.abs(fused_a - fused_ab).max() > 1e-2  # B changes the image: the comparisons below can fail
+    pipe = Pipeline.load(sd["bundle_a"], backend=backend, precision="fp32", adapters={sd["adapter"]: WEIGHT_B})
+    assert np.abs(_images(pipe) - fused_ab).max() <= EXACT
+    pipe.set_adapters({})  # base (A only) -> exactly A's image, then B again exactly
+    assert np.abs(_images(pipe) - fused_a).max() == 0.0
+    pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    assert np.abs(_images(pipe) - fused_ab).max() <= EXACT
+    assert pipe.adapters == {str(sd["adapter"]): WEIGHT_B}
+
+
+def test_adapters_mix_as_a_sum(sd, tmp_path) -> None:
+    """Two adapters at λ1 and λ2 add their deltas: B at 0.3 and a copy of B at 0.4 are B at 0.7."""
+    copy = tmp_path / "b-copy.adapter"
+    shutil.copy(sd["adapter"], copy)
+    pipe = Pipeline.load(sd["bundle_a"], backend="onnxruntime", precision="fp32")
+    pipe.set_adapters({sd["adapter"]: 0.3, copy: WEIGHT_B - 0.3})
+    assert np.abs(_images(pipe) - _images(sd["bundle_ab"])).max() <= EXACT
+
+
+def test_weight_map_is_in_the_manifest(sd) -> None:
+    manifest = json.loads((sd["bundle_a"] / "manifest.json").read_text())
+    listed = {entry["path"] for entry in manifest["files"]}
+    for name in ("unet", "text_encoder"):
+        assert manifest["components"][name]["weight_map"] == f"{name}/weights.json"
+        assert f"{name}/weights.json" in listed
+        weight_map = json.loads((sd["bundle_a"] / name / "weights.json").read_text())
+        layouts = {entry["layout"] for entry in weight_map["weights"].values()}
+        # convolutions as they are, MatMul weights transposed (a text encoder has no convolution)
+        assert layouts == ({"same", "transposed"} if name == "unet" else {"transposed"})
+    assert "weight_map" not in manifest["components"]["vae_decoder"]
+
+
+# -- SDXL, an unseen shape -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdxl_adapter_gives_the_fused_image(other_sdxl_bundle, sdxl_ab_bundle, backend) -> None:
+    bundle_ab, adapter = sdxl_ab_bundle
+    fused = _images(bundle_ab, backend)
+    assert np.abs(_images(other_sdxl_bundle, backend) - fused).max() > 1e-2
+    pipe = Pipeline.load(other_sdxl_bundle, backend=backend, precision="fp32", adapters={adapter: 0.5})
+    assert np.abs(_images(pipe) - fused).max() <= EXACT
+
+
+@pytest.fixture(scope="module")
+def sdxl_ab_bundle(other_sdxl_model, other_sdxl_bundle, tmp_path_factory) -> tuple[Path, Path]:
+    """OTHER_SDXL with its LoRA at 0.9 and a rank-3 LoRA B (attention + convolutions + both text encoders) at 0.5
+    fused; and B as an adapter for the bundle with only the first LoRA."""
+    base, lora = other_sdxl_model
+    folder = tmp_path_factory.mktemp("adapters-sdxl")
+    lora_b = build_tiny_lora(
+        folder / "b.safetensors", base, rank=3, target_modules=B_TARGETS, text_encoder=True, seed=9
+    )
+    bundle = export(base, folder / "bundle-ab", loras=(LoraSource(str(lora), 0.9), LoraSource(str(lora_b), 0.5)))
+    adapter = folder / "b.adapter"
+    make_adapter(LoraSource(str(lora_b)), other_sdxl_bundle, adapter)
+    return bundle, adapter
+
+
+# -- INT8 ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_bundles(sd, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The INT8 bundles (U-Net and VAE decoder QDQ; 1 calibration prompt, no VAE encoder) with A and with A+B
+    fused; B as an adapter for the first."""
+    folder = tmp_path_factory.mktemp("adapters-int8")
+    options = {"precision": "int8", "calibration_size": 1, "components": ("text_encoder", "unet", "vae_decoder")}
+    bundle_a = export(sd["base"], folder / "int8-a", loras=(LoraSource(str(sd["a"])),), **options)
+    bundle_ab = export(
+        sd["base"], folder / "int8-ab", loras=(LoraSource(str(sd["a"])), LoraSource(str(sd["b"]), WEIGHT_B)), **options
+    )
+    adapter = folder / "b.adapter"
+    make_adapter(LoraSource(str(sd["b"])), bundle_a, adapter)
+    return bundle_a, bundle_ab, adapter
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_adapter_is_close_to_the_int8_bundle_fused(int8_bundles, backend) -> None:
+    bundle_a, bundle_ab, adapter = int8_bundles
+    fused = _images(bundle_ab, backend)
+    without = _images(bundle_a, backend)
+    pipe = Pipeline.load(bundle_a, backend=backend, precision="fp32", adapters={adapter: WEIGHT_B})
+    assert pipe.variants["unet"].precision == "int8"
+    adapted = _images(pipe)
+    print(f"{backend}: INT8+adapter vs INT8 fused {_psnr(adapted, fused):.2f} dB, without {_psnr(without, fused):.2f}")
+    assert _psnr(adapted, fused) >= INT8_PSNR_FLOOR_DB
+    assert _psnr(adapted, fused) > _psnr(without, fused) + 3  # the adapter, not the base, is what gets close
+
+
+# -- bad input: one line each --------------------------------------------------------------------------------------
+
+
+def test_adapter_for_another_bundle(sd, other_sdxl_bundle) -> None:
+    for bundle in (sd["bundle_ab"], other_sdxl_bundle):  # same architecture other weights; another architecture
+        with pytest.raises(AdapterError, match=r"was made for another bundle \(its (text_encoder|unet) "):
+            Pipeline.load(bundle, backend="onnxruntime", adapters={sd["adapter"]: 1.0})
+
+
+def test_non_finite_or_wrong_weights(sd) -> None:
+    pipe = Pipeline.load(sd["bundle_a"], backend="onnxruntime")
+    for weight in (float("nan"), float("inf"), "0.5", True):
+        with pytest.raises(AdapterError, match=r"is not a finite number: pass e\.g\. 0\.8"):
+            pipe.set_adapters({sd["adapter"]: weight})
+    with pytest.raises(AdapterError, match=r"pass a dict"):
+        pipe.set_adapters([sd["adapter"]])
+    assert pipe.adapters == {}
+
+
+def _rewrite_adapter(source: Path, target: Path, change) -> Path:
+    """A copy of the adapter file with its header changed by ``change(header)`` (data kept)."""
+    raw = source.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    change(header)
+    encoded = json.dumps(header).encode()
+    target.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size :])
+    return target
+
+
+def test_rank_or_shape_that_does_not_fit(sd, tmp_path) -> None:
+    def reshape_one(header: dict) -> None:
+        key = next(name for name in header if name.endswith(".down") and len(header[name]["shape"]) == 2)
+        rows, columns = header[key]["shape"]
+        header[key]["shape"] = [rows * columns // 1, 1] if columns > 1 else [1, rows]  # same bytes, other shape
+
+    broken = _rewrite_adapter(sd["adapter"], tmp_path / "shape.adapter", reshape_one)
+    with pytest.raises(AdapterError, match=r"factors \[.*\] x \[.*\] do not fit the weight \[.*\]"):
+        Pipeline.load(sd["bundle_a"], backend="onnxruntime", adapters={broken: 1.0})
+
+
+def test_not_an_adapter_file(sd) -> None:
+    with pytest.raises(AdapterError, match="is not an lcm-export adapter file"):
+        Pipeline.load(sd["bundle_a"], backend="onnxruntime", adapters={sd["b"]: 1.0})  # the LoRA itself
+
+
+def test_cli_lines(sd, tmp_path) -> None:
+    """lcm-export adapter and lcm-run --adapter: one line each for a LoRA matching nothing, a LoRA of another
+    architecture, a non-finite weight, an adapter for another bundle; and a working run."""
+    from safetensors.numpy import save_file
+
+    nothing = tmp_path / "nothing.safetensors"
+    save_file(
+        {
+            "lora_unet_no_such_block.lora_down.weight": np.zeros((2, 8), np.float32),
+            "lora_unet_no_such_block.lora_up.weight": np.zeros((8, 2), np.float32),
+        },
+        str(nothing),
+    )
+    result = run_module("lcm_export.exporter.cli", "adapter", nothing, "--bundle", sd["bundle_a"], "-o", tmp_path / "x")
+    assert_one_line_error(result, "none of its 1 layers matches a module of this pipeline")
+    assert not (tmp_path / "x").exists()
+    result = run_module(
+        "lcm_export.runtime.cli", sd["bundle_a"], "a cat", "--adapter", f"{sd['adapter']}:nan", "-o", tmp_path / "y.png"
+    )
+    assert_one_line_error(result, "weight 'nan' is not a finite number")
+    result = run_module(
+        "lcm_export.runtime.cli", sd["bundle_ab"], "a cat", "--adapter", sd["adapter"], "-o", tmp_path / "y.png"
+    )
+    assert_one_line_error(result, "was made for another bundle")
+    assert not (tmp_path / "y.png").exists()
+    result = run_module(
+        "lcm_export.runtime.cli", sd["bundle_a"], "a cat", "--adapter", f"{sd['adapter']}:0.5", "--steps", "1",
+        "-o", tmp_path / "z.png",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "z.png").is_file()
+
+
+def test_lora_of_another_architecture(sd, other_sdxl_model) -> None:
+    _, sdxl_lora = other_sdxl_model
+    with pytest.raises(ExportError, match="this LoRA is for a different architecture"):
+        make_adapter(LoraSource(str(sdxl_lora)), sd["bundle_a"], sd["bundle_a"].parent / "never.adapter")
+    assert not (sd["bundle_a"].parent / "never.adapter").exists()
