@@ -1,9 +1,10 @@
 """The JavaScript runtime (js/, package lcm-edge) against the Python runtime, driven from pytest.
 
 Tiny bundles are exported (distilled LCM, LCM-LoRA with CFG, SDXL, tiny VAE, INT8); the Python runtime writes its
-images for fixed latents/noise and for seeds (float32 raw files and an index.json) into a temp folder; then
-``node --test`` in js/ reads them (``LCM_EDGE_REFERENCES``) and checks onnxruntime-node and onnxruntime-web's WASM
-backend against them, the shared generator's draws, the tokenizer ids, and the errors of bad bundles.
+images for fixed latents/noise and for seeds, and its frame loop's frames (unbatched and step-batched), as float32
+raw files and an index.json into a temp folder; then ``node --test`` in js/ reads them (``LCM_EDGE_REFERENCES``) and
+checks onnxruntime-node and onnxruntime-web's WASM backend against them, the shared generator's draws, the
+tokenizer ids, and the errors of bad bundles.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
     bundles = tmp_path_factory.mktemp("js-bundles")
     tiny_vae = _export(tiny_lcm_dir, bundles / "tiny-vae", tiny_vae=str(tiny_vae_dir))
     int8 = _export(tiny_lcm_dir, bundles / "int8", precision="int8", calibration_size=2, calibration_resolution=32)
-    index: dict = {"cases": [], "draws": [], "tokenizers": [], "bad_bundles": []}
+    index: dict = {"cases": [], "streams": [], "draws": [], "tokenizers": [], "bad_bundles": []}
     rng = np.random.default_rng(2026)
 
     def add_case(
@@ -182,6 +183,47 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
     # a rounding boundary (first: one of 8192 at down_blocks.0/resnets.0/Div_output_0_QuantizeLinear) and one step
     # grows to 2.7e-2 on the image; onnxruntime-node at "extended" instead of "all" is 1.3e-2 off the same way.
     add_case("int8", int8, "txt2img", seed=4, tolerance={"wasm": 0.05})
+
+    def add_stream(name, bundle, *, steps=4, strength=0.5, guidance=None, seed=3, batch_steps=False, frames=4):
+        """The Python frame loop's outputs for blocky random frames (structure the tiny VAE keeps): which pushes
+        returned a frame, and the frames in output order."""
+        pipe = Pipeline.load(bundle, backend="onnxruntime", precision="fp32")
+        info = pipe.manifest.pipeline
+        height, width = info.default_height, info.default_width
+        blocks = [rng.random((height // 4, width // 4, 3)) for _ in range(frames)]
+        inputs = [np.kron(block, np.ones((4, 4, 1))).astype(np.float32) for block in blocks]
+        stream = pipe.stream(
+            "a photo of a cat",
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            seed=seed,
+            batch_steps=batch_steps,
+        )
+        pushed = [stream.push(frame) for frame in inputs]
+        outputs = [image for image in pushed if image is not None] + stream.flush()
+        index["streams"].append(
+            {
+                "name": name,
+                "bundle": str(bundle),
+                "prompt": "a photo of a cat",
+                "steps": steps,
+                "strength": strength,
+                "guidance": guidance,
+                "seed": str(seed),
+                "batchSteps": batch_steps,
+                "stepsRun": stream.steps,
+                "pushedFrame": [image is not None for image in pushed],
+                "frames": [_write(folder, f"{name}-frame{i}", frame) for i, frame in enumerate(inputs)],
+                "expected": [_write(folder, f"{name}-out{i}", image) for i, image in enumerate(outputs)],
+            }
+        )
+
+    add_stream("stream-lcm", tiny_lcm_bundle)
+    add_stream("stream-lcm-batched", tiny_lcm_bundle, batch_steps=True, frames=5)
+    add_stream("stream-cfg-batched", tiny_cfg_bundle, steps=8, guidance=1.5, batch_steps=True, seed=2**63 + 5)
+    add_stream("stream-sdxl-batched", sdxl_lcm_bundle, steps=2, strength=0.8, batch_steps=True, frames=3)
+    add_stream("stream-tiny-vae", tiny_vae, steps=2, frames=2)
 
     for seed, tensor_index, size in [(0, 0, 4096), (1, 3, 1023), (2**64 - 1, 1, 777), (2**32 + 7, 0, 100)]:
         entry = _write(folder, f"draws-{seed}-{tensor_index}", standard_normal(seed, tensor_index, (size,)))
@@ -263,7 +305,8 @@ def test_the_node_tests_pass_against_the_python_runtime(references) -> None:
         timeout=NODE_TIMEOUT,
     )
     report = references / "results.json"
-    if report.exists():
-        print(json.dumps(json.loads(report.read_text()), indent=1))
+    for written in (report, references / "stream-results.json"):
+        if written.exists():
+            print(json.dumps(json.loads(written.read_text()), indent=1))
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert report.exists(), "the parity test wrote no results.json: was LCM_EDGE_REFERENCES read?"
