@@ -61,7 +61,12 @@ try {
   if (!result.skip) {
     const started = Date.now();
     await page.goto(url);
-    await page.waitForFunction(() => /^(done|error)/.test(document.body.dataset.status || ""), null, { timeout });
+    try {
+      await page.waitForFunction(() => /^(done|error)/.test(document.body.dataset.status || ""), null, { timeout });
+    } catch (error) {
+      if (error.name !== "TimeoutError") throw error;
+      result.timedOut = true; // the page's status (where it stopped) and its logs still say what happened
+    }
     result.seconds = (Date.now() - started) / 1000;
     Object.assign(
       result,
@@ -73,6 +78,7 @@ try {
           status: document.body.dataset.status,
           shown: document.getElementById("status").textContent,
           backend: /** @type {any} */ (window).lastBackend ?? null,
+          variants: /** @type {any} */ (window).lastVariants ?? null,
           crossOriginIsolated: globalThis.crossOriginIsolated,
           width: canvas.width,
           height: canvas.height,

@@ -24,6 +24,7 @@ from lcm_export.runtime import Pipeline
 from lcm_export.runtime.manifest import load_manifest
 from lcm_export.runtime.philox import standard_normal
 from lcm_export.runtime.tokenizer import PromptTokenizer
+from tests.helpers import PlainSession, run_as_specified
 
 JS = Path(__file__).resolve().parents[2] / "js"
 NODE_TIMEOUT = 240
@@ -260,19 +261,6 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
     return folder
 
 
-class _PlainSession:
-    """An onnxruntime CPU session at a chosen graph optimisation level, in the runtime's session interface."""
-
-    def __init__(self, path: Path, level: onnxruntime.GraphOptimizationLevel) -> None:
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = level
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.names = [output.name for output in self.session.get_outputs()]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
-
-
 def _int8_probe(int8: Path, fp32: Path, folder: Path, seed: int) -> dict:
     """What js/test/int8.test.js needs to show where WASM's INT8 images differ from the Python runtime's.
 
@@ -298,10 +286,7 @@ def _int8_probe(int8: Path, fp32: Path, folder: Path, seed: int) -> dict:
     pipe.denoiser._run = recording
     fused = pipe("a photo of a cat", seed=seed).images[0]
     pipe.denoiser._run = run
-    for component in ("unet", "vae_decoder"):  # the same pipeline with the QDQ graphs run as their ops say
-        path = int8 / pipe.variants[component].artifact.path
-        pipe.denoiser._sessions[component] = _PlainSession(path, onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    reference = pipe("a photo of a cat", seed=seed).images[0]
+    reference = run_as_specified(pipe, int8)("a photo of a cat", seed=seed).images[0]
     float_image = Pipeline.load(fp32, backend="onnxruntime", precision="fp32")("a photo of a cat", seed=seed).images[0]
 
     model = onnx.load(str(int8 / pipe.variants["unet"].artifact.path))
@@ -320,8 +305,8 @@ def _int8_probe(int8: Path, fp32: Path, folder: Path, seed: int) -> dict:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     probe_path = folder / "int8-probe.onnx"
     onnx.save(model, str(probe_path))
-    probe = _PlainSession(probe_path, onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    fp32_unet = _PlainSession(fp32 / "unet" / "model.onnx", onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    probe = PlainSession(probe_path, onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    fp32_unet = PlainSession(fp32 / "unet" / "model.onnx", onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL)
     entries = []
     for number, feeds in enumerate(calls):
         outputs = probe.run(feeds)
