@@ -90,7 +90,7 @@ async function generate() {
     const pipe = await pipeline(backend);
     $("backend-name").textContent = pipe.backend;
     window.lastBackend = pipe.backend;
-    window.lastVariants = Object.fromEntries(Object.entries(pipe.variants).map(([name, choice]) => [name, choice.variant.precision]));
+    window.lastVariants = variantsOf(pipe);
     setStatus(`generating on ${pipe.backend}…`);
     const guidance = $("guidance").value.trim();
     const out = await pipe.generate($("prompt").value, {
@@ -115,7 +115,16 @@ async function generate() {
 }
 
 /** Load the pipeline for the chosen backend without generating (bench/web.py times it); resolves to the backend. */
-window.loadPipeline = () => pipeline($("backend").value).then((pipe) => pipe.backend);
+/** The precision each open component runs, e.g. {text_encoder: "fp32", unet: "int8", vae_decoder: "fp32"}. */
+function variantsOf(pipe) {
+  return Object.fromEntries(Object.entries(pipe.variants).map(([name, choice]) => [name, choice.variant.precision]));
+}
+
+window.loadPipeline = () =>
+  pipeline($("backend").value).then((pipe) => {
+    window.lastVariants = variantsOf(pipe);
+    return pipe.backend;
+  });
 
 $("isolated").textContent = String(globalThis.crossOriginIsolated);
 $("form").addEventListener("submit", (event) => {

@@ -8,7 +8,7 @@
 
 import { openBackend } from "./backends.js";
 import { BundleError, NonFiniteError, UserError } from "./errors.js";
-import { loadManifest, strengthKey, VERIFY_MODES } from "./manifest.js";
+import { loadManifest, strengthKey, verifyUsedFiles, VERIFY_MODES } from "./manifest.js";
 import { PhiloxGenerator, seedKey } from "./philox.js";
 import { openSource } from "./source.js";
 import { PromptTokenizer } from "./tokenizer.js";
@@ -121,6 +121,8 @@ export class Pipeline {
     /** which backend runs: "node", "wasm" or "webgpu" */
     this.backend = backend.name;
     this.precision = precision;
+    /** @type {"full" | "cached" | "size"} how the files a session opens are checked first */
+    this.verify = "cached";
     /** @type {Record<string, import("./variants.js").VariantChoice>} the variant each open component runs, and why */
     this.variants = {};
     /** @type {Record<string, any>} */
@@ -143,14 +145,17 @@ export class Pipeline {
     checkVariant(precision);
     const opened = await openBackend(backend, { threads, sessionOptions });
     const source = await openSource(location, { cacheDir });
-    const manifest = await loadManifest(source, verify);
+    // Every listed file's presence and size now; the sha256 of each file before it is used (below, openSession).
+    const manifest = await loadManifest(source, verify, new Set());
     const pipe = new Pipeline(source, manifest, opened, precision);
+    pipe.verify = verify;
     const encoders = manifest.conditioning.text_encoders.map((e) => e.component);
     const needed = [...encoders, "unet", "vae_decoder"];
     const missing = needed.filter((name) => !(name in manifest.components));
     if (missing.length) throw new BundleError(`BUNDLE '${source.description}' has no ${missing.join(", ")}: re-export it`);
     Object.assign(pipe.variants, chooseVariants(manifest, needed, "onnx", precision, source.description, backendPreference(manifest, opened)));
     pipe.checkFp16(Object.values(pipe.variants));
+    await verifyUsedFiles(manifest, source, verify, manifest.tokenizers.map((info) => info.path));
     for (const info of manifest.tokenizers) {
       const bytes = await source.read(info.path);
       let json;
@@ -181,6 +186,7 @@ export class Pipeline {
     if (this.sessions[name]) return;
     const variant = this.variants[name].variant;
     const source = this.source;
+    await verifyUsedFiles(this.manifest, source, this.verify, variant.files);
     let model;
     const externalData = [];
     const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);

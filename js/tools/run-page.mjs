@@ -1,7 +1,7 @@
 /**
  * Open the demo page served by `lcm-run serve` in the system Chromium (playwright-core, no browser download), wait
- * for it to finish and print one JSON object: status, backend, crossOriginIsolated, the canvas's RGBA bytes and
- * window.lastImage's floats. Used by tests/js/test_browser.py.
+ * for it to finish and print one JSON object: status, backend, variants, crossOriginIsolated, the canvas's RGBA bytes,
+ * window.lastImage's floats and the paths the page fetched. Used by tests/js/test_browser.py.
  *
  *   node tools/run-page.mjs URL [--webgpu] [--timeout SECONDS]
  *
@@ -42,8 +42,13 @@ try {
   // Offline: anything not on the page's own server fails (and is counted).
   const origin = new URL(url).origin;
   const external = [];
+  const fetched = []; // the paths the page GETs from its server (HEAD requests, size checks, are not counted)
   await context.route("**/*", (route) => {
-    if (route.request().url().startsWith(origin)) return route.continue();
+    const request = route.request();
+    if (request.url().startsWith(origin)) {
+      if (request.method() === "GET") fetched.push(new URL(request.url()).pathname);
+      return route.continue();
+    }
     external.push(route.request().url());
     return route.abort();
   });
@@ -90,6 +95,7 @@ try {
     );
   }
   result.external = external;
+  result.fetched = fetched;
   result.logs = logs.slice(-20);
 } finally {
   await browser.close();

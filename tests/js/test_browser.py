@@ -233,6 +233,9 @@ def test_web_bundle_int8_page_is_as_close_to_fp32_as_the_qdq_reference(web_int8_
         page = run_page(f"{url}{QUERY}&backend=wasm")  # auto: backend_variants' wasm list, INT8 first
     assert page["status"] == "done", (page["status"], page["logs"])
     assert page["variants"]["unet"] == "int8" and page["crossOriginIsolated"] is True
+    # The page fetches (and hashes) the files of the variants it opens, not the bundle's other U-Nets.
+    unet_files = sorted(path.rsplit("/", 1)[1] for path in page["fetched"] if path.startswith("/bundle/unet/"))
+    assert unet_files and all(name.startswith("model-int8.onnx") for name in unet_files), unet_files
     fp32, reference = web_images["fp32"], web_images["int8_reference"]
     canvas = np.array(page["canvas"], dtype=np.float32).reshape(page["height"], page["width"], 4)[..., :3] / 255
     page_psnr = image_psnr(canvas, fp32)
