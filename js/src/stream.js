@@ -80,6 +80,8 @@ export class FrameStream {
     this.seed = request.seed;
     /** @type {[number, number] | null} [height, width], fixed by the first frame */
     this.size = null;
+    /** @type {number[] | null} one frame's latent shape [1, C, h, w], fixed by the first frame */
+    this.shape = null;
     /** @type {{sampleNoise: Float32Array | null, imageNoise: Float32Array, noise: Float32Array[]} | null} */
     this.draws = null;
     /** @type {InFlight[]} the newest frame first */
