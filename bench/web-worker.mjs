@@ -3,12 +3,13 @@
  * onnxruntime-web's WASM ("wasm"), or the demo page in headless Chromium ("chromium": `lcm-run serve` at --url, driven
  * with playwright-core). Reads one JSON command a line on stdin, answers one JSON line on stdout:
  *
- *   {"cmd": "load"}               -> {"load_s"}             (Chromium: opens the page; the first run loads)
+ *   {"cmd": "load"}               -> {"load_s", "backend", "variants"}   (Chromium: the page's loadPipeline())
  *   {"cmd": "run"}                -> {"seconds", "timings"}  one image (prompt, seed, steps, size from argv)
  *   {"cmd": "image", "path": P}   -> {}                     the last image as float32 (H, W, 3) raw bytes at P
  *   {"cmd": "memory"}             -> {...}                  Chromium: performance.memory, measureUserAgentSpecificMemory
  *
  *   node bench/web-worker.mjs ENGINE --bundle DIR | --url URL --prompt P --seed N --steps N --size N --threads N
+ *                             [--precision auto|fp32|fp16|int8]
  */
 
 import fs from "node:fs";
@@ -24,6 +25,7 @@ const seed = Number(arg("seed"));
 const steps = Number(arg("steps"));
 const size = Number(arg("size"));
 const threads = Number(arg("threads"));
+const precision = argv.includes("--precision") ? arg("precision") : "auto"; // which stored variant: auto, fp32, int8
 
 let pipe = null;
 let page = null;
@@ -45,13 +47,18 @@ async function load() {
     page = await (await browser.newContext()).newPage();
     page.on("pageerror", (error) => process.stderr.write(`pageerror: ${error.message}\n`));
     const query = new URLSearchParams({ prompt, seed: String(seed), steps: String(steps), height: String(size),
-      width: String(size), threads: String(threads), backend: process.env.WEBGPU ? "webgpu" : "wasm" });
+      width: String(size), threads: String(threads), backend: process.env.WEBGPU ? "webgpu" : "wasm", precision });
     await page.goto(new URL(`/demo/index.html?${query}`, arg("url")).href);
     const backend = await page.evaluate(() => window.loadPipeline());
-    return { load_s: (performance.now() - started) / 1000, backend, crossOriginIsolated: await page.evaluate(() => crossOriginIsolated) };
+    return {
+      load_s: (performance.now() - started) / 1000,
+      backend,
+      variants: await page.evaluate(() => window.lastVariants),
+      crossOriginIsolated: await page.evaluate(() => crossOriginIsolated),
+    };
   }
   const { Pipeline } = await import(new URL("src/index.js", JS).href);
-  pipe = await Pipeline.load(arg("bundle"), { backend: engine, ...(engine === "wasm" ? { threads } : {}) });
+  pipe = await Pipeline.load(arg("bundle"), { backend: engine, precision, ...(engine === "wasm" ? { threads } : {}) });
   return {
     load_s: (performance.now() - started) / 1000,
     backend: pipe.backend,

@@ -1,18 +1,22 @@
 """The JavaScript runtime in Node and in Chromium against the Python runtime, on one bundle (issue 25).
 
     python bench/web.py --bundle DIR [--size 256] [--runs 3] [--steps 4] [--engines python,node,wasm,chromium]
-                        [--webgpu] [--output bench/web-results.json]
+                        [--webgpu] [--precision auto|fp32|int8] [--output bench/web-results.json] [--note TEXT]
 
 Engines, each in its own process, loaded once (one after another, so that each load runs alone) and then alternating
 image by image — one warm-up round, then ``--runs`` timed rounds, the same prompt, seed, steps and size everywhere:
 
 - ``python``: the Python runtime on onnxruntime (``Pipeline.load(bundle, backend="onnxruntime", precision="fp32")``,
-  variant auto);
+  variant ``--precision``, default auto);
 - ``node``: the JS runtime (js/src) in Node on onnxruntime-node;
 - ``wasm``: the JS runtime in Node on onnxruntime-web's WASM backend, ``threads`` = the core count;
 - ``chromium``: the demo page served by ``lcm-run serve`` in headless Chromium (js/demo, playwright-core), WASM with
   threads (the page is cross-origin isolated; ``?threads=`` = the core count); ``--webgpu`` adds ``webgpu`` (the
   same page on Chromium's WebGPU, SwiftShader where there is no GPU).
+
+``--precision`` picks the stored variant everywhere (the JS runtime's ``precision``, the Python runtime's ``variant``):
+"auto" runs what each runtime prefers (on a ``--target web`` INT8 bundle: the INT8 U-Net on all four), "fp32" asks
+the float weights (on WASM an fp32 SD1.5 U-Net is 3.4 GB of its 4 GB memory: the load is what is measured).
 
 Per engine: seconds per image (median, min-max, measured in the worker around one generate call), load seconds,
 the ratio to the Python runtime's median, peak memory (Python/Node: the process's peak RSS, VmHWM; Chromium: the
@@ -53,7 +57,7 @@ LABELS = {
 }
 
 
-def python_worker(bundle: str, size: int, steps: int) -> int:
+def python_worker(bundle: str, size: int, steps: int, variant: str) -> int:
     """The Python engine's loop: the same JSON line protocol as web-worker.mjs."""
     from lcm_export.runtime import Pipeline
 
@@ -64,7 +68,7 @@ def python_worker(bundle: str, size: int, steps: int) -> int:
         try:
             if command["cmd"] == "load":
                 started = time.perf_counter()
-                pipe = Pipeline.load(bundle, backend="onnxruntime", precision="fp32")
+                pipe = Pipeline.load(bundle, backend="onnxruntime", variant=variant, precision="fp32")
                 variants = {name: choice.precision for name, choice in pipe.variants.items()}
                 answer = {"load_s": time.perf_counter() - started, "backend": "onnxruntime", "variants": variants}
             elif command["cmd"] == "run":
@@ -161,15 +165,17 @@ class Engine:
         self.log.close()
 
 
-def start_engine(name: str, bundle: Path, url: str | None, size: int, steps: int, threads: int) -> Engine:
+def start_engine(
+    name: str, bundle: Path, url: str | None, size: int, steps: int, threads: int, precision: str
+) -> Engine:
     if name == "python":
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--bundle", str(bundle)]
-        command += ["--size", str(size), "--steps", str(steps)]
+        command += ["--size", str(size), "--steps", str(steps), "--precision", precision]
         return Engine(name, command, {"PYTHONPATH": str(REPO_DIR)})
     engine = "chromium" if name in ("chromium", "webgpu") else name
     where = ["--url", url] if engine == "chromium" else ["--bundle", str(bundle)]
     command = ["node", str(NODE_WORKER), engine, *where, "--prompt", PROMPT, "--seed", str(SEED)]
-    command += ["--steps", str(steps), "--size", str(size), "--threads", str(threads)]
+    command += ["--steps", str(steps), "--size", str(size), "--threads", str(threads), "--precision", precision]
     return Engine(name, command, {"WEBGPU": "1"} if name == "webgpu" else None)
 
 
@@ -192,19 +198,21 @@ def serve(bundle: Path) -> tuple[subprocess.Popen, str]:
 
 def table(report: dict) -> str:
     rows = [
-        "| engine | s/image median (min-max) | load s | x Python | peak memory GB | max abs vs Python |",
-        "|---|---|---|---|---|---|",
+        "| engine | U-Net | s/image median (min-max) | load s | x Python | peak memory GB | max abs vs Python |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, result in report["engines"].items():
         label = LABELS[name]
+        unet = (result.get("variants") or {}).get("unet", "?")
         if "error" in result:
-            rows.append(f"| {label} | failed: {result['error'][:160]} | | | | |")
+            memory = result.get("peak_memory_gb", 0)
+            rows.append(f"| {label} | {unet} | failed: {result['error'][:160]} | | | {memory:.2f} | |")
             continue
         seconds = result["seconds"]
         memory = result["peak_memory_gb"]
         difference = result.get("max_abs_vs_python")
         rows.append(
-            f"| {label} | {statistics.median(seconds):.2f} ({min(seconds):.2f}-{max(seconds):.2f}) "
+            f"| {label} | {unet} | {statistics.median(seconds):.2f} ({min(seconds):.2f}-{max(seconds):.2f}) "
             f"| {result['load_s']:.1f} | {result['ratio_to_python']:.2f} | {memory:.2f} "
             f"| {'-' if difference is None else f'{difference:.1e}'} |"
         )
@@ -219,12 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--webgpu", action="store_true", help="also Chromium on WebGPU (SwiftShader here: slow)")
+    parser.add_argument("--precision", default="auto", help="the stored variant: auto (default), fp32, fp16 or int8")
     parser.add_argument("--output", type=Path, default=BENCH_DIR / "web-results.json")
     parser.add_argument("--note", default="", help="written into the results, e.g. what else loaded the machine")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return python_worker(str(args.bundle), args.size, args.steps)
+        return python_worker(str(args.bundle), args.size, args.steps, args.precision)
 
     names = [name for name in args.engines.split(",") if name] + (["webgpu"] if args.webgpu else [])
     threads = os.cpu_count() or 1
@@ -235,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:  # one load at a time, so that each runs alone
             print(f"[web] loading {name}", file=sys.stderr, flush=True)
-            engine = engines[name] = start_engine(name, args.bundle, url, args.size, args.steps, threads)
+            engine = engines[name] = start_engine(
+                name, args.bundle, url, args.size, args.steps, threads, args.precision
+            )
             answer = engine.ask({"cmd": "load"})
             results[name].update(answer)
             print(f"[web] {name}: {answer}", file=sys.stderr, flush=True)
@@ -295,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt": PROMPT,
         "seed": SEED,
         "threads": threads,
+        "precision": args.precision,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "note": args.note,
         "engines": results,

@@ -31,6 +31,7 @@ __all__ = [
     "PROMPT",
     "TOLERANCE",
     "UNSEEN_SHAPES",
+    "PlainSession",
     "as_format_1",
     "assert_one_line_error",
     "diffusers_images",
@@ -46,6 +47,7 @@ __all__ = [
     "needs_rtx",
     "no_leftovers",
     "random_inputs",
+    "run_as_specified",
     "run_module",
     "sdxl_img2img_parity",
     "sdxl_source",
@@ -394,3 +396,34 @@ def as_format_1(data: dict[str, Any]) -> dict[str, Any]:
                 tensor["dtype"] = variants[0]["io_dtype"]
         component["artifacts"] = {v["format"]: {k: x for k, x in v.items() if k not in added} for v in variants}
     return old
+
+
+# -- INT8 as specified ----------------------------------------------------------------------------------------------
+
+
+class PlainSession:
+    """An onnxruntime CPU session at a chosen graph optimisation level, in the runtime's session interface."""
+
+    def __init__(self, path: Path, level: Any) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = level
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [output.name for output in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
+
+
+def run_as_specified(pipe: Pipeline, bundle: Path, components: tuple[str, ...] = ("unet", "vae_decoder")) -> Pipeline:
+    """``pipe`` with ``components`` run as their ops say (ORT_DISABLE_ALL: a QDQ graph's QuantizeLinear,
+    DequantizeLinear and float Conv/MatMul) instead of onnxruntime's fused x86 integer kernels, which saturate u8 x s8
+    products on AVX2 CPUs without VNNI (docs/design-notes.md, "JavaScript runtime"): the float QDQ reference that
+    onnxruntime-web's WASM INT8 is compared with."""
+    import onnxruntime
+
+    for component in components:
+        path = bundle / pipe.variants[component].artifact.path
+        pipe.denoiser._sessions[component] = PlainSession(path, onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return pipe

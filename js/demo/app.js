@@ -4,8 +4,8 @@
  * [&precision=auto|fp32|fp16|int8]&autorun=1 generates at once (height/width: the image's size, default the bundle's;
  * threads: WASM threads, default onnxruntime-web's; precision: a stored variant, "auto" runs what the bundle's
  * backend_variants says); document.body.dataset.status becomes "done" or "error: <message>"; window.lastImage holds
- * the last image's floats ({width, height, data}), window.lastTimings its stage timings (ms) and window.lastBackend
- * the backend that ran.
+ * the last image's floats ({width, height, data}), window.lastTimings its stage timings (ms), window.lastVariants the
+ * precision each component ran ({unet: "int8", …}) and window.lastBackend the backend that ran.
  * @module
  */
 
@@ -90,6 +90,7 @@ async function generate() {
     const pipe = await pipeline(backend);
     $("backend-name").textContent = pipe.backend;
     window.lastBackend = pipe.backend;
+    window.lastVariants = variantsOf(pipe);
     setStatus(`generating on ${pipe.backend}…`);
     const guidance = $("guidance").value.trim();
     const out = await pipe.generate($("prompt").value, {
@@ -114,7 +115,16 @@ async function generate() {
 }
 
 /** Load the pipeline for the chosen backend without generating (bench/web.py times it); resolves to the backend. */
-window.loadPipeline = () => pipeline($("backend").value).then((pipe) => pipe.backend);
+/** The precision each open component runs, e.g. {text_encoder: "fp32", unet: "int8", vae_decoder: "fp32"}. */
+function variantsOf(pipe) {
+  return Object.fromEntries(Object.entries(pipe.variants).map(([name, choice]) => [name, choice.variant.precision]));
+}
+
+window.loadPipeline = () =>
+  pipeline($("backend").value).then((pipe) => {
+    window.lastVariants = variantsOf(pipe);
+    return pipe.backend;
+  });
 
 $("isolated").textContent = String(globalThis.crossOriginIsolated);
 $("form").addEventListener("submit", (event) => {

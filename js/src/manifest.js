@@ -332,10 +332,14 @@ function checkBeyondSchema(m, refuse) {
 /**
  * Check every listed file against the folder (X3, X9): present, regular, its size and (verify "full"/"cached") its
  * sha256. "cached" remembers (path, size, mtime/ETag) -> sha256 so that a second load does not hash again.
+ * `hashed`: the paths whose sha256 is checked now (default: every listed file). The format asks a runtime to check a
+ * file "before using" it: a pipeline hashes the files of the variants it opens (a web bundle's fp32, fp16 and INT8
+ * U-Nets are 6 GB, of which a browser opens one), and only the sizes of the rest.
  * @param {any} manifest @param {import("./source.js").FolderSource | import("./source.js").UrlSource} source
  * @param {"full" | "cached" | "size"} verify
+ * @param {Set<string>} [hashed]
  */
-export async function verifyFiles(manifest, source, verify) {
+export async function verifyFiles(manifest, source, verify, hashed) {
   const where = source.description;
   const cache = verify === "cached" ? await source.loadHashCache() : {};
   let changed = false;
@@ -346,7 +350,7 @@ export async function verifyFiles(manifest, source, verify) {
     if (info.size !== undefined && info.size !== entry.size) {
       throw new BundleError(`BUNDLE '${where}': ${entry.path} has ${info.size} bytes, manifest.json says ${entry.size}: the file is modified or corrupted`);
     }
-    if (verify === "size") continue;
+    if (verify === "size" || (hashed && !hashed.has(entry.path))) continue;
     const key = await source.cacheKey(entry.path);
     const known = cache[key];
     if (verify === "cached" && info.stamp && known && known.stamp === info.stamp && known.size === entry.size && known.sha256 === entry.sha256) continue;
@@ -363,11 +367,24 @@ export async function verifyFiles(manifest, source, verify) {
 }
 
 /**
+ * The size and sha256 of the listed files among `paths` (a pipeline's check before it uses them, after loadManifest
+ * checked every listed file's presence and size).
+ * @param {any} manifest @param {import("./source.js").FolderSource | import("./source.js").UrlSource} source
+ * @param {"full" | "cached" | "size"} verify
+ * @param {Iterable<string>} paths
+ */
+export async function verifyUsedFiles(manifest, source, verify, paths) {
+  const wanted = new Set(paths);
+  await verifyFiles({ files: manifest.files.filter((entry) => wanted.has(entry.path)) }, source, verify);
+}
+
+/**
  * Read, validate and verify a bundle's manifest.
  * @param {import("./source.js").FolderSource | import("./source.js").UrlSource} source
  * @param {"full" | "cached" | "size"} verify
+ * @param {Set<string>} [hashed] the files whose sha256 is checked now (default: all; see verifyFiles)
  */
-export async function loadManifest(source, verify) {
+export async function loadManifest(source, verify, hashed) {
   const info = await source.stat("manifest.json").catch(() => ({ exists: false }));
   if (!info.exists) throw new BundleError(`BUNDLE '${source.description}' has no manifest.json: is it an lcm-export bundle folder?`);
   const text = new TextDecoder("utf-8", { fatal: true });
@@ -379,6 +396,6 @@ export async function loadManifest(source, verify) {
     throw new BundleError(`BUNDLE '${source.description}' manifest.json is not UTF-8`);
   }
   const manifest = parseManifest(decoded, source.description);
-  await verifyFiles(manifest, source, verify);
+  await verifyFiles(manifest, source, verify, hashed);
   return manifest;
 }

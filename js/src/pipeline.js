@@ -8,12 +8,13 @@
 
 import { openBackend } from "./backends.js";
 import { BundleError, NonFiniteError, UserError } from "./errors.js";
-import { loadManifest, strengthKey, VERIFY_MODES } from "./manifest.js";
+import { loadManifest, strengthKey, verifyUsedFiles, VERIFY_MODES } from "./manifest.js";
 import { PhiloxGenerator, seedKey } from "./philox.js";
 import { openSource } from "./source.js";
 import { PromptTokenizer } from "./tokenizer.js";
 import { backendPreference, checkVariant, chooseVariant, chooseVariants } from "./variants.js";
 import { fromFloat16, toFloat16 } from "./backends.js";
+import { DEFAULT_BATCH_STEPS, FrameStream } from "./stream.js";
 
 const now = () => globalThis.performance.now();
 
@@ -31,8 +32,8 @@ const now = () => globalThis.performance.now();
  * @property {number | bigint} seed            the seed the draws not passed came from
  */
 
-/** @param {Float32Array | Uint16Array} values @param {string} stage */
-function checkFinite(values, stage) {
+/** A NaN or inf is an error naming the stage, never a black image. @param {Float32Array | Uint16Array} values @param {string} stage */
+export function checkFinite(values, stage) {
   for (let i = 0; i < values.length; i++) {
     if (!Number.isFinite(values[i])) {
       throw new NonFiniteError(`${stage} produced NaN or inf values: an fp16 overflow or an extreme guidance scale; try a lower guidance, or load with precision 'fp32'`);
@@ -87,6 +88,19 @@ function repeatRows(data, rows, rowSize, count) {
   return out;
 }
 
+/**
+ * A text conditioning (encodeText) with each row `count` times in a row: the rows of `count` latents.
+ * @param {{rows: number, sequence: number, width: number, hidden: Float32Array, pooledSize: number, pooled: Float32Array | null}} text
+ */
+export function repeatText(text, count) {
+  return {
+    ...text,
+    rows: text.rows * count,
+    hidden: repeatRows(text.hidden, text.rows, text.sequence * text.width, count),
+    pooled: text.pooled && repeatRows(text.pooled, text.rows, text.pooledSize, count),
+  };
+}
+
 /** Concatenate float arrays. */
 function concat(parts) {
   const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
@@ -107,6 +121,8 @@ export class Pipeline {
     /** which backend runs: "node", "wasm" or "webgpu" */
     this.backend = backend.name;
     this.precision = precision;
+    /** @type {"full" | "cached" | "size"} how the files a session opens are checked first */
+    this.verify = "cached";
     /** @type {Record<string, import("./variants.js").VariantChoice>} the variant each open component runs, and why */
     this.variants = {};
     /** @type {Record<string, any>} */
@@ -129,14 +145,17 @@ export class Pipeline {
     checkVariant(precision);
     const opened = await openBackend(backend, { threads, sessionOptions });
     const source = await openSource(location, { cacheDir });
-    const manifest = await loadManifest(source, verify);
+    // Every listed file's presence and size now; the sha256 of each file before it is used (below, openSession).
+    const manifest = await loadManifest(source, verify, new Set());
     const pipe = new Pipeline(source, manifest, opened, precision);
+    pipe.verify = verify;
     const encoders = manifest.conditioning.text_encoders.map((e) => e.component);
     const needed = [...encoders, "unet", "vae_decoder"];
     const missing = needed.filter((name) => !(name in manifest.components));
     if (missing.length) throw new BundleError(`BUNDLE '${source.description}' has no ${missing.join(", ")}: re-export it`);
     Object.assign(pipe.variants, chooseVariants(manifest, needed, "onnx", precision, source.description, backendPreference(manifest, opened)));
     pipe.checkFp16(Object.values(pipe.variants));
+    await verifyUsedFiles(manifest, source, verify, manifest.tokenizers.map((info) => info.path));
     for (const info of manifest.tokenizers) {
       const bytes = await source.read(info.path);
       let json;
@@ -167,6 +186,7 @@ export class Pipeline {
     if (this.sessions[name]) return;
     const variant = this.variants[name].variant;
     const source = this.source;
+    await verifyUsedFiles(this.manifest, source, this.verify, variant.files);
     let model;
     const externalData = [];
     const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
@@ -335,20 +355,8 @@ export class Pipeline {
     const timings = {};
     const p = this.manifest.pipeline;
     const request = this.request(prompt, options, options.strength ?? 0.5);
-    if (!("vae_encoder" in this.manifest.components)) {
-      throw new BundleError(`BUNDLE '${this.source.description}' has no vae_encoder: re-export it without --no-vae-encoder`);
-    }
-    if (!this.variants.vae_encoder) {
-      const choice = chooseVariant("vae_encoder", this.manifest.components.vae_encoder, "onnx", this.precision, backendPreference(this.manifest, this.backendImpl));
-      this.checkFp16([choice]);
-      this.variants.vae_encoder = choice;
-      await this.openSession("vae_encoder");
-    }
-    const { width, height, data } = image || {};
-    if (!Number.isInteger(width) || !Number.isInteger(height) || !(data instanceof Float32Array) || data.length !== width * height * 3) {
-      throw new UserError("image must be {width, height, data: Float32Array of height*width*3 RGB values in [0, 1]}");
-    }
-    this.checkSize(height, width);
+    await this.openEncoder();
+    const { width, height } = this.checkImage(image, "image");
     const tiny = p.vae === "autoencoder_tiny";
     if (tiny && options.sampleNoise) throw new UserError("sampleNoise: this bundle's tiny VAE encodes deterministically and draws no latent sample");
     const C = p.latent_channels;
@@ -359,44 +367,68 @@ export class Pipeline {
     const imageNoise = this.draw("imageNoise", options.imageNoise, size, generator, shape);
     const noise = this.drawSteps(options.noise, request.table.timesteps.length - 1, size, generator, shape);
 
-    // Encode: (B, 3, H, W) in [-1, 1].
-    let mark = now();
-    const plane = width * height;
-    const one = new Float32Array(3 * plane);
-    for (let i = 0; i < plane; i++) for (let c = 0; c < 3; c++) one[c * plane + i] = Math.fround(data[i * 3 + c] * 2 - 1);
-    const pixels = repeatRows(one, 1, one.length, request.batch);
-    const outputName = tiny ? "latents" : "latent_parameters";
-    const encoded = (await this.run("vae_encoder", { sample: ["float32", pixels, [request.batch, 3, height, width]] }, [outputName]))[outputName].data;
-    const latentPlane = size / request.batch;
-    const z = new Float32Array(size);
-    if (tiny) z.set(encoded);
-    else {
-      for (let b = 0; b < request.batch; b++) {
-        for (let i = 0; i < latentPlane; i++) {
-          const mean = encoded[b * 2 * latentPlane + i];
-          const logVariance = Math.min(20, Math.max(-30, encoded[b * 2 * latentPlane + latentPlane + i]));
-          const std = Math.fround(Math.exp(Math.fround(0.5 * logVariance)));
-          z[b * latentPlane + i] = Math.fround(mean + Math.fround(std * sampleNoise[b * latentPlane + i]));
-        }
-      }
-    }
-    checkFinite(z, "the VAE encoder");
-    const shift = p.vae_shift_factor;
-    const scaling = Math.fround(p.vae_scaling_factor);
-    const sqrtAlpha = Math.fround(request.table.sqrt_alpha_prod[0]);
-    const sqrtBeta = Math.fround(request.table.sqrt_beta_prod[0]);
-    const latents = new Float32Array(size);
-    for (let i = 0; i < size; i++) {
-      let value = z[i];
-      if (shift !== null && shift !== undefined) value = Math.fround(value - Math.fround(shift));
-      value = Math.fround(value * scaling);
-      latents[i] = Math.fround(Math.fround(sqrtAlpha * value) + Math.fround(sqrtBeta * imageNoise[i]));
-    }
+    const mark = now();
+    const latents = await this.encodeImage(image, request.batch, request.table, sampleNoise, imageNoise, shape);
     timings.vae_encode = now() - mark;
     return this.denoise(request, latents, noise, shape, height, width, timings, start);
   }
 
-  /** @private: the text conditioning of the request (rows repeated per image; with CFG the unconditional first) */
+  /**
+   * A frame loop for frames of one size (FrameStream, stream.js): the prompt encoded, the table and the VAE
+   * encoder prepared once, and the same draws for every frame, in image-to-image's order (a still input gives a
+   * still output; the first frame equals `img2img` of it with the same seed). `batchSteps`: N frames in flight,
+   * one U-Net batch per frame, each row at its own step (needs a U-Net with one timestep per row); default off.
+   * @param {string} prompt
+   * @param {import("./stream.js").StreamOptions} [options]
+   * @returns {Promise<FrameStream>}
+   */
+  async stream(prompt, options = {}) {
+    const { batchSteps, strength = 0.5, numInferenceSteps, guidanceScale, negativePrompt, seed } = options;
+    if (batchSteps !== undefined && batchSteps !== null && typeof batchSteps !== "boolean") {
+      throw new UserError(`batchSteps=${JSON.stringify(batchSteps)}: pass true, false or undefined (the default, off)`);
+    }
+    if (typeof prompt !== "string" || (negativePrompt !== undefined && negativePrompt !== null && typeof negativePrompt !== "string")) {
+      throw new UserError("stream() takes one prompt (a string): start one stream per prompt");
+    }
+    const request = this.request(prompt, { numInferenceSteps, guidanceScale, negativePrompt, seed }, strength);
+    let batch = batchSteps ?? DEFAULT_BATCH_STEPS;
+    if (batch && !this.perRowTimesteps) {
+      if (batchSteps === undefined || batchSteps === null) batch = false; // an older bundle: the unbatched loop
+      else throw new UserError(`batchSteps: BUNDLE '${this.source.description}' has a U-Net that takes one timestep for the whole batch (exported before per-row timesteps): re-export it, or pass batchSteps: false`);
+    }
+    await this.openEncoder();
+    const text = await this.encodeText(request, {});
+    return new FrameStream(this, request, text, batch);
+  }
+
+  /** The VAE encoder's session (image-to-image, the frame loop), opened on first use. */
+  async openEncoder() {
+    if (!("vae_encoder" in this.manifest.components)) {
+      throw new BundleError(`BUNDLE '${this.source.description}' has no vae_encoder: re-export it without --no-vae-encoder`);
+    }
+    if (!this.variants.vae_encoder) {
+      const choice = chooseVariant("vae_encoder", this.manifest.components.vae_encoder, "onnx", this.precision, backendPreference(this.manifest, this.backendImpl));
+      this.checkFp16([choice]);
+      this.variants.vae_encoder = choice;
+      await this.openSession("vae_encoder");
+    }
+  }
+
+  /**
+   * An input image checked: its shape, and a size the VAE can take.
+   * @param {unknown} image @param {string} name
+   * @returns {Image}
+   */
+  checkImage(image, name) {
+    const { width, height, data } = /** @type {any} */ (image) || {};
+    if (!Number.isInteger(width) || !Number.isInteger(height) || !(data instanceof Float32Array) || data.length !== width * height * 3) {
+      throw new UserError(`${name} must be {width, height, data: Float32Array of height*width*3 RGB values in [0, 1]}`);
+    }
+    this.checkSize(height, width);
+    return /** @type {Image} */ (image);
+  }
+
+  /** The text conditioning of the request (rows repeated per image; with CFG the unconditional first). */
   async encodeText(request, timings) {
     const c = this.manifest.conditioning;
     const zeros = request.useCfg && !request.negativeGiven && c.empty_negative === "zeros";
@@ -458,47 +490,16 @@ export class Pipeline {
 
   /** @private: the LCM loop from `latents` over the request's table, then the decode */
   async denoise(request, latents, noise, shape, height, width, timings, start) {
-    const m = this.manifest;
-    const p = m.pipeline;
-    const s = m.scheduler;
     const text = await this.encodeText(request, timings);
-    const R = text.rows;
     // 5. Conditioning feeds, built once.
-    const feeds = {};
-    for (const [input, source] of Object.entries(m.conditioning.unet_inputs)) {
-      if (source === "text_hidden_states") feeds[input] = ["float32", text.hidden, [R, text.sequence, text.width]];
-      else if (source === "pooled_text") feeds[input] = ["float32", text.pooled, [R, text.pooledSize]];
-      else if (source === "guidance_embedding") {
-        const d = p.time_cond_proj_dim;
-        const row = guidanceEmbedding(request.guidance, d, m.conditioning.guidance_frequencies);
-        feeds[input] = ["float32", repeatRows(row, 1, d, R), [R, d]];
-      } else {
-        const ids = Float32Array.from([height, width, 0, 0, height, width]);
-        feeds[input] = ["float32", repeatRows(ids, 1, 6, R), [R, 6]];
-      }
-    }
-    const timestepInput = m.components.unet.inputs.find((t) => t.name === "timestep");
-    const perRow = timestepInput.shape.length === 1;
+    const feeds = this.conditioningFeeds(request, text, height, width);
     const table = request.table;
-    const size = latents.length;
-    const g = Math.fround(request.guidance);
     let x = latents;
     let denoised = latents;
     for (let i = 0; i < table.timesteps.length; i++) {
       const t = table.timesteps[i];
       let mark = now();
-      const sample = request.useCfg ? concat([x, x]) : x;
-      const timestep = perRow ? ["float32", new Float32Array(R).fill(t), [R]] : ["float32", Float32Array.of(t), []];
-      const run = { ...feeds, sample: ["float32", sample, [R, ...shape.slice(1)]], timestep };
-      let epsilon = (await this.run("unet", run, ["out_sample"])).out_sample.data;
-      if (request.useCfg) {
-        const guided = new Float32Array(size);
-        for (let k = 0; k < size; k++) {
-          const u = epsilon[k];
-          guided[k] = Math.fround(u + Math.fround(g * Math.fround(epsilon[size + k] - u)));
-        }
-        epsilon = guided;
-      }
+      const epsilon = await this.predict(request, feeds, x, new Array(shape[0]).fill(t), shape);
       checkFinite(epsilon, `the U-Net at step ${i + 1} (timestep ${t})`);
       timings[`unet[${i}]`] = now() - mark;
       mark = now();
@@ -507,7 +508,133 @@ export class Pipeline {
     }
     checkFinite(denoised, `the LCM step at step ${table.timesteps.length}`);
     // 7. Decode.
-    let mark = now();
+    const images = await this.decode(denoised, shape, timings);
+    timings.total = now() - start;
+    return { images, timings, seed: request.seed };
+  }
+
+
+  // -- the shared stages: text-to-image, image-to-image and the frame loop (stream.js) all call these ----------
+
+  /**
+   * The latents image-to-image starts from, (B, C, h, w): `image` encoded by the VAE encoder, sampled (KL VAE),
+   * scaled and noised to the table's first timestep (bundle-format.md, "Image-to-image").
+   * @param {Image} image  checked by the caller
+   * @param {number} batch
+   * @param {object} table  the strength's step table
+   * @param {Float32Array | null} sampleNoise  (B, C, h, w); null for a tiny VAE
+   * @param {Float32Array} imageNoise  (B, C, h, w)
+   * @param {number[]} shape  [B, C, h, w]
+   * @returns {Promise<Float32Array>}
+   */
+  async encodeImage(image, batch, table, sampleNoise, imageNoise, shape) {
+    const p = this.manifest.pipeline;
+    const { width, height, data } = image;
+    const tiny = p.vae === "autoencoder_tiny";
+    const size = shape.reduce((a, b) => a * b, 1);
+    // 1. Encode: (B, 3, H, W) in [-1, 1].
+    const plane = width * height;
+    const one = new Float32Array(3 * plane);
+    for (let i = 0; i < plane; i++) for (let c = 0; c < 3; c++) one[c * plane + i] = Math.fround(data[i * 3 + c] * 2 - 1);
+    const pixels = repeatRows(one, 1, one.length, batch);
+    const outputName = tiny ? "latents" : "latent_parameters";
+    const encoded = (await this.run("vae_encoder", { sample: ["float32", pixels, [batch, 3, height, width]] }, [outputName]))[outputName].data;
+    const latentPlane = size / batch;
+    const z = new Float32Array(size);
+    if (tiny) z.set(encoded);
+    else {
+      for (let b = 0; b < batch; b++) {
+        for (let i = 0; i < latentPlane; i++) {
+          const mean = encoded[b * 2 * latentPlane + i];
+          const logVariance = Math.min(20, Math.max(-30, encoded[b * 2 * latentPlane + latentPlane + i]));
+          const std = Math.fround(Math.exp(Math.fround(0.5 * logVariance)));
+          z[b * latentPlane + i] = Math.fround(mean + Math.fround(std * sampleNoise[b * latentPlane + i]));
+        }
+      }
+    }
+    checkFinite(z, "the VAE encoder");
+    // 2. Noise it to the schedule's first timestep (the scheduler's add_noise).
+    const shift = p.vae_shift_factor;
+    const scaling = Math.fround(p.vae_scaling_factor);
+    const sqrtAlpha = Math.fround(table.sqrt_alpha_prod[0]);
+    const sqrtBeta = Math.fround(table.sqrt_beta_prod[0]);
+    const latents = new Float32Array(size);
+    for (let i = 0; i < size; i++) {
+      let value = z[i];
+      if (shift !== null && shift !== undefined) value = Math.fround(value - Math.fround(shift));
+      value = Math.fround(value * scaling);
+      latents[i] = Math.fround(Math.fround(sqrtAlpha * value) + Math.fround(sqrtBeta * imageNoise[i]));
+    }
+    return latents;
+  }
+
+  /**
+   * Every U-Net input but `sample` and `timestep`, for the rows of `text` (from encodeText, repeated to the
+   * latents: twice with CFG).
+   * @returns {Record<string, [string, Float32Array, number[]]>}
+   */
+  conditioningFeeds(request, text, height, width) {
+    const m = this.manifest;
+    const R = text.rows;
+    const feeds = {};
+    for (const [input, source] of Object.entries(m.conditioning.unet_inputs)) {
+      if (source === "text_hidden_states") feeds[input] = ["float32", text.hidden, [R, text.sequence, text.width]];
+      else if (source === "pooled_text") feeds[input] = ["float32", text.pooled, [R, text.pooledSize]];
+      else if (source === "guidance_embedding") {
+        const d = m.pipeline.time_cond_proj_dim;
+        const row = guidanceEmbedding(request.guidance, d, m.conditioning.guidance_frequencies);
+        feeds[input] = ["float32", repeatRows(row, 1, d, R), [R, d]];
+      } else {
+        const ids = Float32Array.from([height, width, 0, 0, height, width]);
+        feeds[input] = ["float32", repeatRows(ids, 1, 6, R), [R, 6]];
+      }
+    }
+    return feeds;
+  }
+
+  /** Whether the U-Net takes one timestep per row, so that one call can hold rows at different steps. */
+  get perRowTimesteps() {
+    return this.manifest.components.unet.inputs.find((t) => t.name === "timestep").shape.length === 1;
+  }
+
+  /**
+   * One U-Net call over `latents` (B rows of shape[1:]), row k at `timesteps[k]`; with CFG the batch is doubled
+   * ([unconditional, conditional]) and combined. `feeds` from conditioningFeeds for these rows.
+   * @param {number[]} timesteps  B values
+   * @returns {Promise<Float32Array>} the guided prediction, (B, C, h, w)
+   */
+  async predict(request, feeds, latents, timesteps, shape) {
+    const rows = timesteps.length;
+    const R = request.useCfg ? 2 * rows : rows;
+    const both = request.useCfg ? [...timesteps, ...timesteps] : timesteps;
+    let timestep;
+    if (this.perRowTimesteps) timestep = ["float32", Float32Array.from(both), [R]];
+    else if (both.every((t) => t === both[0])) timestep = ["float32", Float32Array.of(both[0]), []];
+    else throw new Error("this U-Net takes one timestep for the whole batch"); // callers check it first
+    const sample = request.useCfg ? concat([latents, latents]) : latents;
+    const run = { ...feeds, sample: ["float32", sample, [R, ...shape.slice(1)]], timestep };
+    const epsilon = (await this.run("unet", run, ["out_sample"])).out_sample.data;
+    if (!request.useCfg) return epsilon;
+    const size = latents.length;
+    const g = Math.fround(request.guidance);
+    const guided = new Float32Array(size);
+    for (let k = 0; k < size; k++) {
+      const u = epsilon[k];
+      guided[k] = Math.fround(u + Math.fround(g * Math.fround(epsilon[size + k] - u)));
+    }
+    return guided;
+  }
+
+  /**
+   * Denoised latents (B, C, h, w) -> images; `timings` gets `vae_decode` (ms).
+   * @param {Float32Array} denoised
+   * @param {number[]} shape  [B, C, h, w]
+   * @returns {Promise<Image[]>}
+   */
+  async decode(denoised, shape, timings) {
+    const mark = now();
+    const p = this.manifest.pipeline;
+    const size = denoised.length;
     const scaling = Math.fround(p.vae_scaling_factor);
     const shift = p.vae_shift_factor;
     const latentSample = new Float32Array(size);
@@ -519,6 +646,8 @@ export class Pipeline {
     const decoded = (await this.run("vae_decoder", { latent_sample: ["float32", latentSample, shape] }, ["sample"])).sample.data;
     checkFinite(decoded, "the VAE decoder");
     timings.vae_decode = now() - mark;
+    const height = shape[2] * p.vae_scale_factor;
+    const width = shape[3] * p.vae_scale_factor;
     const plane = height * width;
     const images = [];
     for (let b = 0; b < shape[0]; b++) {
@@ -532,8 +661,7 @@ export class Pipeline {
       }
       images.push({ width, height, data: image });
     }
-    timings.total = now() - start;
-    return { images, timings, seed: request.seed };
+    return images;
   }
 
   /**

@@ -1,7 +1,7 @@
 /**
  * Open the demo page served by `lcm-run serve` in the system Chromium (playwright-core, no browser download), wait
- * for it to finish and print one JSON object: status, backend, crossOriginIsolated, the canvas's RGBA bytes and
- * window.lastImage's floats. Used by tests/js/test_browser.py.
+ * for it to finish and print one JSON object: status, backend, variants, crossOriginIsolated, the canvas's RGBA bytes,
+ * window.lastImage's floats and the paths the page fetched. Used by tests/js/test_browser.py.
  *
  *   node tools/run-page.mjs URL [--webgpu] [--timeout SECONDS]
  *
@@ -42,8 +42,13 @@ try {
   // Offline: anything not on the page's own server fails (and is counted).
   const origin = new URL(url).origin;
   const external = [];
+  const fetched = []; // the paths the page GETs from its server (HEAD requests, size checks, are not counted)
   await context.route("**/*", (route) => {
-    if (route.request().url().startsWith(origin)) return route.continue();
+    const request = route.request();
+    if (request.url().startsWith(origin)) {
+      if (request.method() === "GET") fetched.push(new URL(request.url()).pathname);
+      return route.continue();
+    }
     external.push(route.request().url());
     return route.abort();
   });
@@ -61,7 +66,12 @@ try {
   if (!result.skip) {
     const started = Date.now();
     await page.goto(url);
-    await page.waitForFunction(() => /^(done|error)/.test(document.body.dataset.status || ""), null, { timeout });
+    try {
+      await page.waitForFunction(() => /^(done|error)/.test(document.body.dataset.status || ""), null, { timeout });
+    } catch (error) {
+      if (error.name !== "TimeoutError") throw error;
+      result.timedOut = true; // the page's status (where it stopped) and its logs still say what happened
+    }
     result.seconds = (Date.now() - started) / 1000;
     Object.assign(
       result,
@@ -73,6 +83,7 @@ try {
           status: document.body.dataset.status,
           shown: document.getElementById("status").textContent,
           backend: /** @type {any} */ (window).lastBackend ?? null,
+          variants: /** @type {any} */ (window).lastVariants ?? null,
           crossOriginIsolated: globalThis.crossOriginIsolated,
           width: canvas.width,
           height: canvas.height,
@@ -84,6 +95,7 @@ try {
     );
   }
   result.external = external;
+  result.fetched = fetched;
   result.logs = logs.slice(-20);
 } finally {
   await browser.close();

@@ -102,7 +102,10 @@ def _resolve_cjs(modules: Path, base: Path, specifier: str) -> Path | None:
 
 def bundle_commonjs(modules: Path, entry: str) -> bytes:
     """One ES module whose default export is ``require(entry)``: every file it requires (found by the literal
-    ``require("…")`` calls, as browserify does) wrapped in a function, with a small ``require`` of its own."""
+    ``require("…")`` calls, as browserify does) wrapped in a function, with a small ``require`` of its own.
+    ``modules`` is resolved first: the files found are resolved paths, and a symlinked node_modules (a git
+    worktree's, pnpm's) must still contain them."""
+    modules = modules.resolve()
     start = _resolve_cjs(modules, modules / "index.js", entry)
     if start is None:
         raise UserError(

@@ -1,12 +1,16 @@
 """The bundle in a real browser page: ``lcm-run serve`` serves a tiny bundle and the JavaScript runtime's page
 (js/demo/), offline; Chromium (Debian's, driven by playwright-core through js/tools/run-page.mjs) opens
 ``?prompt=…&seed=…&steps=…&autorun=1`` and the canvas must equal the Python runtime's PNG for the same seed, on WASM
-(threads: the page is cross-origin isolated) and on WebGPU where Chromium offers an adapter. A bundle with a changed
-byte makes the page show an error naming the file.
+(threads: the page is cross-origin isolated) and on WebGPU where Chromium offers an adapter. A ``--target web`` bundle
+(weights split over external data files, as a full-size one's are) runs its fp32 variants within 2/255 of Python's PNG
+and, on WASM's ``auto``, its INT8 U-Net as close to the fp32 image as the float QDQ reference (the INT8 graph run as
+its ops say: docs/design-notes.md, "JavaScript runtime"). A bundle with a changed byte makes the page show an error
+naming the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -18,13 +22,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import lcm_export.targets.web as web_target
 from lcm_export.runtime import Pipeline
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, export, image_psnr, run_as_specified
 
 JS = Path(__file__).resolve().parents[2] / "js"
 CHROMIUM = Path("/usr/bin/chromium")
 PAGE_TIMEOUT = 120  # seconds for the page to load the bundle and generate
 QUERY = "?prompt=a%20cat&seed=3&steps=2&autorun=1"
+WEB_FILE_BYTES = 300_000  # the tiny model's components are 0.3-6.4 MB: each gets external data files, as at 1.9 GB
+PSNR_MARGIN_DB = 1.0  # WASM INT8 against fp32 vs the float QDQ reference against fp32 (js/test/int8.test.js's bound)
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="/usr/bin/chromium is missing: apt-get install chromium (the browser test needs it)"
@@ -184,3 +191,55 @@ def test_serve_serves_only_its_folders(base_url):
         with pytest.raises(HTTPError) as error:
             urlopen(f"{base_url}{path}")
         assert error.value.code == 404, path
+
+
+@pytest.fixture(scope="module")
+def web_int8_bundle(tiny_lcm_dir, tmp_path_factory) -> Path:
+    """``--target web --precision int8``: fp32, fp16 and INT8 U-Net variants, weights in external data files."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(web_target, "TARGET", dataclasses.replace(web_target.TARGET, max_file_bytes=WEB_FILE_BYTES))
+        output = tmp_path_factory.mktemp("web") / "int8"
+        options = {"target": "web", "precision": "int8", "calibration_size": 2, "calibration_resolution": 32}
+        return export(tiny_lcm_dir, output, **options)
+
+
+@pytest.fixture(scope="module")
+def web_images(web_int8_bundle) -> dict[str, np.ndarray]:
+    """The Python runtime on the web bundle, the page's query: fp32 variants, and the INT8 U-Net run as specified."""
+    fp32 = Pipeline.load(web_int8_bundle, backend="onnxruntime", variant="fp32", precision="fp32")
+    assert {choice.precision for choice in fp32.variants.values()} == {"fp32"}
+    int8 = Pipeline.load(web_int8_bundle, backend="onnxruntime", variant="int8", precision="fp32")
+    assert int8.variants["unet"].precision == "int8"
+    reference = run_as_specified(int8, web_int8_bundle, components=("unet",))
+    return {
+        "fp32": fp32("a cat", seed=3, num_inference_steps=2).images[0],
+        "int8_reference": reference("a cat", seed=3, num_inference_steps=2).images[0],
+    }
+
+
+def test_web_bundle_fp32_page_equals_python(web_int8_bundle, web_images):
+    manifest = json.loads((web_int8_bundle / "manifest.json").read_text())
+    split = [entry["path"] for entry in manifest["files"] if "onnx_data_" in entry["path"]]
+    assert split, "the web bundle's weights are not split over several external data files"
+    with served(web_int8_bundle) as url:
+        page = run_page(f"{url}{QUERY}&backend=wasm&precision=fp32")
+    assert page["variants"] == {"text_encoder": "fp32", "unet": "fp32", "vae_decoder": "fp32"}
+    floats = web_images["fp32"]
+    check_image(page, (floats, (floats * 255).round().astype(np.uint8)))
+
+
+def test_web_bundle_int8_page_is_as_close_to_fp32_as_the_qdq_reference(web_int8_bundle, web_images):
+    with served(web_int8_bundle) as url:
+        page = run_page(f"{url}{QUERY}&backend=wasm")  # auto: backend_variants' wasm list, INT8 first
+    assert page["status"] == "done", (page["status"], page["logs"])
+    assert page["variants"]["unet"] == "int8" and page["crossOriginIsolated"] is True
+    # The page fetches (and hashes) the files of the variants it opens, not the bundle's other U-Nets.
+    unet_files = sorted(path.rsplit("/", 1)[1] for path in page["fetched"] if path.startswith("/bundle/unet/"))
+    assert unet_files and all(name.startswith("model-int8.onnx") for name in unet_files), unet_files
+    fp32, reference = web_images["fp32"], web_images["int8_reference"]
+    canvas = np.array(page["canvas"], dtype=np.float32).reshape(page["height"], page["width"], 4)[..., :3] / 255
+    page_psnr = image_psnr(canvas, fp32)
+    reference_psnr = image_psnr((reference * 255).round() / 255, fp32)
+    apart = float(np.abs(canvas - reference).max())
+    print(f"INT8 page vs fp32 {page_psnr:.2f} dB, QDQ reference vs fp32 {reference_psnr:.2f} dB, apart {apart:.3f}")
+    assert abs(page_psnr - reference_psnr) <= PSNR_MARGIN_DB

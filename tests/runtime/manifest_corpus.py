@@ -19,7 +19,8 @@ import copy
 import json
 import math
 import random
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,9 +177,18 @@ def candidates(document: dict[str, Any], path: NodePath, bundle_files: list[str]
     return {kind: mutated for kind, mutated in result.items() if mutated is not None}
 
 
-def mutations(document: dict[str, Any], count: int, seed: int) -> list[Mutation]:
-    """``count`` distinct mutations: every path change of every path field (few fields, the riskiest values),
-    then draws evenly over the manifest's fields, then over each field's nodes and kinds."""
+def glob(pattern: str, text: str) -> bool:
+    """``*`` matches any text (dots and brackets included); everything else matches itself."""
+    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), text) is not None
+
+
+def mutations(
+    document: dict[str, Any], count: int, seed: int, required: Iterable[tuple[str, str]] = ()
+) -> list[Mutation]:
+    """``count`` distinct mutations: one of each ``required`` (field pattern, kind pattern) pair (:func:`glob`
+    patterns: the allow-listed rules, so that each is exercised whatever else the bundle holds), every path change
+    of every path field (few fields, the riskiest values), then draws evenly over the manifest's fields, then over
+    each field's nodes and kinds."""
     rng = random.Random(seed)
     bundle_files = [entry["path"] for entry in document["files"]]
     by_field: dict[str, list[NodePath]] = {}
@@ -194,6 +204,17 @@ def mutations(document: dict[str, Any], count: int, seed: int) -> list[Mutation]
         if label not in chosen and (name, kind) not in LEGITIMATE_EDITS and len(chosen) < count:
             chosen[label] = Mutation(label, dumps(options[kind]), name, kind)
 
+    for field_pattern, kind_pattern in required:
+        matches = [
+            (name, path, kind)
+            for name in fields
+            if glob(field_pattern, name)
+            for path in by_field[name]
+            for kind in sorted(candidates(document, path, bundle_files))
+            if glob(kind_pattern, kind) and (name, kind) not in LEGITIMATE_EDITS
+        ]
+        assert matches, f"no node of the manifest takes the required mutation {field_pattern}: {kind_pattern}"
+        add(*rng.choice(matches))
     for name in fields:
         if name.endswith(PATH_FIELD_ENDINGS):
             for kind in PATH_KINDS:

@@ -25,7 +25,7 @@ import pytest
 
 from lcm_export.errors import BundleError
 from lcm_export.runtime.manifest import MANIFEST_NAME, load_manifest, upgrade_format_1
-from tests.runtime.manifest_corpus import MUTATIONS, SEED, mutations
+from tests.runtime.manifest_corpus import MUTATIONS, SEED, glob, mutations
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPOSITORY / "docs" / "manifest.schema.json"
@@ -86,10 +86,6 @@ def schema_accepts(validator: Any, text: str) -> bool:
     return validator.is_valid(document)
 
 
-def glob(pattern: str, text: str) -> bool:
-    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), text) is not None
-
-
 def entry_for(allow_list: dict[tuple[str, str], str], field: str, kind: str) -> tuple[str, str] | None:
     return next((entry for entry in allow_list if glob(entry[0], field) and glob(entry[1], kind)), None)
 
@@ -142,7 +138,8 @@ def test_the_schema_and_the_validator_agree_on_the_fuzz_corpus(tiny_lcm_bundle, 
     agreed: list[str] = []
     allowed: dict[tuple[str, str], list[str]] = {}
     disagreements: list[str] = []
-    for mutation in mutations(original, MUTATIONS, SEED):
+    rules = {**BEYOND_THE_SCHEMA, **NOT_JSON}
+    for mutation in mutations(original, MUTATIONS, SEED, required=rules):
         (bundle / MANIFEST_NAME).write_text(mutation.text)
         try:
             load_manifest(bundle)
@@ -158,7 +155,6 @@ def test_the_schema_and_the_validator_agree_on_the_fuzz_corpus(tiny_lcm_bundle, 
         else:
             verdicts = f"schema {'accepts' if schema else 'refuses'}, validator {'accepts' if python else 'refuses'}"
             disagreements.append(f"{mutation.label} ({mutation.field}): {verdicts}")
-    rules = {**BEYOND_THE_SCHEMA, **NOT_JSON}
     with capsys.disabled():
         counts = ", ".join(f"{rules[entry]} {entry[0]}: {entry[1]} {len(labels)}" for entry, labels in allowed.items())
         print(
