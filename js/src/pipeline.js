@@ -585,12 +585,13 @@ export class Pipeline {
       for (let i = 0; i < plane; i++) for (let c = 0; c < 3; c++) chw[c * plane + i] = data[i * 3 + c];
       feeds.controlnet_cond = ["float32", repeatRows(chw, 1, chw.length, rows), [rows, 3, height, width]];
       const outputs = await this.run(component, feeds, info.residual_inputs);
+      const first = total === null;
+      total = total || {};
       for (const name of info.residual_inputs) {
         const values = outputs[name].data;
         dims[name] = outputs[name].dims;
-        const sum = total ? total[name] : new Float32Array(values.length);
-        for (let i = 0; i < values.length; i++) sum[i] = total ? Math.fround(sum[i] + Math.fround(values[i] * scale)) : Math.fround(values[i] * scale);
-        total = total || {};
+        const sum = first ? new Float32Array(values.length) : total[name];
+        for (let i = 0; i < values.length; i++) sum[i] = first ? Math.fround(values[i] * scale) : Math.fround(sum[i] + Math.fround(values[i] * scale));
         total[name] = sum;
       }
     }
