@@ -17,7 +17,13 @@ import functools
 import json
 from pathlib import Path
 
-from lcm_export.exporter.tiny import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, write_clip_tokenizer_files
+from lcm_export.exporter.tiny import (
+    CLIP_BOS_ID,
+    CLIP_EOS_ID,
+    CLIP_VOCAB_SIZE,
+    build_controlnet,
+    write_clip_tokenizer_files,
+)
 
 # LCM_Dreamshaper_v7's U-Net (SD1.5 with the LCM guidance embedding).
 UNET_CONFIG = dict(
@@ -91,6 +97,11 @@ SDXL_TEXT_2_CONFIG = dict(
     hidden_act="gelu",
     projection_dim=1280,
 )
+# An SD1.5 ControlNet's (lllyasviel/control_v11p_sd15_canny) conditioning embedding: 8x down-sampling of the image.
+CONTROLNET_EMBEDDING_CHANNELS = (16, 32, 96, 256)
+# Its residual convolutions are zero-initialised by diffusers (a fresh ControlNet changes nothing); random ones of
+# this spread make the control image change the image, as a trained ControlNet's do.
+CONTROLNET_RESIDUAL_STD = 0.02
 # TAESD (madebyollin/taesd) is diffusers' AutoencoderTiny with its default configuration.
 TAESD_CONFIG: dict = dict(latent_channels=4, scaling_factor=1.0)
 
@@ -212,6 +223,27 @@ def build_sdxl_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
     _save_with_clip_tokenizers(output_dir, pipeline, tokenizer={}, tokenizer_2={"pad_token": "!"})  # 2: OpenCLIP
     counts["vae_decoder"] = parameter_count(vae.decoder) + parameter_count(vae.post_quant_conv)
     mark.write_text(json.dumps({"parameters": counts, "stored_dtype": "float16"}, indent=2) + "\n")
+    return counts
+
+
+def build_sd15_controlnet(output_dir: Path, model_dir: Path, seed: int = 0) -> dict[str, int]:
+    """Write a random full-size SD1.5-shaped ``ControlNetModel`` for the pipeline at ``model_dir`` (its U-Net's down
+    blocks, mid block and cross-attention size, without the LCM guidance embedding: an SD1.5 ControlNet serves an
+    LCM); return its parameter count (reused when already complete)."""
+    mark = output_dir / COMPLETE_MARK
+    if mark.is_file():
+        return json.loads(mark.read_text())["parameters"]
+    from diffusers import ControlNetModel
+
+    build_controlnet(
+        output_dir,
+        model_dir,
+        embedding_channels=CONTROLNET_EMBEDDING_CHANNELS,
+        seed=seed,
+        residual_std=CONTROLNET_RESIDUAL_STD,
+    )
+    counts = {"controlnet": parameter_count(ControlNetModel.from_pretrained(str(output_dir)))}
+    mark.write_text(json.dumps({"parameters": counts}, indent=2) + "\n")
     return counts
 
 

@@ -162,14 +162,6 @@ export function parseManifest(text, where) {
     );
     if (bad) refuse(`field ${pointerField(bad.instancePath)} must be an integer written without a fraction (not 2.0)`);
   }
-  if (data.controlnet) {
-    // A ControlNet bundle (lcm-export --controlnet): its U-Net takes residuals this runtime does not compute.
-    const names = data.controlnet.models.map((model) => model.component).join(", ");
-    throw new BundleError(
-      `BUNDLE '${where}' has ControlNet components (${names}), which the JavaScript runtime does not run: ` +
-        "use the Python runtime (lcm_export.runtime), or export the model without --controlnet",
-    );
-  }
   checkBeyondSchema(data, refuse);
   Object.defineProperty(data, "formatVersionRead", { value: version, enumerable: false });
   return data;
@@ -198,6 +190,41 @@ function describeSchemaErrors(errors) {
 }
 
 /** X2, X4–X8, X10 (the runtime's tensors), X14, X15. @param {any} m @param {(message: string) => never} refuse */
+/** X16 (lcm_export/runtime/manifest/control.py: check_controlnet): the declared ControlNets and the residual U-Net. */
+function checkControlNet(m, refuse) {
+  const control = m.controlnet;
+  const declared = control.models.map((model) => model.component);
+  control.models.forEach((model, index) => {
+    const expected = index === 0 ? "controlnet" : `controlnet_${index}`;
+    if (model.component !== expected) refuse(`field controlnet.models[${index}].component must be '${expected}': ControlNets are numbered in order`);
+  });
+  for (const name of Object.keys(m.components)) {
+    if (/^controlnet(_[1-9][0-9]?)?$/.test(name) && !declared.includes(name)) refuse(`field components.${name} is a ControlNet that controlnet.models does not declare`);
+  }
+  const unet = m.components[control.unet];
+  if (!unet) return;
+  const unetInputs = new Map(unet.inputs.map((t) => [t.name, t]));
+  for (const name of control.residual_inputs) if (!unetInputs.has(name)) refuse(`field components.${control.unet}.inputs must include the residual input ${name}`);
+  control.models.forEach((model, index) => {
+    const spec = m.components[model.component];
+    const at = `components.${model.component}`;
+    if (!spec) refuse(`field controlnet.models[${index}].component names no component of this bundle`);
+    if (!spec.inputs.some((t) => t.name === "controlnet_cond")) refuse(`field ${at}.inputs must include the control image controlnet_cond`);
+    const outputs = spec.outputs.map((t) => t.name);
+    if ([...outputs].sort().join() !== [...control.residual_inputs].sort().join()) {
+      refuse(`field ${at}.outputs must be exactly the U-Net's residual inputs ${control.residual_inputs.join(", ")} (got ${outputs.join(", ")})`);
+    }
+    spec.outputs.forEach((tensor, outputIndex) => {
+      if (JSON.stringify(tensor.shape) !== JSON.stringify(unetInputs.get(tensor.name).shape)) {
+        refuse(`field ${at}.outputs[${outputIndex}].shape must be the U-Net's ${tensor.name} shape`);
+      }
+    });
+    spec.inputs.forEach((tensor, inputIndex) => {
+      if (tensor.name !== "controlnet_cond" && !unetInputs.has(tensor.name)) refuse(`field ${at}.inputs[${inputIndex}].name must be controlnet_cond or an input of the U-Net`);
+    });
+  });
+}
+
 function checkBeyondSchema(m, refuse) {
   // X2: unique entries.
   const paths = new Set();
@@ -295,7 +322,8 @@ function checkBeyondSchema(m, refuse) {
   }
   const unet = m.components.unet;
   if (unet) {
-    const expected = new Set(["sample", "timestep", ...Object.keys(c.unet_inputs)]);
+    const residuals = m.controlnet ? m.controlnet.residual_inputs : []; // X16: the residual U-Net's inputs
+    const expected = new Set(["sample", "timestep", ...Object.keys(c.unet_inputs), ...residuals]);
     const names = new Set(unet.inputs.map((t) => t.name));
     for (const name of expected) if (!names.has(name)) refuse(`field components.unet.inputs has no '${name}'`);
     for (const name of names) if (!expected.has(name)) refuse(`field components.unet.inputs has '${name}', which the conditioning does not feed`);
@@ -314,6 +342,8 @@ function checkBeyondSchema(m, refuse) {
     const output = p.vae === "autoencoder_tiny" ? "latents" : "latent_parameters";
     if (!find(m.components.vae_encoder.outputs, output)) refuse(`field components.vae_encoder.outputs has no ${output} (pipeline.vae ${p.vae})`);
   }
+  // X16: the ControlNets give exactly the residuals the U-Net takes, with the same shapes.
+  if (m.controlnet) checkControlNet(m, refuse);
   // X14: copies in scheduler.config equal the scheduler's fields.
   for (const key of ["prediction_type", "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value"]) {
     if (key in m.scheduler.config && m.scheduler.config[key] !== m.scheduler[key]) {

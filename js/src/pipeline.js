@@ -3,6 +3,8 @@
  * docs/bundle-format.md ("The LCM loop as data", "Image-to-image") on ONNX Runtime, in Node or a browser. The loop
  * knows no model family: the text encoders and U-Net inputs come from the manifest's conditioning declaration.
  * Given the same random tensors (or the same seed: the shared generator) the images equal the Python runtime's.
+ * ControlNet bundles (lcm-export --controlnet) run their ControlNets before each U-Net call (bundle-format.md,
+ * "ControlNet"): `controlImage`, `controlnetConditioningScale`, `controlGuidanceStart` / `controlGuidanceEnd`.
  * @module
  */
 
@@ -23,6 +25,23 @@ const now = () => globalThis.performance.now();
  * @property {number} width
  * @property {number} height
  * @property {Float32Array} data  H*W*3 values
+ */
+
+/**
+ * @typedef {object} ControlOptions   ControlNet bundles only (as diffusers' StableDiffusionControlNetPipeline)
+ * @property {Image | Image[]} [controlImage]  one per ControlNet of the bundle, in its order; the output's size
+ *   (not resized), preprocessed by the caller (edges, poses, depth), values in [0, 1]
+ * @property {number | number[]} [controlnetConditioningScale]  default: each ControlNet's scale in the manifest
+ * @property {number | number[]} [controlGuidanceStart]  the fraction of the steps each ControlNet starts at (0)
+ * @property {number | number[]} [controlGuidanceEnd]    ... and ends at (1)
+ */
+
+/**
+ * @typedef {object} ControlRequest  a call's checked ControlNet arguments, one entry per ControlNet
+ * @property {Image[]} images
+ * @property {number[]} scales
+ * @property {number[]} starts
+ * @property {number[]} ends
  */
 
 /**
@@ -101,6 +120,27 @@ export function repeatText(text, count) {
   };
 }
 
+/** @param {unknown} image @param {string} name @returns {Image} an image checked as {width, height, data} */
+function checkImageShape(image, name) {
+  const { width, height, data } = /** @type {any} */ (image) || {};
+  if (!Number.isInteger(width) || !Number.isInteger(height) || !(data instanceof Float32Array) || data.length !== width * height * 3) {
+    throw new UserError(`${name} must be {width, height, data: Float32Array of height*width*3 RGB values in [0, 1]}`);
+  }
+  return { width, height, data };
+}
+
+/** One number for every ControlNet, or a list of one per ControlNet, each in [low, high]. */
+function perControlNet(name, value, count, low, high) {
+  const values = Array.isArray(value) ? value : Array(count).fill(value);
+  if (values.length !== count) throw new UserError(`${name}: pass one value or a list of ${count} (one per ControlNet of the bundle)`);
+  for (const item of values) {
+    if (typeof item !== "number" || !Number.isFinite(item) || item < low || item > high) {
+      throw new UserError(`${name}=${JSON.stringify(item)}: pass a number from ${low} to ${high}`);
+    }
+  }
+  return values;
+}
+
 /** Concatenate float arrays. */
 function concat(parts) {
   const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
@@ -110,6 +150,19 @@ function concat(parts) {
     at += part.length;
   }
   return out;
+}
+
+/**
+ * A residual's dim: "batch" the U-Net's rows, "latent_height" / "latent_height_K" the latent size (down-sampled by
+ * K, rounded up as a stride-2 convolution with padding 1 does), a number as is.
+ * @param {string | number} dim
+ */
+function latentDim(dim, rows, latentHeight, latentWidth) {
+  if (typeof dim === "number") return dim;
+  if (dim === "batch") return rows;
+  const match = /^latent_(height|width)(?:_(\d+))?$/.exec(dim);
+  if (!match) throw new BundleError(`a residual input has the dim '${dim}', which this runtime cannot size`);
+  return Math.ceil((match[1] === "height" ? latentHeight : latentWidth) / Number(match[2] ?? 1));
 }
 
 export class Pipeline {
@@ -150,7 +203,8 @@ export class Pipeline {
     const pipe = new Pipeline(source, manifest, opened, precision);
     pipe.verify = verify;
     const encoders = manifest.conditioning.text_encoders.map((e) => e.component);
-    const needed = [...encoders, "unet", "vae_decoder"];
+    const controlnets = manifest.controlnet ? manifest.controlnet.models.map((model) => model.component) : [];
+    const needed = [...encoders, "unet", ...controlnets, "vae_decoder"];
     const missing = needed.filter((name) => !(name in manifest.components));
     if (missing.length) throw new BundleError(`BUNDLE '${source.description}' has no ${missing.join(", ")}: re-export it`);
     Object.assign(pipe.variants, chooseVariants(manifest, needed, "onnx", precision, source.description, backendPreference(manifest, opened)));
@@ -316,9 +370,10 @@ export class Pipeline {
   /**
    * Text-to-image.
    * @param {string | string[]} prompt
+   * A control image (ControlNet bundles) sets the size when height and width are not given.
    * @param {{negativePrompt?: string | string[], numInferenceSteps?: number, guidanceScale?: number,
    *          numImagesPerPrompt?: number, height?: number, width?: number, seed?: number | bigint,
-   *          latents?: Float32Array, noise?: Float32Array[]}} [options]
+   *          latents?: Float32Array, noise?: Float32Array[]} & ControlOptions} [options]
    * @returns {Promise<PipelineOutput>}
    */
   async generate(prompt, options = {}) {
@@ -326,9 +381,11 @@ export class Pipeline {
     const timings = {};
     const p = this.manifest.pipeline;
     const request = this.request(prompt, options);
-    const height = options.height ?? p.default_height;
-    const width = options.width ?? p.default_width;
+    const control = this.control(options);
+    const height = options.height ?? (control ? control.images[0].height : p.default_height);
+    const width = options.width ?? (control ? control.images[0].width : p.default_width);
     this.checkSize(height, width);
+    this.checkControlSize(control, height, width);
     const shape = [request.batch, p.latent_channels, height / p.vae_scale_factor, width / p.vae_scale_factor];
     const size = shape.reduce((a, b) => a * b, 1);
     // 2. Random draws in the format's order: the latents, then one noise per step but the last.
@@ -337,7 +394,53 @@ export class Pipeline {
     const sigma = Math.fround(this.manifest.scheduler.init_noise_sigma);
     for (let i = 0; i < size; i++) initial[i] = Math.fround(initial[i] * sigma);
     const noise = this.drawSteps(options.noise, request.table.timesteps.length - 1, size, generator, shape);
-    return this.denoise(request, initial, noise, shape, height, width, timings, start);
+    return this.denoise(request, initial, noise, shape, height, width, timings, start, control);
+  }
+
+  /**
+   * A call's ControlNet arguments checked against the bundle (bundle-format.md, "ControlNet"); null without a
+   * control image (then only the defaults may be passed).
+   * @private
+   * @param {ControlOptions} options
+   * @returns {ControlRequest | null}
+   */
+  control(options) {
+    const info = this.manifest.controlnet;
+    const { controlImage, controlnetConditioningScale: scale } = options;
+    const start = options.controlGuidanceStart ?? 0;
+    const end = options.controlGuidanceEnd ?? 1;
+    if (controlImage === undefined || controlImage === null) {
+      if (scale !== undefined || start !== 0 || end !== 1) {
+        throw new UserError("controlnetConditioningScale / controlGuidanceStart / controlGuidanceEnd apply to a control image: pass controlImage too");
+      }
+      return null;
+    }
+    if (!info) {
+      throw new UserError(`controlImage: BUNDLE '${this.source.description}' has no ControlNet: re-export it with --controlnet CN, or drop the control image`);
+    }
+    const count = info.models.length;
+    const given = Array.isArray(controlImage) ? controlImage : [controlImage];
+    if (given.length !== count) {
+      throw new UserError(`controlImage: the bundle has ${count} ControlNet(s) and ${given.length} image(s) were given: pass one control image per ControlNet (an array, in the bundle's order)`);
+    }
+    const images = given.map((image) => checkImageShape(image, "controlImage"));
+    const scales = scale === undefined ? info.models.map((model) => model.conditioning_scale ?? 1) : perControlNet("controlnetConditioningScale", scale, count, 0, 100);
+    const starts = perControlNet("controlGuidanceStart", start, count, 0, 1);
+    const ends = perControlNet("controlGuidanceEnd", end, count, 0, 1);
+    starts.forEach((first, k) => {
+      if (first >= ends[k]) throw new UserError(`controlGuidanceStart ${first} must be below controlGuidanceEnd ${ends[k]} (fractions of the steps)`);
+    });
+    return { images, scales, starts, ends };
+  }
+
+  /** @private: the control images must be the output's size (refused, never resized) */
+  checkControlSize(control, height, width) {
+    if (!control) return;
+    for (const image of control.images) {
+      if (image.height !== height || image.width !== width) {
+        throw new UserError(`controlImage is ${image.width}x${image.height} but the image is ${width}x${height}: pass a control image of ${width}x${height} (it is not resized), or leave height/width unset to take the control image's`);
+      }
+    }
   }
 
   /**
@@ -347,7 +450,8 @@ export class Pipeline {
    * @param {string | string[]} prompt
    * @param {{strength?: number, negativePrompt?: string | string[], numInferenceSteps?: number,
    *          guidanceScale?: number, numImagesPerPrompt?: number, seed?: number | bigint,
-   *          sampleNoise?: Float32Array, imageNoise?: Float32Array, noise?: Float32Array[]}} [options]
+   *          sampleNoise?: Float32Array, imageNoise?: Float32Array, noise?: Float32Array[]} & ControlOptions} [options]
+   *   ControlNet bundles: the control image must be the image's size.
    * @returns {Promise<PipelineOutput>}
    */
   async img2img(image, prompt, options = {}) {
@@ -355,8 +459,10 @@ export class Pipeline {
     const timings = {};
     const p = this.manifest.pipeline;
     const request = this.request(prompt, options, options.strength ?? 0.5);
+    const control = this.control(options);
     await this.openEncoder();
     const { width, height } = this.checkImage(image, "image");
+    this.checkControlSize(control, height, width);
     const tiny = p.vae === "autoencoder_tiny";
     if (tiny && options.sampleNoise) throw new UserError("sampleNoise: this bundle's tiny VAE encodes deterministically and draws no latent sample");
     const C = p.latent_channels;
@@ -370,7 +476,7 @@ export class Pipeline {
     const mark = now();
     const latents = await this.encodeImage(image, request.batch, request.table, sampleNoise, imageNoise, shape);
     timings.vae_encode = now() - mark;
-    return this.denoise(request, latents, noise, shape, height, width, timings, start);
+    return this.denoise(request, latents, noise, shape, height, width, timings, start, control);
   }
 
   /**
@@ -420,10 +526,7 @@ export class Pipeline {
    * @returns {Image}
    */
   checkImage(image, name) {
-    const { width, height, data } = /** @type {any} */ (image) || {};
-    if (!Number.isInteger(width) || !Number.isInteger(height) || !(data instanceof Float32Array) || data.length !== width * height * 3) {
-      throw new UserError(`${name} must be {width, height, data: Float32Array of height*width*3 RGB values in [0, 1]}`);
-    }
+    const { width, height } = checkImageShape(image, name);
     this.checkSize(height, width);
     return /** @type {Image} */ (image);
   }
@@ -488,8 +591,55 @@ export class Pipeline {
     };
   }
 
+  /**
+   * The U-Net's residual inputs for one call (bundle-format.md, "ControlNet"): each ControlNet with a non-zero
+   * scale at step `index` of `steps` runs on the U-Net's feeds `run` (with CFG both halves, the control image on
+   * every row), its outputs times the scale in float32, summed in the bundle's order; zeros where none runs.
+   * @private
+   */
+  async controlResiduals(run, control, index, steps, rows, latentHeight, latentWidth) {
+    const m = this.manifest;
+    const info = m.controlnet;
+    /** @type {Record<string, Float32Array>} */
+    let total = null;
+    /** @type {Record<string, number[]>} */
+    const dims = {};
+    for (let k = 0; control && k < info.models.length; k++) {
+      const kept = index / steps < control.starts[k] || (index + 1) / steps > control.ends[k] ? 0 : 1;
+      const scale = Math.fround(control.scales[k] * kept);
+      if (scale === 0) continue;
+      const component = info.models[k].component;
+      const feeds = {};
+      for (const tensor of m.components[component].inputs) if (tensor.name !== "controlnet_cond") feeds[tensor.name] = run[tensor.name];
+      const { width, height, data } = control.images[k];
+      const plane = width * height;
+      const chw = new Float32Array(3 * plane); // (1, 3, H, W), not normalised (diffusers' do_normalize=False)
+      for (let i = 0; i < plane; i++) for (let c = 0; c < 3; c++) chw[c * plane + i] = data[i * 3 + c];
+      feeds.controlnet_cond = ["float32", repeatRows(chw, 1, chw.length, rows), [rows, 3, height, width]];
+      const outputs = await this.run(component, feeds, info.residual_inputs);
+      const first = total === null;
+      total = total || {};
+      for (const name of info.residual_inputs) {
+        const values = outputs[name].data;
+        dims[name] = outputs[name].dims;
+        const sum = first ? new Float32Array(values.length) : total[name];
+        for (let i = 0; i < values.length; i++) sum[i] = first ? Math.fround(values[i] * scale) : Math.fround(sum[i] + Math.fround(values[i] * scale));
+        total[name] = sum;
+      }
+    }
+    const residuals = {};
+    for (const tensor of m.components[info.unet].inputs.filter((t) => info.residual_inputs.includes(t.name))) {
+      if (total) residuals[tensor.name] = ["float32", total[tensor.name], dims[tensor.name]];
+      else {
+        const shape = tensor.shape.map((dim) => latentDim(dim, rows, latentHeight, latentWidth));
+        residuals[tensor.name] = ["float32", new Float32Array(shape.reduce((a, b) => a * b, 1)), shape];
+      }
+    }
+    return residuals;
+  }
+
   /** @private: the LCM loop from `latents` over the request's table, then the decode */
-  async denoise(request, latents, noise, shape, height, width, timings, start) {
+  async denoise(request, latents, noise, shape, height, width, timings, start, control = null) {
     const text = await this.encodeText(request, timings);
     // 5. Conditioning feeds, built once.
     const feeds = this.conditioningFeeds(request, text, height, width);
@@ -499,7 +649,7 @@ export class Pipeline {
     for (let i = 0; i < table.timesteps.length; i++) {
       const t = table.timesteps[i];
       let mark = now();
-      const epsilon = await this.predict(request, feeds, x, new Array(shape[0]).fill(t), shape);
+      const epsilon = await this.predict(request, feeds, x, new Array(shape[0]).fill(t), shape, control, i, table.timesteps.length);
       checkFinite(epsilon, `the U-Net at step ${i + 1} (timestep ${t})`);
       timings[`unet[${i}]`] = now() - mark;
       mark = now();
@@ -599,11 +749,14 @@ export class Pipeline {
 
   /**
    * One U-Net call over `latents` (B rows of shape[1:]), row k at `timesteps[k]`; with CFG the batch is doubled
-   * ([unconditional, conditional]) and combined. `feeds` from conditioningFeeds for these rows.
+   * ([unconditional, conditional]) and combined. `feeds` from conditioningFeeds for these rows. On a ControlNet
+   * bundle the ControlNets run first on the same feeds (`control`: the call's checked ControlNet arguments, at step
+   * `index` of `steps`; null: zero residuals).
    * @param {number[]} timesteps  B values
+   * @param {ControlRequest | null} [control]
    * @returns {Promise<Float32Array>} the guided prediction, (B, C, h, w)
    */
-  async predict(request, feeds, latents, timesteps, shape) {
+  async predict(request, feeds, latents, timesteps, shape, control = null, index = 0, steps = 1) {
     const rows = timesteps.length;
     const R = request.useCfg ? 2 * rows : rows;
     const both = request.useCfg ? [...timesteps, ...timesteps] : timesteps;
@@ -613,6 +766,7 @@ export class Pipeline {
     else throw new Error("this U-Net takes one timestep for the whole batch"); // callers check it first
     const sample = request.useCfg ? concat([latents, latents]) : latents;
     const run = { ...feeds, sample: ["float32", sample, [R, ...shape.slice(1)]], timestep };
+    if (this.manifest.controlnet) Object.assign(run, await this.controlResiduals(run, control, index, steps, R, shape[2], shape[3]));
     const epsilon = (await this.run("unet", run, ["out_sample"])).out_sample.data;
     if (!request.useCfg) return epsilon;
     const size = latents.length;

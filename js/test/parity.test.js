@@ -1,6 +1,7 @@
 /**
  * The JavaScript runtime against the Python runtime's references (written by tests/js/test_node_runtime.py into
- * $LCM_EDGE_REFERENCES): images on onnxruntime-node and WASM, the shared generator, tokenizer ids, bad bundles.
+ * $LCM_EDGE_REFERENCES): images on onnxruntime-node and WASM (ControlNet bundles too), the shared generator, tokenizer
+ * ids, bad bundles, bad control images.
  */
 import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
@@ -10,7 +11,7 @@ import { Pipeline, PromptTokenizer, standardNormal } from "../src/index.js";
 
 const folder = process.env.LCM_EDGE_REFERENCES;
 const TOLERANCE = 1e-4;
-const results = { images: {}, draws: {}, tokenizers: {}, bad_bundles: {}, timings_ms: {} };
+const results = { images: {}, draws: {}, tokenizers: {}, bad_bundles: {}, control_errors: {}, timings_ms: {} };
 
 const read = (entry) => {
   const bytes = readFileSync(join(folder, entry.file));
@@ -64,6 +65,12 @@ describe("against the Python runtime", { skip: folder ? false : "LCM_EDGE_REFERE
         if (c.noise) options.noise = c.noise.map(read);
         if (c.sampleNoise) options.sampleNoise = read(c.sampleNoise);
         if (c.imageNoise) options.imageNoise = read(c.imageNoise);
+        if (c.control) {
+          options.controlImage = c.control.images.map((entry) => ({ width: entry.shape[1], height: entry.shape[0], data: read(entry) }));
+          if (c.control.scale !== undefined) options.controlnetConditioningScale = c.control.scale;
+          if (c.control.start !== undefined) options.controlGuidanceStart = c.control.start;
+          if (c.control.end !== undefined) options.controlGuidanceEnd = c.control.end;
+        }
         const expected = read(c.expected);
         const [, height, width] = c.expected.shape;
         let out;
@@ -83,6 +90,21 @@ describe("against the Python runtime", { skip: folder ? false : "LCM_EDGE_REFERE
       }
     });
   }
+
+  test("bad control images give a UserError naming the input", async () => {
+    for (const bad of index.control_errors ?? []) {
+      const pipe = await Pipeline.load(bad.bundle, { backend: "node", verify: "size" });
+      const size = bad.size ?? pipe.manifest.pipeline.default_height;
+      const image = { width: size, height: size, data: new Float32Array(size * size * 3) };
+      const controlImage = Array(bad.images).fill(image);
+      await assert.rejects(pipe.generate("a cat", { controlImage, height: pipe.manifest.pipeline.default_height }), (error) => {
+        results.control_errors[bad.match] = error.message;
+        assert.equal(error.name, "UserError");
+        assert.ok(error.message.includes(bad.match), `'${error.message}' does not say ${bad.match}`);
+        return true;
+      });
+    }
+  });
 
   test("bad bundles give an Error naming the file or field", async () => {
     for (const bad of index.bad_bundles) {

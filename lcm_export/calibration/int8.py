@@ -9,6 +9,11 @@ Which components are quantised is where INT8 pays, measured on the SD1.5-shaped 
 of an INT8-U-Net run at 512 px); not the tiny decoder (TAESD) nor the text encoders (small shares of a run even if
 INT8 made them free), nor the VAE encoder (img2img; not measured), nor the decoder for TensorRT (a GPU's fp16 engine
 is what those measurements cannot speak for). Measured: docs/design-notes.md#calibration-int8.
+
+A ControlNet bundle calibrates on trajectories run with synthetic control images (:mod:`.control_images`), so the
+residual U-Net's ranges include the residuals; its ControlNets are quantised too where ``quantize_controlnet``
+(calibrated on their own recorded calls), and the quality report runs with control images (held-out ones for the
+held-out prompts).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lcm_export.calibration.control_images import CALIBRATION_SEED, HELD_OUT_SEED, control_images
 from lcm_export.calibration.onnx_qdq import QdqRecipe, quantize_qdq
 from lcm_export.calibration.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
 from lcm_export.calibration.quality import psnr, ssim
@@ -38,9 +44,11 @@ INT8_FILE = "model-int8.onnx"
 # bundle both without CFG (its default, 1.0) and with it (1.5: the unconditional half of the batch is recorded).
 CALIBRATION_GUIDANCE = {"embedding": (8.5,), "cfg": (1.0, 1.5)}
 REPORT_GUIDANCE = {"embedding": (4.0, 8.5), "cfg": (1.0, 1.5)}
-# The components INT8 may quantise (see the module docstring), as messages name them and their samples.
+# The components INT8 may quantise (see the module docstring), as messages name them and their samples; the
+# ControlNets (controlnet, controlnet_1, ..) are named by their component and calibrated on their own calls.
 COMPONENT_LABELS = {"unet": "U-Net", "vae_decoder": "VAE decoder"}
 SAMPLE_LABELS = {"unet": "U-Net calls", "vae_decoder": "final latents"}
+CONTROL_IMAGES = "synthetic, deterministic: Canny-like edge maps and smooth depth-like fields, alternating by prompt"
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Int8Settings:
     seed: int = 0
     recipe: QdqRecipe = field(default_factory=QdqRecipe)
     quantize_decoder: bool = True  # the full VAE decoder too (the exporter decides; see the module docstring)
+    quantize_controlnet: bool = True  # a ControlNet bundle's ControlNets too (see the module docstring)
 
 
 def _float_pipeline(bundle: Path) -> Pipeline:
@@ -74,31 +83,37 @@ def quantize_components(
     pipe = _float_pipeline(bundle)
     info = pipe.manifest.pipeline
     height, width = settings.height or info.default_height, settings.width or info.default_width
-    floats = {name: pipe.variants[name].artifact for name in ("unet", "vae_decoder")}
+    controlnets = pipe.manifest.controlnet.components if pipe.manifest.controlnet is not None else ()
+    floats = {name: pipe.variants[name].artifact for name in ("unet", "vae_decoder", *controlnets)}
     recorded = Trajectories([], [])
     for guidance in CALIBRATION_GUIDANCE[info.guidance]:
-        trajectory = TrajectorySettings(settings.prompts, settings.steps, guidance, height, width, settings.seed)
+        trajectory = TrajectorySettings(
+            settings.prompts, settings.steps, guidance, height, width, settings.seed, len(controlnets)
+        )
         label = f"calibration trajectories (guidance {guidance:g})"
         step = (lambda done, total, label=label: progress(label, done, total)) if progress else None
-        found = record_trajectories(pipe, trajectory, progress=step)
-        recorded = Trajectories(recorded.unet + found.unet, recorded.vae_decoder + found.vae_decoder)
+        recorded = recorded + record_trajectories(pipe, trajectory, progress=step)
     del pipe
     samples = {"unet": recorded.unet}
     if settings.quantize_decoder and info.vae == "autoencoder_kl":
         samples["vae_decoder"] = recorded.vae_decoder
+    if settings.quantize_controlnet:
+        samples.update(recorded.controlnets)
     calibration = {
         "prompts": len(settings.prompts),
         "steps": settings.steps,
         "guidance": list(CALIBRATION_GUIDANCE[info.guidance]),
         "size": [height, width],
         "unet_calls": len(recorded.unet),
+        **({"control_images": CONTROL_IMAGES} if controlnets else {}),
     }
     import onnxruntime
 
     variants = {}
     for name, paths in samples.items():
-        ranges_label = f"activation ranges of the {COMPONENT_LABELS[name]} on {len(paths)} {SAMPLE_LABELS[name]}"
-        label = f"quantising the {COMPONENT_LABELS[name]}"
+        component, samples_of = COMPONENT_LABELS.get(name, name), SAMPLE_LABELS.get(name, "calls")
+        ranges_label = f"activation ranges of the {component} on {len(paths)} {samples_of}"
+        label = f"quantising the {component}"
         step = (
             (lambda done, total, ranges_label=ranges_label: progress(ranges_label, done, total)) if progress else None
         )
@@ -181,8 +196,13 @@ def quality_report(
     planned = len(runs)
     groups = len({(label, guidance) for label, guidance, _, _ in runs})
 
-    def generate(pipe: Pipeline, guidance: float, index: int, prompt: str) -> np.ndarray:
-        call = dict(num_inference_steps=settings.steps, height=height, width=width, seed=10_000 + index)
+    controlnets = len(float_pipe.manifest.controlnet.models) if float_pipe.manifest.controlnet is not None else 0
+    image_seeds = {"calibration": CALIBRATION_SEED, "held_out": HELD_OUT_SEED}
+
+    def generate(pipe: Pipeline, label: str, guidance: float, index: int, prompt: str) -> np.ndarray:
+        call: dict[str, Any] = dict(num_inference_steps=settings.steps, height=height, width=width, seed=10_000 + index)
+        if controlnets:  # the calibration prompts with their calibration images, the held-out ones with others
+            call["control_image"] = control_images(index, controlnets, height, width, image_seeds[label])
         return pipe(prompt, guidance_scale=guidance, **call).images
 
     bar_label = f"quality report: {len(runs)} float and {len(runs)} INT8 runs"
@@ -196,9 +216,9 @@ def quality_report(
 
     references: list[np.ndarray] = []
     while len(references) < len(runs):
-        _, guidance, index, prompt = runs[len(references)]
+        label, guidance, index, prompt = runs[len(references)]
         run_started = time.perf_counter()
-        references.append(generate(float_pipe, guidance, index, prompt))
+        references.append(generate(float_pipe, label, guidance, index, prompt))
         if len(references) == 1 and budget_seconds is not None:
             # What is left of the budget after this run, the INT8 pipeline's load (about the float one's) and this
             # pair's INT8 run, in pairs of a float and an INT8 run about as long as this one.
@@ -213,13 +233,15 @@ def quality_report(
     int8_pipe = Pipeline.load(bundle, backend="onnxruntime", variant="int8", cache=False, verify="size")
     scores: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for (label, guidance, index, prompt), reference in zip(runs, references, strict=True):
-        image = generate(int8_pipe, guidance, index, prompt)
+        image = generate(int8_pipe, label, guidance, index, prompt)
         advance()
         scores.setdefault((label, guidance), []).append((psnr(reference, image), ssim(reference, image)))
     report: dict[str, Any] = {"size": [height, width], "steps": settings.steps, "runs": len(runs), "sets": {}}
     if budget_seconds is not None:
         report["budget_seconds"] = round(budget_seconds, 1)
         report["runs_planned"] = planned
+    if controlnets:
+        report["control_images"] = CONTROL_IMAGES
     for (label, guidance), pairs in scores.items():
         psnrs, ssims = zip(*pairs, strict=True)
         report["sets"].setdefault(label, {})[f"{guidance:g}"] = {

@@ -1,6 +1,7 @@
 """The JavaScript runtime (js/, package lcm-edge) against the Python runtime, driven from pytest.
 
-Tiny bundles are exported (distilled LCM, LCM-LoRA with CFG, SDXL, tiny VAE, INT8); the Python runtime writes its
+Tiny bundles are exported (distilled LCM, LCM-LoRA with CFG, SDXL, tiny VAE, INT8, a CFG bundle with two
+ControlNets); the Python runtime writes its
 images for fixed latents/noise and for seeds, and its frame loop's frames (unbatched and step-batched), as float32
 raw files and an index.json into a temp folder; then ``node --test`` in js/ reads them (``LCM_EDGE_REFERENCES``) and
 checks onnxruntime-node and onnxruntime-web's WASM backend against them, the shared generator's draws, the
@@ -110,7 +111,8 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
     bundles = tmp_path_factory.mktemp("js-bundles")
     tiny_vae = _export(tiny_lcm_dir, bundles / "tiny-vae", tiny_vae=str(tiny_vae_dir))
     int8 = _export(tiny_lcm_dir, bundles / "int8", precision="int8", calibration_size=2, calibration_resolution=32)
-    index: dict = {"cases": [], "streams": [], "draws": [], "tokenizers": [], "bad_bundles": []}
+    controlnet = _controlnet_bundle(bundles)
+    index: dict = {"cases": [], "streams": [], "draws": [], "tokenizers": [], "bad_bundles": [], "control_errors": []}
     rng = np.random.default_rng(2026)
 
     def add_case(
@@ -124,6 +126,7 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
         seed=None,
         tolerance=None,
         backends=None,
+        control=None,
         **extra,
     ):
         pipe = Pipeline.load(bundle, backend="onnxruntime", precision="fp32")
@@ -137,6 +140,14 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
             case["guidance"] = guidance
         height, width = info.default_height, info.default_width
         shape = (1, info.latent_channels, height // info.vae_scale_factor, width // info.vae_scale_factor)
+        control_kwargs = {}
+        if control is not None:  # ControlNet: random control images (one per ControlNet) and the window/scales
+            images = [rng.uniform(0, 1, (height, width, 3)).astype(np.float32) for _ in range(control.pop("count"))]
+            case["control"] = {"images": [_write(folder, f"{name}-control{i}", im) for i, im in enumerate(images)]}
+            case["control"].update(control)
+            names = {"scale": "controlnet_conditioning_scale", "start": "control_guidance_start"}
+            control_kwargs = {names.get(key, "control_guidance_end"): value for key, value in control.items()}
+            control_kwargs["control_image"] = images
         if mode == "txt2img":
             kwargs = {}
             if seed is None:
@@ -147,7 +158,9 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
                 case["noise"] = [_write(folder, f"{name}-noise{i}", n) for i, n in enumerate(noise)]
             else:
                 case["seed"] = str(seed)
-            out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed, **kwargs)
+            out = pipe(
+                prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed, **kwargs, **control_kwargs
+            )
         else:
             strength = extra["strength"]
             case["strength"] = strength
@@ -173,6 +186,7 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
                 guidance_scale=guidance,
                 seed=seed,
                 **kwargs,
+                **control_kwargs,
             )
         case["expected"] = _write(folder, f"{name}-expected", out.images)
         index["cases"].append(case)
@@ -195,6 +209,20 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
     # (docs/design-notes.md, "JavaScript runtime"), from the references _int8_probe writes.
     add_case("int8", int8, "txt2img", seed=4, backends=["node"])
     index["int8"] = _int8_probe(int8, tiny_lcm_bundle, folder, seed=4)
+
+    # ControlNet (both ControlNets on both CFG halves; the second only in the middle half of the steps; scales per
+    # call; the manifest's scales; no control image: zero residuals; img2img).
+    window = {"count": 2, "scale": [0.7, 1.2], "start": [0.0, 0.25], "end": [1.0, 0.75]}
+    add_case("controlnet-cfg-window", controlnet, "txt2img", guidance=2.0, control=window)
+    add_case("controlnet-g1-seed", controlnet, "txt2img", guidance=1.0, seed=6, control={"count": 2})
+    add_case("controlnet-no-image", controlnet, "txt2img", guidance=2.0, seed=7)
+    edit = {"count": 2, "scale": 0.8}
+    add_case("controlnet-img2img", controlnet, "img2img", strength=0.5, guidance=2.0, control=edit)
+    index["control_errors"] = [
+        {"bundle": str(tiny_lcm_bundle), "images": 1, "match": "has no ControlNet: re-export it with --controlnet CN"},
+        {"bundle": str(controlnet), "images": 1, "match": "the bundle has 2 ControlNet(s) and 1 image(s) were given"},
+        {"bundle": str(controlnet), "images": 2, "size": 48, "match": "(it is not resized)"},
+    ]
 
     def add_stream(name, bundle, *, steps=4, strength=0.5, guidance=None, seed=3, batch_steps=False, frames=4):
         """The Python frame loop's outputs for blocky random frames (structure the tiny VAE keeps): which pushes
@@ -337,6 +365,19 @@ def _int8_probe(int8: Path, fp32: Path, folder: Path, seed: int) -> dict:
             "fused": _write(folder, "int8-fused-image", fused),
         },
     }
+
+
+def _controlnet_bundle(folder: Path) -> Path:
+    """A tiny base SD with a LoRA fused (classifier-free guidance) and two random ControlNets (scales 1.0, 0.5)."""
+    from lcm_export.exporter.bundle import LoraSource
+    from lcm_export.exporter.controlnet import ControlNetSource
+    from lcm_export.exporter.tiny import TinyPipelineConfig, build_controlnet, build_tiny_lora, build_tiny_pipeline
+
+    base = build_tiny_pipeline(folder / "controlnet-base", TinyPipelineConfig(kind="sd", seed=4))
+    lora = build_tiny_lora(folder / "controlnet-lora.safetensors", base, rank=4, target_modules=("to_q", "to_v"))
+    nets = [build_controlnet(folder / f"controlnet-{index}", base, seed=10 + index) for index in range(2)]
+    sources = tuple(ControlNetSource(str(path), 1.0 / (index + 1)) for index, path in enumerate(nets))
+    return _export(base, folder / "controlnet", loras=(LoraSource(str(lora)),), controlnets=sources)
 
 
 def _bad_bundles(good: Path, folder: Path) -> list[dict]:

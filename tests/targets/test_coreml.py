@@ -548,3 +548,35 @@ def test_component_json_round_trip_keeps_the_coreml_table(static_bundle):
     inputs, outputs = coreml_backend.artifact_tensors(component)
     assert [t.name for t in inputs] == component.spec.input_names
     assert [t.feed_name for t in outputs] == component.spec.output_names
+
+
+def test_a_controlnet_bundle_converts_with_residual_shapes_from_the_specs(tiny_lcm_dir, tmp_path):
+    """A ControlNet bundle for Core ML: the ControlNet and the residual U-Net are mlpackages whose inputs and
+    outputs are the manifest's, every residual at its latent scale (the U-Net's residual inputs are the
+    ControlNet's outputs, shape for shape). Prediction needs macOS (not run on Linux)."""
+    from lcm_export.exporter.controlnet import ControlNetSource
+    from lcm_export.exporter.tiny import build_controlnet
+
+    controlnet = build_controlnet(tmp_path / "cn", tiny_lcm_dir, seed=1)
+    bundle = export(
+        tiny_lcm_dir,
+        tmp_path / "coreml-controlnet",
+        target="coreml",
+        components=("text_encoder", "unet", "vae_decoder"),
+        controlnets=(ControlNetSource(str(controlnet), 0.5),),
+    )
+    manifest = load_manifest(bundle, verify="full")
+    assert set(manifest.components) == {"text_encoder", "unet", "controlnet", "vae_decoder"}
+    assert manifest.controlnet is not None and manifest.controlnet.models[0].conditioning_scale == 0.5
+    assert_packages_match_manifest(bundle, manifest)
+    unet_inputs = {tensor["name"]: tensor for tensor in package_io(bundle / "unet" / "model.mlpackage")[0]}
+    outputs = package_io(bundle / "controlnet" / "model.mlpackage")[1]
+    assert [tensor["name"] for tensor in outputs] == list(manifest.controlnet.residual_inputs)
+    latent = unet_inputs["sample"]["shape"][2]
+    sizes = set()
+    for tensor in outputs:
+        assert tensor["shape"] == unet_inputs[tensor["name"]]["shape"], tensor
+        sizes.add(tensor["shape"][2])
+    assert sizes == {latent, latent // 2}  # the tiny U-Net's two latent scales
+    control = package_io(bundle / "controlnet" / "model.mlpackage")[0][-1]
+    assert control["name"] == "controlnet_cond" and control["shape"][2] == latent * manifest.pipeline.vae_scale_factor

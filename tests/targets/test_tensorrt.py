@@ -303,6 +303,11 @@ def test_runtime_binding_plans_follow_the_spec(engine_bundle) -> None:
     """What the runtime backend allocates for every engine at its profile's min, opt and max (no GPU needed): the
     inputs as given, every output (all of an SDXL text encoder's hidden states, the U-Net's out_sample) at the
     shape its spec implies."""
+    check_binding_plans(engine_bundle)
+
+
+def check_binding_plans(engine_bundle: Path) -> None:
+    """Every engine's binding plan at its profile's min, opt and max: the outputs at the shapes their specs imply."""
     manifest = load_manifest(engine_bundle)
     factor = manifest.pipeline.vae_scale_factor
     for name, component in manifest.components.items():
@@ -320,6 +325,57 @@ def test_runtime_binding_plans_follow_the_spec(engine_bundle) -> None:
                 binding = plan[tensor.name]
                 assert binding.shape == tensor.concrete_shape(values), (name, stage, tensor.name)
                 assert binding.nbytes == np.prod(binding.shape) * np.dtype(tensor.dtype).itemsize
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_controlnet_int8_engines_follow_the_specs(tiny_lcm_dir, tmp_path) -> None:
+    """A ControlNet bundle for TensorRT-RTX, INT8 and dynamic: the residual U-Net and the ControlNet are INT8 engines
+    built from their QDQ files, each residual input's and output's profile is its spec's at every latent scale
+    (down-sampling 1x, 2x, .. from the batch and size range), the engines' I/O is the spec's, and the runtime's
+    binding plans give every residual the shape the U-Net takes. Running them needs a GPU (not here)."""
+    from lcm_export.exporter.controlnet import ControlNetSource
+    from lcm_export.exporter.tiny import build_controlnet
+
+    controlnet = build_controlnet(tmp_path / "cn", tiny_lcm_dir, seed=1)
+    bundle = export(
+        tiny_lcm_dir,
+        tmp_path / "trt-controlnet",
+        target="tensorrt",
+        precision="int8",
+        dynamic=True,
+        calibration_size=2,
+        controlnets=(ControlNetSource(str(controlnet)),),
+    )
+    manifest = load_manifest(bundle, verify="full")
+    assert manifest.controlnet is not None and set(manifest.components) == {*COMPONENTS, "controlnet"}
+    expected = engine_profiles(bundle, dynamic=True)
+    for name, component in manifest.components.items():
+        artifact = component.artifacts["tensorrt"]
+        assert set(component.artifacts) == {"tensorrt"} and (bundle / artifact.path).stat().st_size > 50_000
+        assert artifact.details["profiles"] == expected[name]
+        io = [trt_backend.IOTensor.from_json(entry) for entry in artifact.details["io"]]
+        spec = component.spec.with_dtypes(artifact.io_dtype)
+        assert [t.name for t in io if t.mode == "input"] == spec.input_names
+        assert [t.name for t in io if t.mode == "output"] == spec.output_names
+    for name in ("unet", "controlnet"):
+        artifact = manifest.components[name].artifacts["tensorrt"]
+        assert artifact.precision == "int8" and artifact.produced_by["from"] == f"{name}/model-int8.onnx", name
+    # The residuals: each ControlNet output's profile range is the U-Net input's, at its latent scale.
+    unet = manifest.components["unet"].artifacts["tensorrt"].details["profiles"]
+    sample = unet["sample"]
+    residuals = {t.name: t for t in manifest.components["controlnet"].spec.outputs}
+    assert list(residuals) == list(manifest.controlnet.residual_inputs)
+    scales = set()
+    for name, tensor in residuals.items():
+        scale = sample["max"][2] // unet[name]["max"][2]
+        scales.add(scale)
+        for stage in ("min", "opt", "max"):
+            assert unet[name][stage][0] == sample[stage][0] and unet[name][stage][1] == tensor.shape[1]
+            assert unet[name][stage][2:] == [size // scale for size in sample[stage][2:]], (name, stage)
+    assert scales == {1, 2}  # the tiny U-Net's two down-sampling levels
+    assert unet["sample"]["min"] != unet["sample"]["max"]  # dynamic: a real range
+    check_binding_plans(bundle)
 
 
 @pytest.mark.tensorrt

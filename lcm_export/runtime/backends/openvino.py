@@ -193,7 +193,7 @@ QUANTISED_CONSUMERS = frozenset({"Convolution", "GroupConvolution", "MatMul"})
 # Ops that may follow a layer before its output's FakeQuantize (the bias), and the dequantisation chain after it.
 _BIAS_OPS = frozenset({"Add"})
 _DEQUANTISE_OPS = frozenset({"Convert", "Subtract", "Multiply"})
-FLOAT_OUTPUTS_VERSION = 1  # part of the cached IR's key: bump when float_layer_outputs changes
+FLOAT_OUTPUTS_VERSION = 2  # part of the cached IR's key: bump when float_layer_outputs changes
 
 
 def float_layer_outputs(model: Any) -> int:
@@ -204,7 +204,8 @@ def float_layer_outputs(model: Any) -> int:
     convolution as one integer kernel. OpenVINO's kernels take 8-bit inputs with a float output as fast, so there
     the pair only adds rounding error (measured: docs/design-notes.md#openvino). Each such pair whose
     dequantised value feeds no Conv/MatMul is bypassed: its consumers read the layer's float output. Returns how
-    many were bypassed.
+    many were bypassed. A pair that writes a graph output (a ControlNet's residuals) is bypassed too, its names
+    moved to the layer's output (the session returns the name the manifest declares).
     """
     bypassed = 0
     for node in model.get_ordered_ops():
@@ -226,7 +227,9 @@ def float_layer_outputs(model: Any) -> int:
             continue
         if any(consumer.get_type_name() in QUANTISED_CONSUMERS for consumer in consumers):
             continue
+        names = tail.output(0).get_names()  # a graph output's name (a ControlNet's residuals) goes with it
         tail.output(0).replace(source)
+        source.get_tensor().add_names(names)
         bypassed += 1
     return bypassed
 
@@ -315,6 +318,7 @@ class OpenVinoSession:
         identity: str | None = None,
         quantised: bool = False,
         weights: WeightOverrides | None = None,
+        output_names: tuple[str, ...] = (),
     ) -> None:
         import openvino
 
@@ -341,7 +345,9 @@ class OpenVinoSession:
         self.layer_profile = (
             LayerProfile(component_name, Path(options.profiling_dir), options.device) if options.profiling_dir else None
         )
-        self.output_names = [output.get_any_name() for output in self.compiled.outputs]
+        # An output tensor may carry several names once compiled (a QDQ graph's output is also its
+        # DequantizeLinear's): the one the manifest declares (``output_names``) is the one returned.
+        self.output_names = [_declared_name(output, output_names) for output in self.compiled.outputs]
 
     def _acquire(self) -> Any:
         """An idle infer request, a new one while the pool is under ``max_requests``, else the next one freed."""
@@ -448,4 +454,12 @@ def open_session(
     options = dataclasses.replace(options, device=options.device_or("CPU"))
     quantised = component.artifacts[ARTIFACT_FORMAT].precision == "int8"  # a QDQ variant
     identity = artifact_identity(component, ARTIFACT_FORMAT)
-    return OpenVinoSession(path, options, static_shapes, component.spec.name, identity, quantised, weights)
+    return OpenVinoSession(
+        path, options, static_shapes, component.spec.name, identity, quantised, weights, component.spec.output_names
+    )
+
+
+def _declared_name(output: Any, declared: tuple[str, ...]) -> str:
+    """The name of a compiled model's output that ``declared`` lists, else any of its names."""
+    names = output.get_names()
+    return next((name for name in declared if name in names), output.get_any_name())

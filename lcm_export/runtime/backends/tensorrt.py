@@ -36,7 +36,7 @@ from lcm_export.runtime.manifest import (
     TensorRTEngineDetails,
     parse_compute_capability,  # noqa: F401 (re-exported beside check_compute_capability)
 )
-from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec
+from lcm_export.runtime.specs import ComponentProfiles, ComponentSpec, latent_symbol_values
 
 ARTIFACT_FORMAT = "tensorrt"
 # An engine computes at the precision it was built with (fp16 or INT8, chosen at export).
@@ -183,6 +183,9 @@ def resolve_symbols(spec: ComponentSpec, input_shapes: dict[str, tuple[int, ...]
             values[image] = values[latent] * vae_scale_factor
         elif image in values and latent not in values:
             values[latent] = values[image] // vae_scale_factor
+    if "latent_height" in values and "latent_width" in values:  # a ControlNet's residuals: the down-sampled sizes
+        derived = latent_symbol_values(values["latent_height"], values["latent_width"])
+        values.update({name: size for name, size in derived.items() if name not in values})
     return values
 
 
