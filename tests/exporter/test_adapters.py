@@ -108,6 +108,44 @@ def test_weight_map_is_in_the_manifest(sd) -> None:
     assert "weight_map" not in manifest["components"]["vae_decoder"]
 
 
+def _frames(count: int, size: int = 32) -> list[np.ndarray]:
+    """Frames (H, W, 3) in [0, 1] that differ from each other."""
+    generator = np.random.default_rng(3)
+    return [generator.random((size, size, 3), dtype=np.float32) for _ in range(count)]
+
+
+def test_stream_switches_between_frames_only(sd) -> None:
+    """The frame loop: a switch between frames gives the next frame of a stream started on the new weights (its
+    prompt encoded again: B adapts the text encoder too); a step-batched stream with frames in flight refuses the
+    switch in one line, keeps its weights, and switches once flushed."""
+    first, second = _frames(2)
+    options = {"strength": 0.6, "num_inference_steps": 4, "seed": 4}  # 4 steps: a batched push holds frames
+    with_b = Pipeline.load(sd["bundle_a"], backend="onnxruntime", precision="fp32", adapters={sd["adapter"]: WEIGHT_B})
+    expected_b = with_b.stream("a cat", **options, batch_steps=False)(second)
+    pipe = Pipeline.load(sd["bundle_a"], backend="onnxruntime", precision="fp32")
+    expected_base = pipe.stream("a cat", **options, batch_steps=False)(second)
+    assert np.abs(expected_b - expected_base).max() > 1e-2  # the adapter changes the frame: the checks can fail
+    stream = pipe.stream("a cat", **options, batch_steps=False)
+    stream(first)
+    pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    assert np.abs(stream(second) - expected_b).max() <= EXACT
+    pipe.set_adapters({})
+    assert np.abs(stream(second) - expected_base).max() == 0.0
+
+    batched = pipe.stream("a cat", **options, batch_steps=True)
+    assert batched.push(first) is None and batched.frames_in_flight == 1
+    with pytest.raises(AdapterError, match=r"^set_adapters: 1 frame\(s\) of a step-batched stream are in flight .*"
+                       r"call the stream's flush\(\) first$"):  # fmt: skip
+        pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    assert pipe.adapters == {}
+    (flushed,) = batched.flush()
+    assert np.abs(flushed - pipe.stream("a cat", **options, batch_steps=False)(first)).max() <= EXACT
+    pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    assert batched.push(second) is None
+    (flushed,) = batched.flush()
+    assert np.abs(flushed - expected_b).max() <= EXACT
+
+
 # -- SDXL, an unseen shape -----------------------------------------------------------------------------------------
 
 
