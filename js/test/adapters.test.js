@@ -52,6 +52,32 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
     });
   }
 
+  test("the frame loop switches between frames only; a batched stream with frames in flight refuses", async () => {
+    const c = index.adapters[0];
+    const options = { strength: 0.5, numInferenceSteps: 4, seed: 3 };
+    const adapted = await Pipeline.load(c.bundle, { backend: "node", precision: c.name, adapters: { [c.adapter]: c.weight } });
+    const { default_height: height, default_width: width } = adapted.manifest.pipeline;
+    const frames = [1, 2].map((k) => ({ width, height, data: Float32Array.from({ length: height * width * 3 }, (_, i) => ((i * 7 + k * 13) % 17) / 16) }));
+    const expected = (await (await adapted.stream("a cat", options)).process(frames[1])).data;
+    const pipe = await Pipeline.load(c.bundle, { backend: "node", precision: c.name });
+    const plain = (await (await pipe.stream("a cat", options)).process(frames[1])).data;
+    assert.ok(maxAbs(expected, plain) > 1e-2, "the adapter changes the frame (the check can fail)");
+    const stream = await pipe.stream("a cat", options);
+    await stream.process(frames[0]);
+    await pipe.setAdapters({ [c.adapter]: c.weight });
+    results["stream/switched"] = maxAbs((await stream.process(frames[1])).data, expected);
+    assert.ok(results["stream/switched"] <= TOLERANCE, `the frame after a switch: max abs ${results["stream/switched"]}`);
+    await pipe.setAdapters({});
+    assert.equal(maxAbs((await stream.process(frames[1])).data, plain), 0, "back to the base");
+    const batched = await pipe.stream("a cat", { ...options, batchSteps: true });
+    assert.equal(await batched.push(frames[0]), null);
+    await assert.rejects(pipe.setAdapters({ [c.adapter]: c.weight }), (error) => error instanceof AdapterError && /^setAdapters: 1 frame\(s\) of a step-batched stream are in flight/.test(error.message));
+    assert.deepEqual(pipe.adapters, {});
+    assert.equal((await batched.flush()).length, 1);
+    await pipe.setAdapters({ [c.adapter]: c.weight });
+    assert.deepEqual(pipe.adapters, { [c.adapter]: c.weight });
+  });
+
   test("an adapter made for another bundle, a bad weight: one AdapterError naming the file", async () => {
     const c = index.adapters[0];
     await assert.rejects(
