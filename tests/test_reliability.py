@@ -4,7 +4,10 @@ A row gives the command (placeholders: ``{bundle}`` a copy of the tiny LCM bundl
 tiny LCM-LoRA (CFG) bundle, ``{model}`` the tiny LCM pipeline folder, ``{vae_8_channels}`` and ``{vae_scale_4}``
 AutoencoderKL folders that do not fit it (8 latent channels; scale factor 4), ``{tmp}`` the row's own folder holding
 ``notes.txt``, a file ``a-file`` and an empty folder ``folder.png``, and ``clip.mp4``, a text file named like a
-video, where the row names it), the exit code, the exact message (``…``
+video, where the row names it; run-time adapters: ``{lora}`` a LoRA for ``{model}``, ``{lora_nothing}`` one whose
+keys match no module, ``{adapter}`` that LoRA made into an adapter for ``{bundle}``, ``{adapter_misfit}`` a copy
+whose factors have another shape, ``{bundle_fewer_weights}`` a copy of ``{bundle}`` whose U-Net weight map lacks the
+``to_q`` weights), the exit code, the exact message (``…``
 stands for text that depends on the machine, e.g. free memory) and what is on disk afterwards: ``nothing`` (no
 file at ``--output``, no partial file beside it), ``unchanged`` (what was at ``--output`` is exactly as before)
 or ``image`` (the PNG was written). The table and the commands cannot drift apart: a message changed in the code
@@ -13,10 +16,13 @@ fails here until the document says the same.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -72,11 +78,73 @@ def snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(path.rglob("*"))}
 
 
+ADAPTER_PLACEHOLDERS = ("lora", "lora_nothing", "adapter", "adapter_misfit", "bundle_fewer_weights")
+
+
+def _without_weights(bundle: Path, word: str) -> Path:
+    """``bundle`` with the U-Net weight-map entries whose module names hold ``word`` removed, and the manifest's
+    size and sha256 of that file updated (a bundle whose export could not map those modules)."""
+    weight_map = bundle / "unet" / "weights.json"
+    data = json.loads(weight_map.read_text())
+    data["weights"] = {name: entry for name, entry in data["weights"].items() if word not in entry["module"]}
+    weight_map.write_text(json.dumps(data))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "unet/weights.json":
+            entry["size"] = weight_map.stat().st_size
+            entry["sha256"] = hashlib.sha256(weight_map.read_bytes()).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def adapter_inputs(tiny_lcm_dir, tiny_lcm_bundle, tmp_path_factory) -> dict[str, str]:
+    """The run-time adapter placeholders (built once, only when a row names one)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lcm_export.exporter.adapter import make_adapter
+    from lcm_export.exporter.bundle import LoraSource
+    from lcm_export.exporter.tiny import build_tiny_lora
+
+    folder = tmp_path_factory.mktemp("reliability-adapters")
+    lora = build_tiny_lora(folder / "style.safetensors", tiny_lcm_dir, rank=2, target_modules=("to_q", "conv1"))
+    nothing = folder / "nothing.safetensors"
+    save_file(
+        {
+            "lora_unet_no_such_block.lora_down.weight": np.zeros((2, 8), np.float32),
+            "lora_unet_no_such_block.lora_up.weight": np.zeros((8, 2), np.float32),
+        },
+        str(nothing),
+    )
+    adapter = folder / "style.adapter"
+    make_adapter(LoraSource(str(lora)), tiny_lcm_bundle, adapter)
+    raw = adapter.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    key = next(name for name in sorted(header) if name.endswith(".down"))
+    rows, columns = header[key]["shape"]
+    header[key]["shape"] = [rows * columns, 1]  # the same bytes as another shape
+    encoded = json.dumps(header).encode()
+    misfit = folder / "misfit.adapter"
+    misfit.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size :])
+    fewer = _without_weights(shutil.copytree(tiny_lcm_bundle, folder / "fewer-weights"), "to_q")
+    return {
+        "lora": str(lora),
+        "lora_nothing": str(nothing),
+        "adapter": str(adapter),
+        "adapter_misfit": str(misfit),
+        "bundle_fewer_weights": str(fewer),
+    }
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[row.case for row in ROWS])
-def test_row(row: Row, tiny_lcm_bundle, tiny_cfg_bundle, tiny_lcm_dir, tmp_path) -> None:
+def test_row(row: Row, tiny_lcm_bundle, tiny_cfg_bundle, tiny_lcm_dir, tmp_path, request) -> None:
     work = tmp_path / "work"
     work.mkdir()
     values = {"tmp": str(work), "model": str(tiny_lcm_dir)}
+    if any(f"{{{name}}}" in row.command for name in ADAPTER_PLACEHOLDERS):
+        values.update(request.getfixturevalue("adapter_inputs"))
     if "{bundle}" in row.command:
         values["bundle"] = str(shutil.copytree(tiny_lcm_bundle, tmp_path / "bundle"))
     if "{cfg_bundle}" in row.command:

@@ -31,3 +31,12 @@ export class NonFiniteError extends UserError {
     this.name = "NonFiniteError";
   }
 }
+
+/** An adapter file or weight that cannot be applied to this bundle (the Python runtime's AdapterError). */
+export class AdapterError extends UserError {
+  /** @param {string} message */
+  constructor(message) {
+    super(message);
+    this.name = "AdapterError";
+  }
+}

@@ -5,7 +5,7 @@
 
 export { Pipeline, guidanceEmbedding } from "./pipeline.js";
 export { FrameStream } from "./stream.js";
-export { UserError, BundleError, NonFiniteError } from "./errors.js";
+export { UserError, BundleError, NonFiniteError, AdapterError } from "./errors.js";
 export { PhiloxGenerator, philox4x32, standardNormal } from "./philox.js";
 export { parseManifest, loadManifest, upgradeFormat1, strengthKey } from "./manifest.js";
 export { PromptTokenizer } from "./tokenizer.js";

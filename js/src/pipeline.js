@@ -8,8 +8,9 @@
  * @module
  */
 
+import { checkAdapter, checkAdapterWeights, patchedFiles, readAdapterFile, readWeightMaps } from "./adapters.js";
 import { openBackend } from "./backends.js";
-import { BundleError, NonFiniteError, UserError } from "./errors.js";
+import { AdapterError, BundleError, NonFiniteError, UserError } from "./errors.js";
 import { loadManifest, strengthKey, verifyUsedFiles, VERIFY_MODES } from "./manifest.js";
 import { PhiloxGenerator, seedKey } from "./philox.js";
 import { openSource } from "./source.js";
@@ -141,6 +142,12 @@ function perControlNet(name, value, count, low, high) {
   return values;
 }
 
+/** Remove a temporary folder of adapted files (Node). @param {string} folder */
+async function removeFolder(folder) {
+  const fs = await import("node:fs/promises");
+  await fs.rm(folder, { recursive: true, force: true });
+}
+
 /** Concatenate float arrays. */
 function concat(parts) {
   const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
@@ -182,6 +189,20 @@ export class Pipeline {
     this.sessions = {};
     /** @type {Record<string, PromptTokenizer>} */
     this.tokenizers = {};
+    /** @type {Array<[import("./adapters.js").Adapter, number]>} the adapters the calls run with */
+    this.activeAdapters = [];
+    /** @type {Record<string, import("./adapters.js").WeightMap> | null} read on the first setAdapters */
+    this.weightMaps = null;
+    /** @private calls running (a weight swap waits for them) and what waits for none to run */
+    this.running = 0;
+    /** @private @type {Array<() => void>} */
+    this.idleWaiters = [];
+    /** @private @type {Record<string, string>} temporary folders of adapted sessions (onnxruntime-node, external data) */
+    this.adaptedFolders = {};
+    /** counts weight swaps: what a frame loop's encoded prompt was made on */
+    this.weightsVersion = 0;
+    /** @private @type {Set<WeakRef<any>>} the frame loops made here (a swap waits for none to hold frames) */
+    this.streams = new Set();
   }
 
   /**
@@ -189,11 +210,13 @@ export class Pipeline {
    * variant per component, open one session each.
    * @param {string | URL} location a bundle folder (Node) or base URL
    * @param {{backend?: "auto" | "node" | "wasm" | "webgpu", precision?: "auto" | "fp32" | "fp16" | "int8",
-   *          verify?: "full" | "cached" | "size", cacheDir?: string, threads?: number, sessionOptions?: object}} [options]
+   *          verify?: "full" | "cached" | "size", cacheDir?: string, threads?: number, sessionOptions?: object,
+   *          adapters?: Record<string, number>}} [options]  adapters: {file: weight} made by lcm-export adapter (see setAdapters)
    * @returns {Promise<Pipeline>}
    */
   static async load(location, options = {}) {
-    const { backend = "auto", precision = "auto", verify = "cached", cacheDir, threads, sessionOptions } = options;
+    const { backend = "auto", precision = "auto", verify = "cached", cacheDir, threads, sessionOptions, adapters } = options;
+    if (adapters !== undefined) checkAdapterWeights(adapters);
     if (!VERIFY_MODES.includes(verify)) throw new UserError(`verify=${JSON.stringify(verify)}: pick one of ${VERIFY_MODES.join(", ")}`);
     checkVariant(precision);
     const opened = await openBackend(backend, { threads, sessionOptions });
@@ -221,7 +244,104 @@ export class Pipeline {
       pipe.tokenizers[info.name] = new PromptTokenizer(json, info);
     }
     for (const name of needed) await pipe.openSession(name);
+    if (adapters !== undefined && checkAdapterWeights(adapters).length) await pipe.setAdapters(adapters);
     return pipe;
+  }
+
+  /**
+   * Run the next calls with these adapters (files from `lcm-export adapter`, paths in Node or URLs) at these
+   * weights, mixed: W + Σ λᵢ·Bᵢ·Aᵢ, always merged from the base weights (`{}`: the base). Every file and weight is
+   * checked first (an AdapterError naming the file); the components they change get new sessions, swapped in when
+   * no call is running (a call in progress finishes on the weights it started with).
+   * @param {Record<string, number> | Map<string, number>} adapters
+   * @returns {Promise<void>}
+   */
+  async setAdapters(adapters) {
+    const checked = checkAdapterWeights(adapters);
+    this.refuseFramesInFlight();
+    if (checked.length && !this.weightMaps) {
+      const maps = Object.values(this.manifest.components).map((entry) => /** @type {any} */ (entry).weight_map).filter(Boolean);
+      await verifyUsedFiles(this.manifest, this.source, this.verify, maps);
+    }
+    if (checked.length && !this.weightMaps) this.weightMaps = await readWeightMaps(this.source, this.manifest);
+    if (checked.length && !Object.keys(this.weightMaps || {}).length) {
+      throw new AdapterError(`BUNDLE '${this.source.description}' has no weight maps (exported before run-time adapters): re-export it`);
+    }
+    /** @type {Array<[import("./adapters.js").Adapter, number]>} */
+    const wanted = [];
+    for (const [file, weight] of checked) {
+      wanted.push([checkAdapter(await readAdapterFile(file), file, /** @type {any} */ (this.weightMaps), this.source.description), weight]);
+    }
+    const touched = new Set([...this.activeAdapters, ...wanted].flatMap(([adapter]) => adapter.components));
+    const sessions = {};
+    const folders = {};
+    try {
+      for (const component of [...touched].sort()) {
+        if (!this.sessions[component]) continue; // a component not open (the VAE encoder before img2img)
+        const terms = wanted.filter(([adapter]) => adapter.components.includes(component));
+        let patched = new Map();
+        if (terms.length) {
+          const map = /** @type {any} */ (this.weightMaps)[component];
+          patched = await patchedFiles((file) => this.source.read(file), map, this.variants[component].variant, terms);
+        }
+        const [session, folder] = await this.createSession(component, patched);
+        sessions[component] = session;
+        if (folder) folders[component] = folder;
+      }
+    } catch (error) {
+      for (const session of Object.values(sessions)) await /** @type {any} */ (session).release?.();
+      for (const folder of Object.values(folders)) await removeFolder(folder);
+      throw error;
+    }
+    while (this.running) await new Promise((resolve) => this.idleWaiters.push(resolve));
+    try {
+      this.refuseFramesInFlight(); // again, now that no push runs
+    } catch (error) {
+      for (const session of Object.values(sessions)) await /** @type {any} */ (session).release?.();
+      for (const folder of Object.values(folders)) await removeFolder(folder);
+      throw error;
+    }
+    const old = Object.keys(sessions).map((name) => [this.sessions[name], this.adaptedFolders[name]]);
+    for (const name of Object.keys(sessions)) {
+      this.sessions[name] = sessions[name];
+      if (folders[name]) this.adaptedFolders[name] = folders[name];
+      else delete this.adaptedFolders[name];
+    }
+    this.activeAdapters = wanted;
+    this.weightsVersion += 1;
+    for (const [session, folder] of old) {
+      await session?.release?.();
+      if (folder) await removeFolder(folder);
+    }
+  }
+
+  /** @private: a step-batched stream's frames in flight started on the current weights and must end on them */
+  refuseFramesInFlight() {
+    let holding = 0;
+    for (const reference of [...this.streams]) {
+      const stream = reference.deref();
+      if (stream) holding += stream.framesInFlight;
+      else this.streams.delete(reference);
+    }
+    if (holding) {
+      throw new AdapterError(`setAdapters: ${holding} frame(s) of a step-batched stream are in flight and would run on two sets of weights: call the stream's flush() first`);
+    }
+  }
+
+  /** The adapters the calls run with, {file: weight} ({}: the base weights). @returns {Record<string, number>} */
+  get adapters() {
+    return Object.fromEntries(this.activeAdapters.map(([adapter, weight]) => [adapter.file, weight]));
+  }
+
+  /** @private: one call on one set of weights from start to end (setAdapters waits for it) */
+  async guarded(call) {
+    this.running++;
+    try {
+      return await call();
+    } finally {
+      this.running--;
+      if (!this.running) for (const wake of this.idleWaiters.splice(0)) wake();
+    }
   }
 
   /** @private @param {string} name */
@@ -238,25 +358,57 @@ export class Pipeline {
 
   async openSession(name) {
     if (this.sessions[name]) return;
+    const [session] = await this.createSession(name, new Map());
+    this.sessions[name] = session;
+    // Only the active adapters' components get adapted sessions; one opened later (the VAE encoder) has none.
+  }
+
+  /**
+   * A session of `name` on its chosen variant, `patched` (bundle path -> bytes) replacing those files' bytes
+   * (run-time adapters). onnxruntime-node reads external data from beside a model path only: patched files of a
+   * model with external data are written to a temporary folder (returned, removed when the session is replaced).
+   * @private @param {string} name @param {Map<string, Uint8Array>} patched
+   * @returns {Promise<[any, string | null]>}
+   */
+  async createSession(name, patched) {
     const variant = this.variants[name].variant;
     const source = this.source;
     await verifyUsedFiles(this.manifest, source, this.verify, variant.files);
     let model;
+    let temporary = null;
     const externalData = [];
     const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
-    if (this.backend === "node" && source.resolve) model = await source.resolve(variant.path);
-    else {
-      model = await source.read(variant.path);
+    const external = variant.files.filter((file) => file !== variant.path);
+    if (this.backend === "node" && source.resolve && !patched.size) model = await source.resolve(variant.path);
+    else if (this.backend === "node" && !external.length) model = patched.get(variant.path) || (await source.read(variant.path));
+    else if (this.backend === "node") {
+      const fs = await import("node:fs/promises");
+      const path = await import("node:path");
+      const os = await import("node:os");
+      temporary = await fs.mkdtemp(path.join(os.tmpdir(), "lcm-edge-adapter-"));
       for (const file of variant.files) {
-        if (file !== variant.path) externalData.push({ path: file.slice(folder.length), data: await source.read(file) });
+        const target = path.join(temporary, ...file.slice(folder.length).split("/"));
+        await fs.mkdir(path.dirname(target), { recursive: true });
+        if (patched.has(file)) await fs.writeFile(target, /** @type {Uint8Array} */ (patched.get(file)));
+        else if (source.resolve) await fs.symlink(await source.resolve(file), target);
+        else await fs.writeFile(target, await source.read(file));
+      }
+      model = path.join(temporary, ...variant.path.slice(folder.length).split("/"));
+    } else {
+      model = patched.get(variant.path) || (await source.read(variant.path));
+      for (const file of external) {
+        externalData.push({ path: file.slice(folder.length), data: patched.get(file) || (await source.read(file)) });
       }
     }
+    let session;
     try {
-      this.sessions[name] = await this.backendImpl.createSession(model, externalData);
+      session = await this.backendImpl.createSession(model, externalData);
     } catch (error) {
+      if (temporary) await removeFolder(temporary);
       throw new BundleError(`BUNDLE '${source.description}': ${variant.path} does not open on ${this.backend}: ${error.message}`);
     }
     if (source.bytes) for (const file of variant.files) source.bytes.delete(file);
+    return [session, temporary];
   }
 
   /**
@@ -377,6 +529,11 @@ export class Pipeline {
    * @returns {Promise<PipelineOutput>}
    */
   async generate(prompt, options = {}) {
+    return this.guarded(() => this.runGenerate(prompt, options));
+  }
+
+  /** @private: generate on the current weights (guarded) */
+  async runGenerate(prompt, options = {}) {
     const start = now();
     const timings = {};
     const p = this.manifest.pipeline;
@@ -455,6 +612,11 @@ export class Pipeline {
    * @returns {Promise<PipelineOutput>}
    */
   async img2img(image, prompt, options = {}) {
+    return this.guarded(() => this.runImg2img(image, prompt, options));
+  }
+
+  /** @private: img2img on the current weights (guarded) */
+  async runImg2img(image, prompt, options = {}) {
     const start = now();
     const timings = {};
     const p = this.manifest.pipeline;
@@ -504,7 +666,9 @@ export class Pipeline {
     }
     await this.openEncoder();
     const text = await this.encodeText(request, {});
-    return new FrameStream(this, request, text, batch);
+    const stream = new FrameStream(this, request, text, batch);
+    this.streams.add(new WeakRef(stream));
+    return stream;
   }
 
   /** The VAE encoder's session (image-to-image, the frame loop), opened on first use. */

@@ -93,6 +93,24 @@ export class FrameStream {
     this.callTimings = [];
     /** @type {Map<number, object>} U-Net rows -> conditioning feeds */
     this.feeds = new Map();
+    /** the pipeline's weights the text was encoded on (run-time adapters: encoded again after a swap) */
+    this.textWeights = pipeline.weightsVersion;
+  }
+
+  /** Frames pushed whose steps are not all done (0 between pushes without step batching). */
+  get framesInFlight() {
+    return this.inFlight.length;
+  }
+
+  /** @private: after a weight swap (setAdapters) the prompt encoded again and the feeds rebuilt */
+  async followWeights() {
+    if (this.pipeline.weightsVersion === this.textWeights) return;
+    if (this.inFlight.length) {
+      throw new UserError(`the pipeline's adapters changed while ${this.inFlight.length} frame(s) of this stream were in flight: flush() a step-batched stream before setAdapters`);
+    }
+    this.text = await this.pipeline.encodeText(this.request, {});
+    this.textWeights = this.pipeline.weightsVersion;
+    this.feeds.clear();
   }
 
   /** Frames out per second of work (pushes and flush steps), 0 before the first frame comes out. */
@@ -118,6 +136,12 @@ export class FrameStream {
    * @returns {Promise<Image | null>}
    */
   async push(frame) {
+    return this.pipeline.guarded(() => this.pushOnOneWeightSet(frame));
+  }
+
+  /** @private: push as one call of the pipeline (setAdapters waits for it) */
+  async pushOnOneWeightSet(frame) {
+    await this.followWeights();
     const start = now();
     const timing = /** @type {CallTiming} */ ({});
     const latents = await this.encode(frame, timing);
@@ -139,7 +163,10 @@ export class FrameStream {
     while (this.inFlight.length) {
       const start = now();
       const timing = /** @type {CallTiming} */ ({});
-      const image = await this.advance(timing);
+      const image = await this.pipeline.guarded(async () => {
+        await this.followWeights();
+        return this.advance(timing);
+      });
       if (image !== null) images.push(image);
       timing.total = now() - start;
       this.callTimings.push(timing);

@@ -60,7 +60,7 @@ class QdqRecipe:
     keep_float: tuple[str, ...] = FLOAT_RULES  # which parts of the float rule apply (see the module docstring)
     float_outputs: tuple[str, ...] = ("MatMul",)  # op types whose outputs stay float (see the module docstring)
     symmetric_activations: bool = False  # zero point 0 (TensorRT parses no other)
-    # Weights in 7 bits ([-64, 63]): x86 CPUs without VNNI multiply u8 x s8 pairs into saturating int16 sums
+    # Weights in 7 bits ([-64, 64]): x86 CPUs without VNNI multiply u8 x s8 pairs into saturating int16 sums
     # (vpmaddubsw), which full-range weights overflow (see the module docstring).
     reduce_range: bool = True
     quantize_bias: bool = True  # int32 biases (onnxruntime); TensorRT takes float biases beside int8 weights

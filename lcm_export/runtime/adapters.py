@@ -9,9 +9,10 @@ weights themselves). The format is in docs/bundle-format.md ("Adapter files").
 Applying a set of adapters {file: λ} is a merge from the base weights, never from the weights of the previous set:
 W' = W + Σ λᵢ·upᵢ·downᵢ (reshaped to the weight's layout, transposed where the ONNX file holds W transposed), so
 A -> B -> base -> A gives each one's own weights. An INT8 (QDQ) variant's weight is dequantised, merged in float and
-requantised per output channel (symmetric int8, scale max|W'|/127), and its int32 bias requantised to the new
-scale; activation ranges stay as calibrated. The base weights are read from where the component's weight map says
-they are (file, offset, length): no ONNX parser is needed. Why a merge and a new session rather than factors fed as
+requantised per output channel in the range its recipe used (symmetric: scale max|W'|/L, values in [-L, L], L = 64
+for 7-bit weights (``reduce_range``), 127 otherwise), and its int32 bias requantised to the new scale; activation
+ranges stay as calibrated. The base weights are read from where the component's weight map says they are (file,
+offset, length): no ONNX parser is needed. Why a merge and a new session rather than factors fed as
 graph inputs: docs/design-notes.md#adapters.
 
 Everything read from an adapter file or a weight map is checked at the border: a file made for another bundle,
@@ -43,7 +44,10 @@ WEIGHT_MAP_VERSION = 1
 ADAPTER_FORMAT = "lcm-export-adapter"
 ADAPTER_VERSION = "1"
 MAX_HEADER_BYTES = 100_000_000  # a safetensors header larger than this is not an adapter file
-INT8_LEVELS = 127.0  # symmetric int8 weights: [-127, 127], as onnxruntime's quantizer writes them
+# Symmetric int8 weights as onnxruntime's quantizer writes them (quant_utils.get_qmin_qmax_for_qType): [-127, 127],
+# or [-64, 64] with reduce_range (7-bit weights); the scale is max|W| / L for L levels either side of zero.
+INT8_LEVELS = 127.0
+INT8_REDUCED_LEVELS = 64.0
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
 
 
@@ -295,15 +299,25 @@ def _delta(mapped: MappedWeight, terms: list[tuple[float, AdapterLayer]]) -> np.
     return np.ascontiguousarray(total.T) if mapped.layout == "transposed" else total
 
 
-def _requantized(merged: np.ndarray, old_scale: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8 of ``merged`` along ``axis``: (int8 values, float32 scales); a channel that is
-    all zero keeps its old scale."""
+def int8_weight_levels(produced_by: Mapping[str, Any]) -> float:
+    """L of an INT8 variant's symmetric weights ([-L, L], scale max|W|/L), from the recipe its ``produced_by``
+    records: 64 with ``reduce_range`` (7-bit weights), else 127 (also for variants made before the recipe said)."""
+    recipe = produced_by.get("recipe")
+    reduced = isinstance(recipe, Mapping) and recipe.get("reduce_range") is True
+    return INT8_REDUCED_LEVELS if reduced else INT8_LEVELS
+
+
+def requantized(
+    merged: np.ndarray, old_scale: np.ndarray, axis: int, levels: float = INT8_LEVELS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 of ``merged`` along ``axis`` in [-levels, levels] (see
+    :func:`int8_weight_levels`): (int8 values, float32 scales); a channel that is all zero keeps its old scale."""
     reduce = tuple(index for index in range(merged.ndim) if index != axis)
-    scale = (np.abs(merged).max(axis=reduce) / np.float32(INT8_LEVELS)).astype(np.float32)
+    scale = (np.abs(merged).max(axis=reduce) / np.float32(levels)).astype(np.float32)
     scale = np.where(scale > 0, scale, old_scale.reshape(scale.shape)).astype(np.float32)
     shape = [1] * merged.ndim
     shape[axis] = -1
-    quantized = np.clip(np.rint(merged / scale.reshape(shape)), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    quantized = np.clip(np.rint(merged / scale.reshape(shape)), -levels, levels).astype(np.int8)
     return quantized, scale.reshape(old_scale.shape)
 
 
@@ -313,10 +327,12 @@ def merged_weights(
     weight_map: WeightMap,
     variant: str,
     active: list[tuple[Adapter, float]],
+    int8_levels: float = INT8_LEVELS,
 ) -> WeightOverrides:
     """The initializers of ``variant`` of the component to replace for the ``active`` adapters (with their weights):
-    initializer name -> new value. Float variants: W + ΔW in the stored dtype; INT8 variants: the requantised int8
-    weight, its scales and its requantised int32 bias."""
+    initializer name -> new value. Float variants: W + ΔW in the stored dtype; INT8 variants: the int8 weight
+    requantised in [-int8_levels, int8_levels] (the variant's recipe: :func:`int8_weight_levels`), its scales and
+    its requantised int32 bias."""
     stored = weight_map.variants.get(variant)
     if stored is None:
         raise AdapterError(
@@ -355,7 +371,7 @@ def merged_weights(
         shape = [1] * quantized.ndim
         shape[axis] = -1
         merged = quantized.astype(np.float32) * old_scale.reshape(shape) + delta
-        new_quantized, new_scale = _requantized(merged, old_scale, axis)
+        new_quantized, new_scale = requantized(merged, old_scale, axis, int8_levels)
         replace(where, new_quantized)
         replace(where["scale"], new_scale)
         bias = where.get("bias")
@@ -464,7 +480,9 @@ class AdapterState:
             if not terms:
                 sessions[component] = denoiser.new_session(component)  # back to the base weights
                 continue
-            variant = denoiser.variants[component].name
-            weights = merged_weights(self.bundle_dir, self.manifest, self.weight_maps[component], variant, terms)
+            variant = denoiser.variants[component]
+            levels = int8_weight_levels(variant.artifact.produced_by)
+            weight_map = self.weight_maps[component]
+            weights = merged_weights(self.bundle_dir, self.manifest, weight_map, variant.name, terms, levels)
             sessions[component] = denoiser.new_session(component, weights)
         return sessions, wanted

@@ -81,6 +81,7 @@ class Denoiser:
         self._open_lock = threading.Lock()
         self._prompt_cache: OrderedDict[tuple[str, ...], TextConditioning] = OrderedDict()
         self._prompt_lock = threading.Lock()
+        self.weights_version = 0  # counts replace_sessions: what a frame loop's cached text encoding was made on
         self._memory_model = MemoryModel.from_bundle(bundle_dir)
         for name in variants:
             self._open(name)
@@ -109,6 +110,7 @@ class Denoiser:
         encodings (a text encoder may have changed). The caller makes sure no call is running."""
         with self._open_lock:
             self._sessions.update(sessions)
+            self.weights_version += 1
         self.clear_prompt_cache()
 
     def open_encoder(self, variant: VariantChoice) -> None:

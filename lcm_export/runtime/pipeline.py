@@ -19,6 +19,7 @@ infer requests). A :class:`~lcm_export.runtime.stream.FrameStream` belongs to th
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lcm_export.errors import UserError
-from lcm_export.runtime.adapters import AdapterState, CallGuard, one_weight_set
+from lcm_export.runtime.adapters import AdapterError, AdapterState, CallGuard, one_weight_set
 from lcm_export.runtime.backends import (
     BackendOptions,
     backend_module,
@@ -117,6 +118,7 @@ class Pipeline:
         self.denoiser = Denoiser(bundle_dir, manifest, module, options, chosen)
         self.adapter_state = AdapterState(bundle_dir, manifest)
         self.call_guard = CallGuard()
+        self._streams: weakref.WeakSet[FrameStream] = weakref.WeakSet()  # a swap waits for none of them to hold frames
 
     @classmethod
     def load(
@@ -194,10 +196,21 @@ class Pipeline:
                 f"the {self.backend} backend does not apply run-time adapters: load with backend='onnxruntime' or "
                 "'openvino', or export with the LoRA fused (lcm-export MODEL --lora FILE)"
             )
+        self._refuse_frames_in_flight()
         sessions, active = self.adapter_state.prepare(self.denoiser, adapters)
         with self.call_guard.swap():
+            self._refuse_frames_in_flight()  # again, now that no push runs
             self.denoiser.replace_sessions(sessions)
             self.adapter_state.active = active
+
+    def _refuse_frames_in_flight(self) -> None:
+        """A step-batched stream's frames in flight started on the current weights and must end on them."""
+        holding = sum(stream.frames_in_flight for stream in list(self._streams))
+        if holding:
+            raise AdapterError(
+                f"set_adapters: {holding} frame(s) of a step-batched stream are in flight and would run on two sets "
+                "of weights: call the stream's flush() first"
+            )
 
     @property
     def adapters(self) -> dict[str, float]:
@@ -455,7 +468,9 @@ class Pipeline:
             image_transform=True,
         )
         self._open_encoder()
-        return FrameStream(self.denoiser, request, batch_steps=batch, control=control)
+        stream = FrameStream(self.denoiser, request, batch_steps=batch, control=control, guard=self.call_guard)
+        self._streams.add(stream)
+        return stream
 
     # -- shared steps ---------------------------------------------------------------------------------------
 

@@ -5,18 +5,25 @@ stages, as text-to-image and image-to-image do. It draws its random tensors once
 (:func:`~lcm_export.runtime.draws.image_to_image_draws`), and uses them for every frame: a still input gives a still
 output, and its first frame equals ``img2img`` of that frame with the same seed. One stream belongs to one thread
 (it holds the frames in flight); several streams may share a pipeline across threads.
+
+Run-time adapters: every push and flush step is one call of the pipeline's :class:`CallGuard` (a weight swap waits
+for it to end), so no frame's steps run on two sets of weights; after a swap the next push encodes the prompt again
+on the new text encoders. A step-batched stream with frames in flight spans several pushes: ``set_adapters`` refuses
+to swap until it is flushed (:attr:`FrameStream.frames_in_flight`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.adapters import CallGuard
 from lcm_export.runtime.control import (
     ControlRequest,
     StepControl,
@@ -59,8 +66,10 @@ class FrameStream:
         *,
         batch_steps: bool,
         control: ControlRequest | None = None,
+        guard: CallGuard | None = None,
     ) -> None:
         self.denoiser = denoiser
+        self.guard = guard  # the pipeline's: pushes and flush steps are calls a weight swap waits for
         self.request = request
         self.control = control  # images, or functions of the frame, with the scales and window of every frame
         self.batch_steps = batch_steps
@@ -68,6 +77,7 @@ class FrameStream:
         self.steps = request.steps
         self.timesteps = np.asarray(self.table.timesteps, dtype=np.float32)  # (N,)
         self.text = denoiser.encode_text(request)  # 1 row, or [unconditional, conditional] with CFG
+        self._text_weights = denoiser.weights_version  # the weights self.text was encoded on
         self.size: tuple[int, int] | None = None
         self.draws: ImageToImageDraws | None = None
         self.in_flight: list[_InFlight] = []  # the newest frame first
@@ -83,6 +93,29 @@ class FrameStream:
         spent = sum(self.call_seconds)
         return len(self.latencies) / spent if self.latencies and spent > 0 else 0.0
 
+    @property
+    def frames_in_flight(self) -> int:
+        """Frames pushed whose steps are not all done (0 between pushes without step batching)."""
+        return len(self.in_flight)
+
+    def _one_call(self) -> AbstractContextManager[None]:
+        """One call of the pipeline's guard (a stream made without one: no guard)."""
+        return self.guard.call() if self.guard is not None else nullcontext()
+
+    def _follow_weights(self) -> None:
+        """After a weight swap (run-time adapters): the prompt encoded again, the conditioning feeds rebuilt.
+        Frames in flight would run on two sets of weights: ``set_adapters`` refuses to swap while there are."""
+        if self.denoiser.weights_version == self._text_weights:
+            return
+        if self.in_flight:
+            raise UserError(
+                f"the pipeline's adapters changed while {len(self.in_flight)} frame(s) of this stream were in "
+                "flight: flush() a step-batched stream before set_adapters"
+            )
+        self.text = self.denoiser.encode_text(self.request)
+        self._text_weights = self.denoiser.weights_version
+        self._feeds.clear()
+
     def __call__(self, frame: Any, control_image: Any = None) -> np.ndarray:
         """One frame in, the same frame styled out: the unbatched loop only (a step-batched one returns frames
         later: use :meth:`push` and :meth:`flush`)."""
@@ -96,12 +129,14 @@ class FrameStream:
         """One frame in; the oldest frame in flight out once it has run every step (None while filling).
         ``control_image``: this frame's control image(s) on a ControlNet bundle (default: the stream's)."""
         start = time.perf_counter()
-        latents, control = self._encode(frame, control_image)
-        self.in_flight.insert(0, _InFlight(latents, 0, start, control))
-        self.frames_in += 1
-        image = self._advance()
-        while image is None and not self.batch_steps:  # unbatched: this frame runs all its steps now
+        with self._one_call():
+            self._follow_weights()
+            latents, control = self._encode(frame, control_image)
+            self.in_flight.insert(0, _InFlight(latents, 0, start, control))
+            self.frames_in += 1
             image = self._advance()
+            while image is None and not self.batch_steps:  # unbatched: this frame runs all its steps now
+                image = self._advance()
         self.call_seconds.append(time.perf_counter() - start)
         return image
 
@@ -110,7 +145,9 @@ class FrameStream:
         images = []
         while self.in_flight:
             start = time.perf_counter()
-            image = self._advance()
+            with self._one_call():
+                self._follow_weights()
+                image = self._advance()
             if image is not None:
                 images.append(image)
             self.call_seconds.append(time.perf_counter() - start)

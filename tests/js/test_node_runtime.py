@@ -264,6 +264,8 @@ def references(tmp_path_factory, tiny_lcm_dir, tiny_lcm_bundle, tiny_cfg_bundle,
     add_stream("stream-cfg-batched", tiny_cfg_bundle, steps=8, guidance=1.5, batch_steps=True, seed=2**63 + 5)
     add_stream("stream-sdxl-batched", sdxl_lcm_bundle, steps=2, strength=0.8, batch_steps=True, frames=3)
     add_stream("stream-tiny-vae", tiny_vae, steps=2, frames=2)
+    index["adapters"] = _adapter_cases(folder, bundles, tiny_lcm_dir, {"fp32": tiny_lcm_bundle, "int8": int8})
+    index["adapters_other_bundle"] = str(tiny_cfg_bundle)
 
     for seed, tensor_index, size in [(0, 0, 4096), (1, 3, 1023), (2**64 - 1, 1, 777), (2**32 + 7, 0, 100)]:
         entry = _write(folder, f"draws-{seed}-{tensor_index}", standard_normal(seed, tensor_index, (size,)))
@@ -380,6 +382,36 @@ def _controlnet_bundle(folder: Path) -> Path:
     return _export(base, folder / "controlnet", loras=(LoraSource(str(lora)),), controlnets=sources)
 
 
+def _adapter_cases(folder: Path, work: Path, model: Path, bundles: dict[str, Path]) -> list[dict]:
+    """Run-time adapters: a rank-3 LoRA (attention, 3x3 and 1x1 convolutions, text encoder) made into an adapter
+    for each bundle; the Python runtime's image with it at 0.7 and without it, for one seed."""
+    from lcm_export.exporter.adapter import make_adapter
+    from lcm_export.exporter.bundle import LoraSource
+    from lcm_export.exporter.tiny import build_tiny_lora
+
+    lora = build_tiny_lora(
+        work / "style.safetensors",
+        model,
+        rank=3,
+        target_modules=("to_q", "to_out.0", "conv1", "proj_in"),
+        text_encoder=True,
+        seed=4,
+    )
+    cases = []
+    for name, bundle in bundles.items():
+        adapter = work / f"style-{name}.adapter"
+        make_adapter(LoraSource(str(lora)), bundle, adapter)
+        pipe = Pipeline.load(bundle, backend="onnxruntime", precision="fp32", variant=name)
+        case = {"name": name, "bundle": str(bundle), "adapter": str(adapter), "weight": 0.7, "seed": 6, "steps": 2}
+        case["base"] = _write(folder, f"adapter-{name}-base", pipe("a cat", num_inference_steps=2, seed=6).images)
+        pipe.set_adapters({adapter: 0.7})
+        case["expected"] = _write(folder, f"adapter-{name}", pipe("a cat", num_inference_steps=2, seed=6).images)
+        if name == "int8":
+            case["tolerance"] = {"wasm": 0.05}  # as the INT8 image case (its comment says why)
+        cases.append(case)
+    return cases
+
+
 def _bad_bundles(good: Path, folder: Path) -> list[dict]:
     cases = []
     missing = shutil.copytree(good, folder / "missing-file")
@@ -436,7 +468,12 @@ def test_the_node_tests_pass_against_the_python_runtime(references) -> None:
         timeout=NODE_TIMEOUT,
     )
     report = references / "results.json"
-    for written in (report, references / "stream-results.json", references / "int8-results.json"):
+    for written in (
+        report,
+        references / "stream-results.json",
+        references / "int8-results.json",
+        references / "adapters-results.json",
+    ):
         if written.exists():
             print(json.dumps(json.loads(written.read_text()), indent=1))
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -1,0 +1,344 @@
+/**
+ * Run-time adapters (docs/bundle-format.md, "Weight maps and adapter files"): LoRA styles made by `lcm-export
+ * adapter` merged into the bundle's weights, W' = W + Σ λᵢ·upᵢ·downᵢ, always from the base bytes (so A -> base -> A
+ * gives A's image exactly), on an INT8 variant dequantised, merged and requantised per output channel in the range
+ * its recipe used. The merged values are written into copies of the files that hold them (the weight map says where:
+ * file, offset, length); the pipeline opens new sessions on those bytes. The same checks as the Python runtime's
+ * (lcm_export/runtime/adapters.py), with the same messages.
+ * @module
+ */
+
+import { AdapterError } from "./errors.js";
+import { fromFloat16, toFloat16 } from "./backends.js";
+import { isNode } from "./source.js";
+
+export const WEIGHT_MAP_FORMAT = "lcm-export-weight-map";
+export const ADAPTER_FORMAT = "lcm-export-adapter";
+export const ADAPTER_VERSION = "1";
+const MAX_HEADER_BYTES = 100_000_000;
+const INT8_LEVELS = 127; // symmetric int8 weights in [-127, 127]; [-64, 64] with the recipe's reduce_range
+const INT8_REDUCED_LEVELS = 64;
+const ELEMENT = { float32: 4, float16: 2, int8: 1, int32: 4, float64: 8 };
+
+/**
+ * @typedef {object} WeightMap
+ * @property {string} component
+ * @property {string} path     inside the bundle
+ * @property {string} sha256   as the manifest lists it: what an adapter file is tied to
+ * @property {Record<string, {module: string, kind: string, layout: string, shape: number[]}>} weights
+ * @property {Record<string, {path: string, tensors: Record<string, any>}>} variants
+ */
+
+/**
+ * @typedef {object} Adapter
+ * @property {string} file
+ * @property {Array<{component: string, weight: string, down: Float32Array, up: Float32Array, rank: number}>} layers
+ * @property {string[]} components
+ */
+
+/** The torch shape of a mapped weight: (out, in) or (out, in, kh, kw). */
+const torchShape = (mapped) => (mapped.layout === "transposed" ? [...mapped.shape].reverse() : mapped.shape);
+const product = (shape) => shape.reduce((a, b) => a * b, 1);
+
+/**
+ * The weight map of every component that has one (bundle-format.md), read from the bundle (its hash was verified
+ * with the other files).
+ * @param {any} source @param {any} manifest
+ * @returns {Promise<Record<string, WeightMap>>}
+ */
+export async function readWeightMaps(source, manifest) {
+  const hashes = Object.fromEntries(manifest.files.map((entry) => [entry.path, entry.sha256]));
+  /** @type {Record<string, WeightMap>} */
+  const maps = {};
+  for (const [component, entry] of Object.entries(manifest.components)) {
+    const relative = /** @type {any} */ (entry).weight_map;
+    if (!relative) continue;
+    const refuse = (problem) => new AdapterError(`weight map '${relative}' ${problem}: re-export the bundle`);
+    if (!(relative in hashes)) throw refuse("is not listed in the manifest's files");
+    let data;
+    try {
+      data = JSON.parse(new TextDecoder().decode(await source.read(relative)));
+    } catch (error) {
+      throw refuse(`cannot be read (${error.name})`);
+    }
+    if (!data || data.format !== WEIGHT_MAP_FORMAT || data.version !== 1) throw refuse(`is not a version-1 ${WEIGHT_MAP_FORMAT}`);
+    if (!data.weights || typeof data.weights !== "object" || !data.variants || typeof data.variants !== "object") {
+      throw refuse("has a malformed entry");
+    }
+    for (const [name, weight] of Object.entries(data.weights)) {
+      const ok = weight && ["linear", "conv"].includes(weight.kind) && ["same", "transposed"].includes(weight.layout) &&
+        Array.isArray(weight.shape) && weight.shape.every(Number.isInteger);
+      if (!ok) throw refuse(`has a malformed entry (${name})`);
+    }
+    maps[component] = { component, path: relative, sha256: hashes[relative], weights: data.weights, variants: data.variants };
+  }
+  return maps;
+}
+
+/**
+ * Tensors (as Float32Array) and metadata of a safetensors file: 8-byte little-endian header length, JSON header,
+ * little-endian data.
+ * @param {Uint8Array} bytes @param {string} label
+ */
+export function readSafetensors(bytes, label) {
+  const refuse = (problem) => new AdapterError(`${label} is not a safetensors file (${problem}): pass an adapter file made by lcm-export adapter`);
+  if (bytes.length < 8) throw refuse("header size");
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const headerSize = Number(view.getBigUint64(0, true));
+  if (!(headerSize > 0 && headerSize <= Math.min(MAX_HEADER_BYTES, bytes.length - 8))) throw refuse("header size");
+  let header;
+  try {
+    header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerSize)));
+  } catch {
+    throw refuse("header");
+  }
+  if (!header || typeof header !== "object" || Array.isArray(header)) throw refuse("header");
+  const metadata = header.__metadata__ || {};
+  delete header.__metadata__;
+  const data = bytes.subarray(8 + headerSize);
+  /** @type {Record<string, {shape: number[], values: Float32Array}>} */
+  const tensors = {};
+  for (const [name, entry] of Object.entries(header)) {
+    const size = { F32: 4, F16: 2, F64: 8 }[entry?.dtype];
+    if (!size) throw refuse(`dtype ${entry?.dtype}`);
+    const [start, end] = (entry.data_offsets || []).map(Number);
+    const shape = (entry.shape || []).map(Number);
+    const count = product(shape);
+    if (!(start >= 0 && start <= end && end <= data.length && end - start === count * size)) throw refuse(`offsets of ${name}`);
+    const raw = data.slice(start, end); // aligned copy
+    const values =
+      entry.dtype === "F32" ? new Float32Array(raw.buffer) :
+      entry.dtype === "F16" ? fromFloat16(new Uint16Array(raw.buffer)) : Float32Array.from(new Float64Array(raw.buffer));
+    tensors[name] = { shape, values };
+  }
+  return { tensors, metadata };
+}
+
+/**
+ * An adapter file checked against this bundle's weight maps: the bundle it was made for, every key, every shape and
+ * rank, finite values.
+ * @param {Uint8Array} bytes @param {string} file @param {Record<string, WeightMap>} maps @param {string} bundle
+ * @returns {Adapter}
+ */
+export function checkAdapter(bytes, file, maps, bundle) {
+  const label = `adapter '${file}'`;
+  const { tensors, metadata } = readSafetensors(bytes, label);
+  if (metadata.format !== ADAPTER_FORMAT) {
+    throw new AdapterError(`${label} is not an lcm-export adapter file (no '${ADAPTER_FORMAT}' metadata): make one with lcm-export adapter LORA --bundle BUNDLE --output FILE`);
+  }
+  if (metadata.version !== ADAPTER_VERSION) {
+    throw new AdapterError(`${label} is adapter format version ${JSON.stringify(metadata.version)}; this runtime reads ${ADAPTER_VERSION}: make it again with this lcm-export`);
+  }
+  let madeFor;
+  try {
+    madeFor = JSON.parse(metadata.bundle);
+  } catch {
+    madeFor = null;
+  }
+  if (!madeFor || typeof madeFor !== "object" || Array.isArray(madeFor)) {
+    throw new AdapterError(`${label} has no valid 'bundle' metadata: make it again with lcm-export adapter`);
+  }
+  for (const component of Object.keys(madeFor).sort()) {
+    const map = maps[component];
+    if (!map || map.sha256 !== madeFor[component]) {
+      const what = map ? "has other weights" : "has no weight map for it";
+      throw new AdapterError(`${label} was made for another bundle (its ${component} ${what} here): make it for this one with lcm-export adapter LORA --bundle '${bundle}' --output FILE`);
+    }
+  }
+  /** @type {Map<string, Record<string, {shape: number[], values: Float32Array}>>} */
+  const groups = new Map();
+  for (const [key, tensor] of Object.entries(tensors)) {
+    const slash = key.indexOf("/");
+    const component = key.slice(0, slash);
+    const dot = key.lastIndexOf(".");
+    const weight = key.slice(slash + 1, dot);
+    const role = key.slice(dot + 1);
+    if (slash < 0 || !(component in madeFor) || !["down", "up"].includes(role) || !weight || dot < slash) {
+      throw new AdapterError(`${label} holds a tensor '${key}' that is not <component>/<weight>.down|.up of a component it was made for: make it again with lcm-export adapter`);
+    }
+    const id = `${component}/${weight}`;
+    if (!groups.has(id)) groups.set(id, {});
+    /** @type {any} */ (groups.get(id))[role] = tensor;
+  }
+  const layers = [];
+  for (const id of [...groups.keys()].sort()) {
+    const factors = /** @type {any} */ (groups.get(id));
+    const component = id.slice(0, id.indexOf("/"));
+    const weight = id.slice(id.indexOf("/") + 1);
+    const mapped = maps[component].weights[weight];
+    const where = `${label}: ${component} weight '${weight}'`;
+    if (!mapped) throw new AdapterError(`${where} is not an adaptable weight of this bundle: make the adapter for this bundle`);
+    if (!factors.down || !factors.up) throw new AdapterError(`${where} has only its ${factors.down ? "down" : "up"} factor: make the adapter again`);
+    const { down, up } = factors;
+    const shape = torchShape(mapped);
+    const fits = down.shape.length === 2 && up.shape.length === 2 && up.shape[1] === down.shape[0];
+    if (!fits || up.shape[0] !== shape[0] || down.shape[1] !== product(shape.slice(1))) {
+      throw new AdapterError(`${where}: factors [${up.shape.join(", ")}] x [${down.shape.join(", ")}] do not fit the weight [${shape.join(", ")}] (up (out, r), down (r, in*kh*kw)): make the adapter for this bundle`);
+    }
+    if (!down.values.every(Number.isFinite) || !up.values.every(Number.isFinite)) {
+      throw new AdapterError(`${where} holds NaN or inf: the LoRA it was made from is broken`);
+    }
+    layers.push({ component, weight, down: down.values, up: up.values, rank: down.shape[0] });
+  }
+  if (!layers.length) throw new AdapterError(`${label} adapts no weight: make it again with lcm-export adapter`);
+  return { file, layers, components: [...new Set(layers.map((l) => l.component))].sort() };
+}
+
+/**
+ * `{file: weight, …}` (an object or a Map; empty: the base weights) with finite numeric weights.
+ * @param {unknown} adapters @returns {Array<[string, number]>}
+ */
+export function checkAdapterWeights(adapters) {
+  const entries = adapters instanceof Map ? [...adapters.entries()] :
+    adapters && typeof adapters === "object" && !Array.isArray(adapters) ? Object.entries(adapters) : null;
+  if (!entries) throw new AdapterError(`adapters=${JSON.stringify(adapters)}: pass an object {"style.safetensors": 0.8, …} ({}: no adapter)`);
+  for (const [file, weight] of entries) {
+    if (typeof weight !== "number" || !Number.isFinite(weight)) {
+      throw new AdapterError(`adapter '${file}': weight ${JSON.stringify(weight) ?? String(weight)} is not a finite number: pass e.g. 0.8`);
+    }
+  }
+  return entries.map(([file, weight]) => [String(file), weight]);
+}
+
+/** The bytes of an adapter file: a path (Node) or a URL. @param {string} file */
+export async function readAdapterFile(file) {
+  try {
+    if (isNode && !/^https?:\/\//i.test(file)) {
+      const fs = await import("node:fs/promises");
+      const path = /^file:/i.test(file) ? (await import("node:url")).fileURLToPath(file) : file;
+      return new Uint8Array(await fs.readFile(path));
+    }
+    const response = await fetch(file);
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    return new Uint8Array(await response.arrayBuffer());
+  } catch (error) {
+    throw new AdapterError(`adapter '${file}' cannot be read (${error.code || error.message}): pass an adapter file made by lcm-export adapter`);
+  }
+}
+
+/** L of an INT8 variant's symmetric weights, from the recipe its produced_by records (Python: int8_weight_levels). */
+export function int8WeightLevels(producedBy) {
+  return producedBy?.recipe?.reduce_range === true ? INT8_REDUCED_LEVELS : INT8_LEVELS;
+}
+
+/** Read/write little-endian values of `dtype` at `offset` of `bytes` as float64 numbers. */
+function readValues(bytes, where, what) {
+  const count = product(where.shape || []);
+  const size = ELEMENT[where.dtype];
+  if (!size || count * size !== where.length || where.offset < 0 || where.offset + where.length > bytes.length) {
+    throw new AdapterError(`${what}: its weight map's location does not fit its shape: re-export the bundle`);
+  }
+  const raw = bytes.slice(where.offset, where.offset + where.length).buffer;
+  if (where.dtype === "float16") return Float64Array.from(fromFloat16(new Uint16Array(raw)));
+  const Typed = { float32: Float32Array, int8: Int8Array, int32: Int32Array, float64: Float64Array }[where.dtype];
+  return Float64Array.from(new Typed(raw));
+}
+
+function writeValues(bytes, where, values) {
+  let encoded;
+  if (where.dtype === "float16") encoded = toFloat16(Float32Array.from(values));
+  else encoded = new ({ float32: Float32Array, int8: Int8Array, int32: Int32Array, float64: Float64Array }[where.dtype])(values);
+  bytes.set(new Uint8Array(encoded.buffer), where.offset);
+}
+
+/** Σ λ·up·down in the ONNX layout of `mapped` (float32 values held in a Float64Array). */
+function delta(mapped, terms) {
+  const shape = torchShape(mapped);
+  const out = shape[0];
+  const inner = product(shape.slice(1));
+  const total = new Float32Array(out * inner);
+  for (const [weight, layer] of terms) {
+    const { up, down, rank } = layer;
+    const lambda = Math.fround(weight);
+    for (let o = 0; o < out; o++) {
+      for (let i = 0; i < inner; i++) {
+        let sum = 0;
+        for (let k = 0; k < rank; k++) sum += up[o * rank + k] * down[k * inner + i];
+        total[o * inner + i] += Math.fround(lambda * Math.fround(sum));
+      }
+    }
+  }
+  if (mapped.layout !== "transposed") return total;
+  const transposed = new Float32Array(total.length); // ONNX holds Wᵀ: (inner, out)
+  for (let o = 0; o < out; o++) for (let i = 0; i < inner; i++) transposed[i * out + o] = total[o * inner + i];
+  return transposed;
+}
+
+/**
+ * The bytes of the files of `variant` that the `active` adapters change: bundle path -> patched copy.
+ * @param {(path: string) => Promise<Uint8Array>} read  the base bytes of a bundle file
+ * @param {WeightMap} map @param {any} variant @param {Array<[Adapter, number]>} active
+ * @returns {Promise<Map<string, Uint8Array>>}
+ */
+export async function patchedFiles(read, map, variant, active) {
+  const stored = map.variants[variant.name];
+  if (!stored) {
+    throw new AdapterError(`the ${map.component} variant '${variant.name}' is not in its weight map: load another variant (precision "fp32") or re-export the bundle`);
+  }
+  /** @type {Map<string, Array<[number, any]>>} */
+  const terms = new Map();
+  for (const [adapter, weight] of active) {
+    for (const layer of adapter.layers) {
+      if (layer.component !== map.component || weight === 0) continue;
+      if (!terms.has(layer.weight)) terms.set(layer.weight, []);
+      /** @type {any} */ (terms.get(layer.weight)).push([weight, layer]);
+    }
+  }
+  /** @type {Map<string, Uint8Array>} */
+  const files = new Map();
+  const bytesOf = async (file) => {
+    if (!variant.files.includes(file)) throw new AdapterError(`${map.component}: its weight map names '${file}', which is not a file of variant '${variant.name}': re-export`);
+    if (!files.has(file)) files.set(file, Uint8Array.from(await read(file)));
+    return /** @type {Uint8Array} */ (files.get(file));
+  };
+  const levels = int8WeightLevels(variant.produced_by);
+  for (const [name, layerTerms] of terms) {
+    const mapped = map.weights[name];
+    const where = stored.tensors?.[name];
+    const what = `${map.component} weight '${name}' (${mapped.module}) of variant '${variant.name}'`;
+    if (!where) throw new AdapterError(`${what} is not adaptable (its weight map has no location): load precision "fp32"`);
+    const change = delta(mapped, layerTerms);
+    const bytes = await bytesOf(where.file);
+    const base = readValues(bytes, where, what);
+    if (where.dtype === "float32" || where.dtype === "float16") {
+      const merged = base.map((value, i) => Math.fround(Math.fround(value) + change[i]));
+      checkMerged(merged, map.component, where.name);
+      writeValues(bytes, where, merged);
+      continue;
+    }
+    // INT8: dequantise, merge in float, requantise per channel in the recipe's range; the bias follows the scales.
+    const scaleBytes = await bytesOf(where.scale.file);
+    const oldScale = readValues(scaleBytes, where.scale, what).map(Math.fround);
+    const shape = where.shape;
+    const axis = ((where.axis % shape.length) + shape.length) % shape.length;
+    const channels = shape[axis];
+    const after = product(shape.slice(axis + 1));
+    const channelOf = (i) => Math.floor(i / after) % channels;
+    const merged = base.map((q, i) => Math.fround(Math.fround(q * oldScale[channelOf(i)]) + change[i]));
+    checkMerged(merged, map.component, where.name);
+    const peak = new Float64Array(channels);
+    merged.forEach((value, i) => (peak[channelOf(i)] = Math.max(peak[channelOf(i)], Math.abs(value))));
+    const newScale = Float64Array.from(peak, (p, c) => (p > 0 ? Math.fround(Math.fround(p) / levels) : oldScale[c]));
+    const roundEven = (x) => {
+      const r = Math.round(x);
+      return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r; // numpy's rint
+    };
+    const quantized = merged.map((value, i) => Math.min(levels, Math.max(-levels, roundEven(Math.fround(value / newScale[channelOf(i)])))));
+    writeValues(bytes, where, quantized);
+    writeValues(scaleBytes, where.scale, newScale);
+    if (where.bias) {
+      const biasBytes = await bytesOf(where.bias.file);
+      const biasScaleBytes = await bytesOf(where.bias.scale.file);
+      const bias = readValues(biasBytes, where.bias, what);
+      const biasScale = readValues(biasScaleBytes, where.bias.scale, what).map(Math.fround);
+      const newBiasScale = biasScale.map((s, c) => Math.fround(s * Math.fround(newScale[c] / oldScale[c])));
+      writeValues(biasBytes, where.bias, bias.map((b, c) => roundEven((b * biasScale[c]) / newBiasScale[c])));
+      writeValues(biasScaleBytes, where.bias.scale, newBiasScale);
+    }
+  }
+  return files;
+}
+
+function checkMerged(values, component, name) {
+  if (!values.every(Number.isFinite)) throw new AdapterError(`the merged ${component} weight '${name}' is not finite: lower the weights`);
+}
