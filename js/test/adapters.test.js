@@ -8,21 +8,11 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { AdapterError, Pipeline } from "../src/index.js";
+import { folder, read, maxAbs } from "./references.js";
 
-const folder = process.env.LCM_EDGE_REFERENCES;
 const TOLERANCE = 1e-4;
 const results = {};
 
-const read = (entry) => {
-  const bytes = readFileSync(join(folder, entry.file));
-  return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4).slice();
-};
-const maxAbs = (a, b) => {
-  assert.equal(a.length, b.length);
-  let worst = 0;
-  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
-  return worst;
-};
 const image = async (pipe, c) => (await pipe.generate("a cat", { numInferenceSteps: c.steps, seed: c.seed })).images[0].data;
 
 describe("run-time adapters against the Python runtime", { skip: folder ? false : "LCM_EDGE_REFERENCES is not set (pytest tests/js sets it)" }, () => {

@@ -13,8 +13,8 @@ import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import * as ort from "onnxruntime-web";
 import { Pipeline } from "../src/index.js";
+import { folder, maxAbs } from "./references.js";
 
-const folder = process.env.LCM_EDGE_REFERENCES;
 const index = folder ? JSON.parse(readFileSync(join(folder, "index.json"), "utf8")) : {};
 const results = { calls: [], psnr_db: {} };
 
@@ -26,12 +26,6 @@ const floats = (entry) => {
 const integers = (file, dtype) => {
   const b = bytes(file);
   return dtype === "int8" ? new Int8Array(b.buffer, b.byteOffset, b.byteLength) : new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
-};
-const maxAbs = (a, b) => {
-  assert.equal(a.length, b.length);
-  let worst = 0;
-  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
-  return worst;
 };
 /** PSNR in dB of images in [0, 1] (peak 1), as tests/helpers.image_psnr. */
 const psnr = (a, b) => {

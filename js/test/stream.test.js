@@ -9,23 +9,12 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { FrameStream, Pipeline, UserError } from "../src/index.js";
+import { folder, read, maxAbs, seedOf } from "./references.js";
 
-const folder = process.env.LCM_EDGE_REFERENCES;
 const TOLERANCE = 1e-4;
 const results = { frames: {}, calls: {} };
 
-const read = (entry) => {
-  const bytes = readFileSync(join(folder, entry.file));
-  return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4).slice();
-};
 const imageOf = (entry) => ({ height: entry.shape[0], width: entry.shape[1], data: read(entry) });
-const maxAbs = (a, b) => {
-  assert.equal(a.length, b.length);
-  let worst = 0;
-  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
-  return worst;
-};
-const seedOf = (text) => (BigInt(text) <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(text) : BigInt(text));
 
 describe("the frame loop against the Python runtime", { skip: folder ? false : "LCM_EDGE_REFERENCES is not set (pytest tests/js sets it)" }, () => {
   const index = folder ? JSON.parse(readFileSync(join(folder, "index.json"), "utf8")) : { streams: [] };
