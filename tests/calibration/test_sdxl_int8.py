@@ -1,8 +1,9 @@
-"""INT8 for the SDXL family: a distilled LCM-SDXL, a base SDXL with an LCM-LoRA fused (CFG) and an SDXL of other
-shapes, each quantised on its own trajectories, run on onnxruntime and OpenVINO near its float image.
+"""INT8 for the SDXL family: a distilled LCM-SDXL and a base SDXL of other shapes (three blocks, other head and
+encoder sizes) with a LoRA fused on its U-Net and both text encoders (CFG, as SDXL + LCM-LoRA runs), each quantised
+on its own trajectories, run on onnxruntime and OpenVINO near its float image.
 
 The float rule (first and last convolution, the time, guidance and SDXL ``add_embedding`` MLPs, attention's
-activation products) is the SD1.5 family's; the tiny SDXL pipelines measured 39.7-40.3 dB against float here. The
+activation products) is the SD1.5 family's; the tiny SDXL pipelines measured 39.1-41.4 dB against float here. The
 floor is the SD1.5 tests' 30 dB: a broken calibration (a range missing for the pooled text, a dropped CFG half)
 lands far below it.
 """
@@ -41,22 +42,20 @@ def quantised_ops(path: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def sdxl_int8_bundles(sdxl_lcm_dir, sdxl_base, other_sdxl_model, tmp_path_factory) -> dict[str, tuple[Path, float]]:
+def sdxl_int8_bundles(sdxl_lcm_dir, other_sdxl_model, tmp_path_factory) -> dict[str, tuple[Path, float]]:
     """name -> (INT8 bundle with the float variants kept, the guidance it runs at)."""
     folder = tmp_path_factory.mktemp("sdxl-int8")
-    base, lora, _ = sdxl_base
     other, other_lora = other_sdxl_model
     from lcm_export.exporter.bundle import LoraSource
 
-    options = dict(precision="int8", keep_fp32=True, calibration_size=4)
+    options = dict(precision="int8", keep_fp32=True, calibration_size=2)
     return {
         "lcm-sdxl": (export(sdxl_lcm_dir, folder / "lcm-sdxl", **options), 8.5),
-        "sdxl+lcm-lora": (export(base, folder / "sdxl-cfg", loras=(LoraSource(str(lora)),), **options), 1.5),
         "other-sdxl": (export(other, folder / "other", loras=(LoraSource(str(other_lora)),), **options), 1.5),
     }
 
 
-@pytest.mark.parametrize("name", ["lcm-sdxl", "sdxl+lcm-lora", "other-sdxl"])
+@pytest.mark.parametrize("name", ["lcm-sdxl", "other-sdxl"])
 def test_the_sdxl_int8_unet_is_quantised_and_reported(sdxl_int8_bundles, name) -> None:
     bundle, _ = sdxl_int8_bundles[name]
     manifest = load_manifest(bundle, verify="full")
@@ -70,7 +69,7 @@ def test_the_sdxl_int8_unet_is_quantised_and_reported(sdxl_int8_bundles, name) -
     assert any("add_embedding" in node for node in produced["float_nodes"]), produced["float_nodes"]
     assert produced["recipe"]["reduce_range"] is True
     cfg = manifest.pipeline.guidance == "cfg"
-    assert produced["calibration"]["unet_calls"] == (2 if cfg else 1) * 4 * 4  # guidances x prompts x steps
+    assert produced["calibration"]["unet_calls"] == (2 if cfg else 1) * 2 * 4  # guidances x prompts x steps
     # The two text encoders stay float.
     for encoder in ("text_encoder", "text_encoder_2"):
         assert [v.precision for v in manifest.components[encoder].variants] == ["fp32"]
@@ -82,7 +81,7 @@ def test_the_sdxl_int8_unet_is_quantised_and_reported(sdxl_int8_bundles, name) -
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["lcm-sdxl", "sdxl+lcm-lora", "other-sdxl"])
+@pytest.mark.parametrize("name", ["lcm-sdxl", "other-sdxl"])
 def test_sdxl_int8_runs_near_its_float_image(sdxl_int8_bundles, name, backend) -> None:
     bundle, guidance = sdxl_int8_bundles[name]
     call = dict(CALL, guidance_scale=guidance)
