@@ -18,7 +18,10 @@ every call). Measured: docs/design-notes.md#onnxruntime.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import json
+import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -151,7 +154,19 @@ class OnnxRuntimeSession:
         path = Path(written)
         if path.resolve().parent != self.profiling_dir.resolve():
             path = Path(shutil.move(str(path), str(self.profiling_dir / path.name)))
+        check_trace(path)
         return [path]
+
+
+def check_trace(path: Path) -> None:
+    """onnxruntime reports no failed write of its trace: on a full disk it leaves an empty file and returns its
+    name. A trace that is not whole JSON raises the OSError the write would have (ENOSPC when the disk is full)."""
+    try:
+        json.loads(path.read_bytes())
+    except ValueError:
+        if os.statvfs(path.parent).f_bavail == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise OSError(errno.EIO, "onnxruntime's profile trace is incomplete", str(path)) from None
 
 
 def _with_weights(onnxruntime, path: Path, session_options, weights: WeightOverrides) -> tuple[str | bytes, list]:
