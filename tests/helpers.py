@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from lcm_export.runtime.backends import tensorrt as trt_backend
 from lcm_export.runtime.pipeline import StepEvent
 
 __all__ = [
+    "CPU_BACKENDS",
     "FIXTURES",
     "HAS_RTX",
     "OTHER_SDXL",
@@ -58,6 +60,14 @@ FIXTURES = Path(__file__).parent / "fixtures"  # files the previous exporter (fo
 TOLERANCE = 2e-3
 PROMPT = "a photo of a cat"
 HAS_RTX = trt_backend.import_flavor("rtx") is not None
+# The CPU backends, as a parametrize list: OpenVINO skipped (with the install hint) where it is not installed.
+CPU_BACKENDS = [
+    "onnxruntime",
+    pytest.param(
+        "openvino",
+        marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="pip install openvino"),
+    ),
+]
 needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="TensorRT-RTX is not installed: pip install 'lcm-edge[tensorrt]'")
 
 

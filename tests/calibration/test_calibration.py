@@ -23,7 +23,7 @@ from lcm_export.errors import UserError
 from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.manifest import load_manifest
-from tests.helpers import UNSEEN_SHAPES, export, image_psnr
+from tests.helpers import CPU_BACKENDS, UNSEEN_SHAPES, export, image_psnr
 
 PSNR_FLOOR_DB = 30.0
 CALL = dict(num_inference_steps=4, seed=11)
@@ -86,13 +86,7 @@ def test_quality_report_in_the_manifest(int8_bundle) -> None:
 
 @pytest.mark.parametrize(
     "backend",
-    [
-        "onnxruntime",
-        pytest.param(
-            "openvino",
-            marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="pip install openvino"),
-        ),
-    ],
+    CPU_BACKENDS,
 )
 def test_int8_runs_on_cpu_backends_near_the_float_image(int8_bundle, backend) -> None:
     float_image = Pipeline.load(int8_bundle, backend=backend, variant="fp32", precision="fp32")(

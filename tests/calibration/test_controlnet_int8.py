@@ -11,7 +11,6 @@ lands below 25 dB.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from lcm_export.exporter.tiny import build_controlnet, build_tiny_pipeline
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.manifest import load_manifest
 from lcm_export.runtime.variants import choose_variant
-from tests.helpers import UNSEEN_SHAPES, export, image_psnr
+from tests.helpers import CPU_BACKENDS, UNSEEN_SHAPES, export, image_psnr
 
 RESIDUAL_PSNR_FLOOR_DB = 35.0  # the INT8 U-Net and ControlNet, decoder float
 BUNDLE_PSNR_FLOOR_DB = 25.0  # everything INT8 that the bundle quantises
@@ -105,13 +104,7 @@ def _with_int8(bundle: Path, backend: str, components: tuple[str, ...]) -> Pipel
 
 @pytest.mark.parametrize(
     "backend",
-    [
-        "onnxruntime",
-        pytest.param(
-            "openvino",
-            marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="pip install openvino"),
-        ),
-    ],
+    CPU_BACKENDS,
 )
 def test_int8_controlnet_runs_near_the_float_image(controlnet_int8, backend) -> None:
     control = control_images(0, 1, 32, 32, seed=77)  # an edge map calibration never saw

@@ -10,7 +10,6 @@ lands far below it.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +17,10 @@ import pytest
 
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.manifest import load_manifest
-from tests.helpers import export, image_psnr
+from tests.helpers import CPU_BACKENDS, export, image_psnr
 
 PSNR_FLOOR_DB = 30.0
 CALL = dict(num_inference_steps=4, seed=5, height=32, width=32)
-BACKENDS = [
-    "onnxruntime",
-    pytest.param(
-        "openvino",
-        marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="pip install openvino"),
-    ),
-]
 
 
 def quantised_ops(path: Path) -> dict[str, int]:
@@ -80,7 +72,7 @@ def test_the_sdxl_int8_unet_is_quantised_and_reported(sdxl_int8_bundles, name) -
             assert scores["psnr_db_min"] >= PSNR_FLOOR_DB, scores
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", ["lcm-sdxl", "other-sdxl"])
 def test_sdxl_int8_runs_near_its_float_image(sdxl_int8_bundles, name, backend) -> None:
     bundle, guidance = sdxl_int8_bundles[name]
