@@ -39,6 +39,9 @@ SECTION_START = "<!-- controlnet: start (bench/controlnet.py writes this section
 SECTION_END = "<!-- controlnet: end -->"
 PROMPT = "a photo of a lighthouse on a cliff at dusk, detailed"
 BUNDLE = "fast-int8"
+# ours on onnxruntime; the same with the fp32 ControlNet; ours on OpenVINO (its default compute precision: bf16 on
+# CPUs with AVX-512 BF16); diffusers fp32.
+KINDS = ("ours", "ours-float-controlnet", "ours-openvino", "diffusers")
 BUILT_MODELS = (Path("/work/benchwork/web/sd15-lcm"), Path("/work/benchwork/web/taesd"))
 
 
@@ -52,7 +55,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=8.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--frames", type=int, default=8, help="timed frames of the frame loop")
-    parser.add_argument("--worker", choices=("ours", "ours-float-controlnet", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -104,11 +107,11 @@ def prepare(work: Path) -> dict[str, Any]:
 # -- workers --------------------------------------------------------------------------------------------------
 
 
-def _ours(work: Path, threads: int, float_controlnet: bool):
+def _ours(work: Path, threads: int, float_controlnet: bool, backend: str = "onnxruntime"):
     from lcm_export.runtime import Pipeline
     from lcm_export.runtime.variants import choose_variant
 
-    pipe = Pipeline.load(work / BUNDLE, backend="onnxruntime", variant="int8", threads=threads)
+    pipe = Pipeline.load(work / BUNDLE, backend=backend, variant="int8", threads=threads)
     if float_controlnet:  # the same bundle with the fp32 ControlNet: what quantising the ControlNet gains
         denoiser = pipe.denoiser
         denoiser._variants["controlnet"] = choose_variant(pipe.manifest.components["controlnet"], "onnx", "fp32")
@@ -166,7 +169,11 @@ def worker(kind: str, work: Path, threads: int) -> None:
     """Load once, then answer JSON commands on stdin (one per line) with one JSON line each."""
     import numpy as np
 
-    generate, frames = _diffusers(work, threads) if kind == "diffusers" else _ours(work, threads, "float" in kind)
+    if kind == "diffusers":
+        generate, frames = _diffusers(work, threads)
+    else:
+        backend = "openvino" if kind == "ours-openvino" else "onnxruntime"
+        generate, frames = _ours(work, threads, "float" in kind, backend)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
@@ -219,7 +226,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
 
     work = arguments.work_dir
     counts = prepare(work)
-    kinds = ("ours", "ours-float-controlnet", "diffusers")
+    kinds = KINDS
     processes = {kind: Process(kind, work, arguments.threads) for kind in kinds}
     results: dict[str, Any] = {
         "machine": common.machine_info(),
@@ -249,12 +256,17 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
             "median": medians,
             "runs": times,
             "speedup_vs_diffusers": round(medians["diffusers"]["total_s"] / medians["ours"]["total_s"], 2),
+            "openvino_speedup_vs_diffusers": round(
+                medians["diffusers"]["total_s"] / medians["ours-openvino"]["total_s"], 2
+            ),
             "int8_controlnet_gain": round(medians["ours-float-controlnet"]["total_s"] / medians["ours"]["total_s"], 3),
             "psnr_int8_vs_float_controlnet_db": round(psnr(images["ours-float-controlnet"], images["ours"]), 2),
+            "psnr_openvino_vs_onnxruntime_db": round(psnr(images["ours"], images["ours-openvino"]), 2),
         }
         common.log(f"{size} px: {json.dumps(results['sizes'][str(size)]['median'])}")
     results["frame_loop"] = {
-        str(size): processes["ours"].ask(do="frames", size=size, count=arguments.frames) for size in [256]
+        kind: {str(size): processes[kind].ask(do="frames", size=size, count=arguments.frames) for size in [256]}
+        for kind in ("ours", "ours-openvino")
     }
     for process in processes.values():
         process.close()
@@ -262,33 +274,40 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
 
 
 def section_lines(results: dict[str, Any]) -> list[str]:
+    machine = results.get("machine", {})
+    isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present)
     lines = [
         "## ControlNet (bench/controlnet.py)",
         "",
         "SD1.5-shaped random LCM + a full-size random SD1.5 ControlNet (361M parameters), 4 steps, guidance 8.5, "
-        f"{results['settings']['threads']} threads, medians of {results['settings']['rounds']} alternating rounds. "
-        "Ours: fast INT8 (INT8 U-Net and ControlNet, TAESD decoder) on onnxruntime; diffusers: "
+        f"{results['settings']['threads']} threads, medians of {results['settings']['rounds']} alternating rounds "
+        f"({machine.get('cpu', 'CPU')}: {isa}). Ours: fast INT8 (INT8 U-Net and ControlNet, TAESD decoder) on "
+        "onnxruntime and on OpenVINO (its default compute precision on this CPU); diffusers: "
         "StableDiffusionControlNetPipeline + LCMScheduler, fp32, full VAE. optimum-intel 2.2 has no ControlNet "
-        "pipeline or exporter (no row). The machine was shared with other jobs: ratios, measured in one run with "
-        "alternating engines, are the figures to read.",
+        "pipeline or exporter (no row). Ratios, measured in one run with alternating engines, are the figures to read.",
         "",
-        "| size | ours (s) | ours, fp32 ControlNet (s) | diffusers fp32 (s) | ours vs diffusers "
-        "| INT8 ControlNet gain | INT8 vs fp32 ControlNet (PSNR) |",
-        "|---|---|---|---|---|---|---|",
+        "| size | ours onnxruntime (s) | ours OpenVINO (s) | ours, fp32 ControlNet (s) | diffusers fp32 (s) "
+        "| onnxruntime vs diffusers | OpenVINO vs diffusers | INT8 ControlNet gain | INT8 vs fp32 ControlNet (PSNR) "
+        "| OpenVINO vs onnxruntime (PSNR) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size, entry in results["sizes"].items():
         median = entry["median"]
         lines.append(
-            f"| {size} | {median['ours']['total_s']:.2f} | {median['ours-float-controlnet']['total_s']:.2f} | "
-            f"{median['diffusers']['total_s']:.2f} | {entry['speedup_vs_diffusers']:.2f}x | "
-            f"{entry['int8_controlnet_gain']:.3f}x | {entry['psnr_int8_vs_float_controlnet_db']:.1f} dB |"
+            f"| {size} | {median['ours']['total_s']:.2f} | {median['ours-openvino']['total_s']:.2f} | "
+            f"{median['ours-float-controlnet']['total_s']:.2f} | {median['diffusers']['total_s']:.2f} | "
+            f"{entry['speedup_vs_diffusers']:.2f}x | {entry['openvino_speedup_vs_diffusers']:.2f}x | "
+            f"{entry['int8_controlnet_gain']:.3f}x | {entry['psnr_int8_vs_float_controlnet_db']:.1f} dB | "
+            f"{entry['psnr_openvino_vs_onnxruntime_db']:.1f} dB |"
         )
-    for size, loop in results.get("frame_loop", {}).items():
-        lines += [
-            "",
-            f"Frame loop with ControlNet (ours, {size} px, img2img strength 0.5, 2 steps, a control image per frame): "
-            f"{loop['frames_per_second']:.2f} frames/s over {loop['frames']} frames.",
-        ]
+    for kind, loops in results.get("frame_loop", {}).items():
+        backend = "OpenVINO" if kind == "ours-openvino" else "onnxruntime"
+        for size, loop in loops.items():
+            lines += [
+                "",
+                f"Frame loop with ControlNet (ours on {backend}, {size} px, img2img strength 0.5, 2 steps, a control "
+                f"image per frame): {loop['frames_per_second']:.2f} frames/s over {loop['frames']} frames.",
+            ]
     return lines
 
 

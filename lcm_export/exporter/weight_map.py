@@ -27,6 +27,7 @@ import numpy as np
 from lcm_export.runtime.adapters import WEIGHT_MAP_FORMAT, WEIGHT_MAP_NAME, WEIGHT_MAP_VERSION
 from lcm_export.runtime.manifest import Component, sha256_file
 
+WEIGHT_INPUTS_SUFFIX = ".weight-inputs.onnx"  # a float variant's graph with its mapped weights as inputs
 QUANTIZED_SUFFIX = "_quantized"  # onnxruntime's quantizer: initializer X becomes X_quantized (+ X_scale, ...)
 _ONNX_DTYPES = {1: "float32", 10: "float16", 3: "int8", 6: "int32"}  # TensorProto data types read here
 
@@ -205,6 +206,47 @@ def _quantized_bias(
     return None
 
 
+def weight_inputs_graph_path(variant_path: str) -> str:
+    """``unet/model.onnx`` -> ``unet/model.weight-inputs.onnx``."""
+    stem = variant_path[: -len(".onnx")] if variant_path.endswith(".onnx") else variant_path
+    return stem + WEIGHT_INPUTS_SUFFIX
+
+
+def write_weight_inputs_graph(staging: Path, variant_path: str, tensors: dict[str, Any]) -> str | None:
+    """Write the graph of the float variant at ``variant_path`` with every mapped weight of ``tensors`` turned from
+    an initializer into a graph input of the same name, dtype and shape, and return its bundle path; None when a
+    mapped weight is not an initializer of the graph.
+
+    The other initializers stay as they are, inline or in the variant's external data (the same files, read by
+    reference), so the file is the graph alone at full size. A runtime feeds the weights with every call (the
+    base ones as stored, or an adapter's merges): switching adapters is then a merge, with no new session
+    (docs/design-notes.md#adapters)."""
+    import onnx
+    from onnx import helper
+
+    source = staging / variant_path
+    model = onnx.load(str(source), load_external_data=False)
+    graph = model.graph
+    wanted = {str(where["name"]) for where in tensors.values()}
+    if not wanted:
+        return None
+    moved = [tensor for tensor in graph.initializer if tensor.name in wanted]
+    if len(moved) != len(wanted):
+        return None
+    kept = [tensor for tensor in graph.initializer if tensor.name not in wanted]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    declared = {value.name for value in graph.input}
+    graph.input.extend(
+        helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        for tensor in moved
+        if tensor.name not in declared
+    )
+    relative = weight_inputs_graph_path(variant_path)
+    onnx.save(model, str(staging / relative))
+    return relative
+
+
 def write_weight_map(
     staging: Path, name: str, component: Component, names: dict[str, dict[str, Any]]
 ) -> Component | None:
@@ -212,18 +254,23 @@ def write_weight_map(
     naming it; None (nothing written) when no weight was mapped or no ONNX variant is left."""
     import dataclasses
 
+    if not names:
+        return None
     variants: dict[str, Any] = {}
     for variant in component.variants:
         if variant.format != "onnx":
             continue
+        tensors = _variant_tensors(staging, staging / variant.path, names)
         variants[variant.name] = {
             "path": variant.path,
             "precision": variant.precision,
             "sha256": [sha256_file(staging / file) for file in variant.files],
-            "tensors": _variant_tensors(staging, staging / variant.path, names),
+            "tensors": tensors,
         }
-    if not names:
-        return None
+        if variant.precision in ("fp32", "fp16"):
+            graph = write_weight_inputs_graph(staging, variant.path, tensors)
+            if graph is not None:
+                variants[variant.name]["weight_inputs_graph"] = graph
     document = {
         "format": WEIGHT_MAP_FORMAT,
         "version": WEIGHT_MAP_VERSION,

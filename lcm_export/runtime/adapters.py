@@ -12,8 +12,21 @@ A -> B -> base -> A gives each one's own weights. An INT8 (QDQ) variant's weight
 requantised per output channel in the range its recipe used (symmetric: scale max|W'|/L, values in [-L, L], L = 64
 for 7-bit weights (``reduce_range``), 127 otherwise), and its int32 bias requantised to the new scale; activation
 ranges stay as calibrated. The base weights are read from where the component's weight map says they are (file,
-offset, length): no ONNX parser is needed. Why a merge and a new session rather than factors fed as
-graph inputs: docs/design-notes.md#adapters.
+offset, length): no ONNX parser is needed.
+
+Two ways to run the merged weights (``adapter_mode``, measured in docs/design-notes.md#adapters):
+
+- ``"inputs"``: the float variant's *weight-inputs graph* (the same graph with every mapped weight a graph input,
+  written by the export beside the variant) runs with the weights fed at every call: the merged ones for the layers
+  the adapters touch, the stored ones (memory-mapped from the bundle) for the rest. A switch is the merge alone and
+  the session stays open (about 1 s at SD1.5's size), for a few % per call (the backend cannot pre-pack or re-lay
+  out weights it does not know at load). onnxruntime, float variants.
+- ``"rebuild"``: the merged weights replace the initializers and a new, fully optimised session opens (onnxruntime:
+  ``add_external_initializers``; OpenVINO: constants replaced before compiling): no cost per call, tens of seconds
+  per switch at SD1.5's size. OpenVINO (its CPU kernels run 2.8x slower with weights as inputs) and INT8 variants.
+- ``"auto"`` (the default): ``"inputs"`` where the backend, the variant and the bundle allow it, else ``"rebuild"``.
+
+Back to the base weights (``{}``), a component reopens its own optimised session (from the compiled-model cache).
 
 Everything read from an adapter file or a weight map is checked at the border: a file made for another bundle,
 factors for weights the bundle does not have, shapes or ranks that do not fit, non-finite values or weights are
@@ -48,6 +61,7 @@ MAX_HEADER_BYTES = 100_000_000  # a safetensors header larger than this is not a
 # or [-64, 64] with reduce_range (7-bit weights); the scale is max|W| / L for L levels either side of zero.
 INT8_LEVELS = 127.0
 INT8_REDUCED_LEVELS = 64.0
+ADAPTER_MODES = ("auto", "inputs", "rebuild")
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
 
 
@@ -290,6 +304,32 @@ class WeightOverrides:
         return bool(self.values)
 
 
+def _float_delta(mapped: MappedWeight, terms: list[tuple[float, AdapterLayer]]) -> np.ndarray:
+    """Σ λ·up·down in the ONNX layout of ``mapped``, float32, as one product of the stacked factors
+    ([λ₁·up₁ | λ₂·up₂ ...] · [down₁; down₂ ...]), computed directly in that layout (no transposed copy): the merge
+    of a float variant. INT8 variants use :func:`_delta`, whose rounding the JavaScript runtime repeats exactly."""
+    ups = np.concatenate([np.float32(weight) * layer.up for weight, layer in terms], axis=1)
+    downs = np.concatenate([layer.down for _, layer in terms], axis=0)
+    if mapped.layout == "transposed":  # the ONNX holds (in, out) = (up·down)ᵀ = downᵀ·upᵀ
+        return np.matmul(downs.T, ups.T).reshape(mapped.shape)
+    return np.matmul(ups, downs).reshape(mapped.shape)
+
+
+def _mapped_location(bundle_dir: Path, manifest: Manifest, where: Any, what: str) -> np.ndarray:
+    """The tensor at ``where`` as a read-only memory map of the bundle file (no copy: the page cache holds it)."""
+    try:
+        file, offset, length = str(where["file"]), int(where["offset"]), int(where["length"])
+        dtype, shape = np.dtype(where["dtype"]), tuple(int(dim) for dim in where["shape"])
+    except (KeyError, TypeError, ValueError):
+        return _read_location(bundle_dir, manifest, where, what)  # its own one-line error
+    if file not in {entry.path for entry in manifest.files} or math.prod(shape) * dtype.itemsize != length:
+        return _read_location(bundle_dir, manifest, where, what)
+    path = bundle_dir / file
+    if offset < 0 or offset + length > path.stat().st_size:
+        raise AdapterError(f"{what}: '{file}' is shorter than its weight map says: re-export the bundle")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
 def _delta(mapped: MappedWeight, terms: list[tuple[float, AdapterLayer]]) -> np.ndarray:
     """Σ λ·up·down in the ONNX layout of ``mapped``, float32."""
     total = np.zeros((mapped.torch_shape[0], math.prod(mapped.torch_shape[1:])), dtype=np.float32)
@@ -359,11 +399,13 @@ def merged_weights(
         what = f"{weight_map.component} weight '{name}' ({mapped.module}) of variant '{variant}'"
         if where is None:
             raise AdapterError(f"{what} is not adaptable (its weight map has no location): load variant='fp32'")
-        delta = _delta(mapped, layer_terms)
         if where["dtype"] in ("float32", "float16"):
-            base = _read_location(bundle_dir, manifest, where, what)
-            replace(where, (base.astype(np.float32) + delta).astype(base.dtype))
+            base = _mapped_location(bundle_dir, manifest, where, what)
+            merged = _float_delta(mapped, layer_terms)
+            merged += base  # in place: float16 bases are widened as they are added
+            replace(where, merged if base.dtype == np.float32 else merged.astype(base.dtype))
             continue
+        delta = _delta(mapped, layer_terms)
         # INT8: dequantise, merge in float, requantise per channel; the bias follows the new scales.
         quantized = _read_location(bundle_dir, manifest, where, what)
         old_scale = _read_location(bundle_dir, manifest, where["scale"], what).astype(np.float32)
@@ -383,9 +425,48 @@ def merged_weights(
             replace(bias, np.rint(real / new_bias_scale).astype(np.int32))
             replace(bias["scale"], new_bias_scale)
     for name, value in overrides.items():
-        if not np.isfinite(value.astype(np.float32)).all():
+        if not np.isfinite(value).all():
             raise AdapterError(f"the merged {weight_map.component} weight '{name}' is not finite: lower the weights")
     return WeightOverrides(overrides, inline)
+
+
+def weight_inputs(
+    bundle_dir: Path,
+    manifest: Manifest,
+    weight_map: WeightMap,
+    variant: str,
+    active: list[tuple[Adapter, float]],
+) -> dict[str, np.ndarray]:
+    """Every graph input of ``variant``'s weight-inputs graph: the merged weight for each layer the ``active``
+    adapters touch, the stored one (memory-mapped) for the others."""
+    merged = merged_weights(bundle_dir, manifest, weight_map, variant, active).values
+    values: dict[str, np.ndarray] = {}
+    for name, where in weight_map.variants[variant].get("tensors", {}).items():
+        key = str(where["name"])
+        what = f"{weight_map.component} weight '{name}' of variant '{variant}'"
+        values[key] = merged[key] if key in merged else _mapped_location(bundle_dir, manifest, where, what)
+    return values
+
+
+class WeightInputsSession:
+    """A session on a weight-inputs graph and the weights it runs with: each call feeds them with its inputs.
+    Several share one backend session (an adapter switch makes a new one on the same session)."""
+
+    def __init__(self, inner: Any, weights: dict[str, np.ndarray]) -> None:
+        self.inner = inner
+        self.weights = weights
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner.run({**feeds, **self.weights})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def check_adapter_mode(mode: object) -> str:
+    if not isinstance(mode, str) or mode not in ADAPTER_MODES:
+        raise UserError(f"adapter_mode={mode!r}: pick one of {', '.join(ADAPTER_MODES)}")
+    return mode
 
 
 # -- switching between calls -------------------------------------------------------------------------------------
@@ -443,11 +524,14 @@ def one_weight_set(method: Callable[..., Any]) -> Callable[..., Any]:
 class AdapterState:
     """The adapters a pipeline runs with, and the bundle facts applying them needs (weight maps, read once)."""
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest) -> None:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, mode: str = "auto") -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
+        self.mode = check_adapter_mode(mode)
         self._weight_maps: dict[str, WeightMap] | None = None
+        self._graphs: dict[tuple[str, str], Any] = {}  # (component, variant) -> its weight-inputs session
         self.active: tuple[tuple[Adapter, float], ...] = ()
+        self.modes: dict[str, str] = {}  # component -> how its adapters run now ("inputs" or "rebuild")
 
     @property
     def weight_maps(self) -> dict[str, WeightMap]:
@@ -481,8 +565,48 @@ class AdapterState:
                 sessions[component] = denoiser.new_session(component)  # back to the base weights
                 continue
             variant = denoiser.variants[component]
-            levels = int8_weight_levels(variant.artifact.produced_by)
             weight_map = self.weight_maps[component]
+            graph = self._weight_inputs_graph(denoiser, component, weight_map)
+            if graph is not None:
+                values = weight_inputs(self.bundle_dir, self.manifest, weight_map, variant.name, terms)
+                sessions[component] = denoiser.wrap_session(WeightInputsSession(graph, values))
+                continue
+            levels = int8_weight_levels(variant.artifact.produced_by)
             weights = merged_weights(self.bundle_dir, self.manifest, weight_map, variant.name, terms, levels)
             sessions[component] = denoiser.new_session(component, weights)
         return sessions, wanted
+
+    def mode_for(self, denoiser: Any, component: str, weight_map: WeightMap) -> str:
+        """How ``component``'s adapters run: "inputs" where this state's mode allows it and the backend, the
+        variant (float) and the bundle (a weight-inputs graph) do; else "rebuild". ``adapter_mode="inputs"`` where
+        one of them does not is an error saying which."""
+        variant = denoiser.variants[component]
+        stored = weight_map.variants.get(variant.name, {})
+        missing = None
+        if not getattr(denoiser.backend_module, "WEIGHT_INPUTS", False):
+            missing = "this backend runs adapters by rebuilding its sessions: load with backend='onnxruntime'"
+        elif variant.precision not in ("fp32", "fp16"):
+            missing = f"the {component} runs an {variant.precision} variant: load with variant='fp32'"
+        elif not isinstance(stored.get("weight_inputs_graph"), str):
+            missing = f"the bundle has no weight-inputs graph for its {component}: re-export it"
+        if missing is None and self.mode != "rebuild":
+            return "inputs"
+        if self.mode == "inputs":
+            raise AdapterError(f"adapter_mode='inputs': {missing}, or pass adapter_mode='auto'")
+        return "rebuild"
+
+    def _weight_inputs_graph(self, denoiser: Any, component: str, weight_map: WeightMap) -> Any | None:
+        """The open weight-inputs session of ``component``'s variant (opened once), or None when its adapters
+        are rebuilt instead (:meth:`mode_for`)."""
+        mode = self.mode_for(denoiser, component, weight_map)
+        self.modes[component] = mode
+        if mode != "inputs":
+            return None
+        variant = denoiser.variants[component].name
+        key = (component, variant)
+        if key not in self._graphs:
+            graph = str(weight_map.variants[variant]["weight_inputs_graph"])
+            if graph not in {entry.path for entry in self.manifest.files}:
+                raise _map_error(weight_map.path, f"names '{graph}', which the manifest does not list")
+            self._graphs[key] = denoiser.open_weight_inputs(component, self.bundle_dir / graph)
+        return self._graphs[key]

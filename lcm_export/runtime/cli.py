@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:WEIGHT]",
         help="run-time adapter (lcm-export adapter) at WEIGHT (default 1.0); repeatable: adapters mix",
     )
+    parser.add_argument(
+        "--adapter-mode",
+        choices=("auto", "inputs", "rebuild"),
+        default="auto",
+        help="how adapters run: weights fed as inputs (fast switch, a few %% per call) or rebuilt into the "
+        "sessions (no cost per call); auto: inputs where the backend and variant allow it",
+    )
     parser.add_argument("--quiet", "-q", action="store_true")
     image = parser.add_argument_group("image-to-image")
     image.add_argument("--image", type=Path, default=None, help="input image (PNG, JPEG, ...): image-to-image")
@@ -333,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} applies to profiling: add --profile")
     from lcm_export.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.bundle, **load_options(args), adapters=parse_adapters(args.adapter))
+    pipe = Pipeline.load(
+        args.bundle, **load_options(args), adapters=parse_adapters(args.adapter), adapter_mode=args.adapter_mode
+    )
     common = dict(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -502,7 +511,9 @@ def run_stream(args: argparse.Namespace) -> int:
         raise UserError(f"--output '{output}' is a file: pass a folder")
     frames, frame_rate = _stream_source(args.stream)
     check_output_writable(output if video_output else output / "frame.png")
-    pipe = Pipeline.load(args.bundle, **load_options(args), adapters=parse_adapters(args.adapter))
+    pipe = Pipeline.load(
+        args.bundle, **load_options(args), adapters=parse_adapters(args.adapter), adapter_mode=args.adapter_mode
+    )
     stream = pipe.stream(
         args.prompt,
         strength=args.strength,

@@ -105,6 +105,19 @@ class Denoiser:
         self._input_shapes[name] = {t.name: t.shape for t in resolved.spec.inputs}
         return session
 
+    @property
+    def backend_module(self) -> ModuleType:
+        return self._module
+
+    def wrap_session(self, session: Session) -> Session:
+        """``session`` as calls run it: under a lock where the backend's sessions are not thread-safe."""
+        return session if self._module.THREAD_SAFE else LockedSession(session)
+
+    def open_weight_inputs(self, name: str, path: Path) -> Session:
+        """A backend session on ``name``'s weight-inputs graph at ``path`` (run-time adapters fed as inputs: the
+        backend lists ``WEIGHT_INPUTS``); its calls must feed every weight (:class:`WeightInputsSession`)."""
+        return self._module.open_weight_inputs_session(path, self.options, name)
+
     def replace_sessions(self, sessions: dict[str, Session]) -> None:
         """Make ``sessions`` (from :meth:`new_session`) the ones calls run, at once, and forget cached prompt
         encodings (a text encoder may have changed). The caller makes sure no call is running."""

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lcm_export.errors import UserError
-from lcm_export.runtime.adapters import AdapterError, AdapterState, CallGuard, one_weight_set
+from lcm_export.runtime.adapters import AdapterError, AdapterState, CallGuard, check_adapter_mode, one_weight_set
 from lcm_export.runtime.backends import (
     BackendOptions,
     backend_module,
@@ -99,6 +99,7 @@ class Pipeline:
         backend: str,
         options: BackendOptions,
         variant: str = "auto",
+        adapter_mode: str = "auto",
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -116,7 +117,7 @@ class Pipeline:
         self._format = module.ARTIFACT_FORMAT
         chosen = choose_variants(manifest.components, needed, self._format, self.variant, bundle_dir)
         self.denoiser = Denoiser(bundle_dir, manifest, module, options, chosen)
-        self.adapter_state = AdapterState(bundle_dir, manifest)
+        self.adapter_state = AdapterState(bundle_dir, manifest, adapter_mode)
         self.call_guard = CallGuard()
         self._streams: weakref.WeakSet[FrameStream] = weakref.WeakSet()  # a swap waits for none of them to hold frames
 
@@ -137,6 +138,7 @@ class Pipeline:
         profiling_dir: str | Path | None = None,
         low_memory: bool = False,
         adapters: dict[str | Path, float] | None = None,
+        adapter_mode: str = "auto",
     ) -> Pipeline:
         """Load a bundle: validate the manifest, verify file hashes, check every option against the backend, choose
         one variant per component, open one session each.
@@ -157,8 +159,13 @@ class Pipeline:
         - ``profiling_dir``: the backend's own profiler writes there (:meth:`end_profiling` finishes the files).
         - ``low_memory``: give each stage's working memory back after it runs (lower peak, somewhat slower).
         - ``adapters``: {adapter file: weight} applied at load (see :meth:`set_adapters`).
+        - ``adapter_mode``: how adapters run: "auto" (the default), "inputs" (the weights fed with every call: a
+          switch takes about a second, each call a few % more; onnxruntime, float variants) or "rebuild" (merged
+          into a new optimised session: no cost per call, a switch takes as long as a load). See
+          :mod:`lcm_export.runtime.adapters`.
         """
         check_variant(variant)
+        check_adapter_mode(adapter_mode)
         if not isinstance(backend, str):
             raise UserError(f"backend={backend!r}: pass a backend name such as 'auto'")
         # What needs no backend is refused before the bundle is read (verify: by load_manifest); the backend's own
@@ -178,7 +185,7 @@ class Pipeline:
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir, verify=verify)
         formats = {fmt for component in manifest.components.values() for fmt in component.artifacts}
-        pipeline = cls(bundle_dir, manifest, choose_backend(backend, formats), options, variant)
+        pipeline = cls(bundle_dir, manifest, choose_backend(backend, formats), options, variant, adapter_mode)
         if adapters:
             pipeline.set_adapters(adapters)
         return pipeline

@@ -16,9 +16,10 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-from lcm_export.errors import ExportError
+from lcm_export.errors import ExportError, UserError
 from lcm_export.exporter.adapter import make_adapter
 from lcm_export.exporter.bundle import LoraSource
 from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_lora, build_tiny_pipeline
@@ -73,17 +74,57 @@ def sd(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "a": lora_a, "b": lora_b, "bundle_a": bundle_a, "bundle_ab": bundle_ab, "adapter": adapter}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sd_adapter_gives_the_fused_image_and_switches_back(sd, backend) -> None:
+@pytest.mark.parametrize(
+    ("backend", "mode", "runs_as"),
+    [("onnxruntime", "auto", "inputs"), ("onnxruntime", "rebuild", "rebuild"), ("openvino", "auto", "rebuild")],
+)
+def test_sd_adapter_gives_the_fused_image_and_switches_back(sd, backend, mode, runs_as) -> None:
     fused_a, fused_ab = _images(sd["bundle_a"], backend), _images(sd["bundle_ab"], backend)
     assert np.abs(fused_a - fused_ab).max() > 1e-2  # B changes the image: the comparisons below can fail
-    pipe = Pipeline.load(sd["bundle_a"], backend=backend, precision="fp32", adapters={sd["adapter"]: WEIGHT_B})
+    pipe = Pipeline.load(
+        sd["bundle_a"], backend=backend, precision="fp32", adapters={sd["adapter"]: WEIGHT_B}, adapter_mode=mode
+    )
+    assert pipe.adapter_state.modes == {"unet": runs_as, "text_encoder": runs_as}
     assert np.abs(_images(pipe) - fused_ab).max() <= EXACT
     pipe.set_adapters({})  # base (A only) -> exactly A's image, then B again exactly
     assert np.abs(_images(pipe) - fused_a).max() == 0.0
     pipe.set_adapters({sd["adapter"]: WEIGHT_B})
     assert np.abs(_images(pipe) - fused_ab).max() <= EXACT
     assert pipe.adapters == {str(sd["adapter"]): WEIGHT_B}
+
+
+def test_inputs_mode_switches_on_one_open_session(sd, tmp_path) -> None:
+    """With the weights fed as inputs, a switch between adapters opens no session: the weight-inputs graph's
+    session stays, and only the weights it is fed change (B at 0.7, then at 0.3: two images, each its own)."""
+    pipe = Pipeline.load(sd["bundle_a"], backend="onnxruntime", precision="fp32", adapters={sd["adapter"]: WEIGHT_B})
+    graphs = dict(pipe.adapter_state._graphs)
+    assert set(graphs) == {("unet", "fp32"), ("text_encoder", "fp32")}
+    first = _images(pipe)
+    pipe.set_adapters({sd["adapter"]: 0.3})
+    assert pipe.adapter_state._graphs == graphs  # the same session objects
+    assert all(pipe.denoiser._sessions[name].inner.inner is graphs[(name, "fp32")] for name in ("unet", "text_encoder"))
+    low = _images(pipe)
+    assert np.abs(low - first).max() > 1e-3
+    pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    assert np.abs(_images(pipe) - first).max() == 0.0
+
+
+def test_adapter_mode_that_cannot_run(sd, tmp_path) -> None:
+    """adapter_mode='inputs' where the weights cannot be inputs (OpenVINO), or an unknown mode: one line each, in
+    Python and from lcm-run (which writes no image)."""
+    with pytest.raises(AdapterError, match=r"adapter_mode='inputs': this backend runs adapters by rebuilding") as error:
+        Pipeline.load(
+            sd["bundle_a"], backend="openvino", precision="fp32", adapters={sd["adapter"]: 1.0}, adapter_mode="inputs"
+        )
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match=r"^adapter_mode='merge': pick one of auto, inputs, rebuild$"):
+        Pipeline.load(sd["bundle_a"], backend="onnxruntime", adapter_mode="merge")
+    result = run_module(
+        "lcm_export.runtime.cli", sd["bundle_a"], "a cat", "--backend", "openvino", "--adapter", sd["adapter"],
+        "--adapter-mode", "inputs", "-o", tmp_path / "y.png",
+    )  # fmt: skip
+    assert_one_line_error(result, "adapter_mode='inputs'", "load with backend='onnxruntime'")
+    assert not (tmp_path / "y.png").exists()
 
 
 def test_adapters_mix_as_a_sum(sd, tmp_path) -> None:
@@ -105,6 +146,14 @@ def test_weight_map_is_in_the_manifest(sd) -> None:
         layouts = {entry["layout"] for entry in weight_map["weights"].values()}
         # convolutions as they are, MatMul weights transposed (a text encoder has no convolution)
         assert layouts == ({"same", "transposed"} if name == "unet" else {"transposed"})
+        # the fp32 variant's weight-inputs graph: every mapped weight is a graph input, no longer an initializer
+        graph_path = weight_map["variants"]["fp32"]["weight_inputs_graph"]
+        assert graph_path == f"{name}/model.weight-inputs.onnx" and graph_path in listed
+        graph = onnx.load(str(sd["bundle_a"] / graph_path), load_external_data=False).graph
+        mapped = {where["name"] for where in weight_map["variants"]["fp32"]["tensors"].values()}
+        assert len(mapped) == len(weight_map["weights"])
+        assert mapped <= {value.name for value in graph.input}
+        assert not mapped & {tensor.name for tensor in graph.initializer}
     assert "weight_map" not in manifest["components"]["vae_decoder"]
 
 

@@ -47,6 +47,7 @@ ARTIFACT_FORMAT = "onnx"
 COMPUTE_PRECISIONS = ("auto", "fp32")
 # Sessions may open with some initializers replaced (run-time adapters: lcm_export.runtime.adapters).
 ADAPTERS = True
+WEIGHT_INPUTS = True  # run-time adapters may feed the weights as graph inputs (lcm_export.runtime.adapters)
 # InferenceSession.run may be called from several threads at once, but two concurrent runs share the cores their
 # thread pools each want: a lock per session measured better with 2 threads (bench/RESULTS.md, "Threads").
 THREAD_SAFE = False
@@ -234,6 +235,12 @@ def _save_optimized_into(session_options, target: Path) -> None:
     # MatMul weights also in MLAS's packed layout, mapped from the file at load: no packing at load or first run,
     # no anonymous copy (measured: docs/design-notes.md#onnxruntime).
     session_options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+
+
+def open_weight_inputs_session(path: Path, options: BackendOptions, name: str) -> OnnxRuntimeSession:
+    """A session on a float variant's weight-inputs graph (its mapped weights are graph inputs, fed with every call
+    by run-time adapters): the graph without those weights, optimised and cached as any other file."""
+    return OnnxRuntimeSession(path, options, name)
 
 
 def open_session(
