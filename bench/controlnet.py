@@ -277,6 +277,7 @@ def section_lines(results: dict[str, Any]) -> list[str]:
     machine = results.get("machine", {})
     isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present)
     lines = [
+        SECTION_START,
         "## ControlNet (bench/controlnet.py)",
         "",
         "SD1.5-shaped random LCM + a full-size random SD1.5 ControlNet (361M parameters), 4 steps, guidance 8.5, "
@@ -308,7 +309,7 @@ def section_lines(results: dict[str, Any]) -> list[str]:
                 f"Frame loop with ControlNet (ours on {backend}, {size} px, img2img strength 0.5, 2 steps, a control "
                 f"image per frame): {loop['frames_per_second']:.2f} frames/s over {loop['frames']} frames.",
             ]
-    return lines
+    return [*lines, SECTION_END]
 
 
 def main(argv: list[str] | None = None) -> int:
