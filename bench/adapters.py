@@ -38,6 +38,8 @@ SIZE = 256  # px: the size the other CPU benchmarks time (switches, images)
 SIZES = (256, 512)  # per-call cost at both
 STEPS = 2
 CALLS = 3  # timed pipeline calls per weight set
+INT8_ALPHA = 8  # the INT8 part's LoRA: alpha/r = 1/8
+INT8_PROMPTS = ("a photo of a cat", "a lighthouse on a cliff at dusk", "a bowl of fruit on a table")
 RUNS = (("onnxruntime", "inputs"), ("onnxruntime", "rebuild"), ("openvino", "rebuild"))  # (backend, adapter_mode)
 
 
@@ -115,11 +117,90 @@ def measure_backend(bundle: Path, adapter: Path, backend: str, cache: Path, mode
     }
 
 
+def measure_int8(int8_base: Path, int8_fused: Path, adapter: Path) -> dict:
+    """INT8 with an adapter against the INT8 bundle exported with the LoRA fused, and both against that bundle's
+    fp32 U-Net (the LoRA fused in float, the same TAESD-shaped decoder): run in its own process."""
+    from lcm_export.calibration.quality import psnr
+    from lcm_export.runtime import Pipeline
+
+    def images(pipe) -> list:
+        return [
+            pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=4, seed=seed).images[0]
+            for seed, prompt in enumerate(INT8_PROMPTS)
+        ]
+
+    float_adapted = images(Pipeline.load(int8_fused, backend="onnxruntime", variant="fp32", precision="fp32"))
+    results: dict = {"prompts": list(INT8_PROMPTS), "backends": {}}
+    for backend in ("onnxruntime", "openvino"):
+        fused = images(Pipeline.load(int8_fused, backend=backend, variant="int8", precision="fp32"))
+        pipe = Pipeline.load(int8_base, backend=backend, variant="int8", precision="fp32")
+        base = images(pipe)
+        started = time.perf_counter()
+        pipe.set_adapters({adapter: 1.0})
+        switch = time.perf_counter() - started
+        adapted = images(pipe)
+
+        def mean_psnr(first: list, second: list) -> float:
+            return round(sum(psnr(a, b) for a, b in zip(first, second, strict=True)) / len(first), 2)
+
+        results["backends"][backend] = {
+            "mode": pipe.adapter_state.modes["unet"],
+            "switch_seconds": round(switch, 2),
+            "psnr_int8_adapter_vs_int8_fused_db": mean_psnr(adapted, fused),
+            "psnr_int8_base_vs_int8_fused_db": mean_psnr(base, fused),
+            "psnr_int8_fused_vs_fp32_fused_db": mean_psnr(fused, float_adapted),
+            "psnr_int8_adapter_vs_fp32_fused_db": mean_psnr(adapted, float_adapted),
+        }
+    return results
+
+
+def int8_part(work: Path, python: str, env: dict, model: Path) -> dict:
+    """Export the INT8 bundles (base, and with the LoRA fused; U-Net INT8, the bench's TAESD-shaped decoder),
+    make the adapter for the INT8 base, and measure (a process of its own)."""
+    lora = work / f"lora-r{RANK}-alpha{INT8_ALPHA}.safetensors"  # 8x the switch bench's: a visible change
+    if not lora.is_file():
+        from lcm_export.exporter.tiny import build_tiny_lora
+
+        build_tiny_lora(lora, model, rank=RANK, alpha=INT8_ALPHA, target_modules=LCM_LORA_TARGETS, seed=7)
+    taesd = work / "taesd"
+    if not (taesd / "config.json").is_file():
+        import models
+
+        models.build_taesd(taesd)
+    exports = {"int8-base": [], "int8-fused": ["--lora", str(lora)]}
+    timings = {}
+    for name, extra in exports.items():
+        if (work / name / "manifest.json").is_file():
+            continue
+        command = [
+            python, "-m", "lcm_export.exporter.cli", str(model), "--output", str(work / name), "--no-vae-encoder",
+            "--tiny-vae", str(taesd), "--precision", "int8", "--calibration-resolution", str(SIZE), "--quiet",
+            "--keep-fp32", "--overwrite", *extra,
+        ]  # fmt: skip
+        started = time.perf_counter()
+        subprocess.run(command, check=True, env=env)
+        timings[f"{name}_export_seconds"] = round(time.perf_counter() - started, 1)
+    int8_adapter = work / "r64-int8.adapter"
+    command = [python, "-m", "lcm_export.exporter.cli", "adapter", str(lora), "--bundle", str(work / "int8-base")]
+    subprocess.run([*command, "--output", str(int8_adapter), "--overwrite"], check=True, env=env)
+    run = subprocess.run(
+        [python, str(Path(__file__).resolve()), "--measure-int8", str(work / "int8-base"), str(work / "int8-fused"),
+         str(int8_adapter)],
+        check=True, env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return {**timings, **json.loads(run.stdout.strip().splitlines()[-1])}
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
         bundle, adapter, backend, cache, mode = sys.argv[2:7]
         print(json.dumps(measure_backend(Path(bundle), Path(adapter), backend, Path(cache), mode)))
         return
+    if len(sys.argv) > 2 and sys.argv[1] == "--measure-int8":
+        print(json.dumps(measure_int8(*(Path(value) for value in sys.argv[2:5]))))
+        return
+    int8_only = "--int8-only" in sys.argv
+    sys.argv = [value for value in sys.argv if value != "--int8-only"]
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/benchwork/adapters")
     work.mkdir(parents=True, exist_ok=True)
     python = sys.executable
@@ -194,12 +275,17 @@ def main() -> None:
         **timings,
         "backends": {},
     }
-    for backend, mode in RUNS:
+    previous = json.loads((BENCH_DIR / "adapters-results.json").read_text()) if int8_only else {}
+    if int8_only:  # keep the switch measurements of the last full run
+        results["backends"] = previous.get("backends", {})
+    for backend, mode in () if int8_only else RUNS:
         cache = work / f"cache-{backend}"
         command = [python, str(Path(__file__).resolve()), "--measure", str(bundle), str(adapter), backend, str(cache)]
         run = subprocess.run([*command, mode], check=True, env=env, stdout=subprocess.PIPE, text=True)
         results["backends"][f"{backend} {mode}"] = json.loads(run.stdout.strip().splitlines()[-1])
         print(json.dumps(results["backends"][f"{backend} {mode}"]), flush=True)
+    results["int8"] = int8_part(work, python, env, model)
+    print(json.dumps(results["int8"]), flush=True)
     results["machine"] = common.machine_info()
     lines = section_lines(results)
     common.publish_section(BENCH_DIR, "adapters-results.json", results, lines, SECTION_START, SECTION_END)
@@ -244,9 +330,30 @@ def section_lines(results: dict) -> list[str]:
         "base and adapter alike. Export of the bundle "
         f"{results.get('export_seconds', float('nan')):.0f} s; `lcm-export adapter` "
         f"{results['adapter_seconds']:.0f} s.",
-        SECTION_END,
     ]
-    return lines
+    int8 = results.get("int8")
+    if int8:
+        lines += [
+            "",
+            f"INT8 (fast INT8 bundles: INT8 U-Net calibrated at {SIZE} px, TAESD-shaped decoder), {SIZE} px, 4 steps, "
+            f"mean PSNR over {len(int8['prompts'])} prompts, rank-{RANK} LoRA with alpha {INT8_ALPHA}: the INT8 base "
+            "bundle with the adapter at weight 1 against the INT8 bundle exported with the LoRA fused (calibrated on "
+            "its own trajectories); for scale, the same base without the adapter, and each INT8 image against the "
+            "fused bundle's fp32 U-Net (same decoder).",
+            "",
+            "| backend | adapter_mode | switch | INT8 + adapter vs INT8 fused | INT8 base vs INT8 fused | "
+            "INT8 fused vs fp32 fused | INT8 + adapter vs fp32 fused |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for backend, entry in int8["backends"].items():
+            lines.append(
+                f"| {backend} | {entry['mode']} | {entry['switch_seconds']:.1f} s | "
+                f"{entry['psnr_int8_adapter_vs_int8_fused_db']:.2f} dB | "
+                f"{entry['psnr_int8_base_vs_int8_fused_db']:.2f} dB | "
+                f"{entry['psnr_int8_fused_vs_fp32_fused_db']:.2f} dB | "
+                f"{entry['psnr_int8_adapter_vs_fp32_fused_db']:.2f} dB |"
+            )
+    return [*lines, SECTION_END]
 
 
 if __name__ == "__main__":
