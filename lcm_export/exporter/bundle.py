@@ -615,9 +615,13 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             pipeline_module_of(loaded, later) != module for later in names[position + 1 :]
         )
         release = functools.partial(loaded.release, module) if done_with_module and not keep_modules else None
-        fingerprints = weight_fingerprints(getattr(loaded.pipeline, module)) if name in LORA_COMPONENTS else {}
         onnx_path = staging / name / "model.onnx"
         onnx_precision = "fp32" if resolved_precision(config) == "int8" else resolved_precision(config)
+        fingerprints = (
+            weight_fingerprints(getattr(loaded.pipeline, module), fp16=onnx_precision == "fp16")
+            if name in LORA_COMPONENTS
+            else {}
+        )
         spec = export_to_onnx(
             component,
             onnx_path,
@@ -702,7 +706,8 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
             loaded.pipeline = None  # the torch side is done with: calibration runs the bundle
             gc.collect()
         components = _add_int8_variants(config, staging, components, pipeline_info, write_manifest)
-    components = _build_target(config, staging, components, pipeline_info, loaded, sequence)
+    adaptable = {name: frozenset(names) for name, names in weight_names.items() if names}
+    components = _build_target(config, staging, components, pipeline_info, loaded, sequence, adaptable)
     for name, names in weight_names.items():  # where run-time adapters apply (docs/bundle-format.md)
         components[name] = write_weight_map(staging, name, components[name], names) or components[name]
     return write_manifest(components)
@@ -820,8 +825,10 @@ def _build_target(
     pipeline_info: PipelineInfo,
     loaded: LoadedPipeline,
     sequence: int,
+    adaptable: Mapping[str, frozenset[str]] | None = None,
 ) -> dict[str, Component]:
-    """Hand the checked ONNX files (and, for targets that convert from torch, the modules) to the target."""
+    """Hand the checked ONNX files (and, for targets that convert from torch, the modules) to the target;
+    ``adaptable``: per component, the ONNX initializers run-time adapters change (its weight map's)."""
     target = get_target(config.target)
     request = BuildRequest(
         staging=staging,
@@ -835,5 +842,6 @@ def _build_target(
             else {}
         ),
         quiet=config.quiet,
+        adaptable=dict(adaptable or {}),
     )
     return target.build(request)

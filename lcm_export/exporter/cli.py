@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     trt.add_argument("--workspace", default=None, help="builder workspace limit, e.g. 4GiB")
     trt.add_argument("--timing-cache", type=Path, default=None, help="timing cache file (read and updated)")
     trt.add_argument("--keep-onnx", action="store_true", help="keep the ONNX the engines were built from")
+    trt.add_argument(
+        "--trt-refit",
+        action="store_true",
+        help="build refittable engines (and keep their ONNX as the weights' source): run-time adapters refit them",
+    )
     return parser
 
 
@@ -179,6 +184,7 @@ def config_from_args(args: argparse.Namespace):
             "workspace": args.workspace,
             "timing_cache": args.timing_cache,
             "keep_onnx": args.keep_onnx,
+            "refit": args.trt_refit,
         },
     )
 

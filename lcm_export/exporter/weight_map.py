@@ -36,9 +36,11 @@ def _digest(values: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=20).hexdigest()
 
 
-def weight_fingerprints(module: Any) -> dict[str, tuple[str, str, str]]:
+def weight_fingerprints(module: Any, fp16: bool = False) -> dict[str, tuple[str, str, str]]:
     """digest of the float32 bytes -> (module path, kind "linear"/"conv", layout "same"/"transposed") for every
-    Linear and Conv2d weight of ``module`` (a loaded torch module: the U-Net or a text encoder, LoRAs fused).
+    Linear and Conv2d weight of ``module`` (a loaded torch module: the U-Net or a text encoder, LoRAs fused);
+    ``fp16``: also the digest of each weight as the fp16 conversion writes it (keys ``<shape>:f16:<digest>``), for
+    a component exported in fp16.
 
     Two modules with identical weights (rare: zero-initialised layers) share a digest; neither is mapped, since
     the initializer found could be either's.
@@ -55,9 +57,20 @@ def weight_fingerprints(module: Any) -> dict[str, tuple[str, str, str]]:
         else:
             continue
         for values, kind, layout in candidates:
-            key = f"{values.shape}:{_digest(values)}"
-            found[key] = None if key in found else (name, kind, layout)
+            keys = [f"{values.shape}:{_digest(values)}"]
+            if fp16:
+                keys.append(f"{values.shape}:f16:{_digest(_as_float16(values))}")
+            for key in keys:
+                found[key] = None if key in found else (name, kind, layout)
     return {key: value for key, value in found.items() if value is not None}
+
+
+def _as_float16(values: np.ndarray) -> np.ndarray:
+    """``values`` as the exporter's fp16 conversion stores them (onnxruntime's float16 converter: magnitudes
+    clamped into fp16's finite range and above its smallest subnormal, then rounded)."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    return convert_np_to_float16(np.ascontiguousarray(values))
 
 
 def _tensor_bytes(tensor: Any, model_dir: Path) -> bytes | None:
@@ -73,22 +86,25 @@ def _tensor_bytes(tensor: Any, model_dir: Path) -> bytes | None:
 
 
 def float_weight_names(onnx_path: Path, fingerprints: dict[str, tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
-    """float ONNX initializer name -> {module, kind, layout, shape} for the initializers of the float32 model at
-    ``onnx_path`` whose bytes are a fingerprinted torch weight (as it is, or transposed)."""
+    """float ONNX initializer name -> {module, kind, layout, shape} for the initializers of the float model at
+    ``onnx_path`` (fp32, or fp16 with fingerprints made with ``fp16=True``) whose bytes are a fingerprinted torch
+    weight (as it is, or transposed)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     shapes = {key.split(":", 1)[0] for key in fingerprints}
     names: dict[str, dict[str, Any]] = {}
     seen_modules: set[str] = set()
+    dtypes = {onnx.TensorProto.FLOAT: (np.float32, ""), onnx.TensorProto.FLOAT16: (np.float16, "f16:")}
     for tensor in model.graph.initializer:
-        if tensor.data_type != onnx.TensorProto.FLOAT or str(tuple(tensor.dims)) not in shapes:
+        if tensor.data_type not in dtypes or str(tuple(tensor.dims)) not in shapes:
             continue
         payload = _tensor_bytes(tensor, onnx_path.parent)
         if payload is None:
             continue
-        values = np.frombuffer(payload, dtype=np.float32).reshape(tuple(tensor.dims))
-        match = fingerprints.get(f"{values.shape}:{_digest(values)}")
+        dtype, tag = dtypes[tensor.data_type]
+        values = np.frombuffer(payload, dtype=dtype).reshape(tuple(tensor.dims))
+        match = fingerprints.get(f"{values.shape}:{tag}{_digest(values)}")
         if match is None or match[0] in seen_modules:
             continue
         module, kind, layout = match

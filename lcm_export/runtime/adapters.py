@@ -40,6 +40,7 @@ import json
 import math
 import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ MAX_HEADER_BYTES = 100_000_000  # a safetensors header larger than this is not a
 INT8_LEVELS = 127.0
 INT8_REDUCED_LEVELS = 64.0
 ADAPTER_MODES = ("auto", "inputs", "rebuild")
+# A float32 weight plus a ΔW bounded by this stays finite (float32 reaches 3.4e38): its merge needs no finiteness pass.
+FINITE_DELTA_BOUND = 1e30
+LOADED_ADAPTERS_KEPT = 4  # adapter files kept read and checked (an SD1.5 rank-64 LCM-LoRA-shaped one: 255 MB)
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}
 
 
@@ -315,6 +319,17 @@ def _float_delta(mapped: MappedWeight, terms: list[tuple[float, AdapterLayer]]) 
     return np.matmul(ups, downs).reshape(mapped.shape)
 
 
+def _delta_bound(terms: list[tuple[float, AdapterLayer]]) -> float:
+    """An upper bound of max|ΔW| for ``terms``: Σ |λ|·r·max|up|·max|down| (factors are checked finite at load)."""
+    return sum(
+        abs(weight)
+        * layer.up.shape[1]
+        * float(np.abs(layer.up).max(initial=0))
+        * float(np.abs(layer.down).max(initial=0))
+        for weight, layer in terms
+    )
+
+
 def _mapped_location(bundle_dir: Path, manifest: Manifest, where: Any, what: str) -> np.ndarray:
     """The tensor at ``where`` as a read-only memory map of the bundle file (no copy: the page cache holds it)."""
     try:
@@ -386,6 +401,7 @@ def merged_weights(
                 terms.setdefault(layer.weight, []).append((weight, layer))
     overrides: dict[str, np.ndarray] = {}
     inline: dict[str, int] = {}
+    finite: set[str] = set()  # merged weights known finite without looking
     tensors = stored.get("tensors", {})
 
     def replace(where: Any, value: np.ndarray) -> None:
@@ -404,6 +420,8 @@ def merged_weights(
             merged = _float_delta(mapped, layer_terms)
             merged += base  # in place: float16 bases are widened as they are added
             replace(where, merged if base.dtype == np.float32 else merged.astype(base.dtype))
+            if base.dtype == np.float32 and _delta_bound(layer_terms) < FINITE_DELTA_BOUND:
+                finite.add(str(where["name"]))  # a finite stored weight plus a bounded ΔW: no pass over it
             continue
         delta = _delta(mapped, layer_terms)
         # INT8: dequantise, merge in float, requantise per channel; the bias follows the new scales.
@@ -425,7 +443,7 @@ def merged_weights(
             replace(bias, np.rint(real / new_bias_scale).astype(np.int32))
             replace(bias["scale"], new_bias_scale)
     for name, value in overrides.items():
-        if not np.isfinite(value).all():
+        if name not in finite and not np.isfinite(value).all():
             raise AdapterError(f"the merged {weight_map.component} weight '{name}' is not finite: lower the weights")
     return WeightOverrides(overrides, inline)
 
@@ -530,6 +548,8 @@ class AdapterState:
         self.mode = check_adapter_mode(mode)
         self._weight_maps: dict[str, WeightMap] | None = None
         self._graphs: dict[tuple[str, str], Any] = {}  # (component, variant) -> its weight-inputs session
+        # path -> (file status, adapter): the last LOADED_ADAPTERS_KEPT read, checked once
+        self._loaded: OrderedDict[str, tuple[tuple, Adapter]] = OrderedDict()
         self.active: tuple[tuple[Adapter, float], ...] = ()
         self.modes: dict[str, str] = {}  # component -> how its adapters run now ("inputs" or "rebuild")
 
@@ -554,9 +574,7 @@ class AdapterState:
             raise AdapterError(
                 f"BUNDLE '{self.bundle_dir}' has no weight maps (exported before run-time adapters): re-export it"
             )
-        wanted = tuple(
-            (load_adapter(path, self.bundle_dir, self.weight_maps), weight) for path, weight in checked.items()
-        )
+        wanted = tuple((self._load(path), weight) for path, weight in checked.items())
         touched = {component for adapter, _ in (*self.active, *wanted) for component in adapter.components}
         sessions: dict[str, Any] = {}
         for component in sorted(touched):
@@ -575,6 +593,25 @@ class AdapterState:
             weights = merged_weights(self.bundle_dir, self.manifest, weight_map, variant.name, terms, levels)
             sessions[component] = denoiser.new_session(component, weights)
         return sessions, wanted
+
+    def _load(self, path: str) -> Adapter:
+        """``path`` read and checked, or as read before while the file is unchanged (size, time, inode): switching
+        back to one of the last few adapters does not read and check it again."""
+        try:
+            status = Path(path).stat()
+            key: tuple | None = (status.st_size, status.st_mtime_ns, status.st_ino)
+        except OSError:
+            key = None  # load_adapter says why in one line
+        cached = self._loaded.get(path)
+        if key is not None and cached is not None and cached[0] == key:
+            self._loaded.move_to_end(path)
+            return cached[1]
+        adapter = load_adapter(path, self.bundle_dir, self.weight_maps)
+        if key is not None:
+            self._loaded[path] = (key, adapter)
+            while len(self._loaded) > LOADED_ADAPTERS_KEPT:
+                self._loaded.popitem(last=False)
+        return adapter
 
     def mode_for(self, denoiser: Any, component: str, weight_map: WeightMap) -> str:
         """How ``component``'s adapters run: "inputs" where this state's mode allows it and the backend, the

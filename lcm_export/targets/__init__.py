@@ -50,6 +50,9 @@ class BuildRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
     modules: Mapping[str, Any] = field(default_factory=dict)
     quiet: bool = False
+    # per component: the ONNX initializers run-time adapters change (its weight map's), for targets that make
+    # them refittable (TensorRT --trt-refit)
+    adaptable: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

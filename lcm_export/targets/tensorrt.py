@@ -65,6 +65,10 @@ class TensorRTBuildOptions:
     workspace_bytes: int | None = None  # None: TensorRT's default (the GPU's memory)
     timing_cache: Path | None = None  # None: a file per flavour and version under the lcm-export cache folder
     keep_onnx: bool = False
+    # The weights run-time adapters change marked refittable (BuilderFlag.REFIT_INDIVIDUAL), the ONNX kept as the
+    # weights' source: adapters refit the U-Net and text encoders by initializer name (lcm_export.runtime.adapters).
+    # TensorRT-RTX 1.7 compiles refittable weights with CUDA at build time: a GPU is needed to build (preflight).
+    refit: bool = False
 
     @classmethod
     def from_target_options(cls, options: dict[str, Any]) -> TensorRTBuildOptions:
@@ -91,7 +95,8 @@ class TensorRTBuildOptions:
             builder_optimization_level=level,
             workspace_bytes=parse_size("--workspace", str(workspace)) if workspace else None,
             timing_cache=Path(timing_cache) if timing_cache else None,
-            keep_onnx=bool(options.get("keep_onnx", False)),
+            keep_onnx=bool(options.get("keep_onnx", False)) or bool(options.get("refit", False)),
+            refit=bool(options.get("refit", False)),
         )
 
 
@@ -193,6 +198,11 @@ def preflight(target_options: Mapping[str, Any]) -> None:
     options = TensorRTBuildOptions.from_target_options(target_options)
     flavor = resolve_flavor(options.flavor)
     compute_capability_targets(flavor, options.compute_capabilities)
+    if options.refit and gpu_count() == 0:
+        raise ExportError(
+            f"--trt-refit: {flavor.display_name} {flavor.version} compiles refittable weights with CUDA while it "
+            "builds, and no NVIDIA GPU was found: build on a machine with one, or drop --trt-refit"
+        )
 
 
 # -- timing cache (standard TensorRT) -------------------------------------------------------------------------
@@ -313,8 +323,10 @@ def build_engine(
     precision: str,
     compute_capabilities: list[Any],
     timing_cache: Any = None,
+    refittable: frozenset[str] = frozenset(),
 ) -> EngineBuild:
-    """Build one engine: parse, check the I/O against ``spec``, one optimisation profile, serialize.
+    """Build one engine: parse, check the I/O against ``spec``, one optimisation profile, serialize;
+    ``refittable``: the weights (ONNX initializer names) marked refittable (``--trt-refit``).
 
     ``precision`` is the ONNX file's ("fp16" or "fp32"); it matters only for a standard TensorRT without strong
     typing, where fp16 is a builder flag (and an fp32 component, a force_upcast VAE, is built without it).
@@ -335,6 +347,15 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     if not flavor.strongly_typed and precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    if refittable:
+        # Only the weights adapters change are refittable (REFIT_INDIVIDUAL): the others stay constants the builder
+        # may fold. The ONNX parser names each weight after its initializer.
+        config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+        unknown = sorted(name for name in refittable if not network.mark_weights_refittable(name))
+        if unknown:
+            raise ExportError(
+                f"{spec.name}: {flavor.display_name} has no weight named '{unknown[0]}' to make refittable: re-export"
+            )
     if compute_capabilities:
         config.num_compute_capabilities = len(compute_capabilities)
         for index, capability in enumerate(compute_capabilities):
@@ -420,6 +441,7 @@ def build(request: BuildRequest) -> dict[str, Component]:
             precision=onnx_artifact.precision,
             compute_capabilities=targets,
             timing_cache=timing_cache,
+            refittable=request.adaptable.get(name, frozenset()) if options.refit else frozenset(),
         )
         engine_path = staging / name / ENGINE_NAME
         engine_path.write_bytes(engine.plan)
@@ -434,6 +456,7 @@ def build(request: BuildRequest) -> dict[str, Component]:
             strongly_typed=flavor.strongly_typed,
             builder_optimization_level=options.builder_optimization_level,
             build_seconds=round(engine.seconds, 2),
+            refittable=options.refit and bool(request.adaptable.get(name)),
         )
         artifact = Artifact(
             format="tensorrt",

@@ -160,6 +160,120 @@ def test_library_builds_static_engines(rtx_bundle) -> None:
     assert unet["timestep"] == {"min": [1], "opt": [1], "max": [1]}  # one per row, like the sample's batch
 
 
+class _FakeRefitter:
+    """TensorRT's Refitter as far as refit_engine uses it, over a fake engine: the refittable names, the weights
+    it holds after a refit."""
+
+    def __init__(self, engine, logger) -> None:
+        self.engine, self.staged = engine, {}
+
+    def set_named_weights(self, name, weights) -> bool:
+        if name not in self.engine.weights:
+            return False
+        self.staged[name] = np.array(weights.values)
+        return True
+
+    def get_missing_weights(self) -> list[str]:
+        return []
+
+    def refit_cuda_engine(self) -> bool:
+        self.engine.weights.update(self.staged)
+        return True
+
+
+class _FakeTensorRT:
+    Refitter = _FakeRefitter
+
+    @staticmethod
+    def Weights(values):  # TensorRT's name
+        return type("Weights", (), {"values": values})
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_refittable_engines_take_an_adapter_by_initializer_name(rtx_bundle, tmp_path) -> None:
+    """What --trt-refit rests on, checked without a GPU (TensorRT-RTX 1.7 compiles refittable weights with CUDA while
+    it builds, so the refittable engine itself cannot be built here):
+
+    - TensorRT's ONNX parser names the weights after the initializers: every weight the U-Net's and the text
+      encoder's weight maps list can be marked refittable by that name in the network parsed from the fp16 ONNX an
+      engine is built from (what build_engine does with --trt-refit), and a name that is not a weight cannot;
+    - an adapter's merged weights for the engine's variant are keyed by those names, in that ONNX's dtype and
+      layout, with the adapter's ΔW added;
+    - refit_engine hands exactly those to TensorRT's Refitter (a stand-in here) and refuses a name the engine cannot
+      refit, and check_refittable refuses an engine built without --trt-refit and INT8 weights, one line each."""
+    import onnx
+
+    from lcm_export.runtime import adapters
+
+    manifest = load_manifest(rtx_bundle)
+    state = adapters.AdapterState(rtx_bundle, manifest)
+    flavor = trt_target.resolve_flavor("rtx")
+    trt = flavor.module
+    for name in ("unet", "text_encoder"):
+        engine = manifest.components[name].artifacts["tensorrt"]
+        weight_map = state.weight_maps[name]
+        assert engine.name in weight_map.variants  # the engine's weights are where its ONNX variant's are
+        builder = trt.Builder(trt_target.collecting_logger(trt))
+        network, _ = trt_target.parse_onnx(
+            flavor, builder, trt_target.collecting_logger(trt), rtx_bundle / engine.produced_by["from"], name
+        )
+        assert all(network.mark_weights_refittable(weight) for weight in weight_map.weights), name
+        assert not network.mark_weights_refittable("no such weight")
+    unet_map = state.weight_maps["unet"]
+    engine = manifest.components["unet"].artifacts["tensorrt"]
+    model = onnx.load(str(rtx_bundle / engine.produced_by["from"]))
+    initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    # a rank-2 adapter on every mapped U-Net weight, in the factors' layout lcm-export adapter writes
+    layers = tuple(
+        adapters.AdapterLayer(
+            "unet",
+            weight,
+            np.full((2, int(np.prod(mapped.torch_shape[1:]))), 0.1, np.float32),
+            np.full((mapped.torch_shape[0], 2), 0.2, np.float32),
+        )
+        for weight, mapped in unet_map.weights.items()
+    )
+    adapter = adapters.Adapter(tmp_path / "a.adapter", "test", layers)
+    merged = adapters.merged_weights(rtx_bundle, manifest, unet_map, engine.name, [(adapter, 1.0)])
+    assert set(merged.values) == set(unet_map.weights)
+    for weight, value in merged.values.items():
+        base = initializers[weight]
+        assert value.dtype == base.dtype == np.float16 and value.shape == base.shape
+        # ΔW = up·down = 2 x 0.1 x 0.2 everywhere, whatever the layout; fp16 rounds each sum by under 1e-3
+        np.testing.assert_allclose(value.astype(np.float32) - base.astype(np.float32), 0.04, atol=2e-3)
+    fake_engine = type("Engine", (), {})()
+    fake_engine.weights = {weight: initializers[weight] for weight in merged.values}
+    trt_backend.refit_engine(_FakeTensorRT, fake_engine, None, merged.values, "engine")
+    assert all(np.array_equal(fake_engine.weights[w], v) for w, v in merged.values.items())
+    fake_engine.weights.pop(next(iter(merged.values)))
+    with pytest.raises(trt_backend.AdapterError, match=r"^engine has no refittable weight '.+': re-export with"):
+        trt_backend.refit_engine(_FakeTensorRT, fake_engine, None, merged.values, "engine")
+    details = engine.tensorrt_details
+    assert details.refittable is False  # built without --trt-refit
+    with pytest.raises(
+        trt_backend.AdapterError, match=r"^engine is not refittable: re-export with --target tensorrt --trt-refit"
+    ):
+        trt_backend.check_refittable("engine", details, merged)
+    refittable = dataclasses.replace(details, refittable=True)
+    trt_backend.check_refittable("engine", refittable, merged)
+    int8 = adapters.WeightOverrides({"w_quantized": np.zeros(3, np.int8)}, {})
+    with pytest.raises(trt_backend.AdapterError, match=r"an INT8 engine is not refit"):
+        trt_backend.check_refittable("engine", refittable, int8)
+    assert TensorRTEngineDetails.from_json(refittable.to_json(), "details").refittable is True
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_trt_refit_without_a_gpu_is_one_line(tiny_lcm_dir, tmp_path) -> None:
+    """--trt-refit on a machine without an NVIDIA GPU stops before the model loads, naming why; nothing written."""
+    if trt_backend.gpu_count():
+        pytest.skip("a GPU is present: --trt-refit builds here")
+    result = cli(tiny_lcm_dir, "--target", "tensorrt", "--trt-refit", "--output", tmp_path / "out")
+    assert_one_line_error(result, "--trt-refit: TensorRT-RTX", "no NVIDIA GPU was found: build on a machine with one")
+    no_leftovers(tmp_path / "out")
+
+
 @pytest.mark.tensorrt
 @needs_rtx
 def test_engine_io_matches_the_onnx_it_was_built_from(engine_bundle) -> None:

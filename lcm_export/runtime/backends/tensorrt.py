@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.adapters import AdapterError
 from lcm_export.runtime.backends import BackendOptions, artifact_path, backend_cache_dir
 from lcm_export.runtime.manifest import (
     Component,
@@ -43,6 +44,9 @@ ARTIFACT_FORMAT = "tensorrt"
 COMPUTE_PRECISIONS = ("auto",)
 # One execution context and one set of device buffers per session: the pipeline locks each session.
 THREAD_SAFE = False
+# Run-time adapters: an engine built refittable (``lcm-export --trt-refit``) opens again and is refit with the
+# merged weights by ONNX initializer name (float engines; the ONNX kept beside it is where the base weights are).
+ADAPTERS = True
 
 # flavour (TENSORRT_FLAVORS) -> Python module, display name, and what installs it.
 FLAVOR_MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx_bindings"}
@@ -503,17 +507,54 @@ class TensorRTSession:
             pass  # interpreter shutdown: CUDA may already be gone
 
 
+def check_refittable(label: str, details: TensorRTEngineDetails, weights: Any) -> None:
+    """Run-time adapters on this engine: it must be refittable, and the merged weights float (an INT8 engine's
+    scales are folded into its kernels)."""
+    if not details.refittable:
+        raise AdapterError(
+            f"{label} is not refittable: re-export with --target tensorrt --trt-refit, or load with "
+            "backend='onnxruntime'"
+        )
+    integer = sorted(name for name, value in weights.values.items() if not np.issubdtype(value.dtype, np.floating))
+    if integer:
+        raise AdapterError(f"{label}: an INT8 engine is not refit ({integer[0]} is {weights.values[integer[0]].dtype})")
+
+
+def refit_engine(trt: ModuleType, engine: Any, logger: Any, values: dict[str, np.ndarray], label: str) -> None:
+    """Give ``engine`` the ``values`` (ONNX initializer name -> array in the ONNX layout and dtype) with TensorRT's
+    Refitter: the names the ONNX parser gave the weights are the initializers'. Every name must be a refittable
+    weight of the engine, and TensorRT must report none missing."""
+    refitter = trt.Refitter(engine, logger)
+    kept = []  # TensorRT reads the host arrays when it refits: keep them alive until then
+    for name, value in values.items():
+        array = np.ascontiguousarray(value)
+        kept.append(array)
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise AdapterError(f"{label} has no refittable weight '{name}': re-export with --trt-refit")
+    missing = list(refitter.get_missing_weights())
+    if missing:
+        raise AdapterError(f"{label}: TensorRT also needs the weights {', '.join(missing[:3])} to refit: re-export")
+    if not refitter.refit_cuda_engine():
+        raise AdapterError(f"{label}: TensorRT could not refit the engine with the adapters' weights")
+    del kept
+
+
 def open_session(
     bundle_dir: Path,
     component: Component,
     options: BackendOptions,
     static_shapes: dict[str, tuple[int, ...]] | None = None,
+    weights: Any = None,
 ) -> TensorRTSession:
-    """Check the engine against the installed TensorRT and the GPU, then deserialize it and open a session."""
+    """Check the engine against the installed TensorRT and the GPU, then deserialize it and open a session;
+    ``weights`` (an adapter's merged weights, :class:`~lcm_export.runtime.adapters.WeightOverrides`): refit the
+    new session's engine with them before its first call."""
     path = artifact_path(bundle_dir, component, ARTIFACT_FORMAT)
     artifact = component.artifacts[ARTIFACT_FORMAT]
     label = f"BUNDLE '{bundle_dir}': engine '{artifact.path}'"
     details = artifact.tensorrt_details  # its flavour is one of FLAVOR_MODULES: the manifest check says so
+    if weights:
+        check_refittable(label, details, weights)
     trt = import_flavor(details.flavor)
     installed = str(trt.__version__) if trt is not None else None
     check_engine_version(label, details.flavor, details.trt_version, installed)
@@ -522,4 +563,7 @@ def open_session(
         label, details.flavor, list(details.compute_capabilities), device_compute_capability(index)
     )
     _cuda_check(_cuda_runtime().cudaSetDevice(index), "device selection")
-    return TensorRTSession(label, trt, details.flavor, path.read_bytes(), component, details, options, static_shapes)
+    session = TensorRTSession(label, trt, details.flavor, path.read_bytes(), component, details, options, static_shapes)
+    if weights:
+        refit_engine(trt, session.engine, session.logger, weights.values, label)
+    return session

@@ -115,7 +115,8 @@ class TensorRTEngineDetails:
     engine's tensors in engine order and ``profiles`` its optimisation profile (none for a fully static engine);
     ``vae_scale_factor`` relates latent and image sizes in the binding plan. ``shape_range`` (the export's shape
     range), ``strongly_typed``, ``builder_optimization_level`` and ``build_seconds`` record how it was built
-    (None where a bundle does not say).
+    (None where a bundle does not say); ``refittable``: built with ``BuilderFlag.REFIT`` (run-time adapters refit
+    it by ONNX initializer name, from the ONNX variant kept beside it).
     """
 
     flavor: str
@@ -128,6 +129,7 @@ class TensorRTEngineDetails:
     strongly_typed: bool | None = None
     builder_optimization_level: int | None = None
     build_seconds: float | None = None
+    refittable: bool = False  # built with BuilderFlag.REFIT: run-time adapters refit its weights by name
 
     def to_json(self) -> dict[str, Any]:
         """The keys written beside the variant's own, in the order lcm-export has always written them."""
@@ -147,6 +149,8 @@ class TensorRTEngineDetails:
         data["io"] = [tensor.to_json() for tensor in self.io]
         if self.build_seconds is not None:
             data["build_seconds"] = self.build_seconds
+        if self.refittable:
+            data["refittable"] = True
         return data
 
     @classmethod
@@ -193,6 +197,7 @@ class TensorRTEngineDetails:
                 default=None,
             ),
             build_seconds=fields.number("build_seconds", minimum=0, default=None),
+            refittable=fields.boolean("refittable") if fields.has("refittable") else False,
         )
 
 
