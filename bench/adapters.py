@@ -34,6 +34,8 @@ LCM_LORA_TARGETS = (
     "conv1", "conv2", "conv_shortcut", "time_emb_proj",
 )  # fmt: skip
 RANK = 64
+STYLE_RANK = 16  # a style LoRA's shape: rank 16 on the attention projections only
+STYLE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SIZE = 256  # px: the size the other CPU benchmarks time (switches, images)
 SIZES = (256, 512)  # per-call cost at both
 STEPS = 2
@@ -51,8 +53,9 @@ def rss_gb() -> float:
     return float("nan")
 
 
-def measure_backend(bundle: Path, adapter: Path, backend: str, cache: Path, mode: str) -> dict:
-    """One backend's numbers in one adapter mode (run in its own process: see main)."""
+def measure_backend(bundle: Path, adapter: Path, backend: str, cache: Path, mode: str, style: Path) -> dict:
+    """One backend's numbers in one adapter mode (run in its own process: see main); ``style``: a style-LoRA-shaped
+    adapter (rank 16, attention only) switched to from the LCM-LoRA-shaped one, and its cost per call."""
     import numpy as np
 
     from lcm_export.runtime import Pipeline
@@ -93,6 +96,10 @@ def measure_backend(bundle: Path, adapter: Path, backend: str, cache: Path, mode
     pipe.set_adapters({adapter: 1.0})
     switch_again = time.perf_counter() - started
     _, again_adapter = unet_seconds(SIZE)
+    started = time.perf_counter()
+    pipe.set_adapters({style: 1.0})
+    switch_style = time.perf_counter() - started
+    style_unet = unet_seconds(SIZE)[0]
     return {
         "backend": backend,
         "mode": pipe.adapter_state.modes.get("unet", mode),
@@ -105,7 +112,9 @@ def measure_backend(bundle: Path, adapter: Path, backend: str, cache: Path, mode
             "adapter_weight_change": switch_weight,
             "adapter_to_base": switch_off,
             "again": switch_again,
+            "to_style_adapter": switch_style,
         },
+        "unet_seconds_style_adapter": style_unet,
         "rss_gb": {
             "base": rss_base,
             "adapter": rss_adapter,
@@ -193,8 +202,8 @@ def int8_part(work: Path, python: str, env: dict, model: Path) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
-        bundle, adapter, backend, cache, mode = sys.argv[2:7]
-        print(json.dumps(measure_backend(Path(bundle), Path(adapter), backend, Path(cache), mode)))
+        bundle, adapter, backend, cache, mode, style = sys.argv[2:8]
+        print(json.dumps(measure_backend(Path(bundle), Path(adapter), backend, Path(cache), mode, Path(style))))
         return
     if len(sys.argv) > 2 and sys.argv[1] == "--measure-int8":
         print(json.dumps(measure_int8(*(Path(value) for value in sys.argv[2:5]))))
@@ -263,6 +272,13 @@ def main() -> None:
         env=env,
     )
     timings["adapter_seconds"] = time.perf_counter() - started
+    style_lora, style = work / f"lora-style-r{STYLE_RANK}.safetensors", work / f"style-r{STYLE_RANK}.adapter"
+    if not style_lora.is_file():
+        from lcm_export.exporter.tiny import build_tiny_lora
+
+        build_tiny_lora(style_lora, model, rank=STYLE_RANK, alpha=STYLE_RANK, target_modules=STYLE_TARGETS, seed=8)
+    command = [python, "-m", "lcm_export.exporter.cli", "adapter", str(style_lora), "--bundle", str(bundle)]
+    subprocess.run([*command, "--output", str(style), "--overwrite"], check=True, env=env)
     manifest = json.loads((bundle / "manifest.json").read_text())
     bundle_bytes = sum(entry["size"] for entry in manifest["files"])
     results = {
@@ -281,7 +297,7 @@ def main() -> None:
     for backend, mode in () if int8_only else RUNS:
         cache = work / f"cache-{backend}"
         command = [python, str(Path(__file__).resolve()), "--measure", str(bundle), str(adapter), backend, str(cache)]
-        run = subprocess.run([*command, mode], check=True, env=env, stdout=subprocess.PIPE, text=True)
+        run = subprocess.run([*command, mode, str(style)], check=True, env=env, stdout=subprocess.PIPE, text=True)
         results["backends"][f"{backend} {mode}"] = json.loads(run.stdout.strip().splitlines()[-1])
         print(json.dumps(results["backends"][f"{backend} {mode}"]), flush=True)
     results["int8"] = int8_part(work, python, env, model)
@@ -306,10 +322,12 @@ def section_lines(results: dict) -> list[str]:
         "at weight 1.",
         "",
         "| backend | adapter_mode | switch base -> adapter | weight 1 -> 0.5 | back to base | again | "
+        f"to a rank-{STYLE_RANK} attention adapter (U-Net/call {SIZE} px) | "
         + " | ".join(f"U-Net/call {size} px: base / adapter (cost)" for size in SIZES)
         + " | RSS base -> adapter (peak) |",
-        "|---|---|---|---|---|---|" + "---|" * len(SIZES) + "---|",
+        "|---|---|---|---|---|---|---|" + "---|" * len(SIZES) + "---|",
     ]
+    nan = float("nan")
     for entry in results["backends"].values():
         switch, rss = entry["switch_seconds"], entry["rss_gb"]
         calls = " | ".join(
@@ -320,6 +338,7 @@ def section_lines(results: dict) -> list[str]:
         lines.append(
             f"| {entry['backend']} | {entry['mode']} | {switch['base_to_adapter']:.2f} s | "
             f"{switch['adapter_weight_change']:.2f} s | {switch['adapter_to_base']:.2f} s | {switch['again']:.2f} s | "
+            f"{switch.get('to_style_adapter', nan):.2f} s ({entry.get('unet_seconds_style_adapter', nan):.3f} s) | "
             f"{calls} | {rss['base']:.1f} -> {rss['adapter']:.1f} GB ({rss['peak']:.1f}) |"
         )
     entries = results["backends"].values()
