@@ -5,10 +5,11 @@
  * switch keeps the one open session; an adapter made for another bundle, a bad adapterMode: one error naming it.
  */
 import assert from "node:assert/strict";
-import { readFileSync, writeFileSync } from "node:fs";
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
-import { AdapterError, Pipeline, UserError } from "../src/index.js";
+import { AdapterError, BundleError, Pipeline, UserError } from "../src/index.js";
 import { folder, read, maxAbs } from "./references.js";
 
 const TOLERANCE = 1e-4;
@@ -17,11 +18,12 @@ const results = {};
 const image = async (pipe, c) => (await pipe.generate("a cat", { numInferenceSteps: c.steps, seed: c.seed })).images[0].data;
 /**
  * The adapter modes each case runs in, and how each component then runs its adapters: a float variant's weights fed
- * as inputs ("auto" on fp32) or rebuilt; the INT8 bundle's U-Net rebuilt, its fp32 text encoder fed as inputs.
+ * as inputs ("auto" on fp32 and fp16) or rebuilt; the INT8 bundle's U-Net rebuilt, its fp32 text encoder as inputs.
  */
 const MODES = {
   fp32: { auto: { text_encoder: "inputs", unet: "inputs" }, rebuild: { text_encoder: "rebuild", unet: "rebuild" } },
   int8: { auto: { text_encoder: "inputs", unet: "rebuild" } },
+  fp16: { auto: { text_encoder: "inputs", unet: "inputs" }, rebuild: { text_encoder: "rebuild", unet: "rebuild" } },
 };
 
 describe("run-time adapters against the Python runtime", { skip: folder ? false : "LCM_EDGE_REFERENCES is not set (pytest tests/js sets it)" }, () => {
@@ -85,6 +87,27 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
     await pipe.setAdapters({ [c.adapter]: c.weight });
     assert.equal(pipe.sessions.unet, graphs.unet, "the weight-inputs session was kept through the base");
     assert.equal(maxAbs(await image(pipe, c), first), 0, "A -> 0.3 -> base -> A");
+  });
+
+  test("a weight-inputs graph is verified before it opens: a changed byte is a BundleError naming it", async () => {
+    const c = index.adapters.find((entry) => entry.name === "fp32");
+    const copy = join(mkdtempSync(join(tmpdir(), "lcm-edge-test-")), "bundle");
+    try {
+      cpSync(c.bundle, copy, { recursive: true });
+      const graph = join(copy, "unet", "model.weight-inputs.onnx");
+      const bytes = readFileSync(graph);
+      bytes[bytes.length >> 1] ^= 1;
+      writeFileSync(graph, bytes);
+      const pipe = await Pipeline.load(copy, { backend: "node", precision: c.name, verify: "full" }); // not opened yet
+      await assert.rejects(
+        pipe.setAdapters({ [c.adapter]: c.weight }),
+        (error) => error instanceof BundleError && /unet\/model\.weight-inputs\.onnx has sha256 .*the file is modified or corrupted$/.test(error.message),
+      );
+      assert.deepEqual(pipe.adapters, {});
+      assert.deepEqual(pipe.adapterModes, {});
+    } finally {
+      rmSync(join(copy, ".."), { recursive: true, force: true });
+    }
   });
 
   test("a bad adapterMode, adapterMode inputs on an INT8 variant: one line each", async () => {
