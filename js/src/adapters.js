@@ -371,10 +371,11 @@ export async function baseWeightInputs(read, map, variant) {
   const { bytesOf, files } = variantFiles(read, map, variant, false);
   /** @type {Record<string, WeightInput>} */
   const inputs = {};
-  const names = Object.keys(stored.tensors || {});
-  const byFile = [...new Set(names.map((name) => stored.tensors[name].file))];
-  for (const file of byFile) {
-    for (const name of names.filter((n) => stored.tensors[n].file === file)) {
+  /** @type {Map<string, string[]>} file -> the weights it holds */
+  const byFile = new Map();
+  for (const [name, where] of Object.entries(stored.tensors || {})) byFile.set(where.file, [...(byFile.get(where.file) || []), name]);
+  for (const [file, names] of byFile) {
+    for (const name of names) {
       const { where, what } = locate(map, stored, variant, name);
       if (!isFloat(where)) throw new AdapterError(`${what} is not a float weight: its weights cannot be fed as inputs (adapterMode "rebuild")`);
       const raw = locationBytes(await bytesOf(where.file), where, what);

@@ -322,7 +322,9 @@ export class Pipeline {
         const map = /** @type {any} */ (this.weightMaps)[component];
         const variant = this.variants[component].variant;
         fed[component] = null;
-        if (terms.length && (modes[component] = this.modeFor(component, map)) === "inputs") {
+        const mode = terms.length ? this.modeFor(component, map) : null;
+        if (mode) modes[component] = mode;
+        if (mode === "inputs") {
           sessions[component] = await this.weightInputsGraph(component, map);
           const stored = this.storedWeights[component] || (await baseWeightInputs((file) => this.source.read(file), map, variant));
           fed[component] = { stored, tensors: this.weightTensors(weightInputs(stored, map, variant, terms)) };
