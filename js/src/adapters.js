@@ -377,7 +377,7 @@ export async function baseWeightInputs(read, map, variant) {
   for (const [file, names] of byFile) {
     for (const name of names) {
       const { where, what } = locate(map, stored, variant, name);
-      if (!isFloat(where)) throw new AdapterError(`${what} is not a float weight: its weights cannot be fed as inputs (adapterMode "rebuild")`);
+      if (!isFloat(where)) throw new AdapterError(`${what} is not a float weight, so it cannot be fed as a graph input: pass adapterMode "rebuild" or re-export the bundle`);
       const raw = locationBytes(await bytesOf(where.file), where, what);
       inputs[where.name] = { dtype: where.dtype, data: where.dtype === "float16" ? new Uint16Array(raw) : new Float32Array(raw), dims: where.shape.map(Number) };
     }
