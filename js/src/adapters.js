@@ -2,19 +2,28 @@
  * Run-time adapters (docs/bundle-format.md, "Weight maps and adapter files"): LoRA styles made by `lcm-export
  * adapter` merged into the bundle's weights, W' = W + Σ λᵢ·upᵢ·downᵢ, always from the base bytes (so A -> base -> A
  * gives A's image exactly), on an INT8 variant dequantised, merged and requantised per output channel in the range
- * its recipe used. The merged values are written into copies of the files that hold them (the weight map says where:
- * file, offset, length); the pipeline opens new sessions on those bytes. The same checks as the Python runtime's
- * (lcm_export/runtime/adapters.py), with the same messages.
+ * its recipe used. Two ways to run the merged weights (`adapterMode`, as the Python runtime's `adapter_mode`):
+ *
+ * - "rebuild": the merged values are written into copies of the files that hold them (the weight map says where:
+ *   file, offset, length) and the pipeline opens new sessions on those bytes (patchedFiles).
+ * - "inputs": a float variant's weight-inputs graph (its mapped weights are graph inputs; the weight map's
+ *   `weight_inputs_graph`) is opened once and fed every mapped weight with every call: the merged ones for the layers
+ *   the adapters change, the stored ones for the rest (baseWeightInputs, weightInputs). A switch is the merge alone.
+ * - "auto" (the default): "inputs" where the backend, the variant and the bundle allow it, else "rebuild".
+ *
+ * Both modes merge with the same arithmetic (mergeFloat), so they give the same float32 values. The same checks as
+ * the Python runtime's (lcm_export/runtime/adapters.py), with the same messages.
  * @module
  */
 
-import { AdapterError } from "./errors.js";
+import { AdapterError, UserError } from "./errors.js";
 import { fromFloat16, toFloat16 } from "./backends.js";
 import { isNode } from "./source.js";
 
 export const WEIGHT_MAP_FORMAT = "lcm-export-weight-map";
 export const ADAPTER_FORMAT = "lcm-export-adapter";
 export const ADAPTER_VERSION = "1";
+export const ADAPTER_MODES = ["auto", "inputs", "rebuild"];
 const MAX_HEADER_BYTES = 100_000_000;
 const INT8_LEVELS = 127; // symmetric int8 weights in [-127, 127]; [-64, 64] with the recipe's reduce_range
 const INT8_REDUCED_LEVELS = 64;
@@ -34,6 +43,13 @@ const ELEMENT = { float32: 4, float16: 2, int8: 1, int32: 4, float64: 8 };
  * @property {string} file
  * @property {Array<{component: string, weight: string, down: Float32Array, up: Float32Array, rank: number}>} layers
  * @property {string[]} components
+ */
+
+/**
+ * @typedef {object} WeightInput   one graph input of a weight-inputs graph: a mapped weight in its stored dtype
+ * @property {"float32" | "float16"} dtype
+ * @property {Float32Array | Uint16Array} data   float16: the IEEE half bits
+ * @property {number[]} dims                     the ONNX shape (the initializer's)
  */
 
 /** The torch shape of a mapped weight: (out, in) or (out, in, kh, kw). */
@@ -200,6 +216,14 @@ export function checkAdapterWeights(adapters) {
   return entries.map(([file, weight]) => [String(file), weight]);
 }
 
+/** `adapterMode` checked: one of ADAPTER_MODES. @param {unknown} mode @returns {"auto" | "inputs" | "rebuild"} */
+export function checkAdapterMode(mode) {
+  if (typeof mode !== "string" || !ADAPTER_MODES.includes(mode)) {
+    throw new UserError(`adapterMode=${JSON.stringify(mode) ?? String(mode)}: pick one of ${ADAPTER_MODES.join(", ")}`);
+  }
+  return /** @type {"auto" | "inputs" | "rebuild"} */ (mode);
+}
+
 /** The bytes of an adapter file: a path (Node) or a URL. @param {string} file */
 export async function readAdapterFile(file) {
   try {
@@ -221,24 +245,32 @@ export function int8WeightLevels(producedBy) {
   return producedBy?.recipe?.reduce_range === true ? INT8_REDUCED_LEVELS : INT8_LEVELS;
 }
 
-/** Read/write little-endian values of `dtype` at `offset` of `bytes` as float64 numbers. */
-function readValues(bytes, where, what) {
+/** A copy (aligned) of the bytes of the tensor at `where` of `bytes`, its location checked against its shape. */
+function locationBytes(bytes, where, what) {
   const count = product(where.shape || []);
   const size = ELEMENT[where.dtype];
   if (!size || count * size !== where.length || where.offset < 0 || where.offset + where.length > bytes.length) {
     throw new AdapterError(`${what}: its weight map's location does not fit its shape: re-export the bundle`);
   }
-  const raw = bytes.slice(where.offset, where.offset + where.length).buffer;
+  return bytes.slice(where.offset, where.offset + where.length).buffer;
+}
+
+/** Read/write little-endian values of `dtype` at `offset` of `bytes` as float64 numbers. */
+function readValues(bytes, where, what) {
+  const raw = locationBytes(bytes, where, what);
   if (where.dtype === "float16") return Float64Array.from(fromFloat16(new Uint16Array(raw)));
   const Typed = { float32: Float32Array, int8: Int8Array, int32: Int32Array, float64: Float64Array }[where.dtype];
   return Float64Array.from(new Typed(raw));
 }
 
+/** `values` in the stored encoding of `dtype`: what the patched bytes hold and a weight input is fed. */
+function encodeValues(dtype, values) {
+  if (dtype === "float16") return toFloat16(Float32Array.from(values));
+  return new ({ float32: Float32Array, int8: Int8Array, int32: Int32Array, float64: Float64Array }[dtype])(values);
+}
+
 function writeValues(bytes, where, values) {
-  let encoded;
-  if (where.dtype === "float16") encoded = toFloat16(Float32Array.from(values));
-  else encoded = new ({ float32: Float32Array, int8: Int8Array, int32: Int32Array, float64: Float64Array }[where.dtype])(values);
-  bytes.set(new Uint8Array(encoded.buffer), where.offset);
+  bytes.set(new Uint8Array(encodeValues(where.dtype, values).buffer), where.offset);
 }
 
 /** Σ λ·up·down in the ONNX layout of `mapped` (float32 values held in a Float64Array). */
@@ -264,17 +296,23 @@ function delta(mapped, terms) {
   return transposed;
 }
 
-/**
- * The bytes of the files of `variant` that the `active` adapters change: bundle path -> patched copy.
- * @param {(path: string) => Promise<Uint8Array>} read  the base bytes of a bundle file
- * @param {WeightMap} map @param {any} variant @param {Array<[Adapter, number]>} active
- * @returns {Promise<Map<string, Uint8Array>>}
- */
-export async function patchedFiles(read, map, variant, active) {
+/** The stored float32/float16 weight of a float variant (else an INT8 weight with its scales). */
+const isFloat = (where) => where.dtype === "float32" || where.dtype === "float16";
+
+/** The weight map's entry of `variant` (a choice of the pipeline), or an AdapterError. @param {WeightMap} map */
+function storedVariant(map, variant) {
   const stored = map.variants[variant.name];
   if (!stored) {
     throw new AdapterError(`the ${map.component} variant '${variant.name}' is not in its weight map: load another variant (precision "fp32") or re-export the bundle`);
   }
+  return stored;
+}
+
+/**
+ * The layers of `map.component` the `active` adapters change, by weight name: [[λ, layer], …] (λ = 0 left out).
+ * @param {WeightMap} map @param {Array<[Adapter, number]>} active @returns {Map<string, Array<[number, any]>>}
+ */
+function termsByWeight(map, active) {
   /** @type {Map<string, Array<[number, any]>>} */
   const terms = new Map();
   for (const [adapter, weight] of active) {
@@ -284,28 +322,109 @@ export async function patchedFiles(read, map, variant, active) {
       /** @type {any} */ (terms.get(layer.weight)).push([weight, layer]);
     }
   }
+  return terms;
+}
+
+/** Where weight `name` is in the variant, and how messages name it. */
+function locate(map, stored, variant, name) {
+  const mapped = map.weights[name];
+  const where = stored.tensors?.[name];
+  const what = `${map.component} weight '${name}' (${mapped?.module}) of variant '${variant.name}'`;
+  if (!where) throw new AdapterError(`${what} is not adaptable (its weight map has no location): load precision "fp32"`);
+  return { mapped, where, what };
+}
+
+/** A reader of the variant's files that checks each is one of them; `copy`: a copy to patch. */
+function variantFiles(read, map, variant, copy) {
   /** @type {Map<string, Uint8Array>} */
   const files = new Map();
   const bytesOf = async (file) => {
     if (!variant.files.includes(file)) throw new AdapterError(`${map.component}: its weight map names '${file}', which is not a file of variant '${variant.name}': re-export`);
-    if (!files.has(file)) files.set(file, Uint8Array.from(await read(file)));
+    if (!files.has(file)) files.set(file, copy ? Uint8Array.from(await read(file)) : await read(file));
     return /** @type {Uint8Array} */ (files.get(file));
   };
+  return { files, bytesOf };
+}
+
+/**
+ * W' = W + Σ λ·up·down of one float weight: `base` its stored values (float64 numbers holding float32 or float16
+ * values), each sum rounded to float32 (Math.fround) as the Python runtime's float32 arithmetic does. Both modes
+ * use it: "rebuild" writes the result into the file's bytes, "inputs" feeds it.
+ * @returns {Float64Array} float32 values
+ */
+function mergeFloat(base, mapped, terms, component, name) {
+  const change = delta(mapped, terms);
+  const merged = base.map((value, i) => Math.fround(Math.fround(value) + change[i]));
+  checkMerged(merged, component, name);
+  return merged;
+}
+
+/**
+ * The stored value of every mapped weight of float `variant`, as its weight-inputs graph takes them: initializer
+ * name -> WeightInput, each file read once (the base weights the untouched layers are fed).
+ * @param {(path: string) => Promise<Uint8Array>} read  the base bytes of a bundle file
+ * @param {WeightMap} map @param {any} variant
+ * @returns {Promise<Record<string, WeightInput>>}
+ */
+export async function baseWeightInputs(read, map, variant) {
+  const stored = storedVariant(map, variant);
+  const { bytesOf, files } = variantFiles(read, map, variant, false);
+  /** @type {Record<string, WeightInput>} */
+  const inputs = {};
+  /** @type {Map<string, string[]>} file -> the weights it holds */
+  const byFile = new Map();
+  for (const [name, where] of Object.entries(stored.tensors || {})) byFile.set(where.file, [...(byFile.get(where.file) || []), name]);
+  for (const [file, names] of byFile) {
+    for (const name of names) {
+      const { where, what } = locate(map, stored, variant, name);
+      if (!isFloat(where)) throw new AdapterError(`${what} is not a float weight, so it cannot be fed as a graph input: pass adapterMode "rebuild" or re-export the bundle`);
+      const raw = locationBytes(await bytesOf(where.file), where, what);
+      inputs[where.name] = { dtype: where.dtype, data: where.dtype === "float16" ? new Uint16Array(raw) : new Float32Array(raw), dims: where.shape.map(Number) };
+    }
+    files.delete(file); // one file's bytes at a time
+  }
+  return inputs;
+}
+
+/**
+ * Every graph input of float `variant`'s weight-inputs graph with the `active` adapters: the merged weight for each
+ * layer they change (the same values patchedFiles writes), `base` (from baseWeightInputs) for the others.
+ * @param {Record<string, WeightInput>} base
+ * @param {WeightMap} map @param {any} variant @param {Array<[Adapter, number]>} active
+ * @returns {Record<string, WeightInput>}
+ */
+export function weightInputs(base, map, variant, active) {
+  const stored = storedVariant(map, variant);
+  const inputs = { ...base };
+  for (const [name, layerTerms] of termsByWeight(map, active)) {
+    const { mapped, where, what } = locate(map, stored, variant, name);
+    const given = base[where.name];
+    if (!given || !isFloat(where)) throw new AdapterError(`${what} is not a weight input of its graph: re-export the bundle`);
+    const values = Float64Array.from(given.dtype === "float16" ? fromFloat16(/** @type {Uint16Array} */ (given.data)) : given.data);
+    inputs[where.name] = { ...given, data: encodeValues(where.dtype, mergeFloat(values, mapped, layerTerms, map.component, where.name)) };
+  }
+  return inputs;
+}
+
+/**
+ * The bytes of the files of `variant` that the `active` adapters change: bundle path -> patched copy.
+ * @param {(path: string) => Promise<Uint8Array>} read  the base bytes of a bundle file
+ * @param {WeightMap} map @param {any} variant @param {Array<[Adapter, number]>} active
+ * @returns {Promise<Map<string, Uint8Array>>}
+ */
+export async function patchedFiles(read, map, variant, active) {
+  const stored = storedVariant(map, variant);
+  const { files, bytesOf } = variantFiles(read, map, variant, true);
   const levels = int8WeightLevels(variant.produced_by);
-  for (const [name, layerTerms] of terms) {
-    const mapped = map.weights[name];
-    const where = stored.tensors?.[name];
-    const what = `${map.component} weight '${name}' (${mapped.module}) of variant '${variant.name}'`;
-    if (!where) throw new AdapterError(`${what} is not adaptable (its weight map has no location): load precision "fp32"`);
-    const change = delta(mapped, layerTerms);
+  for (const [name, layerTerms] of termsByWeight(map, active)) {
+    const { mapped, where, what } = locate(map, stored, variant, name);
     const bytes = await bytesOf(where.file);
-    const base = readValues(bytes, where, what);
-    if (where.dtype === "float32" || where.dtype === "float16") {
-      const merged = base.map((value, i) => Math.fround(Math.fround(value) + change[i]));
-      checkMerged(merged, map.component, where.name);
-      writeValues(bytes, where, merged);
+    if (isFloat(where)) {
+      writeValues(bytes, where, mergeFloat(readValues(bytes, where, what), mapped, layerTerms, map.component, where.name));
       continue;
     }
+    const change = delta(mapped, layerTerms);
+    const base = readValues(bytes, where, what);
     // INT8: dequantise, merge in float, requantise per channel in the recipe's range; the bias follows the scales.
     const scaleBytes = await bytesOf(where.scale.file);
     const oldScale = readValues(scaleBytes, where.scale, what).map(Math.fround);

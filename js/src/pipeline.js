@@ -8,7 +8,16 @@
  * @module
  */
 
-import { checkAdapter, checkAdapterWeights, patchedFiles, readAdapterFile, readWeightMaps } from "./adapters.js";
+import {
+  baseWeightInputs,
+  checkAdapter,
+  checkAdapterMode,
+  checkAdapterWeights,
+  patchedFiles,
+  readAdapterFile,
+  readWeightMaps,
+  weightInputs,
+} from "./adapters.js";
 import { openBackend } from "./backends.js";
 import { AdapterError, BundleError, NonFiniteError, UserError } from "./errors.js";
 import { loadManifest, strengthKey, verifyUsedFiles, VERIFY_MODES } from "./manifest.js";
@@ -142,6 +151,9 @@ function perControlNet(name, value, count, low, high) {
   return values;
 }
 
+/** The backends whose sessions can take their weights as inputs with every call (adapterMode "inputs"). */
+const WEIGHT_INPUT_BACKENDS = ["node", "wasm"];
+
 /** Remove a temporary folder of adapted files (Node). @param {string} folder */
 async function removeFolder(folder) {
   const fs = await import("node:fs/promises");
@@ -193,6 +205,17 @@ export class Pipeline {
     this.activeAdapters = [];
     /** @type {Record<string, import("./adapters.js").WeightMap> | null} read on the first setAdapters */
     this.weightMaps = null;
+    /** @type {"auto" | "inputs" | "rebuild"} how adapters run, as asked at load (adapterModes: as they run) */
+    this.adapterMode = "auto";
+    /** @private @type {Record<string, "inputs" | "rebuild">} component -> how its active adapters run */
+    this.modes = {};
+    /** @private @type {Record<string, any>} component -> its weight-inputs graph's session (opened once, kept) */
+    this.weightGraphs = {};
+    /** @private @type {Record<string, Record<string, import("./adapters.js").WeightInput>>} the stored weights a
+     * component in "inputs" mode is fed for the layers no adapter changes (read once, kept while it runs so) */
+    this.storedWeights = {};
+    /** @private @type {Record<string, Record<string, any>>} component -> the weight tensors every call feeds */
+    this.fedWeights = {};
     /** @private calls running (a weight swap waits for them) and what waits for none to run */
     this.running = 0;
     /** @private @type {Array<() => void>} */
@@ -211,11 +234,16 @@ export class Pipeline {
    * @param {string | URL} location a bundle folder (Node) or base URL
    * @param {{backend?: "auto" | "node" | "wasm" | "webgpu", precision?: "auto" | "fp32" | "fp16" | "int8",
    *          verify?: "full" | "cached" | "size", cacheDir?: string, threads?: number, sessionOptions?: object,
-   *          adapters?: Record<string, number>}} [options]  adapters: {file: weight} made by lcm-export adapter (see setAdapters)
+   *          adapters?: Record<string, number>, adapterMode?: "auto" | "inputs" | "rebuild"}} [options]
+   *   adapters: {file: weight} made by lcm-export adapter (see setAdapters); adapterMode: how they run: "inputs" (the
+   *   weights fed with every call to one session kept open: a switch is the merge alone; node and wasm, float
+   *   variants), "rebuild" (merged into a new session per switch: no cost per call) or "auto" (the default: "inputs"
+   *   where it runs, else "rebuild")
    * @returns {Promise<Pipeline>}
    */
   static async load(location, options = {}) {
-    const { backend = "auto", precision = "auto", verify = "cached", cacheDir, threads, sessionOptions, adapters } = options;
+    const { backend = "auto", precision = "auto", verify = "cached", cacheDir, threads, sessionOptions, adapters, adapterMode = "auto" } = options;
+    checkAdapterMode(adapterMode);
     if (adapters !== undefined) checkAdapterWeights(adapters);
     if (!VERIFY_MODES.includes(verify)) throw new UserError(`verify=${JSON.stringify(verify)}: pick one of ${VERIFY_MODES.join(", ")}`);
     checkVariant(precision);
@@ -225,6 +253,7 @@ export class Pipeline {
     const manifest = await loadManifest(source, verify, new Set());
     const pipe = new Pipeline(source, manifest, opened, precision);
     pipe.verify = verify;
+    pipe.adapterMode = adapterMode;
     const encoders = manifest.conditioning.text_encoders.map((e) => e.component);
     const controlnets = manifest.controlnet ? manifest.controlnet.models.map((model) => model.component) : [];
     const needed = [...encoders, "unet", ...controlnets, "vae_decoder"];
@@ -251,8 +280,10 @@ export class Pipeline {
   /**
    * Run the next calls with these adapters (files from `lcm-export adapter`, paths in Node or URLs) at these
    * weights, mixed: W + Σ λᵢ·Bᵢ·Aᵢ, always merged from the base weights (`{}`: the base). Every file and weight is
-   * checked first (an AdapterError naming the file); the components they change get new sessions, swapped in when
-   * no call is running (a call in progress finishes on the weights it started with).
+   * checked first (an AdapterError naming the file); the components they change get their new weights, swapped in
+   * when no call is running (a call in progress finishes on the weights it started with): in "inputs" mode the
+   * merged weights their weight-inputs graph's session (opened once) is fed, in "rebuild" mode new sessions on the
+   * patched bytes; back to the base (`{}`), a component's own session again (adapterModes says which runs).
    * @param {Record<string, number> | Map<string, number>} adapters
    * @returns {Promise<void>}
    */
@@ -275,30 +306,46 @@ export class Pipeline {
     const touched = new Set([...this.activeAdapters, ...wanted].flatMap(([adapter]) => adapter.components));
     const sessions = {};
     const folders = {};
+    /** @type {Record<string, {stored: Record<string, any>, tensors: Record<string, any>} | null>} "inputs" mode */
+    const fed = {};
+    /** @type {Record<string, "inputs" | "rebuild">} */
+    const modes = {};
+    const created = []; // the sessions opened here (a weight-inputs graph's is kept even when this call fails)
+    const release = async () => {
+      for (const session of created) await /** @type {any} */ (session).release?.();
+      for (const folder of Object.values(folders)) await removeFolder(folder);
+    };
     try {
       for (const component of [...touched].sort()) {
         if (!this.sessions[component]) continue; // a component not open (the VAE encoder before img2img)
         const terms = wanted.filter(([adapter]) => adapter.components.includes(component));
-        let patched = new Map();
-        if (terms.length) {
-          const map = /** @type {any} */ (this.weightMaps)[component];
-          patched = await patchedFiles((file) => this.source.read(file), map, this.variants[component].variant, terms);
+        const map = /** @type {any} */ (this.weightMaps)[component];
+        const variant = this.variants[component].variant;
+        fed[component] = null;
+        const mode = terms.length ? this.modeFor(component, map) : null;
+        if (mode) modes[component] = mode;
+        if (mode === "inputs") {
+          sessions[component] = await this.weightInputsGraph(component, map);
+          const stored = this.storedWeights[component] || (await baseWeightInputs((file) => this.source.read(file), map, variant));
+          fed[component] = { stored, tensors: this.weightTensors(weightInputs(stored, map, variant, terms)) };
+          continue;
         }
+        let patched = new Map();
+        if (terms.length) patched = await patchedFiles((file) => this.source.read(file), map, variant, terms);
         const [session, folder] = await this.createSession(component, patched);
+        created.push(session);
         sessions[component] = session;
         if (folder) folders[component] = folder;
       }
     } catch (error) {
-      for (const session of Object.values(sessions)) await /** @type {any} */ (session).release?.();
-      for (const folder of Object.values(folders)) await removeFolder(folder);
+      await release();
       throw error;
     }
     while (this.running) await new Promise((resolve) => this.idleWaiters.push(resolve));
     try {
       this.refuseFramesInFlight(); // again, now that no push runs
     } catch (error) {
-      for (const session of Object.values(sessions)) await /** @type {any} */ (session).release?.();
-      for (const folder of Object.values(folders)) await removeFolder(folder);
+      await release();
       throw error;
     }
     const old = Object.keys(sessions).map((name) => [this.sessions[name], this.adaptedFolders[name]]);
@@ -306,13 +353,77 @@ export class Pipeline {
       this.sessions[name] = sessions[name];
       if (folders[name]) this.adaptedFolders[name] = folders[name];
       else delete this.adaptedFolders[name];
+      const weights = fed[name];
+      if (weights) {
+        this.fedWeights[name] = weights.tensors;
+        this.storedWeights[name] = weights.stored;
+      } else {
+        delete this.fedWeights[name];
+        delete this.storedWeights[name]; // back to a session holding its weights: the copy is not needed
+      }
+      if (modes[name]) this.modes[name] = modes[name];
+      else delete this.modes[name];
     }
     this.activeAdapters = wanted;
     this.weightsVersion += 1;
+    const kept = new Set([...Object.values(this.sessions), ...Object.values(this.weightGraphs)]);
     for (const [session, folder] of old) {
-      await session?.release?.();
+      if (!kept.has(session)) await session?.release?.();
       if (folder) await removeFolder(folder);
     }
+  }
+
+  /**
+   * How `component`'s adapters run: "inputs" where adapterMode allows it and the backend (node, wasm), the variant
+   * (float) and the bundle (a weight-inputs graph) do, else "rebuild"; adapterMode "inputs" where one of them does
+   * not is an AdapterError saying which (as the Python runtime's AdapterState.mode_for).
+   * @private @param {string} component @param {import("./adapters.js").WeightMap} map
+   * @returns {"inputs" | "rebuild"}
+   */
+  modeFor(component, map) {
+    const variant = this.variants[component].variant;
+    const stored = map.variants[variant.name] || {};
+    let missing = null;
+    if (!WEIGHT_INPUT_BACKENDS.includes(this.backend)) {
+      missing = `backend "${this.backend}" runs adapters by rebuilding its sessions (it would upload every weight with every call): load with backend "node" or "wasm"`;
+    } else if (!["fp32", "fp16"].includes(variant.precision)) {
+      missing = `the ${component} runs an ${variant.precision} variant: load with precision "fp32"`;
+    } else if (typeof stored.weight_inputs_graph !== "string") {
+      missing = `the bundle has no weight-inputs graph for its ${component}: re-export it`;
+    }
+    if (missing === null && this.adapterMode !== "rebuild") return "inputs";
+    if (this.adapterMode === "inputs") throw new AdapterError(`adapterMode="inputs": ${missing}, or pass adapterMode "auto"`);
+    return "rebuild";
+  }
+
+  /**
+   * The session of `component`'s weight-inputs graph (bundle-format.md, "Weight maps and adapter files"), opened
+   * once (its file's sha256 checked first, as every opened file's) and kept while the pipeline lives.
+   * @private @param {string} component @param {import("./adapters.js").WeightMap} map
+   */
+  async weightInputsGraph(component, map) {
+    if (this.weightGraphs[component]) return this.weightGraphs[component];
+    const variant = this.variants[component].variant;
+    const graph = map.variants[variant.name].weight_inputs_graph;
+    const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
+    if (!this.manifest.files.some((entry) => entry.path === graph) || !graph.startsWith(folder) || graph.slice(folder.length).includes("/")) {
+      throw new AdapterError(`weight map '${map.path}' names '${graph}', which the manifest does not list beside ${variant.path}: re-export the bundle`);
+    }
+    const [session, temporary] = await this.createSession(component, new Map(), graph);
+    this.weightGraphs[component] = session;
+    if (temporary) this.adaptedFolders[`${component}.weight-inputs`] = temporary; // kept with the session
+    return session;
+  }
+
+  /** @private: weight inputs as the backend's tensors, made once per switch and fed with every call */
+  weightTensors(inputs) {
+    const ort = this.backendImpl.ort;
+    return Object.fromEntries(Object.entries(inputs).map(([name, input]) => [name, new ort.Tensor(input.dtype, input.data, input.dims)]));
+  }
+
+  /** How each component with active adapters runs them, {component: "inputs" | "rebuild"} ({} on the base). */
+  get adapterModes() {
+    return { ...this.modes };
   }
 
   /** @private: a step-batched stream's frames in flight started on the current weights and must end on them */
@@ -365,37 +476,41 @@ export class Pipeline {
 
   /**
    * A session of `name` on its chosen variant, `patched` (bundle path -> bytes) replacing those files' bytes
-   * (run-time adapters). onnxruntime-node reads external data from beside a model path only: patched files of a
-   * model with external data are written to a temporary folder (returned, removed when the session is replaced).
-   * @private @param {string} name @param {Map<string, Uint8Array>} patched
+   * (run-time adapters "rebuild"), or on the graph at bundle path `graph` instead of the variant's .onnx with the
+   * variant's external data (its weight-inputs graph, beside it). onnxruntime-node reads external data from beside
+   * a model path only: patched files of a model with external data are written to a temporary folder (returned,
+   * removed when the session is replaced).
+   * @private @param {string} name @param {Map<string, Uint8Array>} patched @param {string} [graph]
    * @returns {Promise<[any, string | null]>}
    */
-  async createSession(name, patched) {
+  async createSession(name, patched, graph) {
     const variant = this.variants[name].variant;
     const source = this.source;
-    await verifyUsedFiles(this.manifest, source, this.verify, variant.files);
+    const modelPath = graph ?? variant.path;
+    const external = variant.files.filter((file) => file !== variant.path);
+    const files = [modelPath, ...external];
+    await verifyUsedFiles(this.manifest, source, this.verify, files);
     let model;
     let temporary = null;
     const externalData = [];
     const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
-    const external = variant.files.filter((file) => file !== variant.path);
-    if (this.backend === "node" && source.resolve && !patched.size) model = await source.resolve(variant.path);
-    else if (this.backend === "node" && !external.length) model = patched.get(variant.path) || (await source.read(variant.path));
+    if (this.backend === "node" && source.resolve && !patched.size) model = await source.resolve(modelPath);
+    else if (this.backend === "node" && !external.length) model = patched.get(modelPath) || (await source.read(modelPath));
     else if (this.backend === "node") {
       const fs = await import("node:fs/promises");
       const path = await import("node:path");
       const os = await import("node:os");
       temporary = await fs.mkdtemp(path.join(os.tmpdir(), "lcm-edge-adapter-"));
-      for (const file of variant.files) {
+      for (const file of files) {
         const target = path.join(temporary, ...file.slice(folder.length).split("/"));
         await fs.mkdir(path.dirname(target), { recursive: true });
         if (patched.has(file)) await fs.writeFile(target, /** @type {Uint8Array} */ (patched.get(file)));
         else if (source.resolve) await fs.symlink(await source.resolve(file), target);
         else await fs.writeFile(target, await source.read(file));
       }
-      model = path.join(temporary, ...variant.path.slice(folder.length).split("/"));
+      model = path.join(temporary, ...modelPath.slice(folder.length).split("/"));
     } else {
-      model = patched.get(variant.path) || (await source.read(variant.path));
+      model = patched.get(modelPath) || (await source.read(modelPath));
       for (const file of external) {
         externalData.push({ path: file.slice(folder.length), data: patched.get(file) || (await source.read(file)) });
       }
@@ -405,21 +520,21 @@ export class Pipeline {
       session = await this.backendImpl.createSession(model, externalData);
     } catch (error) {
       if (temporary) await removeFolder(temporary);
-      throw new BundleError(`BUNDLE '${source.description}': ${variant.path} does not open on ${this.backend}: ${error.message}`);
+      throw new BundleError(`BUNDLE '${source.description}': ${modelPath} does not open on ${this.backend}: ${error.message}`);
     }
-    if (source.bytes) for (const file of variant.files) source.bytes.delete(file);
+    if (source.bytes) for (const file of files) source.bytes.delete(file);
     return [session, temporary];
   }
 
   /**
    * Run a component: feeds {name: [dtype, data, dims]} with float data as Float32Array (cast to the variant's
-   * io_dtype here); returns the requested outputs as Float32Array.
+   * io_dtype here), and in adapterMode "inputs" its weights; returns the requested outputs as Float32Array.
    * @private
    */
   async run(name, feeds, outputs) {
     const ort = this.backendImpl.ort;
     const ioDtype = this.variants[name].variant.io_dtype;
-    const tensors = {};
+    const tensors = { ...this.fedWeights[name] };
     for (const [input, [dtype, data, dims]] of Object.entries(feeds)) {
       if (dtype === "float32" && ioDtype === "float16") tensors[input] = new ort.Tensor("float16", toFloat16(data), dims);
       else tensors[input] = new ort.Tensor(dtype, data, dims);
