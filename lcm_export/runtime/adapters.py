@@ -19,8 +19,9 @@ Two ways to run the merged weights (``adapter_mode``, measured in docs/design-no
 - ``"inputs"``: the float variant's *weight-inputs graph* (the same graph with every mapped weight a graph input,
   written by the export beside the variant) runs with the weights fed at every call: the merged ones for the layers
   the adapters touch, the stored ones (memory-mapped from the bundle) for the rest. A switch is the merge alone and
-  the session stays open (about 1 s at SD1.5's size), for a few % per call (the backend cannot pre-pack or re-lay
-  out weights it does not know at load). onnxruntime, float variants.
+  the session stays open (at SD1.5's size on two cores: 5 s for a rank-64 adapter on every layer, a fraction of
+  that for a rank-16 attention LoRA), for a few % per call (the backend cannot pre-pack or re-lay out weights it
+  does not know at load: +8% at 256 px, +5% at 512). onnxruntime, float variants.
 - ``"rebuild"``: the merged weights replace the initializers and a new, fully optimised session opens (onnxruntime:
   ``add_external_initializers``; OpenVINO: constants replaced before compiling): no cost per call, tens of seconds
   per switch at SD1.5's size. OpenVINO (its CPU kernels run 2.8x slower with weights as inputs) and INT8 variants.
@@ -551,7 +552,7 @@ class AdapterState:
         # path -> (file status, adapter): the last LOADED_ADAPTERS_KEPT read, checked once
         self._loaded: OrderedDict[str, tuple[tuple, Adapter]] = OrderedDict()
         self.active: tuple[tuple[Adapter, float], ...] = ()
-        self.modes: dict[str, str] = {}  # component -> how its adapters run now ("inputs" or "rebuild")
+        self.modes: dict[str, str] = {}  # adapted component -> how its adapters run now ("inputs" or "rebuild")
 
     @property
     def weight_maps(self) -> dict[str, WeightMap]:
@@ -581,6 +582,7 @@ class AdapterState:
             terms = [(adapter, weight) for adapter, weight in wanted if component in adapter.components]
             if not terms:
                 sessions[component] = denoiser.new_session(component)  # back to the base weights
+                self.modes.pop(component, None)
                 continue
             variant = denoiser.variants[component]
             weight_map = self.weight_maps[component]

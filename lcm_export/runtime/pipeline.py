@@ -160,9 +160,9 @@ class Pipeline:
         - ``low_memory``: give each stage's working memory back after it runs (lower peak, somewhat slower).
         - ``adapters``: {adapter file: weight} applied at load (see :meth:`set_adapters`).
         - ``adapter_mode``: how adapters run: "auto" (the default), "inputs" (the weights fed with every call: a
-          switch takes about a second, each call a few % more; onnxruntime, float variants) or "rebuild" (merged
-          into a new optimised session: no cost per call, a switch takes as long as a load). See
-          :mod:`lcm_export.runtime.adapters`.
+          switch is the merge, seconds at most, each call a few % slower; onnxruntime, float variants) or
+          "rebuild" (merged into a new optimised session: no cost per call, a switch takes as long as a load).
+          See :mod:`lcm_export.runtime.adapters`.
         """
         check_variant(variant)
         check_adapter_mode(adapter_mode)
