@@ -208,8 +208,8 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--measure-int8":
         print(json.dumps(measure_int8(*(Path(value) for value in sys.argv[2:5]))))
         return
-    int8_only = "--int8-only" in sys.argv
-    sys.argv = [value for value in sys.argv if value != "--int8-only"]
+    int8_only, switch_only = "--int8-only" in sys.argv, "--switch-only" in sys.argv
+    sys.argv = [value for value in sys.argv if value not in ("--int8-only", "--switch-only")]
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/benchwork/adapters")
     work.mkdir(parents=True, exist_ok=True)
     python = sys.executable
@@ -291,7 +291,7 @@ def main() -> None:
         **timings,
         "backends": {},
     }
-    previous = json.loads((BENCH_DIR / "adapters-results.json").read_text()) if int8_only else {}
+    previous = json.loads((BENCH_DIR / "adapters-results.json").read_text()) if int8_only or switch_only else {}
     if int8_only:  # keep the switch measurements of the last full run
         results["backends"] = previous.get("backends", {})
     for backend, mode in () if int8_only else RUNS:
@@ -300,7 +300,10 @@ def main() -> None:
         run = subprocess.run([*command, mode, str(style)], check=True, env=env, stdout=subprocess.PIPE, text=True)
         results["backends"][f"{backend} {mode}"] = json.loads(run.stdout.strip().splitlines()[-1])
         print(json.dumps(results["backends"][f"{backend} {mode}"]), flush=True)
-    results["int8"] = int8_part(work, python, env, model)
+    if switch_only and "int8" in previous:  # keep the INT8 part of the last full run
+        results["int8"] = previous["int8"]
+    else:
+        results["int8"] = int8_part(work, python, env, model)
     print(json.dumps(results["int8"]), flush=True)
     results["machine"] = common.machine_info()
     lines = section_lines(results)
