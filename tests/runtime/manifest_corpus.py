@@ -149,7 +149,10 @@ def candidates(document: dict[str, Any], path: NodePath, bundle_files: list[str]
         result["bogus"] = replaced(document, path, "bogus")
         result["upper-case"] = replaced(document, path, value.upper()) if value.upper() != value else None
         if "/" in value or value.endswith((".json", ".onnx")):
-            other = bundle_files[(bundle_files.index(value) + 1) % len(bundle_files)] if value in bundle_files else None
+            # another file of the bundle, not a graph of the same component (a weight-inputs graph beside a model
+            # is a valid ONNX variant path of its own kind: a run, not the manifest, finds its inputs differ)
+            others = [file for file in bundle_files if not file.endswith(".weight-inputs.onnx")]
+            other = others[(others.index(value) + 1) % len(others)] if value in others else None
             for kind, new in (
                 ("absolute", "/etc/hostname"),
                 ("dot-dot", f"../other/{value}"),

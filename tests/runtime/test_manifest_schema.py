@@ -38,6 +38,7 @@ BUNDLE_FORMAT = REPOSITORY / "docs" / "bundle-format.md"
 BEYOND_THE_SCHEMA: dict[tuple[str, str], str] = {
     ("*", "duplicate-key"): "X1",  # a key twice in one object (JSON.parse keeps the last)
     ("files[*].path", "other-file"): "X2",  # two entries for one path
+    ("components.*.variants", "duplicate-entry"): "X2",  # (format, name) twice among a component's variants
     # a variant's path no longer among its files (the next file is the component's weights.json, in its folder)
     ("components.*.variants[*].files[*]", "other-file"): "X4",
     ("scheduler.tables.*", "*"): "X6",  # column lengths, the next-step columns, the identities
