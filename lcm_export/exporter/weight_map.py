@@ -50,16 +50,19 @@ def weight_fingerprints(module: Any, fp16: bool = False) -> dict[str, tuple[str,
     found: dict[str, tuple[str, str, str] | None] = {}
     for name, layer in module.named_modules():
         if isinstance(layer, torch.nn.Linear):
-            weight = layer.weight.detach().float().numpy()  # (out, in)
-            candidates = [(weight, "linear", "same"), (weight.T, "linear", "transposed")]
+            kind, layouts = "linear", ("same", "transposed")  # (out, in), or as the ONNX may hold it, (in, out)
         elif isinstance(layer, torch.nn.Conv2d) and layer.groups == 1:
-            candidates = [(layer.weight.detach().float().numpy(), "conv", "same")]  # (out, in, kh, kw)
+            kind, layouts = "conv", ("same",)  # (out, in, kh, kw)
         else:
             continue
-        for values, kind, layout in candidates:
+        weight = layer.weight.detach().float().numpy()
+        half = _as_float16(weight) if fp16 else None  # elementwise: converted once, transposed as a view
+        for layout in layouts:
+            values = weight.T if layout == "transposed" else weight
             keys = [f"{values.shape}:{_digest(values)}"]
-            if fp16:
-                keys.append(f"{values.shape}:f16:{_digest(_as_float16(values))}")
+            if half is not None:
+                halves = half.T if layout == "transposed" else half
+                keys.append(f"{halves.shape}:f16:{_digest(halves)}")
             for key in keys:
                 found[key] = None if key in found else (name, kind, layout)
     return {key: value for key, value in found.items() if value is not None}

@@ -204,6 +204,11 @@ class AdapterLayer:
     down: np.ndarray
     up: np.ndarray
 
+    @functools.cached_property
+    def delta_peak(self) -> float:
+        """An upper bound of max|up·down|: r·max|up|·max|down| (computed once per loaded adapter)."""
+        return self.up.shape[1] * float(np.abs(self.up).max(initial=0)) * float(np.abs(self.down).max(initial=0))
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -322,13 +327,7 @@ def _float_delta(mapped: MappedWeight, terms: list[tuple[float, AdapterLayer]]) 
 
 def _delta_bound(terms: list[tuple[float, AdapterLayer]]) -> float:
     """An upper bound of max|ΔW| for ``terms``: Σ |λ|·r·max|up|·max|down| (factors are checked finite at load)."""
-    return sum(
-        abs(weight)
-        * layer.up.shape[1]
-        * float(np.abs(layer.up).max(initial=0))
-        * float(np.abs(layer.down).max(initial=0))
-        for weight, layer in terms
-    )
+    return sum(abs(weight) * layer.delta_peak for weight, layer in terms)
 
 
 def _mapped_location(bundle_dir: Path, manifest: Manifest, where: Any, what: str) -> np.ndarray:

@@ -432,6 +432,7 @@ def build(request: BuildRequest) -> dict[str, Component]:
         component = components[name]
         onnx_artifact = component.artifacts["onnx"]
         profiles = ComponentProfiles.derive(component.spec, shape_range, pipeline_info.vae_scale_factor)
+        refittable = request.adaptable.get(name, frozenset()) if options.refit else frozenset()
         engine = build_engine(
             flavor,
             staging / onnx_artifact.path,
@@ -441,7 +442,7 @@ def build(request: BuildRequest) -> dict[str, Component]:
             precision=onnx_artifact.precision,
             compute_capabilities=targets,
             timing_cache=timing_cache,
-            refittable=request.adaptable.get(name, frozenset()) if options.refit else frozenset(),
+            refittable=refittable,
         )
         engine_path = staging / name / ENGINE_NAME
         engine_path.write_bytes(engine.plan)
@@ -456,7 +457,7 @@ def build(request: BuildRequest) -> dict[str, Component]:
             strongly_typed=flavor.strongly_typed,
             builder_optimization_level=options.builder_optimization_level,
             build_seconds=round(engine.seconds, 2),
-            refittable=options.refit and bool(request.adaptable.get(name)),
+            refittable=bool(refittable),
         )
         artifact = Artifact(
             format="tensorrt",

@@ -115,8 +115,9 @@ class TensorRTEngineDetails:
     engine's tensors in engine order and ``profiles`` its optimisation profile (none for a fully static engine);
     ``vae_scale_factor`` relates latent and image sizes in the binding plan. ``shape_range`` (the export's shape
     range), ``strongly_typed``, ``builder_optimization_level`` and ``build_seconds`` record how it was built
-    (None where a bundle does not say); ``refittable``: built with ``BuilderFlag.REFIT`` (run-time adapters refit
-    it by ONNX initializer name, from the ONNX variant kept beside it).
+    (None where a bundle does not say); ``refittable``: built with its weight-mapped weights refittable
+    (``BuilderFlag.REFIT_INDIVIDUAL``; run-time adapters refit them by ONNX initializer name, from the ONNX variant
+    kept beside it).
     """
 
     flavor: str
@@ -129,7 +130,7 @@ class TensorRTEngineDetails:
     strongly_typed: bool | None = None
     builder_optimization_level: int | None = None
     build_seconds: float | None = None
-    refittable: bool = False  # built with BuilderFlag.REFIT: run-time adapters refit its weights by name
+    refittable: bool = False  # its weight-mapped weights refittable: run-time adapters refit them by name
 
     def to_json(self) -> dict[str, Any]:
         """The keys written beside the variant's own, in the order lcm-export has always written them."""
