@@ -174,7 +174,7 @@ class _FakeRefitter:
         return True
 
     def get_missing_weights(self) -> list[str]:
-        return []
+        return list(getattr(self.engine, "missing", []))
 
     def refit_cuda_engine(self) -> bool:
         self.engine.weights.update(self.staged)
@@ -246,6 +246,12 @@ def test_refittable_engines_take_an_adapter_by_initializer_name(rtx_bundle, tmp_
     fake_engine.weights = {weight: initializers[weight] for weight in merged.values}
     trt_backend.refit_engine(_FakeTensorRT, fake_engine, None, merged.values, "engine")
     assert all(np.array_equal(fake_engine.weights[w], v) for w, v in merged.values.items())
+    fake_engine.missing = ["paired_weight"]
+    with pytest.raises(
+        trt_backend.AdapterError, match=r"^engine: TensorRT also needs the weights paired_weight to refit"
+    ):
+        trt_backend.refit_engine(_FakeTensorRT, fake_engine, None, merged.values, "engine")
+    fake_engine.missing = []
     fake_engine.weights.pop(next(iter(merged.values)))
     with pytest.raises(trt_backend.AdapterError, match=r"^engine has no refittable weight '.+': re-export with"):
         trt_backend.refit_engine(_FakeTensorRT, fake_engine, None, merged.values, "engine")
