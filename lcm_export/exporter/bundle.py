@@ -110,15 +110,18 @@ class ExportConfig:
     keep_fp32: bool = False
     controlnets: tuple[ControlNetSource, ...] = ()  # --controlnet CN[:SCALE]: the residual U-Net and each ControlNet
 
-    def int8_settings(self, spatial_multiple: int) -> Any:
-        """The calibration's settings (checked here: the resolution needs the model's spatial multiple)."""
-        from lcm_export.calibration.int8 import Int8Settings
+    def int8_settings(self, spatial_multiple: int, default_size: int) -> Any:
+        """The calibration's settings (checked here: the resolution needs the model's spatial multiple; without
+        one, :func:`~lcm_export.calibration.int8.default_calibration_resolution` of the model's default size)."""
+        from lcm_export.calibration.int8 import Int8Settings, default_calibration_resolution
         from lcm_export.calibration.onnx_qdq import RECIPES
 
         prompts = self.calibration_prompts or CALIBRATION_PROMPTS
         count = self.calibration_size or min(8, len(prompts))
         size = self.calibration_resolution
-        if size is not None and size % spatial_multiple:
+        if size is None:
+            size = default_calibration_resolution(default_size, spatial_multiple)
+        elif size % spatial_multiple:
             raise ExportError(
                 f"--calibration-resolution {size}: pass a multiple of {spatial_multiple} (this model's VAE and U-Net)"
             )
@@ -763,7 +766,9 @@ def _add_int8_variants(
     from lcm_export.calibration.int8 import quality_report, quantize_components
 
     write_manifest(components, "onnx")  # the float ONNX bundle, complete: what the calibration runs
-    settings = config.int8_settings(pipeline_info.spatial_multiple)
+    settings = config.int8_settings(
+        pipeline_info.spatial_multiple, min(pipeline_info.default_height, pipeline_info.default_width)
+    )
     bars: dict[str, Any] = {}
 
     def progress(label: str, done: int, total: int) -> None:

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="PX",
-        help="square size the calibration trajectories run at (default: the model's)",
+        help="square size the calibration trajectories run at (default: the model's up to 256, half of it above)",
     )
     int8.add_argument("--keep-fp32", action="store_true", help="keep the float U-Net beside the INT8 one")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

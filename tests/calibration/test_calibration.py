@@ -45,6 +45,18 @@ def int8_ops(path: Path) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.parametrize(
+    ("default", "multiple", "expected"),
+    [(64, 8, 64), (256, 8, 256), (512, 8, 256), (768, 8, 384), (1024, 8, 512), (1024, 64, 512), (600, 64, 256),
+     (520, 16, 256), (2048, 8, 1024)],
+)  # fmt: skip
+def test_the_default_calibration_size_is_the_model_size_up_to_256_and_half_above(default, multiple, expected) -> None:
+    from lcm_export.calibration.int8 import default_calibration_resolution
+
+    size = default_calibration_resolution(default, multiple)
+    assert size == expected and size % multiple == 0
+
+
 def test_the_int8_unet_is_quantised_and_listed_first(int8_bundle) -> None:
     manifest = load_manifest(int8_bundle, verify="full")
     assert manifest.precision == "int8"
@@ -57,6 +69,8 @@ def test_the_int8_unet_is_quantised_and_listed_first(int8_bundle) -> None:
     assert (int8_bundle / int8.path).stat().st_size < 0.5 * (int8_bundle / unet.variants[1].path).stat().st_size
     produced = int8.produced_by
     assert produced["calibration"]["unet_calls"] == 8 * 4  # 8 prompts x 4 steps at guidance 8.5
+    info = manifest.pipeline  # the tiny model's default size (under 256 px) is its calibration size
+    assert info.default_height <= 256 and produced["calibration"]["size"] == [info.default_height, info.default_width]
     assert "/unet/conv_in/Conv" in produced["float_nodes"] and "/unet/conv_out/Conv" in produced["float_nodes"]
     # The full VAE decoder is quantised too, calibrated on each trajectory's final latents; the rest stays float.
     decoder = manifest.components["vae_decoder"]
