@@ -139,7 +139,8 @@ def section_lines(results: dict[str, Any]) -> list[str]:
         "",
         f"SD1.5-shaped random LCM with the TAESD-shaped decoder, {machine.get('cpu', 'CPU')} ({isa}), each export in "
         "its own process (wall time and peak RSS of that process). `int8-defaults` is the README's "
-        "`lcm-export MODEL --tiny-vae TAESD --precision int8 --output B` (calibrated at 256 px, the default for a 512 px model); "
+        "`lcm-export MODEL --tiny-vae TAESD --precision int8 --output B` (calibrated at 256 px, the default for a "
+        "512 px model); "
         f"the goals are ≤ {GOAL_SECONDS // 60} min and ≤ {GOAL_PEAK_GB:.0f} GB.",
         "",
         "| export | time | peak RSS | goal met | phases (s) |",

@@ -28,6 +28,7 @@ from lcm_export.runtime.adapters import WEIGHT_MAP_FORMAT, WEIGHT_MAP_NAME, WEIG
 from lcm_export.runtime.manifest import Component, sha256_file
 
 WEIGHT_INPUTS_SUFFIX = ".weight-inputs.onnx"  # a float variant's graph with its mapped weights as inputs
+FACTOR_INPUTS_SUFFIX = ".factor-inputs.onnx"  # the same graph with a LoRA branch (factors as inputs) per weight
 QUANTIZED_SUFFIX = "_quantized"  # onnxruntime's quantizer: initializer X becomes X_quantized (+ X_scale, ...)
 _ONNX_DTYPES = {1: "float32", 10: "float16", 3: "int8", 6: "int32"}  # TensorProto data types read here
 
@@ -266,6 +267,105 @@ def write_weight_inputs_graph(staging: Path, variant_path: str, tensors: dict[st
     return relative
 
 
+def factor_inputs_graph_path(variant_path: str) -> str:
+    """``unet/model.onnx`` -> ``unet/model.factor-inputs.onnx``."""
+    stem = variant_path[: -len(".onnx")] if variant_path.endswith(".onnx") else variant_path
+    return stem + FACTOR_INPUTS_SUFFIX
+
+
+def _attribute(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def write_factor_inputs_graph(
+    staging: Path, variant_path: str, tensors: dict[str, Any]
+) -> tuple[str, list[str]] | None:
+    """Write the graph of the float variant at ``variant_path`` with, beside each mapped weight W of ``tensors``
+    that one MatMul, Gemm or ungrouped Conv reads, a low-rank branch whose factors are graph inputs, and return its
+    bundle path and the mapped weights that got one (None when none did). The weights stay initializers of the variant's
+    own files (read by reference: the file is the graph alone).
+
+    - MatMul / Gemm (``y = x·W``, or ``x·Wᵀ`` with ``transB``): ``y + (x·<W>.down)·<W>.up``, ``down`` (in, r),
+      ``up`` (r, out);
+    - Conv: ``y + Conv1x1(Conv(x, <W>.down), <W>.up)``, ``down`` (r, in, kh, kw) with the node's strides, pads and
+      dilations, ``up`` (out, r, 1, 1).
+
+    Every rank is its own symbolic dimension: the runtime feeds Σ λᵢ·upᵢ·downᵢ as the stacked factors of the active
+    adapters and rank 0 for a weight none of them touches (onnxruntime; OpenVINO cuts those branches out before it
+    compiles). A switch binds new factors and opens nothing; the cost per call grows with the adapters' factors
+    and not with the model's weights (docs/design-notes.md#adapters)."""
+    import onnx
+    from onnx import helper
+
+    source = staging / variant_path
+    model = onnx.load(str(source), load_external_data=False)
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    mapped_names = {str(where["name"]): key for key, where in tensors.items()}  # initializer -> mapped weight
+    wanted = set(mapped_names) & set(initializers)
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    nodes: list[Any] = []
+    branched: list[str] = []
+    for node in graph.node:
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if weight not in wanted or readers.get(weight) != 1 or node.input[0] == weight:
+            nodes.append(node)
+            continue
+        tensor = initializers[weight]
+        dims = list(tensor.dims)
+        rank = f"rank_{len(branched)}"
+        down, up, base, low = f"{weight}.down", f"{weight}.up", f"{node.output[0]}.base", f"{weight}.low"
+        x, output = node.input[0], node.output[0]
+        if node.op_type in ("MatMul", "Gemm") and len(dims) == 2:
+            if node.op_type == "Gemm" and (_attribute(node, "transA", 0) or _attribute(node, "alpha", 1.0) != 1.0):
+                nodes.append(node)
+                continue
+            transposed = node.op_type == "Gemm" and _attribute(node, "transB", 0)
+            features_in, features_out = (dims[1], dims[0]) if transposed else (dims[0], dims[1])
+            shapes = {down: [features_in, rank], up: [rank, features_out]}
+            branch = [
+                helper.make_node("MatMul", [x, down], [low], name=f"{weight}.factor_down"),
+                helper.make_node("MatMul", [low, up], [f"{weight}.delta"], name=f"{weight}.factor_up"),
+            ]
+        elif node.op_type == "Conv" and len(dims) == 4 and _attribute(node, "group", 1) == 1:
+            shapes = {down: [rank, *dims[1:]], up: [dims[0], rank, 1, 1]}
+            kept = {
+                attribute.name: helper.get_attribute_value(attribute)
+                for attribute in node.attribute
+                if attribute.name in ("strides", "pads", "dilations", "auto_pad")
+            }
+            branch = [
+                helper.make_node("Conv", [x, down], [low], name=f"{weight}.factor_down", **kept),
+                helper.make_node("Conv", [low, up], [f"{weight}.delta"], name=f"{weight}.factor_up"),
+            ]
+        else:
+            nodes.append(node)
+            continue
+        node.output[0] = base
+        nodes.extend([node, *branch])
+        nodes.append(helper.make_node("Add", [base, f"{weight}.delta"], [output], name=f"{weight}.factor_add"))
+        graph.input.extend(
+            helper.make_tensor_value_info(name, tensor.data_type, shape) for name, shape in shapes.items()
+        )
+        branched.append(mapped_names[weight])
+    if not branched:
+        return None
+    del graph.node[:]
+    graph.node.extend(nodes)
+    relative = factor_inputs_graph_path(variant_path)
+    onnx.save(model, str(staging / relative))
+    onnx.checker.check_model(str(staging / relative))
+    return relative, sorted(branched)
+
+
 def write_weight_map(
     staging: Path, name: str, component: Component, names: dict[str, dict[str, Any]]
 ) -> Component | None:
@@ -290,6 +390,10 @@ def write_weight_map(
             graph = write_weight_inputs_graph(staging, variant.path, tensors)
             if graph is not None:
                 variants[variant.name]["weight_inputs_graph"] = graph
+            factors = write_factor_inputs_graph(staging, variant.path, tensors)
+            if factors is not None:
+                variants[variant.name]["factor_inputs_graph"] = factors[0]
+                variants[variant.name]["factor_inputs"] = factors[1]
     document = {
         "format": WEIGHT_MAP_FORMAT,
         "version": WEIGHT_MAP_VERSION,

@@ -63,7 +63,12 @@ MAX_HEADER_BYTES = 100_000_000  # a safetensors header larger than this is not a
 # or [-64, 64] with reduce_range (7-bit weights); the scale is max|W| / L for L levels either side of zero.
 INT8_LEVELS = 127.0
 INT8_REDUCED_LEVELS = 64.0
-ADAPTER_MODES = ("auto", "inputs", "rebuild")
+ADAPTER_MODES = ("auto", "factors", "inputs", "rebuild")
+# "auto" runs a component's adapters as factor inputs while their factors are at most this share of the component's
+# adaptable weights (measured per call at 256 px on the SD1.5-shaped U-Net, docs/design-notes.md#adapters: a
+# rank-16 attention LoRA, 0.4% of the weights, +1.3% on onnxruntime and +2.7% on OpenVINO; rank 32 on every
+# transformer projection, 0.8%, +3.1% / +7.9%; rank 64 on every layer, 7.9%, +16.5%); above it, the merge.
+FACTOR_SHARE_AUTO = 0.01
 # A float32 weight plus a ΔW bounded by this stays finite (float32 reaches 3.4e38): its merge needs no finiteness pass.
 FINITE_DELTA_BOUND = 1e30
 LOADED_ADAPTERS_KEPT = 4  # adapter files kept read and checked (an SD1.5 rank-64 LCM-LoRA-shaped one: 255 MB)
@@ -466,6 +471,62 @@ def weight_inputs(
     return values
 
 
+def factor_shares(weight_map: WeightMap, active: list[tuple[Adapter, float]]) -> float:
+    """The ``active`` adapters' factors for ``weight_map``'s component, as a share of its adaptable weights
+    (elements): what a call on the factor-inputs graph adds, roughly."""
+    factors = sum(
+        layer.up.size + layer.down.size
+        for adapter, weight in active
+        if weight != 0
+        for layer in adapter.layers
+        if layer.component == weight_map.component
+    )
+    weights = sum(math.prod(mapped.shape) for mapped in weight_map.weights.values())
+    return factors / max(weights, 1)
+
+
+def factor_inputs(weight_map: WeightMap, variant: str, active: list[tuple[Adapter, float]]) -> dict[str, np.ndarray]:
+    """Every factor input of ``variant``'s factor-inputs graph for the ``active`` adapters: per branched weight W
+    (by its initializer name), ``W.down`` and ``W.up`` holding the stacked factors [down₁; down₂ ...] and
+    [λ₁·up₁ | λ₂·up₂ ...] in the graph's layouts (linear: (in, r) and (r, out); conv: (r, in, kh, kw) and
+    (out, r, 1, 1)), in the variant's dtype; rank 0 for a weight no adapter touches. Raises :class:`AdapterError`
+    when an adapter touches a weight the graph has no branch for."""
+    stored = weight_map.variants.get(variant, {})
+    branched = set(stored.get("factor_inputs") or ())
+    terms: dict[str, list[tuple[float, AdapterLayer]]] = {}
+    for adapter, weight in active:
+        for layer in adapter.layers:
+            if layer.component == weight_map.component and weight != 0:
+                terms.setdefault(layer.weight, []).append((weight, layer))
+    missing = sorted(set(terms) - branched)
+    if missing:
+        raise AdapterError(
+            f"the {weight_map.component} weight '{missing[0]}' ({weight_map.weights[missing[0]].module}) has no "
+            "factor branch in this bundle: pass adapter_mode='auto' (or 'inputs' / 'rebuild')"
+        )
+    values: dict[str, np.ndarray] = {}
+    for name in sorted(branched):
+        mapped = weight_map.weights[name]
+        where = stored["tensors"][name]
+        dtype = np.dtype(where["dtype"])
+        out_features, inner = mapped.torch_shape[0], math.prod(mapped.torch_shape[1:])
+        layer_terms = terms.get(name, [])
+        if layer_terms:
+            ups = np.concatenate([np.float32(weight) * layer.up for weight, layer in layer_terms], axis=1)
+            downs = np.concatenate([layer.down for _, layer in layer_terms], axis=0)
+        else:
+            ups, downs = np.zeros((out_features, 0), np.float32), np.zeros((0, inner), np.float32)
+        rank = downs.shape[0]
+        if mapped.kind == "linear":
+            down, up = downs.T, ups.T
+        else:
+            down, up = downs.reshape(rank, *mapped.torch_shape[1:]), ups.reshape(out_features, rank, 1, 1)
+        key = str(where["name"])
+        values[f"{key}.down"] = np.ascontiguousarray(down, dtype=dtype)
+        values[f"{key}.up"] = np.ascontiguousarray(up, dtype=dtype)
+    return values
+
+
 class WeightInputsSession:
     """A session on a weight-inputs graph and the weights it runs with: each call feeds them with its inputs.
     Several share one backend session (an adapter switch makes a new one on the same session)."""
@@ -548,6 +609,7 @@ class AdapterState:
         self.mode = check_adapter_mode(mode)
         self._weight_maps: dict[str, WeightMap] | None = None
         self._graphs: dict[tuple[str, str], Any] = {}  # (component, variant) -> its weight-inputs session
+        self._factor_graphs: dict[str, tuple[Any, Any]] = {}  # component -> ((variant, ranks), factor session)
         # path -> (file status, adapter): the last LOADED_ADAPTERS_KEPT read, checked once
         self._loaded: OrderedDict[str, tuple[tuple, Adapter]] = OrderedDict()
         self.active: tuple[tuple[Adapter, float], ...] = ()
@@ -582,10 +644,18 @@ class AdapterState:
             if not terms:
                 sessions[component] = denoiser.new_session(component)  # back to the base weights
                 self.modes.pop(component, None)
+                self._factor_graphs.pop(component, None)  # it holds the weights: not kept beside the base session
                 continue
             variant = denoiser.variants[component]
             weight_map = self.weight_maps[component]
-            graph = self._weight_inputs_graph(denoiser, component, weight_map)
+            mode = self.mode_for(denoiser, component, weight_map, terms)
+            self.modes[component] = mode
+            if mode == "factors":
+                values = factor_inputs(weight_map, variant.name, terms)
+                graph = self._factor_inputs_graph(denoiser, component, weight_map, values)
+                sessions[component] = denoiser.wrap_session(WeightInputsSession(graph, values))
+                continue
+            graph = self._weight_inputs_graph(denoiser, component, weight_map) if mode == "inputs" else None
             if graph is not None:
                 values = weight_inputs(self.bundle_dir, self.manifest, weight_map, variant.name, terms)
                 sessions[component] = denoiser.wrap_session(WeightInputsSession(graph, values))
@@ -614,32 +684,69 @@ class AdapterState:
                 self._loaded.popitem(last=False)
         return adapter
 
-    def mode_for(self, denoiser: Any, component: str, weight_map: WeightMap) -> str:
-        """How ``component``'s adapters run: "inputs" where this state's mode allows it and the backend, the
-        variant (float) and the bundle (a weight-inputs graph) do; else "rebuild". ``adapter_mode="inputs"`` where
-        one of them does not is an error saying which."""
+    def mode_for(
+        self, denoiser: Any, component: str, weight_map: WeightMap, terms: list[tuple[Adapter, float]] = ()
+    ) -> str:
+        """How ``component``'s adapters (``terms``) run: "factors", "inputs" or "rebuild". "factors" where the
+        backend, the variant (float) and the bundle (a factor-inputs graph with a branch for every weight the
+        adapters touch) allow it and, for "auto", the factors are at most :data:`FACTOR_SHARE_AUTO` of the weights;
+        else "inputs" where the backend and the bundle (a weight-inputs graph) allow it; else "rebuild". A mode
+        asked for where one of them does not is an error saying which."""
         variant = denoiser.variants[component]
         stored = weight_map.variants.get(variant.name, {})
-        missing = None
-        if not getattr(denoiser.backend_module, "WEIGHT_INPUTS", False):
-            missing = "this backend runs adapters by rebuilding its sessions: load with backend='onnxruntime'"
-        elif variant.precision not in ("fp32", "fp16"):
-            missing = f"the {component} runs an {variant.precision} variant: load with variant='fp32'"
+        backend = denoiser.backend_module
+        floating = variant.precision in ("fp32", "fp16")
+        touched = {layer.weight for adapter, _ in terms for layer in adapter.layers if layer.component == component}
+        no_factors = None
+        if not getattr(backend, "FACTOR_INPUTS", False):
+            no_factors = "this backend does not run adapters as factor inputs: load with backend='onnxruntime'"
+        elif not floating:
+            no_factors = f"the {component} runs an {variant.precision} variant: load with variant='fp32'"
+        elif not isinstance(stored.get("factor_inputs_graph"), str):
+            no_factors = f"the bundle has no factor-inputs graph for its {component}: re-export it"
+        elif touched - set(stored.get("factor_inputs") or ()):
+            no_factors = f"the bundle's {component} factor-inputs graph has no branch for some weights they adapt"
+        no_inputs = None
+        if not getattr(backend, "WEIGHT_INPUTS", False):
+            no_inputs = "this backend runs adapters by rebuilding its sessions: load with backend='onnxruntime'"
+        elif not floating:
+            no_inputs = f"the {component} runs an {variant.precision} variant: load with variant='fp32'"
         elif not isinstance(stored.get("weight_inputs_graph"), str):
-            missing = f"the bundle has no weight-inputs graph for its {component}: re-export it"
-        if missing is None and self.mode != "rebuild":
-            return "inputs"
-        if self.mode == "inputs":
-            raise AdapterError(f"adapter_mode='inputs': {missing}, or pass adapter_mode='auto'")
+            no_inputs = f"the bundle has no weight-inputs graph for its {component}: re-export it"
+        if self.mode in ("factors", "inputs"):
+            missing = no_factors if self.mode == "factors" else no_inputs
+            if missing is not None:
+                raise AdapterError(f"adapter_mode='{self.mode}': {missing}, or pass adapter_mode='auto'")
+            return self.mode
+        if self.mode == "auto":
+            if no_factors is None and factor_shares(weight_map, list(terms)) <= FACTOR_SHARE_AUTO:
+                return "factors"
+            if no_inputs is None:
+                return "inputs"
         return "rebuild"
 
+    def _factor_inputs_graph(
+        self, denoiser: Any, component: str, weight_map: WeightMap, values: dict[str, np.ndarray]
+    ) -> Any:
+        """The open factor-inputs session of ``component``'s variant for factors shaped as ``values`` (onnxruntime:
+        one for every rank; OpenVINO: one per set of ranks, compiled with them). One is kept per component: it holds
+        the component's weights."""
+        variant = denoiser.variants[component].name
+        shapes = {name: value.shape for name, value in values.items()}
+        key = (variant, denoiser.factor_signature(shapes))
+        kept = self._factor_graphs.get(component)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        self._factor_graphs.pop(component, None)
+        graph = str(weight_map.variants[variant]["factor_inputs_graph"])
+        if graph not in {entry.path for entry in self.manifest.files}:
+            raise _map_error(weight_map.path, f"names '{graph}', which the manifest does not list")
+        session = denoiser.open_factor_inputs(component, self.bundle_dir / graph, shapes)
+        self._factor_graphs[component] = (key, session)
+        return session
+
     def _weight_inputs_graph(self, denoiser: Any, component: str, weight_map: WeightMap) -> Any | None:
-        """The open weight-inputs session of ``component``'s variant (opened once), or None when its adapters
-        are rebuilt instead (:meth:`mode_for`)."""
-        mode = self.mode_for(denoiser, component, weight_map)
-        self.modes[component] = mode
-        if mode != "inputs":
-            return None
+        """The open weight-inputs session of ``component``'s variant (opened once)."""
         variant = denoiser.variants[component].name
         key = (component, variant)
         if key not in self._graphs:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from lcm_export.errors import UserError, is_disk_full, run_cli
+from lcm_export.runtime.adapters import ADAPTER_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--adapter-mode",
-        choices=("auto", "inputs", "rebuild"),
+        choices=ADAPTER_MODES,
         default="auto",
-        help="how adapters run: weights fed as inputs (fast switch, a few %% per call) or rebuilt into the "
-        "sessions (no cost per call); auto: inputs where the backend and variant allow it",
+        help="how adapters run: LoRA factors fed to branches (instant switch, per call about the factors' share), "
+        "merged weights fed as inputs (switch = the merge) or rebuilt into the sessions (no cost per call); "
+        "auto: factors for small adapters, else inputs where the backend and variant allow it, else rebuild",
     )
     parser.add_argument("--quiet", "-q", action="store_true")
     image = parser.add_argument_group("image-to-image")

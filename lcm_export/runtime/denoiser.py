@@ -118,6 +118,15 @@ class Denoiser:
         backend lists ``WEIGHT_INPUTS``); its calls must feed every weight (:class:`WeightInputsSession`)."""
         return self._module.open_weight_inputs_session(path, self.options, name)
 
+    def open_factor_inputs(self, name: str, path: Path, shapes: dict[str, tuple[int, ...]]) -> Session:
+        """A backend session on ``name``'s factor-inputs graph at ``path`` for factor inputs of ``shapes`` (the
+        backend lists ``FACTOR_INPUTS``); its calls feed the factors (:class:`WeightInputsSession`)."""
+        return self._module.open_factor_inputs_session(path, self.options, name, shapes)
+
+    def factor_signature(self, shapes: dict[str, tuple[int, ...]]) -> Any:
+        """What of the factor shapes a factor-inputs session is specialised for (one session serves them all: None)."""
+        return self._module.factor_signature(shapes)
+
     def replace_sessions(self, sessions: dict[str, Session]) -> None:
         """Make ``sessions`` (from :meth:`new_session`) the ones calls run, at once, and forget cached prompt
         encodings (a text encoder may have changed). The caller makes sure no call is running."""

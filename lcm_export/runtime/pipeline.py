@@ -159,9 +159,12 @@ class Pipeline:
         - ``profiling_dir``: the backend's own profiler writes there (:meth:`end_profiling` finishes the files).
         - ``low_memory``: give each stage's working memory back after it runs (lower peak, somewhat slower).
         - ``adapters``: {adapter file: weight} applied at load (see :meth:`set_adapters`).
-        - ``adapter_mode``: how adapters run: "auto" (the default), "inputs" (the weights fed with every call: a
-          switch is the merge, seconds at most, each call a few % slower; onnxruntime, float variants) or
-          "rebuild" (merged into a new optimised session: no cost per call, a switch takes as long as a load).
+        - ``adapter_mode``: how adapters run: "auto" (the default), "factors" (each adapted layer's LoRA factors
+          fed with every call to a branch beside it: a switch binds them, each call slower by about the factors'
+          share of the weights; onnxruntime and OpenVINO, float variants), "inputs" (the merged weights fed with
+          every call: a switch is the merge, each call slower by the weights the backend cannot pre-pack;
+          onnxruntime, float variants) or "rebuild" (merged into a new optimised session: no cost per call, a
+          switch takes as long as a load).
           See :mod:`lcm_export.runtime.adapters`.
         """
         check_variant(variant)

@@ -76,7 +76,13 @@ def sd(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize(
     ("backend", "mode", "runs_as"),
-    [("onnxruntime", "auto", "inputs"), ("onnxruntime", "rebuild", "rebuild"), ("openvino", "auto", "rebuild")],
+    [
+        ("onnxruntime", "auto", "inputs"),
+        ("onnxruntime", "factors", "factors"),
+        ("onnxruntime", "rebuild", "rebuild"),
+        ("openvino", "auto", "rebuild"),
+        ("openvino", "factors", "factors"),
+    ],
 )
 def test_sd_adapter_gives_the_fused_image_and_switches_back(sd, backend, mode, runs_as) -> None:
     fused_a, fused_ab = _images(sd["bundle_a"], backend), _images(sd["bundle_ab"], backend)
@@ -117,7 +123,7 @@ def test_adapter_mode_that_cannot_run(sd, tmp_path) -> None:
             sd["bundle_a"], backend="openvino", precision="fp32", adapters={sd["adapter"]: 1.0}, adapter_mode="inputs"
         )
     assert "\n" not in str(error.value)
-    with pytest.raises(UserError, match=r"^adapter_mode='merge': pick one of auto, inputs, rebuild$"):
+    with pytest.raises(UserError, match=r"^adapter_mode='merge': pick one of auto, factors, inputs, rebuild$"):
         Pipeline.load(sd["bundle_a"], backend="onnxruntime", adapter_mode="merge")
     result = run_module(
         "lcm_export.runtime.cli", sd["bundle_a"], "a cat", "--backend", "openvino", "--adapter", sd["adapter"],

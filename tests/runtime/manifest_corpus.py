@@ -149,9 +149,11 @@ def candidates(document: dict[str, Any], path: NodePath, bundle_files: list[str]
         result["bogus"] = replaced(document, path, "bogus")
         result["upper-case"] = replaced(document, path, value.upper()) if value.upper() != value else None
         if "/" in value or value.endswith((".json", ".onnx")):
-            # another file of the bundle, not a graph of the same component (a weight-inputs graph beside a model
-            # is a valid ONNX variant path of its own kind: a run, not the manifest, finds its inputs differ)
-            others = [file for file in bundle_files if not file.endswith(".weight-inputs.onnx")]
+            # another file of the bundle, not a graph of the same component (a weight-inputs or factor-inputs
+            # graph beside a model is a valid ONNX variant path of its own kind: a run, not the manifest, finds its
+            # inputs differ)
+            adapter_graphs = (".weight-inputs.onnx", ".factor-inputs.onnx")
+            others = [file for file in bundle_files if not file.endswith(adapter_graphs)]
             other = others[(others.index(value) + 1) % len(others)] if value in others else None
             for kind, new in (
                 ("absolute", "/etc/hostname"),

@@ -48,6 +48,7 @@ COMPUTE_PRECISIONS = ("auto", "fp32")
 # Sessions may open with some initializers replaced (run-time adapters: lcm_export.runtime.adapters).
 ADAPTERS = True
 WEIGHT_INPUTS = True  # run-time adapters may feed the weights as graph inputs (lcm_export.runtime.adapters)
+FACTOR_INPUTS = True  # ... or their LoRA factors, to branches beside the weights (any rank, rank 0 included)
 # InferenceSession.run may be called from several threads at once, but two concurrent runs share the cores their
 # thread pools each want: a lock per session measured better with 2 threads (bench/RESULTS.md, "Threads").
 THREAD_SAFE = False
@@ -241,6 +242,19 @@ def open_weight_inputs_session(path: Path, options: BackendOptions, name: str) -
     """A session on a float variant's weight-inputs graph (its mapped weights are graph inputs, fed with every call
     by run-time adapters): the graph without those weights, optimised and cached as any other file."""
     return OnnxRuntimeSession(path, options, name)
+
+
+def open_factor_inputs_session(
+    path: Path, options: BackendOptions, name: str, shapes: dict[str, tuple[int, ...]]
+) -> OnnxRuntimeSession:
+    """A session on a float variant's factor-inputs graph (a LoRA branch beside each mapped weight, its factors
+    graph inputs of any rank): one session for every set of adapters, optimised and cached as any other file."""
+    return OnnxRuntimeSession(path, options, name)
+
+
+def factor_signature(shapes: dict[str, tuple[int, ...]]) -> None:
+    """onnxruntime runs the factor-inputs graph with any ranks: one session serves every set of adapters."""
+    return None
 
 
 def open_session(

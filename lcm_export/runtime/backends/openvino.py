@@ -56,6 +56,9 @@ ARTIFACT_FORMAT = "onnx"
 COMPUTE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Sessions may open with some initializers replaced (run-time adapters: lcm_export.runtime.adapters).
 ADAPTERS = True
+# Run-time adapters as LoRA factors fed to branches beside the weights: compiled per set of ranks, the branches of
+# rank 0 cut out first (the CPU plugin refuses empty tensors).
+FACTOR_INPUTS = True
 # A session keeps a pool of infer requests, one per concurrent call (see OpenVinoSession).
 THREAD_SAFE = True
 
@@ -255,6 +258,34 @@ def replace_constants(model: Any, weights: dict[str, np.ndarray]) -> None:
         raise RuntimeError(f"OpenVINO's model has no constant for {', '.join(sorted(left)[:3])}")
 
 
+def cut_factor_branches(model: Any, factor_shapes: dict[str, tuple[int, ...]]) -> None:
+    """In a factor-inputs graph (lcm_export.exporter.weight_map.write_factor_inputs_graph), cut out every branch
+    whose factors have rank 0 (its ``W.delta`` added to nothing: the layer's own output takes the sum's place and
+    names) and its two parameters, then fix the others' shapes to ``factor_shapes``."""
+    outputs: dict[str, Any] = {}
+    for node in model.get_ordered_ops():
+        for output in node.outputs():
+            for name in output.get_names():
+                outputs[name] = output
+    cut = sorted({name.rsplit(".", 1)[0] for name, shape in factor_shapes.items() if 0 in shape})
+    for weight in cut:
+        delta = outputs.get(f"{weight}.delta")
+        if delta is None:
+            raise RuntimeError(f"OpenVINO's model has no factor branch for {weight}")
+        (target,) = delta.get_target_inputs()
+        add = target.get_node()
+        kept = add.input_value(1 - target.get_index())
+        names = add.output(0).get_names()
+        add.output(0).replace(kept)
+        kept.add_names(names)
+    parameters = {parameter.get_friendly_name(): parameter for parameter in model.get_parameters()}
+    for weight in cut:
+        for role in ("down", "up"):
+            model.remove_parameter(parameters[f"{weight}.{role}"])
+    model.reshape({name: list(shape) for name, shape in factor_shapes.items() if 0 not in shape})
+    model.validate_nodes_and_infer_types()
+
+
 def _read(
     core: Any, path: Path, shapes: dict[str, list[int]], quantised: bool, weights: dict[str, np.ndarray] | None = None
 ) -> Any:
@@ -319,6 +350,7 @@ class OpenVinoSession:
         quantised: bool = False,
         weights: WeightOverrides | None = None,
         output_names: tuple[str, ...] = (),
+        factor_shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         import openvino
 
@@ -326,7 +358,17 @@ class OpenVinoSession:
         config = compile_config(core, options)
         if options.profiling_dir:
             config["PERF_COUNT"] = "YES"  # per-layer counters, read after every inference
-        if weights:
+        self._input_names: frozenset[str] | None = None
+        if factor_shapes is not None:
+            # A factor-inputs graph for these ranks: the rank-0 branches cut out, compiled uncached (OpenVINO's
+            # cache would hash every weight to key it; the session is kept while the ranks stay).
+            uncached = {key: value for key, value in config.items() if key != "CACHE_DIR"}
+            model = core.read_model(str(path))
+            cut_factor_branches(model, factor_shapes)
+            self.compiled = core.compile_model(model, options.device, uncached)
+            self._input_names = frozenset(name for port in self.compiled.inputs for name in port.get_names())
+            del model
+        elif weights:
             # An adapter's merged weights: the model read, its constants replaced, compiled uncached (a merge is
             # compiled once; OpenVINO's cache would hash every weight to key it).
             shapes = {name: list(shape) for name, shape in (static_shapes or {}).items() if len(shape)}
@@ -369,6 +411,8 @@ class OpenVinoSession:
         try:
             # share_outputs stays off: the arrays returned are copies, not views of the request's buffers, which
             # the next call on that request overwrites.
+            if self._input_names is not None:  # a factor-inputs graph: the cut branches' factors are not inputs
+                feeds = {name: value for name, value in feeds.items() if name in self._input_names}
             results = request.infer(feeds, share_inputs=True)
             outputs = {
                 name: np.asarray(results[output])
@@ -457,6 +501,19 @@ def open_session(
     return OpenVinoSession(
         path, options, static_shapes, component.spec.name, identity, quantised, weights, component.spec.output_names
     )
+
+
+def open_factor_inputs_session(
+    path: Path, options: BackendOptions, name: str, shapes: dict[str, tuple[int, ...]]
+) -> OpenVinoSession:
+    """A compiled factor-inputs graph for factors of ``shapes`` (see :func:`cut_factor_branches`)."""
+    options = dataclasses.replace(options, device=options.device_or("CPU"))
+    return OpenVinoSession(path, options, None, name, factor_shapes=shapes)
+
+
+def factor_signature(shapes: dict[str, tuple[int, ...]]) -> tuple:
+    """The ranks a compiled factor-inputs graph is specialised for: a new set compiles again."""
+    return tuple(sorted((name, tuple(shape)) for name, shape in shapes.items() if 0 not in shape))
 
 
 def _declared_name(output: Any, declared: tuple[str, ...]) -> str:
