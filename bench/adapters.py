@@ -42,7 +42,15 @@ STEPS = 2
 CALLS = 3  # timed pipeline calls per weight set
 INT8_ALPHA = 8  # the INT8 part's LoRA: alpha/r = 1/8
 INT8_PROMPTS = ("a photo of a cat", "a lighthouse on a cliff at dusk", "a bowl of fruit on a table")
-RUNS = (("onnxruntime", "inputs"), ("onnxruntime", "rebuild"), ("openvino", "rebuild"))  # (backend, adapter_mode)
+# (backend, adapter_mode, adapters): "auto" runs the LCM-LoRA-shaped adapter merged (inputs on onnxruntime,
+# rebuild on OpenVINO) and the style one as factors; "factors" the LCM-LoRA-shaped one as factors too.
+RUNS = (
+    ("onnxruntime", "auto", ("lcm-lora-r64", "style-r16")),
+    ("onnxruntime", "factors", ("lcm-lora-r64",)),
+    ("openvino", "auto", ("lcm-lora-r64", "style-r16")),
+    ("openvino", "factors", ("lcm-lora-r64",)),
+)
+TOUCH_GB = 16  # memory written once before the runs (see main)
 
 
 def rss_gb() -> float:
@@ -53,9 +61,11 @@ def rss_gb() -> float:
     return float("nan")
 
 
-def measure_backend(bundle: Path, adapter: Path, backend: str, cache: Path, mode: str, style: Path) -> dict:
-    """One backend's numbers in one adapter mode (run in its own process: see main); ``style``: a style-LoRA-shaped
-    adapter (rank 16, attention only) switched to from the LCM-LoRA-shaped one, and its cost per call."""
+def measure_backend(bundle: Path, adapters: dict[str, Path], backend: str, cache: Path, mode: str) -> dict:
+    """One backend's numbers in one adapter mode (run in its own process: see main), per adapter: the switches
+    (base -> adapter, weight 1 -> 0.5, back to base, base -> adapter again), the U-Net per call with it against
+    the base weights (measured before the first adapter and after the last, pooled), the RSS, and the images
+    after switching back."""
     import numpy as np
 
     from lcm_export.runtime import Pipeline
@@ -64,65 +74,58 @@ def measure_backend(bundle: Path, adapter: Path, backend: str, cache: Path, mode
     pipe = Pipeline.load(bundle, backend=backend, precision="fp32", threads=2, cache_dir=cache, adapter_mode=mode)
     load_seconds = time.perf_counter() - started
 
-    def unet_seconds(size: int) -> tuple[float, np.ndarray]:
+    def unet_calls(size: int) -> tuple[list[float], np.ndarray]:
         times, image = [], None
         for _ in range(CALLS):
             output = pipe("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, seed=1)
             times.extend(output.timings["unet"])
             image = output.images
-        return float(np.median(times)), image
+        return times, image
 
-    def per_call() -> dict[int, float]:
-        return {size: unet_seconds(size)[0] for size in SIZES}
+    def switch(adapters: dict) -> float:
+        started = time.perf_counter()
+        pipe.set_adapters(adapters)
+        return time.perf_counter() - started
 
-    unet_seconds(SIZE)  # first call: lazy re-layouts
-    base_image = unet_seconds(SIZE)[1]
-    base_unet = per_call()
+    unet_calls(SIZE)  # first call: lazy re-layouts
+    base_image = unet_calls(SIZE)[1]
+    base_times = {size: unet_calls(size)[0] for size in SIZES}
     rss_base = rss_gb()
-    started = time.perf_counter()
-    pipe.set_adapters({adapter: 1.0})
-    switch_on = time.perf_counter() - started
-    rss_adapter = rss_gb()
-    adapter_image = unet_seconds(SIZE)[1]  # also the first call after the switch
-    adapter_unet = per_call()
-    started = time.perf_counter()
-    pipe.set_adapters({adapter: 0.5})
-    switch_weight = time.perf_counter() - started
-    started = time.perf_counter()
-    pipe.set_adapters({})
-    switch_off = time.perf_counter() - started
-    _, again_base = unet_seconds(SIZE)
-    started = time.perf_counter()
-    pipe.set_adapters({adapter: 1.0})
-    switch_again = time.perf_counter() - started
-    _, again_adapter = unet_seconds(SIZE)
-    started = time.perf_counter()
-    pipe.set_adapters({style: 1.0})
-    switch_style = time.perf_counter() - started
-    style_unet = unet_seconds(SIZE)[0]
+    rows = {}
+    for label, path in adapters.items():
+        on = switch({path: 1.0})
+        rss_adapter = rss_gb()
+        adapter_image = unet_calls(SIZE)[1]  # also the first call after the switch
+        adapter_times = {size: unet_calls(size)[0] for size in SIZES}
+        runs_as = pipe.adapter_state.modes.get("unet", mode)
+        weight = switch({path: 0.5})
+        off = switch({})
+        again_base = unet_calls(SIZE)[1]
+        again = switch({path: 1.0})
+        again_adapter = unet_calls(SIZE)[1]
+        switch({})
+        rows[label] = {
+            "mode": runs_as,
+            "unet_seconds_adapter": {size: float(np.median(times)) for size, times in adapter_times.items()},
+            "switch_seconds": {"base_to_adapter": on, "adapter_weight_change": weight, "adapter_to_base": off,
+                               "again": again},
+            "rss_gb_adapter": rss_adapter,
+            "adapter_changes_image": float(np.abs(adapter_image - base_image).max()),
+            "base_again_max_abs": float(np.abs(again_base - base_image).max()),
+            "adapter_again_max_abs": float(np.abs(again_adapter - adapter_image).max()),
+        }  # fmt: skip
+    for size in SIZES:  # the base weights again, after the adapters: pooled with the first calls
+        base_times[size] += unet_calls(size)[0]
+    base = {size: float(np.median(times)) for size, times in base_times.items()}
+    for row in rows.values():
+        row["per_call_cost"] = {size: row["unet_seconds_adapter"][size] / base[size] - 1 for size in SIZES}
     return {
         "backend": backend,
-        "mode": pipe.adapter_state.modes.get("unet", mode),
+        "mode": mode,
         "load_seconds": load_seconds,
-        "unet_seconds_base": base_unet,
-        "unet_seconds_adapter": adapter_unet,
-        "per_call_cost": {size: adapter_unet[size] / base_unet[size] - 1 for size in SIZES},
-        "switch_seconds": {
-            "base_to_adapter": switch_on,
-            "adapter_weight_change": switch_weight,
-            "adapter_to_base": switch_off,
-            "again": switch_again,
-            "to_style_adapter": switch_style,
-        },
-        "unet_seconds_style_adapter": style_unet,
-        "rss_gb": {
-            "base": rss_base,
-            "adapter": rss_adapter,
-            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-        },
-        "adapter_changes_image": float(np.abs(adapter_image - base_image).max()),
-        "base_again_max_abs": float(np.abs(again_base - base_image).max()),
-        "adapter_again_max_abs": float(np.abs(again_adapter - adapter_image).max()),
+        "unet_seconds_base": base,
+        "adapters": rows,
+        "rss_gb": {"base": rss_base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6},
     }
 
 
@@ -200,10 +203,32 @@ def int8_part(work: Path, python: str, env: dict, model: Path) -> dict:
     return {**timings, **json.loads(run.stdout.strip().splitlines()[-1])}
 
 
+def touch_memory() -> None:
+    """Write TOUCH_GB of memory once and free it: on a VM, the first write to a page since boot costs the host's
+    fault (measured here: 7 s for 3.2 GB against 0.5 s for the same write later), which would land in the first
+    switch's merge and is no property of the runtime."""
+    import numpy as np
+
+    block = np.ones(TOUCH_GB * 250_000_000, dtype=np.float32)
+    del block
+
+
+def factor_share(bundle: Path, path: Path) -> float:
+    """The adapter's U-Net factors as a share of the U-Net's adaptable weights (what adapter_mode "auto" looks at)."""
+    from lcm_export.runtime.adapters import factor_shares, load_adapter, read_weight_map
+    from lcm_export.runtime.manifest import load_manifest
+
+    manifest = load_manifest(bundle, verify="size")
+    maps = {name: read_weight_map(bundle, manifest, name) for name in manifest.components}
+    maps = {name: found for name, found in maps.items() if found is not None}
+    return factor_shares(maps["unet"], [(load_adapter(path, bundle, maps), 1.0)])
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
-        bundle, adapter, backend, cache, mode, style = sys.argv[2:8]
-        print(json.dumps(measure_backend(Path(bundle), Path(adapter), backend, Path(cache), mode, Path(style))))
+        bundle, backend, cache, mode, *adapters = sys.argv[2:]
+        chosen = dict(value.split("=", 1) for value in adapters)
+        print(json.dumps(measure_backend(Path(bundle), chosen, backend, Path(cache), mode)))
         return
     if len(sys.argv) > 2 and sys.argv[1] == "--measure-int8":
         print(json.dumps(measure_int8(*(Path(value) for value in sys.argv[2:5]))))
@@ -294,14 +319,23 @@ def main() -> None:
     previous = json.loads((BENCH_DIR / "adapters-results.json").read_text()) if int8_only or switch_only else {}
     if int8_only:  # keep the switch measurements of the last full run
         results["backends"] = previous.get("backends", {})
-    for backend, mode in () if int8_only else RUNS:
+    if not int8_only:
+        touch_memory()
+    files = {"lcm-lora-r64": adapter, "style-r16": style}
+    results["adapters"] = {
+        label: {"size_bytes": path.stat().st_size, "factor_share": factor_share(bundle, path)}
+        for label, path in files.items()
+    }
+    for backend, mode, labels in () if int8_only else RUNS:
         cache = work / f"cache-{backend}"
-        command = [python, str(Path(__file__).resolve()), "--measure", str(bundle), str(adapter), backend, str(cache)]
-        run = subprocess.run([*command, mode, str(style)], check=True, env=env, stdout=subprocess.PIPE, text=True)
+        command = [python, str(Path(__file__).resolve()), "--measure", str(bundle), backend, str(cache), mode]
+        command += [f"{label}={files[label]}" for label in labels]
+        run = subprocess.run(command, check=True, env=env, stdout=subprocess.PIPE, text=True)
         results["backends"][f"{backend} {mode}"] = json.loads(run.stdout.strip().splitlines()[-1])
         print(json.dumps(results["backends"][f"{backend} {mode}"]), flush=True)
     if switch_only and "int8" in previous:  # keep the INT8 part of the last full run
         results["int8"] = previous["int8"]
+        results["int8"].setdefault("machine", previous.get("machine", {}))  # where it was measured
     else:
         results["int8"] = int8_part(work, python, env, model)
     print(json.dumps(results["int8"]), flush=True)
@@ -310,42 +344,58 @@ def main() -> None:
     common.publish_section(BENCH_DIR, "adapters-results.json", results, lines, SECTION_START, SECTION_END)
 
 
+def earlier_run(measured_on: dict | None, machine: dict) -> str:
+    """A sentence saying where a part kept from an earlier run was measured, when that is not this machine."""
+    if not measured_on or measured_on == machine:
+        return ""
+    isa = ", ".join(flag for flag, present in measured_on.get("isa", {}).items() if present)
+    return f"Measured in an earlier run on {measured_on.get('cpu', 'another CPU')} ({isa}). "
+
+
 def section_lines(results: dict) -> list[str]:
     machine = results["machine"]
     isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present)
+    adapters = results.get("adapters", {})
+    described = "; ".join(
+        f"`{label}` {entry['size_bytes'] / 1e6:.1f} MB, its factors {entry['factor_share']:.2%} of the U-Net's "
+        "adaptable weights"
+        for label, entry in adapters.items()
+    )
     lines = [
         SECTION_START,
         "## Run-time adapters (bench/adapters.py)",
         "",
-        f"SD1.5-shaped random LCM, fp32 bundle ({results['bundle_size_bytes'] / 1e9:.2f} GB), "
-        f"rank-{results['lora']['rank']} LoRA on LCM-LoRA's U-Net targets as an adapter file of "
-        f"{results['adapter_size_bytes'] / 1e6:.0f} MB; "
-        f"{results['steps']} steps, 2 threads, {machine.get('cpu', 'CPU')} ({isa}). Switch times at {SIZE} px (from a "
-        "warm page cache); U-Net time per call is the median of the calls' steps, base weights against the adapter "
-        "at weight 1.",
+        f"SD1.5-shaped random LCM, fp32 bundle ({results['bundle_size_bytes'] / 1e9:.2f} GB). Adapters: "
+        f"`lcm-lora-r64` is a rank-{RANK} LoRA on LCM-LoRA's U-Net targets (every attention, feed-forward, "
+        f"projection, ResNet convolution and time embedding), `style-r16` a rank-{STYLE_RANK} LoRA on the attention "
+        f"projections (a style LoRA's shape); {described}. {results['steps']} steps, 2 threads, "
+        f"{machine.get('cpu', 'CPU')} ({isa}). Switch times at {SIZE} px from a warm page cache; the first switch to "
+        "an adapter also opens (onnxruntime) or compiles (OpenVINO) the graph it runs on. U-Net time per call: the "
+        "median of the calls' steps, the adapter at weight 1 against the base weights (measured before the first "
+        "adapter and after the last, pooled).",
         "",
-        "| backend | adapter_mode | switch base -> adapter | weight 1 -> 0.5 | back to base | again | "
-        f"to a rank-{STYLE_RANK} attention adapter (U-Net/call {SIZE} px) | "
+        "| backend | adapter_mode | adapter | runs as | switch base -> adapter | weight 1 -> 0.5 | back to base | "
+        "again | "
         + " | ".join(f"U-Net/call {size} px: base / adapter (cost)" for size in SIZES)
-        + " | RSS base -> adapter (peak) |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(SIZES) + "---|",
+        + " | RSS base -> adapter |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(SIZES) + "---|",
     ]
-    nan = float("nan")
+    exact = True
     for entry in results["backends"].values():
-        switch, rss = entry["switch_seconds"], entry["rss_gb"]
-        calls = " | ".join(
-            f"{entry['unet_seconds_base'][str(size)]:.3f} / {entry['unet_seconds_adapter'][str(size)]:.3f} s "
-            f"({entry['per_call_cost'][str(size)]:+.1%})"
-            for size in SIZES
-        )
-        lines.append(
-            f"| {entry['backend']} | {entry['mode']} | {switch['base_to_adapter']:.2f} s | "
-            f"{switch['adapter_weight_change']:.2f} s | {switch['adapter_to_base']:.2f} s | {switch['again']:.2f} s | "
-            f"{switch.get('to_style_adapter', nan):.2f} s ({entry.get('unet_seconds_style_adapter', nan):.3f} s) | "
-            f"{calls} | {rss['base']:.1f} -> {rss['adapter']:.1f} GB ({rss['peak']:.1f}) |"
-        )
-    entries = results["backends"].values()
-    exact = all(entry["base_again_max_abs"] == 0 and entry["adapter_again_max_abs"] == 0 for entry in entries)
+        for label, row in entry.get("adapters", {}).items():
+            switch = row["switch_seconds"]
+            calls = " | ".join(
+                f"{entry['unet_seconds_base'][str(size)]:.3f} / {row['unet_seconds_adapter'][str(size)]:.3f} s "
+                f"({row['per_call_cost'][str(size)]:+.1%})"
+                for size in SIZES
+            )
+            lines.append(
+                f"| {entry['backend']} | {entry['mode']} | {label} | {row['mode']} | "
+                f"{switch['base_to_adapter']:.2f} s | {switch['adapter_weight_change']:.2f} s | "
+                f"{switch['adapter_to_base']:.2f} s | {switch['again']:.2f} s | {calls} | "
+                f"{entry['rss_gb']['base']:.1f} -> {row['rss_gb_adapter']:.1f} GB |"
+            )
+            exact = exact and row["base_again_max_abs"] == 0 and row["adapter_again_max_abs"] == 0
     lines += [
         "",
         f"Images after switching back equal the first ones {'exactly (max abs 0.0)' if exact else 'NOT exactly'}, "
@@ -357,7 +407,9 @@ def section_lines(results: dict) -> list[str]:
     if int8:
         lines += [
             "",
-            f"INT8 (fast INT8 bundles: INT8 U-Net calibrated at {SIZE} px, TAESD-shaped decoder), {SIZE} px, 4 steps, "
+            earlier_run(int8.get("machine"), machine)
+            + f"INT8 (fast INT8 bundles: INT8 U-Net calibrated at {SIZE} px, TAESD-shaped decoder), {SIZE} px, "
+            "4 steps, "
             f"mean PSNR over {len(int8['prompts'])} prompts, rank-{RANK} LoRA with alpha {INT8_ALPHA}: the INT8 base "
             "bundle with the adapter at weight 1 against the INT8 bundle exported with the LoRA fused (calibrated on "
             "its own trajectories); for scale, the same base without the adapter, and each INT8 image against the "

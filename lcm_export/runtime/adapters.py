@@ -319,15 +319,28 @@ class WeightOverrides:
         return bool(self.values)
 
 
-def _float_delta(mapped: MappedWeight, terms: list[tuple[float, AdapterLayer]]) -> np.ndarray:
-    """Σ λ·up·down in the ONNX layout of ``mapped``, float32, as one product of the stacked factors
-    ([λ₁·up₁ | λ₂·up₂ ...] · [down₁; down₂ ...]), computed directly in that layout (no transposed copy): the merge
-    of a float variant. INT8 variants use :func:`_delta`, whose rounding the JavaScript runtime repeats exactly."""
+MERGE_BLOCK_BYTES = 1 << 20  # rows of a float merge computed per product: ~1 MB, still in cache for the add
+
+
+def _merged_float(mapped: MappedWeight, terms: list[tuple[float, AdapterLayer]], base: np.ndarray) -> np.ndarray:
+    """``base`` + Σ λ·up·down in the ONNX layout of ``mapped``, float32: one product of the stacked factors
+    ([λ₁·up₁ | λ₂·up₂ ...] · [down₁; down₂ ...]), computed directly in that layout (no transposed copy), a block
+    of rows at a time into the result, each block added to the base while it is in cache (one pass over memory,
+    not three: measured 1.2 s against 2.0-2.5 s for a rank-64 adapter on the SD1.5-shaped U-Net). The merge of a
+    float variant; INT8 variants use :func:`_delta`, whose rounding the JavaScript runtime repeats exactly."""
     ups = np.concatenate([np.float32(weight) * layer.up for weight, layer in terms], axis=1)
     downs = np.concatenate([layer.down for _, layer in terms], axis=0)
-    if mapped.layout == "transposed":  # the ONNX holds (in, out) = (up·down)ᵀ = downᵀ·upᵀ
-        return np.matmul(downs.T, ups.T).reshape(mapped.shape)
-    return np.matmul(ups, downs).reshape(mapped.shape)
+    # the ONNX holds (in, out) = (up·down)ᵀ = downᵀ·upᵀ for a transposed weight
+    left, right = (downs.T, ups.T) if mapped.layout == "transposed" else (ups, downs)
+    rows, columns = left.shape[0], right.shape[1]
+    merged = np.empty((rows, columns), np.float32)
+    stored = base.reshape(rows, columns)
+    step = max(1, MERGE_BLOCK_BYTES // (4 * columns))
+    for start in range(0, rows, step):
+        block = merged[start : start + step]
+        np.matmul(left[start : start + step], right, out=block)
+        block += stored[start : start + step]  # float16 bases are widened as they are added
+    return merged.reshape(mapped.shape)
 
 
 def _delta_bound(terms: list[tuple[float, AdapterLayer]]) -> float:
@@ -422,8 +435,7 @@ def merged_weights(
             raise AdapterError(f"{what} is not adaptable (its weight map has no location): load variant='fp32'")
         if where["dtype"] in ("float32", "float16"):
             base = _mapped_location(bundle_dir, manifest, where, what)
-            merged = _float_delta(mapped, layer_terms)
-            merged += base  # in place: float16 bases are widened as they are added
+            merged = _merged_float(mapped, layer_terms, base)
             replace(where, merged if base.dtype == np.float32 else merged.astype(base.dtype))
             if base.dtype == np.float32 and _delta_bound(layer_terms) < FINITE_DELTA_BOUND:
                 finite.add(str(where["name"]))  # a finite stored weight plus a bounded ΔW: no pass over it
