@@ -39,7 +39,7 @@ STYLE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SIZE = 256  # px: the size the other CPU benchmarks time (switches, images)
 SIZES = (256, 512)  # per-call cost at both
 STEPS = 2
-CALLS = 3  # timed pipeline calls per weight set
+ROUNDS = {256: 5, 512: 3}  # alternating base / adapter pipeline calls per size for the cost per call
 INT8_ALPHA = 8  # the INT8 part's LoRA: alpha/r = 1/8
 INT8_PROMPTS = ("a photo of a cat", "a lighthouse on a cliff at dusk", "a bowl of fruit on a table")
 # (backend, adapter_mode, adapters): "auto" runs the LCM-LoRA-shaped adapter merged (inputs on onnxruntime,
@@ -63,50 +63,46 @@ def rss_gb() -> float:
 
 def measure_backend(bundle: Path, adapters: dict[str, Path], backend: str, cache: Path, mode: str) -> dict:
     """One backend's numbers in one adapter mode (run in its own process: see main), per adapter: the switches
-    (base -> adapter, weight 1 -> 0.5, back to base, base -> adapter again), the U-Net per call with it against
-    the base weights (measured before the first adapter and after the last, pooled), the RSS, and the images
-    after switching back."""
+    (base -> adapter, weight 1 -> 0.5, back to base, base -> adapter again), the RSS, the images after switching
+    back; then the U-Net per call with each adapter against a second pipeline on the base weights, calls
+    alternating between the two (a drift of the machine's speed over the run lands on both)."""
     import numpy as np
 
     from lcm_export.runtime import Pipeline
 
+    def load(**options):
+        return Pipeline.load(bundle, backend=backend, precision="fp32", threads=2, cache_dir=cache, **options)
+
     started = time.perf_counter()
-    pipe = Pipeline.load(bundle, backend=backend, precision="fp32", threads=2, cache_dir=cache, adapter_mode=mode)
+    pipe = load(adapter_mode=mode)
     load_seconds = time.perf_counter() - started
 
-    def unet_calls(size: int) -> tuple[list[float], np.ndarray]:
-        times, image = [], None
-        for _ in range(CALLS):
-            output = pipe("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, seed=1)
-            times.extend(output.timings["unet"])
-            image = output.images
-        return times, image
+    def unet_call(which, size: int) -> tuple[list[float], np.ndarray]:
+        output = which("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, seed=1)
+        return output.timings["unet"], output.images
 
     def switch(adapters: dict) -> float:
         started = time.perf_counter()
         pipe.set_adapters(adapters)
         return time.perf_counter() - started
 
-    unet_calls(SIZE)  # first call: lazy re-layouts
-    base_image = unet_calls(SIZE)[1]
-    base_times = {size: unet_calls(size)[0] for size in SIZES}
+    unet_call(pipe, SIZE)  # first call: lazy re-layouts
+    base_image = unet_call(pipe, SIZE)[1]
     rss_base = rss_gb()
     rows = {}
     for label, path in adapters.items():
         on = switch({path: 1.0})
         rss_adapter = rss_gb()
-        adapter_image = unet_calls(SIZE)[1]  # also the first call after the switch
-        adapter_times = {size: unet_calls(size)[0] for size in SIZES}
+        adapter_image = unet_call(pipe, SIZE)[1]  # also the first call after the switch
         runs_as = pipe.adapter_state.modes.get("unet", mode)
         weight = switch({path: 0.5})
         off = switch({})
-        again_base = unet_calls(SIZE)[1]
+        again_base = unet_call(pipe, SIZE)[1]
         again = switch({path: 1.0})
-        again_adapter = unet_calls(SIZE)[1]
+        again_adapter = unet_call(pipe, SIZE)[1]
         switch({})
         rows[label] = {
             "mode": runs_as,
-            "unet_seconds_adapter": {size: float(np.median(times)) for size, times in adapter_times.items()},
             "switch_seconds": {"base_to_adapter": on, "adapter_weight_change": weight, "adapter_to_base": off,
                                "again": again},
             "rss_gb_adapter": rss_adapter,
@@ -114,18 +110,33 @@ def measure_backend(bundle: Path, adapters: dict[str, Path], backend: str, cache
             "base_again_max_abs": float(np.abs(again_base - base_image).max()),
             "adapter_again_max_abs": float(np.abs(again_adapter - adapter_image).max()),
         }  # fmt: skip
-    for size in SIZES:  # the base weights again, after the adapters: pooled with the first calls
-        base_times[size] += unet_calls(size)[0]
-    base = {size: float(np.median(times)) for size, times in base_times.items()}
-    for row in rows.values():
-        row["per_call_cost"] = {size: row["unet_seconds_adapter"][size] / base[size] - 1 for size in SIZES}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # before the second pipeline
+    reference = load()  # the base weights, for the cost per call
+    unet_call(reference, SIZE)
+    base_times: dict[int, list[float]] = {size: [] for size in SIZES}
+    for label, path in adapters.items():
+        switch({path: 1.0})
+        unet_call(pipe, SIZE)
+        adapter_times: dict[int, list[float]] = {size: [] for size in SIZES}
+        for size in SIZES:
+            for _ in range(ROUNDS[size]):
+                base_times[size] += unet_call(reference, size)[0]
+                adapter_times[size] += unet_call(pipe, size)[0]
+        rows[label]["unet_seconds_adapter"] = {size: float(np.median(times)) for size, times in adapter_times.items()}
+        rows[label]["unet_seconds_base_alternating"] = {
+            size: float(np.median(base_times[size][-len(adapter_times[size]) :])) for size in SIZES
+        }
+        rows[label]["per_call_cost"] = {
+            size: rows[label]["unet_seconds_adapter"][size] / rows[label]["unet_seconds_base_alternating"][size] - 1
+            for size in SIZES
+        }
     return {
         "backend": backend,
         "mode": mode,
         "load_seconds": load_seconds,
-        "unet_seconds_base": base,
+        "unet_seconds_base": {size: float(np.median(times)) for size, times in base_times.items()},
         "adapters": rows,
-        "rss_gb": {"base": rss_base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6},
+        "rss_gb": {"base": rss_base, "peak": peak},
     }
 
 
@@ -371,8 +382,8 @@ def section_lines(results: dict) -> list[str]:
         f"projections (a style LoRA's shape); {described}. {results['steps']} steps, 2 threads, "
         f"{machine.get('cpu', 'CPU')} ({isa}). Switch times at {SIZE} px from a warm page cache; the first switch to "
         "an adapter also opens (onnxruntime) or compiles (OpenVINO) the graph it runs on. U-Net time per call: the "
-        "median of the calls' steps, the adapter at weight 1 against the base weights (measured before the first "
-        "adapter and after the last, pooled).",
+        "median of the calls' steps, the adapter at weight 1 against a second pipeline on the base weights, calls "
+        "alternating between the two. RSS: the process with the one pipeline, before the second is loaded.",
         "",
         "| backend | adapter_mode | adapter | runs as | switch base -> adapter | weight 1 -> 0.5 | back to base | "
         "again | "
@@ -384,9 +395,9 @@ def section_lines(results: dict) -> list[str]:
     for entry in results["backends"].values():
         for label, row in entry.get("adapters", {}).items():
             switch = row["switch_seconds"]
+            base, adapted = row["unet_seconds_base_alternating"], row["unet_seconds_adapter"]
             calls = " | ".join(
-                f"{entry['unet_seconds_base'][str(size)]:.3f} / {row['unet_seconds_adapter'][str(size)]:.3f} s "
-                f"({row['per_call_cost'][str(size)]:+.1%})"
+                f"{base[str(size)]:.3f} / {adapted[str(size)]:.3f} s ({row['per_call_cost'][str(size)]:+.1%})"
                 for size in SIZES
             )
             lines.append(

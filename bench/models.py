@@ -85,6 +85,15 @@ SDXL_UNET_CONFIG = dict(
     norm_num_groups=32,
     time_cond_proj_dim=256,
 )
+# SSD-1B's U-Net (segmind/SSD-1B, distilled from SDXL's): SDXL's with fewer transformer layers, 2 then 4 in the
+# down blocks (ComfyUI's detection of it: input transformer depths [0, 0, 2, 2, 4, 4]), per layer of the up blocks
+# [4, 4, 10], [2, 1, 1], [1, 1, 1], and no mid block: 1.300 B parameters, the published 1.3 B (SDXL's: 2.567 B).
+SSD1B_UNET_CONFIG = dict(
+    SDXL_UNET_CONFIG,
+    transformer_layers_per_block=(1, 2, 4),
+    reverse_transformer_layers_per_block=((4, 4, 10), (2, 1, 1), (1, 1, 1)),
+    mid_block_type=None,
+)
 # SDXL's AutoencoderKL: SD's shape, its own scaling factor and size.
 SDXL_VAE_CONFIG = {**VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 # OpenCLIP ViT-bigG/14's text tower (SDXL's text_encoder_2, CLIPTextModelWithProjection).
@@ -183,8 +192,15 @@ def build_sd15_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
     return counts
 
 
-def build_sdxl_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
-    """Write the random full-size SDXL-shaped LCM pipeline to ``output_dir`` in fp16; return parameter counts.
+def build_ssd1b_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
+    """The SSD-1B-shaped LCM pipeline (:data:`SSD1B_UNET_CONFIG`, SDXL's text encoders and VAE), as
+    :func:`build_sdxl_lcm` writes the SDXL-shaped one."""
+    return build_sdxl_lcm(output_dir, seed, SSD1B_UNET_CONFIG)
+
+
+def build_sdxl_lcm(output_dir: Path, seed: int = 0, unet_config: dict | None = None) -> dict[str, int]:
+    """Write the random full-size SDXL-shaped LCM pipeline to ``output_dir`` in fp16 (``unet_config``: another
+    SDXL-family U-Net's); return parameter counts.
 
     Each module is built in fp32 (random initialisation as diffusers/transformers do it) and halved before the next
     one is built, so the build peaks near the fp32 U-Net alone (10.3 GB), not the fp32 pipeline (14 GB). Saved by
@@ -205,7 +221,7 @@ def build_sdxl_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
         counts[name] = parameter_count(module)
         return module.half().eval()
 
-    unet = built("unet", UNet2DConditionModel(**SDXL_UNET_CONFIG))
+    unet = built("unet", UNet2DConditionModel(**(unet_config or SDXL_UNET_CONFIG)))
     text_encoder_2 = built("text_encoder_2", CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_CONFIG)))
     text_encoder = built("text_encoder", CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)))
     vae = built("vae", AutoencoderKL(**SDXL_VAE_CONFIG))

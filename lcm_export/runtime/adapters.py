@@ -1,4 +1,4 @@
-"""Run-time adapters: LoRA styles merged into a loaded bundle's weights, switched between calls without re-export.
+"""Run-time adapters: LoRA styles applied to a loaded bundle's weights, switched between calls without re-export.
 
 An adapter file (written by ``lcm-export adapter LORA --bundle BUNDLE``) is a safetensors file holding, per adapted
 weight, the LoRA's two factors keyed by the bundle's own ONNX initializer name: ``<component>/<name>.down``
@@ -14,18 +14,29 @@ for 7-bit weights (``reduce_range``), 127 otherwise), and its int32 bias requant
 ranges stay as calibrated. The base weights are read from where the component's weight map says they are (file,
 offset, length): no ONNX parser is needed.
 
-Two ways to run the merged weights (``adapter_mode``, measured in docs/design-notes.md#adapters):
+Three ways to run adapters (``adapter_mode``, measured in docs/design-notes.md#adapters):
 
-- ``"inputs"``: the float variant's *weight-inputs graph* (the same graph with every mapped weight a graph input,
-  written by the export beside the variant) runs with the weights fed at every call: the merged ones for the layers
-  the adapters touch, the stored ones (memory-mapped from the bundle) for the rest. A switch is the merge alone and
-  the session stays open (at SD1.5's size on two cores: 5 s for a rank-64 adapter on every layer, a fraction of
-  that for a rank-16 attention LoRA), for a few % per call (the backend cannot pre-pack or re-lay out weights it
-  does not know at load: +8% at 256 px, +5% at 512). onnxruntime, float variants.
+- ``"factors"``: the float variant's *factor-inputs graph* (written by the export beside it: a LoRA branch beside
+  every mapped weight, ``y + (x·down)·up``, its factors graph inputs of any rank) runs with the active adapters'
+  stacked factors fed at every call, rank 0 for the layers they do not touch. Nothing is merged: a switch binds
+  new factors to the open session (onnxruntime: one session for every set of adapters, an untouched convolution
+  fed rank-1 zeros; OpenVINO: compiled per set of ranks, its rank-0 branches cut out). Each call costs about the
+  factors' share of the weights' work (SD1.5-shaped U-Net at 256 px: +1.3% on onnxruntime and +2.7% on OpenVINO
+  for a rank-16 attention LoRA, +16.5% on onnxruntime for rank 64 on every layer). onnxruntime and OpenVINO,
+  float variants.
+- ``"inputs"``: the float variant's *weight-inputs graph* (the same graph with every mapped weight a graph input)
+  runs with the weights fed at every call: the merged ones for the layers the adapters touch, the stored ones
+  (memory-mapped from the bundle) for the rest. A switch is the merge alone and the session stays open (1.2-2 s
+  for a rank-64 adapter on every layer of the SD1.5-shaped U-Net on two cores), for a cost per call the size of
+  the weights, whatever the adapters (the backend cannot pre-pack or re-lay out weights it does not know at load).
+  onnxruntime, float variants.
 - ``"rebuild"``: the merged weights replace the initializers and a new, fully optimised session opens (onnxruntime:
   ``add_external_initializers``; OpenVINO: constants replaced before compiling): no cost per call, tens of seconds
-  per switch at SD1.5's size. OpenVINO (its CPU kernels run 2.8x slower with weights as inputs) and INT8 variants.
-- ``"auto"`` (the default): ``"inputs"`` where the backend, the variant and the bundle allow it, else ``"rebuild"``.
+  per switch at SD1.5's size. INT8 variants, and the large adapters on OpenVINO (its kernels run 2.8x slower with
+  weights as inputs).
+- ``"auto"`` (the default), per component: ``"factors"`` where the backend, the variant and the bundle allow it and
+  the active factors are at most :data:`FACTOR_SHARE_AUTO` of the weights, else ``"inputs"`` where allowed, else
+  ``"rebuild"``.
 
 Back to the base weights (``{}``), a component reopens its own optimised session (from the compiled-model cache).
 
@@ -497,11 +508,15 @@ def factor_shares(weight_map: WeightMap, active: list[tuple[Adapter, float]]) ->
     return factors / max(weights, 1)
 
 
-def factor_inputs(weight_map: WeightMap, variant: str, active: list[tuple[Adapter, float]]) -> dict[str, np.ndarray]:
+def factor_inputs(
+    weight_map: WeightMap, variant: str, active: list[tuple[Adapter, float]], untouched_conv_rank: int = 0
+) -> dict[str, np.ndarray]:
     """Every factor input of ``variant``'s factor-inputs graph for the ``active`` adapters: per branched weight W
     (by its initializer name), ``W.down`` and ``W.up`` holding the stacked factors [down₁; down₂ ...] and
     [λ₁·up₁ | λ₂·up₂ ...] in the graph's layouts (linear: (in, r) and (r, out); conv: (r, in, kh, kw) and
-    (out, r, 1, 1)), in the variant's dtype; rank 0 for a weight no adapter touches. Raises :class:`AdapterError`
+    (out, r, 1, 1)), in the variant's dtype; rank 0 for a weight no adapter touches, or for a convolution
+    ``untouched_conv_rank`` of zeros (the backend's ``FACTOR_UNTOUCHED_CONV_RANK``: onnxruntime's Conv leaves its
+    output unwritten for an input of 0 channels, where zeros add exactly nothing). Raises :class:`AdapterError`
     when an adapter touches a weight the graph has no branch for."""
     stored = weight_map.variants.get(variant, {})
     branched = set(stored.get("factor_inputs") or ())
@@ -527,7 +542,8 @@ def factor_inputs(weight_map: WeightMap, variant: str, active: list[tuple[Adapte
             ups = np.concatenate([np.float32(weight) * layer.up for weight, layer in layer_terms], axis=1)
             downs = np.concatenate([layer.down for _, layer in layer_terms], axis=0)
         else:
-            ups, downs = np.zeros((out_features, 0), np.float32), np.zeros((0, inner), np.float32)
+            empty = untouched_conv_rank if mapped.kind == "conv" else 0
+            ups, downs = np.zeros((out_features, empty), np.float32), np.zeros((empty, inner), np.float32)
         rank = downs.shape[0]
         if mapped.kind == "linear":
             down, up = downs.T, ups.T
@@ -625,7 +641,7 @@ class AdapterState:
         # path -> (file status, adapter): the last LOADED_ADAPTERS_KEPT read, checked once
         self._loaded: OrderedDict[str, tuple[tuple, Adapter]] = OrderedDict()
         self.active: tuple[tuple[Adapter, float], ...] = ()
-        self.modes: dict[str, str] = {}  # adapted component -> how its adapters run now ("inputs" or "rebuild")
+        self.modes: dict[str, str] = {}  # adapted component -> how its adapters run now (factors/inputs/rebuild)
 
     @property
     def weight_maps(self) -> dict[str, WeightMap]:
@@ -663,7 +679,8 @@ class AdapterState:
             mode = self.mode_for(denoiser, component, weight_map, terms)
             self.modes[component] = mode
             if mode == "factors":
-                values = factor_inputs(weight_map, variant.name, terms)
+                conv_rank = getattr(denoiser.backend_module, "FACTOR_UNTOUCHED_CONV_RANK", 0)
+                values = factor_inputs(weight_map, variant.name, terms, conv_rank)
                 graph = self._factor_inputs_graph(denoiser, component, weight_map, values)
                 sessions[component] = denoiser.wrap_session(WeightInputsSession(graph, values))
                 continue

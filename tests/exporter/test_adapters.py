@@ -133,6 +133,54 @@ def test_adapter_mode_that_cannot_run(sd, tmp_path) -> None:
     assert not (tmp_path / "y.png").exists()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_factors_switch_binds_new_factors(sd, tmp_path, backend) -> None:
+    """With the factors as inputs a switch between adapters of the same ranks keeps the open session (OpenVINO:
+    the compiled model; a mix of two adapters, whose ranks add up, compiles once more there); each weight set
+    gives its own image, and the mix of B at 0.3 and a copy of B at 0.4 gives B at 0.7 (the fused bundle)."""
+    copy = tmp_path / "b-copy.adapter"
+    shutil.copy(sd["adapter"], copy)
+    pipe = Pipeline.load(
+        sd["bundle_a"], backend=backend, precision="fp32", adapters={sd["adapter"]: WEIGHT_B}, adapter_mode="factors"
+    )
+    assert pipe.adapter_state.modes == {"unet": "factors", "text_encoder": "factors"}
+    sessions = {name: kept[1] for name, kept in pipe.adapter_state._factor_graphs.items()}
+    first = _images(pipe)
+    pipe.set_adapters({sd["adapter"]: 0.3})
+    assert {name: kept[1] for name, kept in pipe.adapter_state._factor_graphs.items()} == sessions
+    low = _images(pipe)
+    assert np.abs(low - first).max() > 1e-3
+    pipe.set_adapters({sd["adapter"]: 0.3, copy: WEIGHT_B - 0.3})
+    mixed = {name: kept[1] for name, kept in pipe.adapter_state._factor_graphs.items()}
+    assert (mixed["unet"] is sessions["unet"]) == (backend == "onnxruntime")  # OpenVINO: other ranks, compiled
+    assert np.abs(_images(pipe) - _images(sd["bundle_ab"], backend)).max() <= EXACT
+    pipe.set_adapters({})  # the base: the component's own session, the factor session (and its weights) let go
+    assert pipe.adapter_state._factor_graphs == {}
+    pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    assert np.abs(_images(pipe) - first).max() == 0.0
+
+
+def test_auto_runs_small_adapters_as_factors(sd, monkeypatch) -> None:
+    """adapter_mode "auto" runs an adapter as factors when its factors are at most FACTOR_SHARE_AUTO of the
+    component's adaptable weights (the tiny model's B is far above 1%: it merges, as the tests above check); the
+    share is the factors' elements over the weights' (computed here from the files themselves)."""
+    from lcm_export.runtime import adapters
+
+    tensors, _ = adapters.read_safetensors(sd["adapter"])
+    weight_map = json.loads((sd["bundle_a"] / "unet" / "weights.json").read_text())
+    factors = sum(value.size for key, value in tensors.items() if key.startswith("unet/"))
+    share = factors / sum(math.prod(entry["shape"]) for entry in weight_map["weights"].values())
+    pipe = Pipeline.load(sd["bundle_a"], backend="onnxruntime", precision="fp32", adapters={sd["adapter"]: WEIGHT_B})
+    state = pipe.adapter_state
+    assert adapters.factor_shares(state.weight_maps["unet"], list(state.active)) == pytest.approx(share, rel=1e-12)
+    assert share > adapters.FACTOR_SHARE_AUTO and state.modes["unet"] == "inputs"
+    monkeypatch.setattr(adapters, "FACTOR_SHARE_AUTO", share)
+    for backend in BACKENDS:
+        pipe = Pipeline.load(sd["bundle_a"], backend=backend, precision="fp32", adapters={sd["adapter"]: WEIGHT_B})
+        assert pipe.adapter_state.modes["unet"] == "factors"
+        assert np.abs(_images(pipe) - _images(sd["bundle_ab"], backend)).max() <= EXACT
+
+
 def test_adapters_mix_as_a_sum(sd, tmp_path) -> None:
     """Two adapters at λ1 and λ2 add their deltas: B at 0.3 and a copy of B at 0.4 are B at 0.7."""
     copy = tmp_path / "b-copy.adapter"
@@ -160,6 +208,25 @@ def test_weight_map_is_in_the_manifest(sd) -> None:
         assert len(mapped) == len(weight_map["weights"])
         assert mapped <= {value.name for value in graph.input}
         assert not mapped & {tensor.name for tensor in graph.initializer}
+        # the factor-inputs graph: every mapped weight still an initializer, each with a branch of two factor
+        # inputs of a symbolic rank beside it, in the layouts the runtime feeds (bundle-format.md)
+        variant = weight_map["variants"]["fp32"]
+        factor_path = variant["factor_inputs_graph"]
+        assert factor_path == f"{name}/model.factor-inputs.onnx" and factor_path in listed
+        assert sorted(variant["factor_inputs"]) == sorted(weight_map["weights"])
+        factor_graph = onnx.load(str(sd["bundle_a"] / factor_path), load_external_data=False).graph
+        assert mapped <= {tensor.name for tensor in factor_graph.initializer}
+        inputs = {value.name: value.type.tensor_type.shape.dim for value in factor_graph.input}
+        for key, where in variant["tensors"].items():
+            down, up = inputs[f"{where['name']}.down"], inputs[f"{where['name']}.up"]
+            entry = weight_map["weights"][key]
+            torch_shape = entry["shape"][::-1] if entry["layout"] == "transposed" else entry["shape"]
+            if entry["kind"] == "linear":
+                assert [d.dim_value for d in down][:1] == [torch_shape[1]] and down[1].dim_param
+                assert up[0].dim_param == down[1].dim_param and up[1].dim_value == torch_shape[0]
+            else:
+                assert down[0].dim_param and [d.dim_value for d in down[1:]] == torch_shape[1:]
+                assert [d.dim_value for d in up] == [torch_shape[0], 0, 1, 1] and up[1].dim_param == down[0].dim_param
     assert "weight_map" not in manifest["components"]["vae_decoder"]
 
 
@@ -209,8 +276,12 @@ def test_sdxl_adapter_gives_the_fused_image(other_sdxl_bundle, sdxl_ab_bundle, b
     bundle_ab, adapter = sdxl_ab_bundle
     fused = _images(bundle_ab, backend)
     assert np.abs(_images(other_sdxl_bundle, backend) - fused).max() > 1e-2
-    pipe = Pipeline.load(other_sdxl_bundle, backend=backend, precision="fp32", adapters={adapter: 0.5})
-    assert np.abs(_images(pipe) - fused).max() <= EXACT
+    for mode in ("auto", "factors"):
+        pipe = Pipeline.load(
+            other_sdxl_bundle, backend=backend, precision="fp32", adapters={adapter: 0.5}, adapter_mode=mode
+        )
+        assert set(pipe.adapter_state.modes) == {"unet", "text_encoder", "text_encoder_2"}
+        assert np.abs(_images(pipe) - fused).max() <= EXACT, mode
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +336,27 @@ def _stored(bundle: Path, where: dict) -> np.ndarray:
     count = math.prod(where["shape"]) if where["shape"] else 1
     values = np.fromfile(bundle / where["file"], dtype=where["dtype"], count=count, offset=where["offset"])
     return values.reshape(where["shape"])
+
+
+@pytest.mark.slow
+def test_factors_mode_where_it_cannot_run(int8_bundles, tmp_path) -> None:
+    """adapter_mode='factors' on an INT8 variant: one line saying what to load instead; "auto" merges there."""
+    bundle_a, _, adapter = int8_bundles
+    with pytest.raises(AdapterError) as error:
+        Pipeline.load(
+            bundle_a, backend="onnxruntime", precision="fp32", adapters={adapter: 1.0}, adapter_mode="factors"
+        )
+    assert str(error.value) == (
+        "adapter_mode='factors': the unet runs an int8 variant: load with variant='fp32', or pass adapter_mode='auto'"
+    )
+    result = run_module(
+        "lcm_export.runtime.cli", bundle_a, "a cat", "--adapter", adapter, "--adapter-mode", "factors",
+        "-o", tmp_path / "y.png",
+    )  # fmt: skip
+    assert_one_line_error(result, "adapter_mode='factors': the unet runs an int8 variant", "load with variant='fp32'")
+    assert not (tmp_path / "y.png").exists()
+    pipe = Pipeline.load(bundle_a, backend="onnxruntime", precision="fp32", adapters={adapter: 1.0})
+    assert pipe.adapter_state.modes["unet"] == "rebuild"
 
 
 @pytest.mark.slow

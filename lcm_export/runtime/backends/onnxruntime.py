@@ -49,6 +49,9 @@ COMPUTE_PRECISIONS = ("auto", "fp32")
 ADAPTERS = True
 WEIGHT_INPUTS = True  # run-time adapters may feed the weights as graph inputs (lcm_export.runtime.adapters)
 FACTOR_INPUTS = True  # ... or their LoRA factors, to branches beside the weights (any rank, rank 0 included)
+# but an untouched convolution's branch gets rank-1 zeros: onnxruntime's Conv (1.30 in Node and WASM, measured by
+# the JavaScript runtime's tests) leaves its output unwritten for an input of 0 channels.
+FACTOR_UNTOUCHED_CONV_RANK = 1
 # InferenceSession.run may be called from several threads at once, but two concurrent runs share the cores their
 # thread pools each want: a lock per session measured better with 2 threads (bench/RESULTS.md, "Threads").
 THREAD_SAFE = False
