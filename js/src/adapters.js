@@ -438,8 +438,9 @@ export function factorShares(map, active) {
  * per weight W of the map's `factor_inputs` (by its initializer name), `W.down` and `W.up` holding the stacked
  * factors [down₁; down₂ …] and [λ₁·up₁ | λ₂·up₂ …] (each λ·up rounded to float32) in the graph's layouts (linear:
  * (in, r) and (r, out); conv: (r, in, kh, kw) and (out, r, 1, 1)), in the variant's stored dtype (fp16 as half
- * bits); rank 0 (empty tensors) for a weight no adapter touches. An AdapterError when an adapter touches a weight
- * the graph has no branch for.
+ * bits); for a weight no adapter touches rank 0 (empty tensors), or for a conv rank 1 of zeros (onnxruntime's Conv
+ * does not write its output for an input of 0 channels). An AdapterError when an adapter touches a weight the graph
+ * has no branch for.
  * @param {WeightMap} map @param {any} variant @param {Array<[Adapter, number]>} active
  * @returns {Record<string, WeightInput>}
  */
@@ -463,7 +464,10 @@ export function factorInputs(map, variant, active) {
     const out = shape[0];
     const inner = product(shape.slice(1));
     const layerTerms = terms.get(name) || [];
-    const rank = layerTerms.reduce((sum, [, layer]) => sum + layer.rank, 0);
+    // A conv no adapter touches gets rank 1 with zero factors, not rank 0: onnxruntime's Conv (1.30, node and WASM)
+    // leaves its output uninitialised when its input has 0 channels (seen as NaN and stray values), where MatMul
+    // with an inner size of 0 writes zeros. Zero factors add exactly 0, at the cost of one output channel.
+    const rank = layerTerms.reduce((sum, [, layer]) => sum + layer.rank, 0) || (mapped.kind === "conv" ? 1 : 0);
     // ups (out, rank): [λ₁·up₁ | λ₂·up₂ …]; downs (rank, inner): [down₁; down₂ …]
     const ups = new Float32Array(out * rank);
     const downs = new Float32Array(rank * inner);
