@@ -1,4 +1,4 @@
-"""The Python runtime's adapter_mode "factors" for js/test/adapters.test.js (run by it: python factors_reference.py SPEC).
+"""The Python runtime's adapter_mode "factors" for js/test/adapters.test.js (which runs it: factors_reference.py SPEC).
 
 SPEC is JSON: {"out": folder, "cases": [{"name", "bundle", "adapter", "second", "weight", "second_weight", "seed",
 "steps"}]}. Per case, into ``out``: the image with the adapter at ``weight`` in factors mode (onnxruntime, the
