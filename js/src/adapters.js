@@ -1,18 +1,25 @@
 /**
  * Run-time adapters (docs/bundle-format.md, "Weight maps and adapter files"): LoRA styles made by `lcm-export
- * adapter` merged into the bundle's weights, W' = W + Σ λᵢ·upᵢ·downᵢ, always from the base bytes (so A -> base -> A
- * gives A's image exactly), on an INT8 variant dequantised, merged and requantised per output channel in the range
- * its recipe used. Two ways to run the merged weights (`adapterMode`, as the Python runtime's `adapter_mode`):
+ * adapter` applied to the bundle's weights, W' = W + Σ λᵢ·upᵢ·downᵢ, always from the base weights (so A -> base -> A
+ * gives A's image exactly): merged from the base bytes (on an INT8 variant dequantised, merged and requantised per
+ * output channel in the range its recipe used), or run beside them as factors. Three ways to run them
+ * (`adapterMode`, as the Python runtime's `adapter_mode`):
  *
  * - "rebuild": the merged values are written into copies of the files that hold them (the weight map says where:
  *   file, offset, length) and the pipeline opens new sessions on those bytes (patchedFiles).
  * - "inputs": a float variant's weight-inputs graph (its mapped weights are graph inputs; the weight map's
  *   `weight_inputs_graph`) is opened once and fed every mapped weight with every call: the merged ones for the layers
  *   the adapters change, the stored ones for the rest (baseWeightInputs, weightInputs). A switch is the merge alone.
- * - "auto" (the default): "inputs" where the backend, the variant and the bundle allow it, else "rebuild".
+ * - "factors": a float variant's factor-inputs graph (a LoRA branch beside each mapped MatMul/Gemm/Conv weight, its
+ *   two factors graph inputs of any rank; the weight map's `factor_inputs_graph` and `factor_inputs`) is opened once
+ *   while the component runs so and fed the active adapters' stacked factors with every call (factorInputs): nothing
+ *   is merged, a switch binds new factors, each call costs about the factors' share of the weights (factorShares).
+ * - "auto" (the default): "factors" where the backend, the variant and the bundle allow it and the factors are at
+ *   most FACTOR_SHARE_AUTO of the component's adaptable weights, else "inputs" where they allow it, else "rebuild".
  *
- * Both modes merge with the same arithmetic (mergeFloat), so they give the same float32 values. The same checks as
- * the Python runtime's (lcm_export/runtime/adapters.py), with the same messages.
+ * "inputs" and "rebuild" merge with the same arithmetic (mergeFloat), so they give the same float32 values;
+ * "factors" computes W·x + up·(down·x) in the graph, which differs from them by float rounding only. The same checks
+ * as the Python runtime's (lcm_export/runtime/adapters.py), with the same messages.
  * @module
  */
 
@@ -23,7 +30,12 @@ import { isNode } from "./source.js";
 export const WEIGHT_MAP_FORMAT = "lcm-export-weight-map";
 export const ADAPTER_FORMAT = "lcm-export-adapter";
 export const ADAPTER_VERSION = "1";
-export const ADAPTER_MODES = ["auto", "inputs", "rebuild"];
+export const ADAPTER_MODES = ["auto", "factors", "inputs", "rebuild"];
+/**
+ * "auto" runs a component's adapters as factor inputs while their factors are at most this share of its adaptable
+ * weights (the Python runtime's FACTOR_SHARE_AUTO, measured there: docs/design-notes.md#adapters); above it, merged.
+ */
+export const FACTOR_SHARE_AUTO = 0.01;
 const MAX_HEADER_BYTES = 100_000_000;
 const INT8_LEVELS = 127; // symmetric int8 weights in [-127, 127]; [-64, 64] with the recipe's reduce_range
 const INT8_REDUCED_LEVELS = 64;
@@ -216,12 +228,12 @@ export function checkAdapterWeights(adapters) {
   return entries.map(([file, weight]) => [String(file), weight]);
 }
 
-/** `adapterMode` checked: one of ADAPTER_MODES. @param {unknown} mode @returns {"auto" | "inputs" | "rebuild"} */
+/** `adapterMode` checked: one of ADAPTER_MODES. @param {unknown} mode @returns {"auto" | "factors" | "inputs" | "rebuild"} */
 export function checkAdapterMode(mode) {
   if (typeof mode !== "string" || !ADAPTER_MODES.includes(mode)) {
     throw new UserError(`adapterMode=${JSON.stringify(mode) ?? String(mode)}: pick one of ${ADAPTER_MODES.join(", ")}`);
   }
-  return /** @type {"auto" | "inputs" | "rebuild"} */ (mode);
+  return /** @type {"auto" | "factors" | "inputs" | "rebuild"} */ (mode);
 }
 
 /** The bytes of an adapter file: a path (Node) or a URL. @param {string} file */
@@ -402,6 +414,87 @@ export function weightInputs(base, map, variant, active) {
     if (!given || !isFloat(where)) throw new AdapterError(`${what} is not a weight input of its graph: re-export the bundle`);
     const values = Float64Array.from(given.dtype === "float16" ? fromFloat16(/** @type {Uint16Array} */ (given.data)) : given.data);
     inputs[where.name] = { ...given, data: encodeValues(where.dtype, mergeFloat(values, mapped, layerTerms, map.component, where.name)) };
+  }
+  return inputs;
+}
+
+/**
+ * The `active` adapters' factors for `map`'s component as a share of its adaptable weights (elements): roughly what
+ * a call on the factor-inputs graph adds (Python: factor_shares). What "auto" compares with FACTOR_SHARE_AUTO.
+ * @param {WeightMap} map @param {Array<[Adapter, number]>} active @returns {number}
+ */
+export function factorShares(map, active) {
+  let factors = 0;
+  for (const [adapter, weight] of active) {
+    if (weight === 0) continue;
+    for (const layer of adapter.layers) if (layer.component === map.component) factors += layer.up.length + layer.down.length;
+  }
+  const weights = Object.values(map.weights).reduce((sum, mapped) => sum + product(mapped.shape), 0);
+  return factors / Math.max(weights, 1);
+}
+
+/**
+ * Every factor input of float `variant`'s factor-inputs graph with the `active` adapters (Python: factor_inputs):
+ * per weight W of the map's `factor_inputs` (by its initializer name), `W.down` and `W.up` holding the stacked
+ * factors [down₁; down₂ …] and [λ₁·up₁ | λ₂·up₂ …] (each λ·up rounded to float32) in the graph's layouts (linear:
+ * (in, r) and (r, out); conv: (r, in, kh, kw) and (out, r, 1, 1)), in the variant's stored dtype (fp16 as half
+ * bits); for a weight no adapter touches rank 0 (empty tensors), or for a conv rank 1 of zeros (onnxruntime's Conv
+ * does not write its output for an input of 0 channels). An AdapterError when an adapter touches a weight the graph
+ * has no branch for.
+ * @param {WeightMap} map @param {any} variant @param {Array<[Adapter, number]>} active
+ * @returns {Record<string, WeightInput>}
+ */
+export function factorInputs(map, variant, active) {
+  const stored = storedVariant(map, variant);
+  const branched = new Set(Array.isArray(stored.factor_inputs) ? stored.factor_inputs : []);
+  const terms = termsByWeight(map, active);
+  const missing = [...terms.keys()].filter((name) => !branched.has(name)).sort();
+  if (missing.length) {
+    throw new AdapterError(`the ${map.component} weight '${missing[0]}' (${map.weights[missing[0]]?.module}) has no factor branch in this bundle: pass adapterMode "auto" (or "inputs" / "rebuild")`);
+  }
+  /** @type {Record<string, WeightInput>} */
+  const inputs = {};
+  for (const name of [...branched].sort()) {
+    const mapped = map.weights[name];
+    const where = stored.tensors?.[name];
+    if (!mapped || !where || !isFloat(where)) {
+      throw new AdapterError(`weight map '${map.path}': the factor input '${name}' of variant '${variant.name}' is not a float weight of its map: re-export the bundle`);
+    }
+    const shape = torchShape(mapped);
+    const out = shape[0];
+    const inner = product(shape.slice(1));
+    const layerTerms = terms.get(name) || [];
+    // A conv no adapter touches gets rank 1 with zero factors, not rank 0: onnxruntime's Conv (1.30, node and WASM)
+    // leaves its output uninitialised when its input has 0 channels (seen as NaN and stray values), where MatMul
+    // with an inner size of 0 writes zeros. Zero factors add exactly 0, at the cost of one output channel.
+    const rank = layerTerms.reduce((sum, [, layer]) => sum + layer.rank, 0) || (mapped.kind === "conv" ? 1 : 0);
+    // ups (out, rank): [λ₁·up₁ | λ₂·up₂ …]; downs (rank, inner): [down₁; down₂ …]
+    const ups = new Float32Array(out * rank);
+    const downs = new Float32Array(rank * inner);
+    let first = 0;
+    for (const [weight, layer] of layerTerms) {
+      const lambda = Math.fround(weight);
+      for (let o = 0; o < out; o++) {
+        for (let k = 0; k < layer.rank; k++) ups[o * rank + first + k] = lambda * layer.up[o * layer.rank + k];
+      }
+      downs.set(layer.down, first * inner);
+      first += layer.rank;
+    }
+    let down = downs;
+    let up = ups;
+    let dims;
+    if (mapped.kind === "linear") {
+      down = new Float32Array(inner * rank); // downsᵀ: (in, rank)
+      for (let k = 0; k < rank; k++) for (let i = 0; i < inner; i++) down[i * rank + k] = downs[k * inner + i];
+      up = new Float32Array(rank * out); // upsᵀ: (rank, out)
+      for (let o = 0; o < out; o++) for (let k = 0; k < rank; k++) up[k * out + o] = ups[o * rank + k];
+      dims = { down: [inner, rank], up: [rank, out] };
+    } else {
+      dims = { down: [rank, ...shape.slice(1)], up: [out, rank, 1, 1] }; // the same memory, reshaped
+    }
+    const encode = (values) => (where.dtype === "float16" ? toFloat16(values) : values);
+    inputs[`${where.name}.down`] = { dtype: where.dtype, data: encode(down), dims: dims.down };
+    inputs[`${where.name}.up`] = { dtype: where.dtype, data: encode(up), dims: dims.up };
   }
   return inputs;
 }

@@ -13,6 +13,9 @@ import {
   checkAdapter,
   checkAdapterMode,
   checkAdapterWeights,
+  FACTOR_SHARE_AUTO,
+  factorInputs,
+  factorShares,
   patchedFiles,
   readAdapterFile,
   readWeightMaps,
@@ -153,6 +156,11 @@ function perControlNet(name, value, count, low, high) {
 
 /** The backends whose sessions can take their weights as inputs with every call (adapterMode "inputs"). */
 const WEIGHT_INPUT_BACKENDS = ["node", "wasm"];
+/**
+ * The backends that run a factor-inputs graph with every rank, rank 0 (empty factors) included (adapterMode
+ * "factors"): onnxruntime's CPU kernels, in Node and in WASM.
+ */
+const FACTOR_INPUT_BACKENDS = ["node", "wasm"];
 
 /** Remove a temporary folder of adapted files (Node). @param {string} folder */
 async function removeFolder(folder) {
@@ -205,12 +213,15 @@ export class Pipeline {
     this.activeAdapters = [];
     /** @type {Record<string, import("./adapters.js").WeightMap> | null} read on the first setAdapters */
     this.weightMaps = null;
-    /** @type {"auto" | "inputs" | "rebuild"} how adapters run, as asked at load (adapterModes: as they run) */
+    /** @type {"auto" | "factors" | "inputs" | "rebuild"} how adapters run, as asked at load (adapterModes: as they run) */
     this.adapterMode = "auto";
-    /** @private @type {Record<string, "inputs" | "rebuild">} component -> how its active adapters run */
+    /** @private @type {Record<string, "factors" | "inputs" | "rebuild">} component -> how its active adapters run */
     this.modes = {};
     /** @private @type {Record<string, any>} component -> its weight-inputs graph's session (opened once, kept) */
     this.weightGraphs = {};
+    /** @private @type {Record<string, {session: any, folder: string | null}>} component -> its factor-inputs graph's
+     * session (and temporary folder), kept while the component runs its adapters as factors: it holds the weights */
+    this.factorGraphs = {};
     /** @private @type {Record<string, Record<string, import("./adapters.js").WeightInput>>} the stored weights a
      * component in "inputs" mode is fed for the layers no adapter changes (read once, kept while it runs so) */
     this.storedWeights = {};
@@ -234,11 +245,14 @@ export class Pipeline {
    * @param {string | URL} location a bundle folder (Node) or base URL
    * @param {{backend?: "auto" | "node" | "wasm" | "webgpu", precision?: "auto" | "fp32" | "fp16" | "int8",
    *          verify?: "full" | "cached" | "size", cacheDir?: string, threads?: number, sessionOptions?: object,
-   *          adapters?: Record<string, number>, adapterMode?: "auto" | "inputs" | "rebuild"}} [options]
-   *   adapters: {file: weight} made by lcm-export adapter (see setAdapters); adapterMode: how they run: "inputs" (the
-   *   weights fed with every call to one session kept open: a switch is the merge alone; node and wasm, float
-   *   variants), "rebuild" (merged into a new session per switch: no cost per call) or "auto" (the default: "inputs"
-   *   where it runs, else "rebuild")
+   *          adapters?: Record<string, number>, adapterMode?: "auto" | "factors" | "inputs" | "rebuild"}} [options]
+   *   adapters: {file: weight} made by lcm-export adapter (see setAdapters); adapterMode: how they run: "factors"
+   *   (each adapted layer's LoRA factors fed with every call to a branch beside it, on one session kept while they
+   *   run so: a switch binds them, each call slower by about the factors' share of the weights; node and wasm, float
+   *   variants), "inputs" (the merged weights fed with every call to one session kept open: a switch is the merge
+   *   alone, each call slower by the weights the backend cannot pre-pack; node and wasm, float variants), "rebuild"
+   *   (merged into a new session per switch: no cost per call) or "auto" (the default: "factors" where it runs and
+   *   the factors are at most 1% of the component's adaptable weights, else "inputs" where it runs, else "rebuild")
    * @returns {Promise<Pipeline>}
    */
   static async load(location, options = {}) {
@@ -279,11 +293,13 @@ export class Pipeline {
 
   /**
    * Run the next calls with these adapters (files from `lcm-export adapter`, paths in Node or URLs) at these
-   * weights, mixed: W + Σ λᵢ·Bᵢ·Aᵢ, always merged from the base weights (`{}`: the base). Every file and weight is
+   * weights, mixed: W + Σ λᵢ·Bᵢ·Aᵢ, always from the base weights (`{}`: the base). Every file and weight is
    * checked first (an AdapterError naming the file); the components they change get their new weights, swapped in
-   * when no call is running (a call in progress finishes on the weights it started with): in "inputs" mode the
-   * merged weights their weight-inputs graph's session (opened once) is fed, in "rebuild" mode new sessions on the
-   * patched bytes; back to the base (`{}`), a component's own session again (adapterModes says which runs).
+   * when no call is running (a call in progress finishes on the weights it started with): in "factors" mode the
+   * stacked factors their factor-inputs graph's session (opened at the first switch to factors) is fed, in "inputs"
+   * mode the merged weights their weight-inputs graph's session (opened once) is fed, in "rebuild" mode new sessions
+   * on the patched bytes; back to the base (`{}`), a component's own session again, its factor-inputs session
+   * closed (adapterModes says which runs).
    * @param {Record<string, number> | Map<string, number>} adapters
    * @returns {Promise<void>}
    */
@@ -306,14 +322,18 @@ export class Pipeline {
     const touched = new Set([...this.activeAdapters, ...wanted].flatMap(([adapter]) => adapter.components));
     const sessions = {};
     const folders = {};
-    /** @type {Record<string, {stored: Record<string, any>, tensors: Record<string, any>} | null>} "inputs" mode */
+    /** @type {Record<string, {stored: Record<string, any> | null, tensors: Record<string, any>} | null>} "inputs" and
+     * "factors" modes: what every call feeds (and the stored weights, "inputs") */
     const fed = {};
-    /** @type {Record<string, "inputs" | "rebuild">} */
+    /** @type {Record<string, "factors" | "inputs" | "rebuild">} */
     const modes = {};
+    /** @type {Record<string, {session: any, folder: string | null}>} factor-inputs sessions opened here */
+    const factorOpened = {};
     const created = []; // the sessions opened here (a weight-inputs graph's is kept even when this call fails)
     const release = async () => {
       for (const session of created) await /** @type {any} */ (session).release?.();
       for (const folder of Object.values(folders)) await removeFolder(folder);
+      for (const { folder } of Object.values(factorOpened)) if (folder) await removeFolder(folder);
     };
     try {
       for (const component of [...touched].sort()) {
@@ -322,8 +342,18 @@ export class Pipeline {
         const map = /** @type {any} */ (this.weightMaps)[component];
         const variant = this.variants[component].variant;
         fed[component] = null;
-        const mode = terms.length ? this.modeFor(component, map) : null;
+        const mode = terms.length ? this.modeFor(component, map, terms) : null;
         if (mode) modes[component] = mode;
+        if (mode === "factors") {
+          const inputs = factorInputs(map, variant, terms); // before a session opens: its errors are the adapter's
+          if (!this.factorGraphs[component]) {
+            factorOpened[component] = await this.factorInputsGraph(component, map);
+            created.push(factorOpened[component].session);
+          }
+          sessions[component] = (this.factorGraphs[component] || factorOpened[component]).session;
+          fed[component] = { stored: null, tensors: this.weightTensors(inputs) };
+          continue;
+        }
         if (mode === "inputs") {
           sessions[component] = await this.weightInputsGraph(component, map);
           const stored = this.storedWeights[component] || (await baseWeightInputs((file) => this.source.read(file), map, variant));
@@ -349,51 +379,107 @@ export class Pipeline {
       throw error;
     }
     const old = Object.keys(sessions).map((name) => [this.sessions[name], this.adaptedFolders[name]]);
+    /** @type {Array<{session: any, folder: string | null}>} factor-inputs sessions no component runs any more */
+    const dropped = [];
     for (const name of Object.keys(sessions)) {
       this.sessions[name] = sessions[name];
       if (folders[name]) this.adaptedFolders[name] = folders[name];
       else delete this.adaptedFolders[name];
       const weights = fed[name];
-      if (weights) {
-        this.fedWeights[name] = weights.tensors;
-        this.storedWeights[name] = weights.stored;
-      } else {
-        delete this.fedWeights[name];
-        delete this.storedWeights[name]; // back to a session holding its weights: the copy is not needed
-      }
+      if (weights) this.fedWeights[name] = weights.tensors;
+      else delete this.fedWeights[name];
+      if (weights?.stored) this.storedWeights[name] = weights.stored;
+      else delete this.storedWeights[name]; // a session holding its weights, or factors: the copy is not needed
       if (modes[name]) this.modes[name] = modes[name];
       else delete this.modes[name];
+      if (modes[name] === "factors") {
+        if (factorOpened[name]) this.factorGraphs[name] = factorOpened[name];
+      } else if (this.factorGraphs[name]) {
+        dropped.push(this.factorGraphs[name]); // it holds the weights: not kept beside another session
+        delete this.factorGraphs[name];
+      }
     }
     this.activeAdapters = wanted;
     this.weightsVersion += 1;
-    const kept = new Set([...Object.values(this.sessions), ...Object.values(this.weightGraphs)]);
+    const kept = new Set([
+      ...Object.values(this.sessions),
+      ...Object.values(this.weightGraphs),
+      ...Object.values(this.factorGraphs).map((graph) => graph.session),
+    ]);
+    const closing = new Set();
     for (const [session, folder] of old) {
-      if (!kept.has(session)) await session?.release?.();
+      if (session && !kept.has(session)) closing.add(session);
       if (folder) await removeFolder(folder);
     }
+    for (const { session } of dropped) if (!kept.has(session)) closing.add(session);
+    for (const session of closing) await session.release?.();
+    for (const { folder } of dropped) if (folder) await removeFolder(folder);
   }
 
   /**
-   * How `component`'s adapters run: "inputs" where adapterMode allows it and the backend (node, wasm), the variant
-   * (float) and the bundle (a weight-inputs graph) do, else "rebuild"; adapterMode "inputs" where one of them does
-   * not is an AdapterError saying which (as the Python runtime's AdapterState.mode_for).
+   * How `component`'s adapters (`terms`) run, as the Python runtime's AdapterState.mode_for: "factors" where the
+   * backend (node, wasm), the variant (float) and the bundle (a factor-inputs graph with a branch for every weight
+   * the adapters touch) allow it and, for "auto", their factors are at most FACTOR_SHARE_AUTO of the component's
+   * adaptable weights; else "inputs" where the backend (node, wasm), the variant and the bundle (a weight-inputs
+   * graph) allow it; else "rebuild". adapterMode "factors" or "inputs" where one of them does not is an
+   * AdapterError saying which.
    * @private @param {string} component @param {import("./adapters.js").WeightMap} map
-   * @returns {"inputs" | "rebuild"}
+   * @param {Array<[import("./adapters.js").Adapter, number]>} terms
+   * @returns {"factors" | "inputs" | "rebuild"}
    */
-  modeFor(component, map) {
+  modeFor(component, map, terms) {
     const variant = this.variants[component].variant;
     const stored = map.variants[variant.name] || {};
-    let missing = null;
-    if (!WEIGHT_INPUT_BACKENDS.includes(this.backend)) {
-      missing = `backend "${this.backend}" runs adapters by rebuilding its sessions (it would upload every weight with every call): load with backend "node" or "wasm"`;
-    } else if (!["fp32", "fp16"].includes(variant.precision)) {
-      missing = `the ${component} runs an ${variant.precision} variant: load with precision "fp32"`;
-    } else if (typeof stored.weight_inputs_graph !== "string") {
-      missing = `the bundle has no weight-inputs graph for its ${component}: re-export it`;
+    const floating = ["fp32", "fp16"].includes(variant.precision);
+    const touched = new Set(terms.flatMap(([adapter]) => adapter.layers.filter((l) => l.component === component).map((l) => l.weight)));
+    const branched = new Set(Array.isArray(stored.factor_inputs) ? stored.factor_inputs : []);
+    let noFactors = null;
+    if (!FACTOR_INPUT_BACKENDS.includes(this.backend)) {
+      noFactors = `backend "${this.backend}" does not run adapters as factor inputs: load with backend "node" or "wasm"`;
+    } else if (!floating) {
+      noFactors = `the ${component} runs an ${variant.precision} variant: load with precision "fp32"`;
+    } else if (typeof stored.factor_inputs_graph !== "string") {
+      noFactors = `the bundle has no factor-inputs graph for its ${component}: re-export it`;
+    } else if ([...touched].some((weight) => !branched.has(weight))) {
+      noFactors = `the bundle's ${component} factor-inputs graph has no branch for some weights they adapt`;
     }
-    if (missing === null && this.adapterMode !== "rebuild") return "inputs";
-    if (this.adapterMode === "inputs") throw new AdapterError(`adapterMode="inputs": ${missing}, or pass adapterMode "auto"`);
+    let noInputs = null;
+    if (!WEIGHT_INPUT_BACKENDS.includes(this.backend)) {
+      noInputs = `backend "${this.backend}" runs adapters by rebuilding its sessions (it would upload every weight with every call): load with backend "node" or "wasm"`;
+    } else if (!floating) {
+      noInputs = `the ${component} runs an ${variant.precision} variant: load with precision "fp32"`;
+    } else if (typeof stored.weight_inputs_graph !== "string") {
+      noInputs = `the bundle has no weight-inputs graph for its ${component}: re-export it`;
+    }
+    if (this.adapterMode === "factors" || this.adapterMode === "inputs") {
+      const missing = this.adapterMode === "factors" ? noFactors : noInputs;
+      if (missing !== null) throw new AdapterError(`adapterMode="${this.adapterMode}": ${missing}, or pass adapterMode "auto"`);
+      return this.adapterMode;
+    }
+    if (this.adapterMode === "auto") {
+      if (noFactors === null && factorShares(map, terms) <= FACTOR_SHARE_AUTO) return "factors";
+      if (noInputs === null) return "inputs";
+    }
     return "rebuild";
+  }
+
+  /**
+   * A session on `component`'s factor-inputs graph (bundle-format.md, "Weight maps and adapter files"), its file's
+   * sha256 checked first as every opened file's, with its temporary folder (onnxruntime-node without file paths);
+   * onnxruntime runs it with factors of any rank, so one serves every set of adapters. setAdapters keeps it while
+   * the component runs as factors.
+   * @private @param {string} component @param {import("./adapters.js").WeightMap} map
+   * @returns {Promise<{session: any, folder: string | null}>}
+   */
+  async factorInputsGraph(component, map) {
+    const variant = this.variants[component].variant;
+    const graph = map.variants[variant.name].factor_inputs_graph;
+    const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
+    if (!this.manifest.files.some((entry) => entry.path === graph) || !graph.startsWith(folder) || graph.slice(folder.length).includes("/")) {
+      throw new AdapterError(`weight map '${map.path}' names '${graph}', which the manifest does not list beside ${variant.path}: re-export the bundle`);
+    }
+    const [session, temporary] = await this.createSession(component, new Map(), graph);
+    return { session, folder: temporary };
   }
 
   /**
@@ -421,7 +507,7 @@ export class Pipeline {
     return Object.fromEntries(Object.entries(inputs).map(([name, input]) => [name, new ort.Tensor(input.dtype, input.data, input.dims)]));
   }
 
-  /** How each component with active adapters runs them, {component: "inputs" | "rebuild"} ({} on the base). */
+  /** How each component with active adapters runs them, {component: "factors" | "inputs" | "rebuild"} ({} on the base). */
   get adapterModes() {
     return { ...this.modes };
   }
@@ -477,9 +563,9 @@ export class Pipeline {
   /**
    * A session of `name` on its chosen variant, `patched` (bundle path -> bytes) replacing those files' bytes
    * (run-time adapters "rebuild"), or on the graph at bundle path `graph` instead of the variant's .onnx with the
-   * variant's external data (its weight-inputs graph, beside it). onnxruntime-node reads external data from beside
-   * a model path only: patched files of a model with external data are written to a temporary folder (returned,
-   * removed when the session is replaced).
+   * variant's external data (its weight-inputs or factor-inputs graph, beside it). onnxruntime-node reads external
+   * data from beside a model path only: patched files of a model with external data are written to a temporary
+   * folder (returned, removed when the session is replaced).
    * @private @param {string} name @param {Map<string, Uint8Array>} patched @param {string} [graph]
    * @returns {Promise<[any, string | null]>}
    */
@@ -528,7 +614,8 @@ export class Pipeline {
 
   /**
    * Run a component: feeds {name: [dtype, data, dims]} with float data as Float32Array (cast to the variant's
-   * io_dtype here), and in adapterMode "inputs" its weights; returns the requested outputs as Float32Array.
+   * io_dtype here), and in adapterMode "inputs" its weights ("factors": its adapters' factors); returns the
+   * requested outputs as Float32Array.
    * @private
    */
   async run(name, feeds, outputs) {

@@ -3,14 +3,22 @@
  * $LCM_EDGE_REFERENCES): the image with an adapter equals Python's on onnxruntime-node and WASM, fp32 (weights fed
  * as inputs, and rebuilt) and INT8 (rebuilt); A -> base -> A gives each one's image exactly; in "inputs" mode a
  * switch keeps the one open session; an adapter made for another bundle, a bad adapterMode: one error naming it.
+ * adapterMode "factors" against the Python runtime's own factors mode (test/factors_reference.py, run here with
+ * $LCM_EDGE_PYTHON, else the repository's .venv/bin/python, else python3): its image on node and WASM (fp32, fp16),
+ * the factor inputs it feeds (stacked, rank 0 for untouched layers) bit for bit, the shares "auto" decides on.
  */
 import assert from "node:assert/strict";
-import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { after, describe, test } from "node:test";
 import { AdapterError, BundleError, Pipeline, UserError } from "../src/index.js";
+import { FACTOR_SHARE_AUTO, factorInputs, factorShares } from "../src/adapters.js";
 import { folder, read, maxAbs } from "./references.js";
+
+const REPOSITORY = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 
 const TOLERANCE = 1e-4;
 const results = {};
@@ -25,6 +33,76 @@ const MODES = {
   int8: { auto: { text_encoder: "inputs", unet: "rebuild" } },
   fp16: { auto: { text_encoder: "inputs", unet: "inputs" }, rebuild: { text_encoder: "rebuild", unet: "rebuild" } },
 };
+
+/** The second adapter's weight in the stacked-factors check (a copy of the first adapter's file). */
+const SECOND_WEIGHT = -0.4;
+/** The float cases (the INT8 variant cannot run factors). */
+const floatCases = (index) => index.adapters.filter((c) => c.name !== "int8");
+
+/** A copy of the case's adapter file under another name (a second adapter to stack). */
+function secondAdapter(c) {
+  const copy = join(folder, `factors-second-${c.name}.adapter`);
+  if (!existsSync(copy)) cpSync(c.adapter, copy);
+  return copy;
+}
+
+/** The Python interpreter that runs test/factors_reference.py. */
+function python() {
+  if (process.env.LCM_EDGE_PYTHON) return process.env.LCM_EDGE_PYTHON;
+  const venv = join(REPOSITORY, ".venv", "bin", "python");
+  return existsSync(venv) ? venv : "python3";
+}
+
+let pythonFactorsRun = null;
+/** The Python runtime's factors mode for the float cases (test/factors_reference.py, run once): {out, index}. */
+function pythonFactors(cases) {
+  if (pythonFactorsRun) return pythonFactorsRun;
+  const out = join(folder, "factors-python");
+  const spec = {
+    out,
+    cases: cases.map((c) => ({ name: c.name, bundle: c.bundle, adapter: c.adapter, second: secondAdapter(c), weight: c.weight, second_weight: SECOND_WEIGHT, seed: c.seed, steps: c.steps })),
+  };
+  const env = { ...process.env, PYTHONPATH: [REPOSITORY, process.env.PYTHONPATH].filter(Boolean).join(":") };
+  const script = join(REPOSITORY, "js", "test", "factors_reference.py");
+  const stdout = execFileSync(python(), [script, JSON.stringify(spec)], { env, encoding: "utf8", maxBuffer: 1 << 26, timeout: 180_000 });
+  pythonFactorsRun = { out, index: JSON.parse(stdout.trim().split("\n").at(-1)) };
+  return pythonFactorsRun;
+}
+
+/** A file factors_reference.py wrote: float32 values. */
+const readFloats = (out, entry) => {
+  const bytes = readFileSync(join(out, entry.file));
+  return new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4).slice();
+};
+
+/** The bytes of a typed array. */
+const bytesOf = (data) => Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+
+/**
+ * An adapter file holding only the tensors of `source` whose keys `keep` accepts (same metadata): a smaller adapter
+ * for the same bundle.
+ */
+function subsetAdapter(source, target, keep) {
+  const bytes = readFileSync(source);
+  const size = Number(bytes.readBigUInt64LE(0));
+  const header = JSON.parse(bytes.subarray(8, 8 + size).toString("utf8"));
+  const data = bytes.subarray(8 + size);
+  const written = { __metadata__: header.__metadata__ };
+  const parts = [];
+  let at = 0;
+  for (const key of Object.keys(header).filter((k) => k !== "__metadata__" && keep(k)).sort()) {
+    const [start, end] = header[key].data_offsets;
+    parts.push(data.subarray(start, end));
+    written[key] = { ...header[key], data_offsets: [at, at + end - start] };
+    at += end - start;
+  }
+  let text = JSON.stringify(written);
+  text += " ".repeat((8 - (Buffer.byteLength(text) % 8)) % 8);
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64LE(BigInt(Buffer.byteLength(text)));
+  writeFileSync(target, Buffer.concat([length, Buffer.from(text, "utf8"), ...parts]));
+  return target;
+}
 
 describe("run-time adapters against the Python runtime", { skip: folder ? false : "LCM_EDGE_REFERENCES is not set (pytest tests/js sets it)" }, () => {
   const index = folder ? JSON.parse(readFileSync(join(folder, "index.json"), "utf8")) : { adapters: [] };
@@ -110,18 +188,179 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
     }
   });
 
-  test("a bad adapterMode, adapterMode inputs on an INT8 variant: one line each", async () => {
+  for (const backend of ["node", "wasm"]) {
+    test(`adapterMode factors gives the Python runtime's factors-mode image on ${backend}; A -> base -> A is exact`, async () => {
+      const { out, index: python } = pythonFactors(floatCases(index));
+      for (const c of floatCases(index)) {
+        const label = `${backend}/${c.name}/factors`;
+        const tolerance = c.tolerance?.[backend] ?? TOLERANCE;
+        const expected = readFloats(out, python[c.name].image);
+        assert.deepEqual(python[c.name].modes, { text_encoder: "factors", unet: "factors" }, `${c.name}: Python ran factors`);
+        assert.ok(maxAbs(expected, read(c.base)) > 1e-2, `${c.name}: the adapter changes the image (the check can fail)`);
+        const pipe = await Pipeline.load(c.bundle, { backend, precision: c.name, adapterMode: "factors", adapters: { [c.adapter]: c.weight } });
+        assert.deepEqual(pipe.adapterModes, { text_encoder: "factors", unet: "factors" }, label);
+        const graphs = { unet: pipe.sessions.unet, text_encoder: pipe.sessions.text_encoder };
+        for (const [name, session] of Object.entries(graphs)) {
+          const map = /** @type {any} */ (pipe.weightMaps)[name];
+          const branched = map.variants[pipe.variants[name].variant.name].factor_inputs;
+          const factors = session.inputNames.filter((input) => /\.(down|up)$/.test(input));
+          assert.equal(factors.length, 2 * branched.length, `${label}: the ${name} session is its factor-inputs graph's`);
+          const fed = Object.values(pipe.fedWeights[name]);
+          const empty = fed.filter((tensor) => tensor.dims.includes(0)).length;
+          results[`${label}/${name}/factor-inputs-rank-0`] = `${empty} of ${fed.length}`;
+          assert.ok(empty > 0 && empty < fed.length, `${label}: ${name} is fed rank 0 for the linear layers the adapter leaves (${empty} of ${fed.length})`);
+        }
+        const adapted = await image(pipe, c);
+        results[label] = maxAbs(adapted, expected);
+        results[`${label}/against-python-auto`] = maxAbs(adapted, read(c.expected));
+        assert.ok(results[label] <= tolerance, `${label}: max abs ${results[label]} against Python's factors image`);
+        if (c.name === "fp32") {
+          assert.ok(results[`${label}/against-python-auto`] <= tolerance, `${label}: max abs ${results[`${label}/against-python-auto`]} against Python's merged image`);
+        }
+        await pipe.setAdapters({});
+        assert.deepEqual(pipe.adapterModes, {});
+        assert.deepEqual(Object.keys(pipe.factorGraphs), [], `${label}: back to the base drops the factor-inputs sessions`);
+        assert.notEqual(pipe.sessions.unet, graphs.unet, `${label}: the base runs the U-Net's own session`);
+        const plain = await image(pipe, c);
+        results[`${label}/base`] = maxAbs(plain, read(c.base));
+        assert.ok(results[`${label}/base`] <= tolerance, `${label}: the base image after {}`);
+        await pipe.setAdapters({ [c.adapter]: c.weight });
+        assert.deepEqual(pipe.adapterModes, { text_encoder: "factors", unet: "factors" }, label);
+        assert.equal(maxAbs(await image(pipe, c), adapted), 0, `${label}: A -> base -> A`);
+        await pipe.setAdapters({ [c.adapter]: 0.3 });
+        assert.equal(pipe.sessions.unet, pipe.factorGraphs.unet.session, `${label}: a switch keeps the factor-inputs session`);
+        assert.ok(maxAbs(await image(pipe, c), adapted) > 1e-3, `${label}: another weight gives another image on the same session`);
+      }
+    });
+  }
+
+  test("factor inputs equal the Python runtime's bit for bit (two adapters stacked, rank 0 elsewhere); the shares auto decides on", async () => {
+    const { out, index: python } = pythonFactors(floatCases(index));
+    for (const c of floatCases(index)) {
+      const second = secondAdapter(c);
+      const pipe = await Pipeline.load(c.bundle, { backend: "node", precision: c.name, adapterMode: "factors" });
+      await pipe.setAdapters({ [c.adapter]: c.weight, [second]: SECOND_WEIGHT });
+      const maps = /** @type {any} */ (pipe.weightMaps);
+      let stacked = 0;
+      let empty = 0;
+      let zeroConvs = 0;
+      for (const [component, tensors] of Object.entries(python[c.name].inputs)) {
+        const fed = pipe.fedWeights[component];
+        const variant = pipe.variants[component].variant;
+        // what setAdapters feeds is factorInputs' result
+        const computed = factorInputs(maps[component], variant, pipe.activeAdapters);
+        assert.deepEqual(Object.keys(fed).sort(), Object.keys(tensors).sort(), `${c.name}/${component}: the factor inputs`);
+        for (const [key, entry] of Object.entries(tensors)) {
+          const label = `${c.name}/${component} ${key}`;
+          const conv = entry.shape.length === 4;
+          const at = key.endsWith(".down") ? (conv ? 0 : 1) : conv ? 1 : 0; // where the rank is in the shape
+          const rank = entry.shape[at];
+          assert.equal(fed[key].type, entry.dtype, label);
+          assert.ok(bytesOf(computed[key].data).equals(bytesOf(fed[key].data)), `${label}: factorInputs`);
+          if (rank === 6) stacked++; // 3 + 3: both adapters' factors
+          else assert.equal(rank, 0, `${label}: rank ${rank}`);
+          if (rank === 0 && conv) {
+            // Python's rank 0 is rank 1 of zeros here (onnxruntime-node's Conv leaves its output unwritten for 0 channels)
+            zeroConvs++;
+            assert.deepEqual(fed[key].dims.map(Number), entry.shape.map((dim, i) => (i === at ? 1 : dim)), label);
+            assert.ok(fed[key].data.every((value) => value === 0), `${label}: zero factors`);
+            continue;
+          }
+          if (rank === 0) empty++;
+          assert.deepEqual(fed[key].dims.map(Number), entry.shape, label);
+          assert.ok(bytesOf(fed[key].data).equals(readFileSync(join(out, entry.file))), `${label}: the bytes Python feeds`);
+        }
+        const [[adapter]] = pipe.activeAdapters;
+        const share = factorShares(maps[component], [[adapter, c.weight]]);
+        results[`${c.name}/${component}/factor-share`] = share;
+        assert.equal(share, python[c.name].shares[component], `${c.name}/${component}: Python's factor_shares`);
+        assert.ok(share > FACTOR_SHARE_AUTO, `${c.name}/${component}: the test LoRA is above the share auto runs as factors (${share})`);
+        assert.equal(factorShares(maps[component], [[adapter, 0]]), 0, "an adapter at weight 0 adds no factors");
+      }
+      results[`${c.name}/factor-inputs`] = { stacked_rank_6: stacked, rank_0: empty, conv_rank_1_zeros: zeroConvs };
+      assert.ok(stacked > 0 && empty > 0 && zeroConvs > 0, `${c.name}: ${stacked} inputs of rank 6 (stacked), ${empty} of rank 0, ${zeroConvs} conv zeros`);
+    }
+  });
+
+  test("auto runs a small adapter as factors (<= 1% of the weights) and a large one merged; modeFor's one-line refusals", async () => {
+    const c = index.adapters.find((entry) => entry.name === "fp32");
+    const options = { backend: "node", precision: c.name };
+    const full = await Pipeline.load(c.bundle, { ...options, adapters: { [c.adapter]: c.weight } });
+    const maps = /** @type {any} */ (full.weightMaps);
+    const [[adapter]] = full.activeAdapters;
+    const size = (l) => l.up.length + l.down.length;
+    const [layer] = adapter.layers.filter((l) => l.component === "unet").sort((a, b) => size(a) - size(b)); // the smallest
+    const keys = [`unet/${layer.weight}.down`, `unet/${layer.weight}.up`];
+    const small = subsetAdapter(c.adapter, join(folder, "factors-one-layer.adapter"), (key) => keys.includes(key));
+    const pipe = await Pipeline.load(c.bundle, { ...options, adapters: { [small]: 2 } });
+    const [[one]] = pipe.activeAdapters;
+    assert.equal(one.layers.length, 1);
+    const share = factorShares(maps.unet, [[one, 2]]);
+    results["auto/one-layer-share"] = share;
+    assert.ok(share > 0 && share <= FACTOR_SHARE_AUTO, `one rank-3 layer: ${share} of the U-Net's weights`);
+    assert.deepEqual(pipe.adapterModes, { unet: "factors" }, "auto: the small adapter as factors");
+    assert.deepEqual(full.adapterModes, { text_encoder: "inputs", unet: "inputs" }, "auto: the large one merged");
+    const auto = await image(pipe, c);
+    const asked = await Pipeline.load(c.bundle, { ...options, adapterMode: "factors", adapters: { [small]: 2 } });
+    assert.equal(maxAbs(auto, await image(asked, c)), 0, "auto's factors are adapterMode factors");
+    const merged = await Pipeline.load(c.bundle, { ...options, adapterMode: "inputs", adapters: { [small]: 2 } });
+    results["auto/one-layer-against-inputs"] = maxAbs(auto, await image(merged, c));
+    results["auto/one-layer-against-base"] = maxAbs(auto, read(c.base));
+    assert.ok(results["auto/one-layer-against-base"] > 1e-3, `the one layer changes the image: ${results["auto/one-layer-against-base"]}`);
+    assert.ok(results["auto/one-layer-against-inputs"] <= TOLERANCE, `factors against the merge: ${results["auto/one-layer-against-inputs"]}`);
+    // A large adapter with a small one: the share is of both, so auto merges; back to the small one, factors again.
+    await pipe.setAdapters({ [small]: 2, [c.adapter]: c.weight });
+    assert.deepEqual(pipe.adapterModes, { text_encoder: "inputs", unet: "inputs" });
+    assert.deepEqual(Object.keys(pipe.factorGraphs), [], "a component that leaves factors drops its factor-inputs session");
+    await pipe.setAdapters({ [small]: 2 });
+    assert.deepEqual(pipe.adapterModes, { unet: "factors" });
+    assert.equal(maxAbs(await image(pipe, c), auto), 0, "small -> both -> small");
+    // modeFor's refusals, each one line, and where auto then goes
+    const unet = /** @type {any} */ (pipe).modeFor.bind(pipe, "unet");
+    const terms = [[one, 2]];
+    const stored = maps.unet.variants[pipe.variants.unet.variant.name];
+    const withVariant = (changes) => ({ ...maps.unet, variants: { ...maps.unet.variants, [pipe.variants.unet.variant.name]: { ...stored, ...changes } } });
+    const refusals = [
+      [withVariant({ factor_inputs_graph: undefined }), "the bundle has no factor-inputs graph for its unet: re-export it"],
+      [withVariant({ factor_inputs: stored.factor_inputs.filter((name) => name !== layer.weight) }), "the bundle's unet factor-inputs graph has no branch for some weights they adapt"],
+    ];
+    for (const [map, reason] of refusals) {
+      assert.equal(unet(map, terms), "inputs", `auto without factors: ${reason}`);
+      pipe.adapterMode = "factors";
+      assert.throws(() => unet(map, terms), (error) => error instanceof AdapterError && error.message === `adapterMode="factors": ${reason}, or pass adapterMode "auto"`);
+      pipe.adapterMode = "auto";
+    }
+    assert.throws(
+      () => factorInputs(refusals[1][0], pipe.variants.unet.variant, terms),
+      (error) => error instanceof AdapterError && error.message === `the unet weight '${layer.weight}' (${maps.unet.weights[layer.weight].module}) has no factor branch in this bundle: pass adapterMode "auto" (or "inputs" / "rebuild")`,
+    );
+    pipe.backend = "webgpu"; // what modeFor decides on WebGPU: factors refused, auto falls through to rebuild
+    try {
+      assert.equal(unet(maps.unet, terms), "rebuild");
+      pipe.adapterMode = "factors";
+      assert.throws(() => unet(maps.unet, terms), (error) => error instanceof AdapterError && error.message === `adapterMode="factors": backend "webgpu" does not run adapters as factor inputs: load with backend "node" or "wasm", or pass adapterMode "auto"`);
+    } finally {
+      pipe.backend = "node";
+      pipe.adapterMode = "auto";
+    }
+  });
+
+  test("a bad adapterMode, adapterMode inputs or factors on an INT8 variant: one line each", async () => {
     const c = index.adapters.find((entry) => entry.name === "fp32");
     for (const adapterMode of ["merge", "", null, 1]) {
       await assert.rejects(
         Pipeline.load(c.bundle, { backend: "node", adapterMode }),
-        (error) => error instanceof UserError && error.message === `adapterMode=${JSON.stringify(adapterMode)}: pick one of auto, inputs, rebuild`,
+        (error) => error instanceof UserError && error.message === `adapterMode=${JSON.stringify(adapterMode)}: pick one of auto, factors, inputs, rebuild`,
       );
     }
     const int8 = index.adapters.find((entry) => entry.name === "int8");
     await assert.rejects(
       Pipeline.load(int8.bundle, { backend: "node", precision: "int8", adapterMode: "inputs", adapters: { [int8.adapter]: int8.weight } }),
       (error) => error instanceof AdapterError && /^adapterMode="inputs": the unet runs an int8 variant: load with precision "fp32", or pass adapterMode "auto"$/.test(error.message),
+    );
+    await assert.rejects(
+      Pipeline.load(int8.bundle, { backend: "node", precision: "int8", adapterMode: "factors", adapters: { [int8.adapter]: int8.weight } }),
+      (error) => error instanceof AdapterError && error.message === 'adapterMode="factors": the unet runs an int8 variant: load with precision "fp32", or pass adapterMode "auto"',
     );
   });
 
