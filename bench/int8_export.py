@@ -13,6 +13,12 @@ On the bench's SD1.5-shaped random LCM with the TAESD-shaped tiny VAE (bench/mod
   ways.
 
 Results: ``bench/int8-export-results.json`` and the "INT8 export with the defaults" section of bench/RESULTS.md.
+
+``--family sdxl`` / ``--family ssd1b``: the SDXL-shaped or SSD-1B-shaped LCM (bench/models.py) with the TAESD-shaped
+decoder (TAESDXL's architecture), ``--precision int8`` with no other flag (calibrated at 512 px, half the family's
+1024 px), timed the same way against the SDXL-shape goals (≤ 30 min, ≤ 16 GB); the quality is the exporter's own
+report (INT8 against float images at the calibration size). Results: ``bench/int8-export-<family>-results.json``
+and its own section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ SECTION_END = "<!-- int8-export: end -->"
 PROMPTS = ("a photo of a cat", "a lighthouse on a cliff at dusk", "a bowl of fruit on a table")
 SIZES = (256, 512)
 GOAL_SECONDS, GOAL_PEAK_GB = 600, 8.0  # the issue's SD1.5-shape goals
+SDXL_GOAL_SECONDS, SDXL_GOAL_PEAK_GB = 1800, 16.0  # and SDXL-shape goals
+FAMILY_BUILDERS = {"sdxl": "build_sdxl_lcm", "ssd1b": "build_ssd1b_lcm"}
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -40,6 +48,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=common.BENCH_DIR)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--family", choices=("sd15", *FAMILY_BUILDERS), default="sd15")
     parser.add_argument("--evaluate", nargs=2, type=Path, metavar=("BUNDLE", "REFERENCE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -129,6 +138,54 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_family(arguments: argparse.Namespace) -> dict[str, Any]:
+    """The SDXL-family INT8 export with the defaults: time, peak RSS, phases and the exporter's quality report."""
+    family = arguments.family
+    work = arguments.work_dir / family
+    work.mkdir(parents=True, exist_ok=True)
+    model, taesd = work / f"{family}-lcm", work / "taesd"
+    counts = {family: getattr(models, FAMILY_BUILDERS[family])(model), "taesd": models.build_taesd(taesd)}
+    bundle = work / "int8-defaults"
+    command = [sys.executable, "-m", "lcm_export.exporter.cli", str(model), "--tiny-vae", str(taesd), "--overwrite"]
+    command += ["--output", str(bundle), "--precision", "int8"]
+    common.log(f"export {family} int8-defaults")
+    result = common.measured(command, work / "export-int8-defaults.log")
+    result["phases"] = int8_phases(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    unet = next(v for v in manifest["components"]["unet"]["variants"] if v.get("precision") == "int8")
+    result["quality"] = unet.get("quality") or unet.get("details", {}).get("quality")
+    result["calibration"] = unet.get("produced_by", {}).get("calibration")
+    common.log(f"export {family}: {result['seconds']:.0f} s, peak RSS {result['peak_rss_gb']:.2f} GB")
+    return {"machine": common.machine_info(), "family": family, "models": counts, "export": result}
+
+
+def family_section_lines(results: dict[str, Any]) -> list[str]:
+    machine, family, export = results["machine"], results["family"], results["export"]
+    isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present)
+    met = export["seconds"] <= SDXL_GOAL_SECONDS and export["peak_rss_gb"] <= SDXL_GOAL_PEAK_GB
+    quality = export.get("quality") or {}
+    sets = "; ".join(
+        f"{label} guidance {guidance}: {entry.get('psnr_db_mean', float('nan')):.2f} dB mean, "
+        f"{entry.get('psnr_db_min', float('nan')):.2f} dB min"
+        for label, by_guidance in quality.get("sets", {}).items()
+        for guidance, entry in by_guidance.items()
+    )
+    phases = ", ".join(f"{key} {value:.0f}" for key, value in export["phases"].items() if value is not None)
+    size = (export.get("calibration") or {}).get("size")
+    return [
+        f"<!-- int8-export-{family}: start (bench/int8_export.py --family {family} writes this section) -->",
+        f"## INT8 export with the defaults, {family.upper()}-shaped (bench/int8_export.py --family {family})",
+        "",
+        f"{family.upper()}-shaped random LCM (U-Net {results['models'][family].get('unet', 0) / 1e9:.2f} B parameters) "
+        f"with the TAESD-shaped decoder, {machine.get('cpu', 'CPU')} ({isa}), `lcm-export MODEL --tiny-vae TAESD "
+        f"--precision int8 --output B` in its own process: {export['seconds'] / 60:.1f} min, peak RSS "
+        f"{export['peak_rss_gb']:.2f} GB (goals ≤ {SDXL_GOAL_SECONDS // 60} min, ≤ {SDXL_GOAL_PEAK_GB:.0f} GB: "
+        f"{'met' if met else 'NOT met'}); calibrated at {size} px; phases (s): {phases}. The exporter's quality report "
+        f"(INT8 against float images, same latents and noise): {sets or 'none'}.",
+        f"<!-- int8-export-{family}: end -->",
+    ]
+
+
 def section_lines(results: dict[str, Any]) -> list[str]:
     machine = results["machine"]
     isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present)
@@ -170,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     if arguments.evaluate:
         print(json.dumps(evaluate(*arguments.evaluate, arguments.steps, arguments.threads)))
+        return 0
+    if arguments.family != "sd15":
+        results = run_family(arguments)
+        lines = family_section_lines(results)
+        common.publish_section(
+            arguments.output, f"int8-export-{arguments.family}-results.json", results, lines, lines[0], lines[-1]
+        )
         return 0
     results = run(arguments)
     common.publish_section(

@@ -678,6 +678,8 @@ class AdapterState:
             weight_map = self.weight_maps[component]
             mode = self.mode_for(denoiser, component, weight_map, terms)
             self.modes[component] = mode
+            if mode != "factors":
+                self._factor_graphs.pop(component, None)  # it holds the weights: not kept beside another session
             if mode == "factors":
                 conv_rank = getattr(denoiser.backend_module, "FACTOR_UNTOUCHED_CONV_RANK", 0)
                 values = factor_inputs(weight_map, variant.name, terms, conv_rank)
