@@ -728,22 +728,32 @@ class AdapterState:
         backend = denoiser.backend_module
         floating = variant.precision in ("fp32", "fp16")
         touched = {layer.weight for adapter, _ in terms for layer in adapter.layers if layer.component == component}
-        no_factors = None
-        if not getattr(backend, "FACTOR_INPUTS", False):
-            no_factors = "this backend does not run adapters as factor inputs: load with backend='onnxruntime'"
-        elif not floating:
-            no_factors = f"the {component} runs an {variant.precision} variant: load with variant='fp32'"
-        elif not isinstance(stored.get("factor_inputs_graph"), str):
-            no_factors = f"the bundle has no factor-inputs graph for its {component}: re-export it"
-        elif touched - set(stored.get("factor_inputs") or ()):
+
+        def refusal(flag: str, backend_line: str, graph: str, kind: str) -> str | None:
+            """Why this component cannot run its adapters on a ``kind`` graph, or None."""
+            if not getattr(backend, flag, False):
+                return backend_line
+            if not floating:
+                return f"the {component} runs an {variant.precision} variant: load with variant='fp32'"
+            if not isinstance(stored.get(graph), str):
+                return f"the bundle has no {kind} graph for its {component}: re-export it"
+            return None
+
+        no_factors = refusal(
+            "FACTOR_INPUTS",
+            "this backend does not run adapters as factor inputs: load with backend='onnxruntime'",
+            "factor_inputs_graph",
+            "factor-inputs",
+        )
+        if no_factors is None and touched - set(stored.get("factor_inputs") or ()):
             no_factors = f"the bundle's {component} factor-inputs graph has no branch for some weights they adapt"
-        no_inputs = None
-        if not getattr(backend, "WEIGHT_INPUTS", False):
-            no_inputs = "this backend runs adapters by rebuilding its sessions: load with backend='onnxruntime'"
-        elif not floating:
-            no_inputs = f"the {component} runs an {variant.precision} variant: load with variant='fp32'"
-        elif not isinstance(stored.get("weight_inputs_graph"), str):
-            no_inputs = f"the bundle has no weight-inputs graph for its {component}: re-export it"
+        no_inputs = refusal(
+            "WEIGHT_INPUTS",
+            "this backend does not take merged weights as inputs (it runs adapters as factors or rebuilt): "
+            "load with backend='onnxruntime'",
+            "weight_inputs_graph",
+            "weight-inputs",
+        )
         if self.mode in ("factors", "inputs"):
             missing = no_factors if self.mode == "factors" else no_inputs
             if missing is not None:

@@ -118,7 +118,8 @@ def test_inputs_mode_switches_on_one_open_session(sd, tmp_path) -> None:
 def test_adapter_mode_that_cannot_run(sd, tmp_path) -> None:
     """adapter_mode='inputs' where the weights cannot be inputs (OpenVINO), or an unknown mode: one line each, in
     Python and from lcm-run (which writes no image)."""
-    with pytest.raises(AdapterError, match=r"adapter_mode='inputs': this backend runs adapters by rebuilding") as error:
+    refusal = r"adapter_mode='inputs': this backend does not take merged weights as inputs"
+    with pytest.raises(AdapterError, match=refusal) as error:
         Pipeline.load(
             sd["bundle_a"], backend="openvino", precision="fp32", adapters={sd["adapter"]: 1.0}, adapter_mode="inputs"
         )
