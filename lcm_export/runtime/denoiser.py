@@ -121,7 +121,8 @@ class Denoiser:
     def open_factor_inputs(self, name: str, path: Path, shapes: dict[str, tuple[int, ...]]) -> Session:
         """A backend session on ``name``'s factor-inputs graph at ``path`` for factor inputs of ``shapes`` (the
         backend lists ``FACTOR_INPUTS``); its calls feed the factors (:class:`WeightInputsSession`)."""
-        return self._module.open_factor_inputs_session(path, self.options, name, shapes)
+        outputs = self.manifest.components[name].spec.output_names
+        return self._module.open_factor_inputs_session(path, self.options, name, shapes, outputs)
 
     def factor_signature(self, shapes: dict[str, tuple[int, ...]]) -> Any:
         """What of the factor shapes a factor-inputs session is specialised for (one session serves them all: None)."""

@@ -248,7 +248,11 @@ def open_weight_inputs_session(path: Path, options: BackendOptions, name: str) -
 
 
 def open_factor_inputs_session(
-    path: Path, options: BackendOptions, name: str, shapes: dict[str, tuple[int, ...]]
+    path: Path,
+    options: BackendOptions,
+    name: str,
+    shapes: dict[str, tuple[int, ...]],
+    output_names: tuple[str, ...] = (),
 ) -> OnnxRuntimeSession:
     """A session on a float variant's factor-inputs graph (a LoRA branch beside each mapped weight, its factors
     graph inputs of any rank): one session for every set of adapters, optimised and cached as any other file."""

@@ -504,11 +504,16 @@ def open_session(
 
 
 def open_factor_inputs_session(
-    path: Path, options: BackendOptions, name: str, shapes: dict[str, tuple[int, ...]]
+    path: Path,
+    options: BackendOptions,
+    name: str,
+    shapes: dict[str, tuple[int, ...]],
+    output_names: tuple[str, ...] = (),
 ) -> OpenVinoSession:
-    """A compiled factor-inputs graph for factors of ``shapes`` (see :func:`cut_factor_branches`)."""
+    """A compiled factor-inputs graph for factors of ``shapes`` (see :func:`cut_factor_branches`); its outputs by
+    the names the manifest declares (``output_names``: a cut branch's layer output takes the sum's names too)."""
     options = dataclasses.replace(options, device=options.device_or("CPU"))
-    return OpenVinoSession(path, options, None, name, factor_shapes=shapes)
+    return OpenVinoSession(path, options, None, name, output_names=output_names, factor_shapes=shapes)
 
 
 def factor_signature(shapes: dict[str, tuple[int, ...]]) -> tuple:
