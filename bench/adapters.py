@@ -40,6 +40,7 @@ SIZE = 256  # px: the size the other CPU benchmarks time (switches, images)
 SIZES = (256, 512)  # per-call cost at both
 STEPS = 2
 ROUNDS = {256: 5, 512: 3}  # alternating base / adapter pipeline calls per size for the cost per call
+PER_CALL_ROUNDS = 15  # --per-call-only: the style adapter's cost per call, a longer alternating run
 INT8_ALPHA = 8  # the INT8 part's LoRA: alpha/r = 1/8
 INT8_PROMPTS = ("a photo of a cat", "a lighthouse on a cliff at dusk", "a bowl of fruit on a table")
 # (backend, adapter_mode, adapters): "auto" runs the LCM-LoRA-shaped adapter merged (inputs on onnxruntime,
@@ -138,6 +139,37 @@ def measure_backend(bundle: Path, adapters: dict[str, Path], backend: str, cache
         "adapters": rows,
         "rss_gb": {"base": rss_base, "peak": peak},
     }
+
+
+def measure_per_call(bundle: Path, adapter: Path, backend: str, cache: Path, rounds: int) -> dict:
+    """The cost per call of ``adapter`` ("auto") alone, in a longer run: a pipeline with it and one on the base
+    weights, ``rounds`` alternating calls per size; medians and the quartiles of each side's steps."""
+    import numpy as np
+
+    from lcm_export.runtime import Pipeline
+
+    def load(**options):
+        return Pipeline.load(bundle, backend=backend, precision="fp32", threads=2, cache_dir=cache, **options)
+
+    pipes = {"base": load(), "adapter": load(adapters={str(adapter): 1.0})}
+    result: dict = {"mode": pipes["adapter"].adapter_state.modes.get("unet"), "rounds": rounds, "sizes": {}}
+    for size in SIZES:
+        times: dict[str, list[float]] = {"base": [], "adapter": []}
+        for pipe in pipes.values():  # warm both at this size
+            pipe("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, seed=1)
+        for _ in range(rounds):
+            for which, pipe in pipes.items():
+                output = pipe("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, seed=1)
+                times[which] += output.timings["unet"]
+        medians = {which: float(np.median(values)) for which, values in times.items()}
+        result["sizes"][str(size)] = {
+            "unet_seconds": medians,
+            "quartiles": {
+                which: [float(q) for q in np.percentile(values, (25, 75))] for which, values in times.items()
+            },
+            "per_call_cost": medians["adapter"] / medians["base"] - 1,
+        }
+    return result
 
 
 def measure_int8(int8_base: Path, int8_fused: Path, adapter: Path) -> dict:
@@ -241,12 +273,33 @@ def main() -> None:
         chosen = dict(value.split("=", 1) for value in adapters)
         print(json.dumps(measure_backend(Path(bundle), chosen, backend, Path(cache), mode)))
         return
+    if len(sys.argv) > 2 and sys.argv[1] == "--measure-per-call":
+        bundle, adapter, backend, cache, rounds = sys.argv[2:7]
+        print(json.dumps(measure_per_call(Path(bundle), Path(adapter), backend, Path(cache), int(rounds))))
+        return
     if len(sys.argv) > 2 and sys.argv[1] == "--measure-int8":
         print(json.dumps(measure_int8(*(Path(value) for value in sys.argv[2:5]))))
         return
     int8_only, switch_only = "--int8-only" in sys.argv, "--switch-only" in sys.argv
-    sys.argv = [value for value in sys.argv if value not in ("--int8-only", "--switch-only")]
+    per_call_only = "--per-call-only" in sys.argv
+    sys.argv = [value for value in sys.argv if value not in ("--int8-only", "--switch-only", "--per-call-only")]
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/benchwork/adapters")
+    if per_call_only:  # the style adapter's cost per call in a longer run; the rest kept from the last run
+        results = json.loads((BENCH_DIR / "adapters-results.json").read_text())
+        style = work / f"style-r{STYLE_RANK}.adapter"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        results["style_per_call"] = {}
+        for backend in ("onnxruntime", "openvino"):
+            command = [sys.executable, str(Path(__file__).resolve()), "--measure-per-call", str(work / "bundle-fp32")]
+            command += [str(style), backend, str(work / f"cache-{backend}"), str(PER_CALL_ROUNDS)]
+            run = subprocess.run(command, check=True, env=env, stdout=subprocess.PIPE, text=True)
+            results["style_per_call"][backend] = json.loads(run.stdout.strip().splitlines()[-1])
+            print(json.dumps(results["style_per_call"][backend]), flush=True)
+        results["style_per_call_machine"] = common.machine_info()
+        common.publish_section(
+            BENCH_DIR, "adapters-results.json", results, section_lines(results), SECTION_START, SECTION_END
+        )
+        return
     work.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -416,6 +469,24 @@ def section_lines(results: dict) -> list[str]:
         f"{results.get('export_seconds', float('nan')):.0f} s; `lcm-export adapter` "
         f"{results['adapter_seconds']:.0f} s.",
     ]
+    long_run = results.get("style_per_call")
+    if long_run:
+        cells = "; ".join(
+            f"{backend} ({entry['mode']}) "
+            + ", ".join(
+                f"{size} px {values['unet_seconds']['base']:.3f} / {values['unet_seconds']['adapter']:.3f} s "
+                f"({values['per_call_cost']:+.1%})"
+                for size, values in entry["sizes"].items()
+            )
+            for backend, entry in long_run.items()
+        )
+        rounds = next(iter(long_run.values()))["rounds"]
+        lines += [
+            "",
+            earlier_run(results.get("style_per_call_machine"), machine).replace("an earlier run", "another run")
+            + f"`style-r16`'s cost per call in a longer run (`--per-call-only`: {rounds} calls of each pipeline "
+            f"per size, alternating, U-Net medians base / adapter): {cells}.",
+        ]
     int8 = results.get("int8")
     if int8:
         lines += [
