@@ -464,6 +464,22 @@ export class Pipeline {
   }
 
   /**
+   * A session on the weight map's `kind` graph of `component`'s variant ("weight_inputs_graph" or
+   * "factor_inputs_graph"), once checked to be a file the manifest lists beside the variant: [session, temporary
+   * folder or null], as createSession returns them.
+   * @private @param {string} component @param {import("./adapters.js").WeightMap} map @param {string} kind
+   */
+  async openGraphBeside(component, map, kind) {
+    const variant = this.variants[component].variant;
+    const graph = map.variants[variant.name][kind];
+    const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
+    if (!this.manifest.files.some((entry) => entry.path === graph) || !graph.startsWith(folder) || graph.slice(folder.length).includes("/")) {
+      throw new AdapterError(`weight map '${map.path}' names '${graph}', which the manifest does not list beside ${variant.path}: re-export the bundle`);
+    }
+    return this.createSession(component, new Map(), graph);
+  }
+
+  /**
    * A session on `component`'s factor-inputs graph (bundle-format.md, "Weight maps and adapter files"), its file's
    * sha256 checked first as every opened file's, with its temporary folder (onnxruntime-node without file paths);
    * onnxruntime runs it with factors of any rank, so one serves every set of adapters. setAdapters keeps it while
@@ -472,13 +488,7 @@ export class Pipeline {
    * @returns {Promise<{session: any, folder: string | null}>}
    */
   async factorInputsGraph(component, map) {
-    const variant = this.variants[component].variant;
-    const graph = map.variants[variant.name].factor_inputs_graph;
-    const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
-    if (!this.manifest.files.some((entry) => entry.path === graph) || !graph.startsWith(folder) || graph.slice(folder.length).includes("/")) {
-      throw new AdapterError(`weight map '${map.path}' names '${graph}', which the manifest does not list beside ${variant.path}: re-export the bundle`);
-    }
-    const [session, temporary] = await this.createSession(component, new Map(), graph);
+    const [session, temporary] = await this.openGraphBeside(component, map, "factor_inputs_graph");
     return { session, folder: temporary };
   }
 
@@ -489,13 +499,7 @@ export class Pipeline {
    */
   async weightInputsGraph(component, map) {
     if (this.weightGraphs[component]) return this.weightGraphs[component];
-    const variant = this.variants[component].variant;
-    const graph = map.variants[variant.name].weight_inputs_graph;
-    const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
-    if (!this.manifest.files.some((entry) => entry.path === graph) || !graph.startsWith(folder) || graph.slice(folder.length).includes("/")) {
-      throw new AdapterError(`weight map '${map.path}' names '${graph}', which the manifest does not list beside ${variant.path}: re-export the bundle`);
-    }
-    const [session, temporary] = await this.createSession(component, new Map(), graph);
+    const [session, temporary] = await this.openGraphBeside(component, map, "weight_inputs_graph");
     this.weightGraphs[component] = session;
     if (temporary) this.adaptedFolders[`${component}.weight-inputs`] = temporary; // kept with the session
     return session;

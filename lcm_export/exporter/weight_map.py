@@ -226,10 +226,15 @@ def _quantized_bias(
     return None
 
 
+def _graph_beside(variant_path: str, suffix: str) -> str:
+    """``unet/model.onnx`` -> ``unet/model<suffix>``: a graph written beside a variant."""
+    stem = variant_path[: -len(".onnx")] if variant_path.endswith(".onnx") else variant_path
+    return stem + suffix
+
+
 def weight_inputs_graph_path(variant_path: str) -> str:
     """``unet/model.onnx`` -> ``unet/model.weight-inputs.onnx``."""
-    stem = variant_path[: -len(".onnx")] if variant_path.endswith(".onnx") else variant_path
-    return stem + WEIGHT_INPUTS_SUFFIX
+    return _graph_beside(variant_path, WEIGHT_INPUTS_SUFFIX)
 
 
 def write_weight_inputs_graph(staging: Path, variant_path: str, tensors: dict[str, Any]) -> str | None:
@@ -269,8 +274,7 @@ def write_weight_inputs_graph(staging: Path, variant_path: str, tensors: dict[st
 
 def factor_inputs_graph_path(variant_path: str) -> str:
     """``unet/model.onnx`` -> ``unet/model.factor-inputs.onnx``."""
-    stem = variant_path[: -len(".onnx")] if variant_path.endswith(".onnx") else variant_path
-    return stem + FACTOR_INPUTS_SUFFIX
+    return _graph_beside(variant_path, FACTOR_INPUTS_SUFFIX)
 
 
 def _attribute(node: Any, name: str, default: Any) -> Any:
@@ -296,9 +300,10 @@ def write_factor_inputs_graph(
       dilations, ``up`` (out, r, 1, 1).
 
     Every rank is its own symbolic dimension: the runtime feeds Σ λᵢ·upᵢ·downᵢ as the stacked factors of the active
-    adapters and rank 0 for a weight none of them touches (onnxruntime; OpenVINO cuts those branches out before it
-    compiles). A switch binds new factors and opens nothing; the cost per call grows with the adapters' factors
-    and not with the model's weights (docs/design-notes.md#adapters)."""
+    adapters and rank 0 for a weight none of them touches (onnxruntime, which takes rank-1 zeros for an untouched
+    Conv; OpenVINO cuts those branches out before it compiles). A switch binds new factors and opens nothing; the
+    cost per call grows with the adapters' factors and not with the model's weights (docs/design-notes.md#adapters).
+    """
     import onnx
     from onnx import helper
 

@@ -330,6 +330,25 @@ class WeightOverrides:
         return bool(self.values)
 
 
+def _terms_by_weight(
+    component: str, active: list[tuple[Adapter, float]]
+) -> dict[str, list[tuple[float, AdapterLayer]]]:
+    """The ``active`` adapters' layers of ``component`` with a non-zero weight, grouped by the weight they adapt."""
+    terms: dict[str, list[tuple[float, AdapterLayer]]] = {}
+    for adapter, weight in active:
+        for layer in adapter.layers:
+            if layer.component == component and weight != 0:
+                terms.setdefault(layer.weight, []).append((weight, layer))
+    return terms
+
+
+def _stacked(terms: list[tuple[float, AdapterLayer]]) -> tuple[np.ndarray, np.ndarray]:
+    """([λ₁·up₁ | λ₂·up₂ ...], [down₁; down₂ ...]): ``terms``' factors stacked along the rank, float32."""
+    ups = np.concatenate([np.float32(weight) * layer.up for weight, layer in terms], axis=1)
+    downs = np.concatenate([layer.down for _, layer in terms], axis=0)
+    return ups, downs
+
+
 MERGE_BLOCK_BYTES = 1 << 20  # rows of a float merge computed per product: ~1 MB, still in cache for the add
 
 
@@ -339,8 +358,7 @@ def _merged_float(mapped: MappedWeight, terms: list[tuple[float, AdapterLayer]],
     of rows at a time into the result, each block added to the base while it is in cache (one pass over memory,
     not three: measured 1.2 s against 2.0-2.5 s for a rank-64 adapter on the SD1.5-shaped U-Net). The merge of a
     float variant; INT8 variants use :func:`_delta`, whose rounding the JavaScript runtime repeats exactly."""
-    ups = np.concatenate([np.float32(weight) * layer.up for weight, layer in terms], axis=1)
-    downs = np.concatenate([layer.down for _, layer in terms], axis=0)
+    ups, downs = _stacked(terms)
     # the ONNX holds (in, out) = (up·down)ᵀ = downᵀ·upᵀ for a transposed weight
     left, right = (downs.T, ups.T) if mapped.layout == "transposed" else (ups, downs)
     rows, columns = left.shape[0], right.shape[1]
@@ -423,11 +441,7 @@ def merged_weights(
             f"the {weight_map.component} variant '{variant}' is not in its weight map: load another variant "
             "(variant='fp32') or re-export the bundle"
         )
-    terms: dict[str, list[tuple[float, AdapterLayer]]] = {}
-    for adapter, weight in active:
-        for layer in adapter.layers:
-            if layer.component == weight_map.component and weight != 0:
-                terms.setdefault(layer.weight, []).append((weight, layer))
+    terms = _terms_by_weight(weight_map.component, active)
     overrides: dict[str, np.ndarray] = {}
     inline: dict[str, int] = {}
     finite: set[str] = set()  # merged weights known finite without looking
@@ -520,11 +534,7 @@ def factor_inputs(
     when an adapter touches a weight the graph has no branch for."""
     stored = weight_map.variants.get(variant, {})
     branched = set(stored.get("factor_inputs") or ())
-    terms: dict[str, list[tuple[float, AdapterLayer]]] = {}
-    for adapter, weight in active:
-        for layer in adapter.layers:
-            if layer.component == weight_map.component and weight != 0:
-                terms.setdefault(layer.weight, []).append((weight, layer))
+    terms = _terms_by_weight(weight_map.component, active)
     missing = sorted(set(terms) - branched)
     if missing:
         raise AdapterError(
@@ -539,8 +549,7 @@ def factor_inputs(
         out_features, inner = mapped.torch_shape[0], math.prod(mapped.torch_shape[1:])
         layer_terms = terms.get(name, [])
         if layer_terms:
-            ups = np.concatenate([np.float32(weight) * layer.up for weight, layer in layer_terms], axis=1)
-            downs = np.concatenate([layer.down for _, layer in layer_terms], axis=0)
+            ups, downs = _stacked(layer_terms)
         else:
             empty = untouched_conv_rank if mapped.kind == "conv" else 0
             ups, downs = np.zeros((out_features, empty), np.float32), np.zeros((empty, inner), np.float32)
@@ -686,8 +695,8 @@ class AdapterState:
                 graph = self._factor_inputs_graph(denoiser, component, weight_map, values)
                 sessions[component] = denoiser.wrap_session(WeightInputsSession(graph, values))
                 continue
-            graph = self._weight_inputs_graph(denoiser, component, weight_map) if mode == "inputs" else None
-            if graph is not None:
+            if mode == "inputs":
+                graph = self._weight_inputs_graph(denoiser, component, weight_map)
                 values = weight_inputs(self.bundle_dir, self.manifest, weight_map, variant.name, terms)
                 sessions[component] = denoiser.wrap_session(WeightInputsSession(graph, values))
                 continue
@@ -779,20 +788,23 @@ class AdapterState:
         if kept is not None and kept[0] == key:
             return kept[1]
         self._factor_graphs.pop(component, None)
-        graph = str(weight_map.variants[variant]["factor_inputs_graph"])
-        if graph not in {entry.path for entry in self.manifest.files}:
-            raise _map_error(weight_map.path, f"names '{graph}', which the manifest does not list")
-        session = denoiser.open_factor_inputs(component, self.bundle_dir / graph, shapes)
+        graph = self._listed_graph(weight_map, variant, "factor_inputs_graph")
+        session = denoiser.open_factor_inputs(component, graph, shapes)
         self._factor_graphs[component] = (key, session)
         return session
 
-    def _weight_inputs_graph(self, denoiser: Any, component: str, weight_map: WeightMap) -> Any | None:
+    def _weight_inputs_graph(self, denoiser: Any, component: str, weight_map: WeightMap) -> Any:
         """The open weight-inputs session of ``component``'s variant (opened once)."""
         variant = denoiser.variants[component].name
         key = (component, variant)
         if key not in self._graphs:
-            graph = str(weight_map.variants[variant]["weight_inputs_graph"])
-            if graph not in {entry.path for entry in self.manifest.files}:
-                raise _map_error(weight_map.path, f"names '{graph}', which the manifest does not list")
-            self._graphs[key] = denoiser.open_weight_inputs(component, self.bundle_dir / graph)
+            graph = self._listed_graph(weight_map, variant, "weight_inputs_graph")
+            self._graphs[key] = denoiser.open_weight_inputs(component, graph)
         return self._graphs[key]
+
+    def _listed_graph(self, weight_map: WeightMap, variant: str, kind: str) -> Path:
+        """Where the weight map's ``kind`` graph of ``variant`` is, once checked to be a file the manifest lists."""
+        graph = str(weight_map.variants[variant][kind])
+        if graph not in {entry.path for entry in self.manifest.files}:
+            raise _map_error(weight_map.path, f"names '{graph}', which the manifest does not list")
+        return self.bundle_dir / graph
