@@ -161,6 +161,33 @@ def test_factors_switch_binds_new_factors(sd, tmp_path, backend) -> None:
     assert np.abs(_images(pipe) - first).max() == 0.0
 
 
+def test_factors_mode_without_the_branch_or_the_graph(sd) -> None:
+    """adapter_mode='factors' where the weight map's factor-inputs graph has no branch for a weight the adapter
+    touches, or where there is no such graph (a bundle exported before them): one line each, and "auto" merges."""
+    pipe = Pipeline.load(sd["bundle_a"], backend="onnxruntime", precision="fp32", adapter_mode="factors")
+    stored = pipe.adapter_state.weight_maps["unet"].variants["fp32"]
+    adapted = {layer.weight for layer in pipe.adapter_state._load(str(sd["adapter"])).layers}
+    stored["factor_inputs"] = [name for name in stored["factor_inputs"] if name not in adapted]
+    with pytest.raises(AdapterError) as error:
+        pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    assert str(error.value) == (
+        "adapter_mode='factors': the bundle's unet factor-inputs graph has no branch for some weights they adapt, "
+        "or pass adapter_mode='auto'"
+    )
+    del stored["factor_inputs_graph"]
+    with pytest.raises(AdapterError) as error:
+        pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    assert str(error.value) == (
+        "adapter_mode='factors': the bundle has no factor-inputs graph for its unet: re-export it, "
+        "or pass adapter_mode='auto'"
+    )
+    assert pipe.adapters == {}  # nothing half-applied
+    pipe.adapter_state.mode = "auto"
+    pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    assert pipe.adapter_state.modes["unet"] == "inputs"
+    assert np.abs(_images(pipe) - _images(sd["bundle_ab"])).max() <= EXACT
+
+
 def test_auto_runs_small_adapters_as_factors(sd, monkeypatch) -> None:
     """adapter_mode "auto" runs an adapter as factors when its factors are at most FACTOR_SHARE_AUTO of the
     component's adaptable weights (the tiny model's B is far above 1%: it merges, as the tests above check); the
