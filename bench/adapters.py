@@ -155,12 +155,16 @@ def measure_per_call(bundle: Path, adapter: Path, backend: str, cache: Path, rou
     result: dict = {"mode": pipes["adapter"].adapter_state.modes.get("unet"), "rounds": rounds, "sizes": {}}
     for size in SIZES:
         times: dict[str, list[float]] = {"base": [], "adapter": []}
+        ratios: list[float] = []  # per round: the adapter's U-Net time over the base's, calls side by side
         for pipe in pipes.values():  # warm both at this size
             pipe("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, seed=1)
         for _ in range(rounds):
+            pair = {}
             for which, pipe in pipes.items():
                 output = pipe("a photo of a cat", height=size, width=size, num_inference_steps=STEPS, seed=1)
                 times[which] += output.timings["unet"]
+                pair[which] = sum(output.timings["unet"])
+            ratios.append(pair["adapter"] / pair["base"])
         medians = {which: float(np.median(values)) for which, values in times.items()}
         result["sizes"][str(size)] = {
             "unet_seconds": medians,
@@ -168,6 +172,10 @@ def measure_per_call(bundle: Path, adapter: Path, backend: str, cache: Path, rou
                 which: [float(q) for q in np.percentile(values, (25, 75))] for which, values in times.items()
             },
             "per_call_cost": medians["adapter"] / medians["base"] - 1,
+            # drift (other load, the CPU's clock) moves both calls of a round alike: the median of the rounds'
+            # ratios, and their quartiles
+            "per_call_cost_paired": float(np.median(ratios)) - 1,
+            "paired_quartiles": [float(q) - 1 for q in np.percentile(ratios, (25, 75))],
         }
     return result
 
@@ -475,7 +483,13 @@ def section_lines(results: dict) -> list[str]:
             f"{backend} ({entry['mode']}) "
             + ", ".join(
                 f"{size} px {values['unet_seconds']['base']:.3f} / {values['unet_seconds']['adapter']:.3f} s "
-                f"({values['per_call_cost']:+.1%})"
+                f"({values['per_call_cost']:+.1%}"
+                + (
+                    f"; per round {values['per_call_cost_paired']:+.1%}, quartiles "
+                    f"{values['paired_quartiles'][0]:+.1%} / {values['paired_quartiles'][1]:+.1%})"
+                    if "per_call_cost_paired" in values
+                    else ")"
+                )
                 for size, values in entry["sizes"].items()
             )
             for backend, entry in long_run.items()
@@ -485,7 +499,8 @@ def section_lines(results: dict) -> list[str]:
             "",
             earlier_run(results.get("style_per_call_machine"), machine).replace("an earlier run", "another run")
             + f"`style-r16`'s cost per call in a longer run (`--per-call-only`: {rounds} calls of each pipeline "
-            f"per size, alternating, U-Net medians base / adapter): {cells}.",
+            f"per size, alternating, U-Net medians base / adapter; per round: the median over the rounds of the "
+            f"adapter's U-Net time over the base's in the same round): {cells}.",
         ]
     int8 = results.get("int8")
     if int8:

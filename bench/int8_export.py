@@ -144,7 +144,15 @@ def run_family(arguments: argparse.Namespace) -> dict[str, Any]:
     work = arguments.work_dir / family
     work.mkdir(parents=True, exist_ok=True)
     model, taesd = work / f"{family}-lcm", work / "taesd"
-    counts = {family: getattr(models, FAMILY_BUILDERS[family])(model), "taesd": models.build_taesd(taesd)}
+    # Built in a child process: torch keeps the memory of a 10 GB build, which would count against the export.
+    build = (
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import models; "
+        "from pathlib import Path; "
+        f"print(json.dumps({{{family!r}: models.{FAMILY_BUILDERS[family]}(Path({str(model)!r})), "
+        f"'taesd': models.build_taesd(Path({str(taesd)!r}))}}))"
+    )
+    built = subprocess.run([sys.executable, "-c", build], check=True, stdout=subprocess.PIPE, text=True)
+    counts = json.loads(built.stdout.strip().splitlines()[-1])
     bundle = work / "int8-defaults"
     command = [sys.executable, "-m", "lcm_export.exporter.cli", str(model), "--tiny-vae", str(taesd), "--overwrite"]
     command += ["--output", str(bundle), "--precision", "int8"]

@@ -18,12 +18,12 @@ Three ways to run adapters (``adapter_mode``, measured in docs/design-notes.md#a
 
 - ``"factors"``: the float variant's *factor-inputs graph* (written by the export beside it: a LoRA branch beside
   every mapped weight, ``y + (x·down)·up``, its factors graph inputs of any rank) runs with the active adapters'
-  stacked factors fed at every call, rank 0 for the layers they do not touch. Nothing is merged: a switch binds
-  new factors to the open session (onnxruntime: one session for every set of adapters, an untouched convolution
-  fed rank-1 zeros; OpenVINO: compiled per set of ranks, its rank-0 branches cut out). Each call costs about the
-  factors' share of the weights' work (SD1.5-shaped U-Net at 256 px: +1.3% on onnxruntime and +2.7% on OpenVINO
-  for a rank-16 attention LoRA, +16.5% on onnxruntime for rank 64 on every layer). onnxruntime and OpenVINO,
-  float variants.
+  stacked factors bound once, the branches of the layers they do not touch cut out of the graph first (a rank-0
+  branch still runs: 7% of an SD1.5 U-Net's call on onnxruntime). Nothing is merged: a switch binds new factors to
+  the open session (onnxruntime: one session for every set of adapters that touch the same weights; OpenVINO:
+  compiled per set of ranks). Each call costs about the factors' share of the weights' work (SD1.5-shaped U-Net at
+  256 px: about +1% on onnxruntime and +2% on OpenVINO for a rank-16 attention LoRA, +16.5% on onnxruntime for
+  rank 64 on every layer). onnxruntime and OpenVINO, float variants.
 - ``"inputs"``: the float variant's *weight-inputs graph* (the same graph with every mapped weight a graph input)
   runs with the weights fed at every call: the merged ones for the layers the adapters touch, the stored ones
   (memory-mapped from the bundle) for the rest. A switch is the merge alone and the session stays open (1.2-2 s
@@ -522,16 +522,13 @@ def factor_shares(weight_map: WeightMap, active: list[tuple[Adapter, float]]) ->
     return factors / max(weights, 1)
 
 
-def factor_inputs(
-    weight_map: WeightMap, variant: str, active: list[tuple[Adapter, float]], untouched_conv_rank: int = 0
-) -> dict[str, np.ndarray]:
+def factor_inputs(weight_map: WeightMap, variant: str, active: list[tuple[Adapter, float]]) -> dict[str, np.ndarray]:
     """Every factor input of ``variant``'s factor-inputs graph for the ``active`` adapters: per branched weight W
     (by its initializer name), ``W.down`` and ``W.up`` holding the stacked factors [down₁; down₂ ...] and
     [λ₁·up₁ | λ₂·up₂ ...] in the graph's layouts (linear: (in, r) and (r, out); conv: (r, in, kh, kw) and
-    (out, r, 1, 1)), in the variant's dtype; rank 0 for a weight no adapter touches, or for a convolution
-    ``untouched_conv_rank`` of zeros (the backend's ``FACTOR_UNTOUCHED_CONV_RANK``: onnxruntime's Conv leaves its
-    output unwritten for an input of 0 channels, where zeros add exactly nothing). Raises :class:`AdapterError`
-    when an adapter touches a weight the graph has no branch for."""
+    (out, r, 1, 1)), in the variant's dtype; rank 0 for a weight no adapter touches (whose branch the backends cut
+    out of the graph before they open it). Raises :class:`AdapterError` when an adapter touches a weight the graph
+    has no branch for."""
     stored = weight_map.variants.get(variant, {})
     branched = set(stored.get("factor_inputs") or ())
     terms = _terms_by_weight(weight_map.component, active)
@@ -551,8 +548,7 @@ def factor_inputs(
         if layer_terms:
             ups, downs = _stacked(layer_terms)
         else:
-            empty = untouched_conv_rank if mapped.kind == "conv" else 0
-            ups, downs = np.zeros((out_features, empty), np.float32), np.zeros((empty, inner), np.float32)
+            ups, downs = np.zeros((out_features, 0), np.float32), np.zeros((0, inner), np.float32)
         rank = downs.shape[0]
         if mapped.kind == "linear":
             down, up = downs.T, ups.T
@@ -565,14 +561,23 @@ def factor_inputs(
 
 
 class WeightInputsSession:
-    """A session on a weight-inputs graph and the weights it runs with: each call feeds them with its inputs.
-    Several share one backend session (an adapter switch makes a new one on the same session)."""
+    """A session on a weight-inputs or factor-inputs graph and the values it runs with: each call feeds them with
+    its inputs. Several share one backend session (an adapter switch makes a new one on the same session).
+
+    Where the backend session can hold inputs bound across calls (``bind_inputs``: onnxruntime's I/O binding),
+    the values are bound once here and a call binds only its own inputs: fed as arrays at every call, the 570
+    factors of an SD1.5 U-Net cost 4-6% of its call at 256 px on onnxruntime, bound 0.6%
+    (docs/design-notes.md#adapters)."""
 
     def __init__(self, inner: Any, weights: dict[str, np.ndarray]) -> None:
         self.inner = inner
         self.weights = weights
+        bind = getattr(inner, "bind_inputs", None)
+        self._bound = bind(weights) if bind is not None else None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._bound is not None:
+            return self._bound.run(feeds)
         return self.inner.run({**feeds, **self.weights})
 
     def __getattr__(self, name: str) -> Any:
@@ -690,8 +695,7 @@ class AdapterState:
             if mode != "factors":
                 self._factor_graphs.pop(component, None)  # it holds the weights: not kept beside another session
             if mode == "factors":
-                conv_rank = getattr(denoiser.backend_module, "FACTOR_UNTOUCHED_CONV_RANK", 0)
-                values = factor_inputs(weight_map, variant.name, terms, conv_rank)
+                values = factor_inputs(weight_map, variant.name, terms)
                 graph = self._factor_inputs_graph(denoiser, component, weight_map, values)
                 sessions[component] = denoiser.wrap_session(WeightInputsSession(graph, values))
                 continue

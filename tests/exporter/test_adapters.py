@@ -155,10 +155,69 @@ def test_factors_switch_binds_new_factors(sd, tmp_path, backend) -> None:
     mixed = {name: kept[1] for name, kept in pipe.adapter_state._factor_graphs.items()}
     assert (mixed["unet"] is sessions["unet"]) == (backend == "onnxruntime")  # OpenVINO: other ranks, compiled
     assert np.abs(_images(pipe) - _images(sd["bundle_ab"], backend)).max() <= EXACT
+    if backend == "onnxruntime":  # adapters that touch other weights: another graph (other branches cut out)
+        other = tmp_path / "a.adapter"
+        make_adapter(LoraSource(str(sd["a"])), sd["bundle_a"], other)
+        pipe.set_adapters({other: 0.5})
+        assert pipe.adapter_state._factor_graphs["unet"][1] is not sessions["unet"]
+        assert np.abs(_images(pipe) - first).max() > 1e-3
     pipe.set_adapters({})  # the base: the component's own session, the factor session (and its weights) let go
     assert pipe.adapter_state._factor_graphs == {}
     pipe.set_adapters({sd["adapter"]: WEIGHT_B})
     assert np.abs(_images(pipe) - first).max() == 0.0
+
+
+def test_factor_graph_cut_to_the_touched_branches(sd) -> None:
+    """The runtime cuts the branches of untouched weights out of the factor-inputs graph (ONNX's wire format, no
+    onnx package): their nodes and inputs go, their Add becomes an Identity of the layer's output, every other
+    node and every initializer stays as written; cut to nothing, the graph computes the base graph's output."""
+    import onnxruntime
+
+    from lcm_export.runtime.factor_graph import FactorGraphError, cut_factor_branches
+
+    folder = sd["bundle_a"] / "unet"
+    stored = json.loads((folder / "weights.json").read_text())["variants"]["fp32"]
+    graph_path = sd["bundle_a"] / stored["factor_inputs_graph"]
+    weights = sorted(stored["tensors"][key]["name"] for key in stored["factor_inputs"])
+    assert len(weights) > 4
+    kept, cut = weights[:2], set(weights[2:])
+    full = onnx.load(str(graph_path), load_external_data=False)
+    edited = onnx.load_from_string(cut_factor_branches(graph_path.read_bytes(), cut))
+    branch_nodes = {f"{weight}.factor_{role}" for weight in weights for role in ("down", "up", "add")}
+    assert {node.name for node in edited.graph.node if node.name in branch_nodes} == {
+        f"{weight}.factor_{role}" for weight in kept for role in ("down", "up", "add")
+    } | {f"{weight}.factor_add" for weight in cut}
+    for node in edited.graph.node:
+        if node.name.endswith(".factor_add") and node.name.rsplit(".", 1)[0] in cut:
+            assert node.op_type == "Identity" and len(node.input) == 1 and node.input[0].endswith(".base")
+    assert [value.name for value in edited.graph.input] == [
+        value.name for value in full.graph.input if value.name.rsplit(".", 1)[0] not in cut
+    ]
+    untouched = [n for n in full.graph.node if n.name not in branch_nodes]
+    assert [n for n in edited.graph.node if n.name not in branch_nodes] == untouched
+    assert list(edited.graph.initializer) == list(full.graph.initializer)
+
+    everything = cut_factor_branches(graph_path.read_bytes(), set(weights))
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    cut_session = onnxruntime.InferenceSession(everything, options, providers=["CPUExecutionProvider"])
+    base_session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in cut_session.get_inputs()] == [i.name for i in base_session.get_inputs()]
+    rng = np.random.default_rng(0)
+    symbols = {"height": 8, "width": 8, "sequence": 7}  # latent size, tokens; every other symbol (batch) 1
+    feeds = {
+        i.name: rng.standard_normal(
+            [d if isinstance(d, int) else next((v for k, v in symbols.items() if k in d), 1) for d in i.shape]
+        ).astype(np.float32)
+        for i in base_session.get_inputs()
+    }
+    expected, got = base_session.run(None, feeds)[0], cut_session.run(None, feeds)[0]
+    assert expected.shape == got.shape and np.abs(expected - got).max() <= 1e-6
+
+    with pytest.raises(FactorGraphError, match="no branch for"):
+        cut_factor_branches(graph_path.read_bytes(), {"not-a-weight"})
+    with pytest.raises(FactorGraphError):
+        cut_factor_branches(b"\x3a\x05ab", {weights[0]})
 
 
 def test_factors_mode_without_the_branch_or_the_graph(sd) -> None:

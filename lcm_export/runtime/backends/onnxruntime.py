@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -48,10 +49,9 @@ COMPUTE_PRECISIONS = ("auto", "fp32")
 # Sessions may open with some initializers replaced (run-time adapters: lcm_export.runtime.adapters).
 ADAPTERS = True
 WEIGHT_INPUTS = True  # run-time adapters may feed the weights as graph inputs (lcm_export.runtime.adapters)
-FACTOR_INPUTS = True  # ... or their LoRA factors, to branches beside the weights (any rank, rank 0 included)
-# but an untouched convolution's branch gets rank-1 zeros: onnxruntime's Conv (1.30 in Node and WASM, measured by
-# the JavaScript runtime's tests) leaves its output unwritten for an input of 0 channels.
-FACTOR_UNTOUCHED_CONV_RANK = 1
+FACTOR_INPUTS = True  # ... or their LoRA factors, to branches beside the weights (any rank): the branches of
+# weights no active adapter touches are cut out of the graph first (lcm_export.runtime.factor_graph), one session per
+# set of touched weights.
 # InferenceSession.run may be called from several threads at once, but two concurrent runs share the cores their
 # thread pools each want: a lock per session measured better with 2 threads (bench/RESULTS.md, "Threads").
 THREAD_SAFE = False
@@ -99,7 +99,10 @@ class OnnxRuntimeSession:
         name: str = "model",
         identity: str | None = None,
         weights: WeightOverrides | None = None,
+        model_bytes: bytes | None = None,
     ) -> None:
+        """``model_bytes``: the graph to open in place of the file's (its external data read beside ``path``),
+        cached under ``identity``."""
         import onnxruntime
 
         session_options = onnxruntime.SessionOptions()
@@ -123,6 +126,11 @@ class OnnxRuntimeSession:
         model: str | bytes = str(path)
         if weights:
             model, self._replaced = _with_weights(onnxruntime, path, session_options, weights)
+        elif model_bytes is not None:
+            model = model_bytes
+            session_options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path.parent)
+            )
         self.loaded_from_cache = False
         if cached is not None and cached.is_file():
             try:
@@ -143,11 +151,17 @@ class OnnxRuntimeSession:
                 # The optimised copy could not be saved (a full cache disk): this load runs uncached.
                 warn_cache_unwritable(cached.parent.parent, error, needed=path.stat().st_size)
                 session_options.optimized_model_filepath = ""
-                self.session = onnxruntime.InferenceSession(str(path), session_options, providers=providers)
+                self.session = onnxruntime.InferenceSession(model, session_options, providers=providers)
         self.output_names = [output.name for output in self.session.get_outputs()]
+        self.input_names = frozenset(value.name for value in self.session.get_inputs())
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+
+    def bind_inputs(self, values: dict[str, np.ndarray]) -> BoundInputs:
+        """Runs of this session with ``values`` (input name -> array) bound once, for every call (run-time
+        adapters' weights or factors)."""
+        return BoundInputs(self, values)
 
     def end_profiling(self) -> list[Path]:
         """Stop the profiler and return its trace (in ``profiling_dir``); [] when profiling is off or ended."""
@@ -161,6 +175,43 @@ class OnnxRuntimeSession:
             path = Path(shutil.move(str(path), str(self.profiling_dir / path.name)))
         check_trace(path)
         return [path]
+
+
+class BoundInputs:
+    """Runs of a session with some inputs bound once (onnxruntime's I/O binding): a call binds only its own
+    inputs. ``session.run`` converts and checks every input it is given at every call, which for a U-Net's 570
+    LoRA factors costs several percent of the call; bound, they cost nothing per call. The bound arrays are kept
+    referenced here (onnxruntime reads them in place)."""
+
+    def __init__(self, session: OnnxRuntimeSession, values: dict[str, np.ndarray]) -> None:
+        import onnxruntime
+
+        self.session = session
+        # values for inputs the graph does not have (a cut factor branch's) are not bound
+        self._values = {
+            name: np.ascontiguousarray(value) for name, value in values.items() if name in session.input_names
+        }
+        self._ort_values = {
+            name: onnxruntime.OrtValue.ortvalue_from_numpy(value) for name, value in self._values.items()
+        }
+        self._binding = session.session.io_binding()
+        for name, value in self._ort_values.items():
+            self._binding.bind_ortvalue_input(name, value)
+        self._lock = threading.Lock()  # one binding: one call at a time
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            binding = self._binding
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            for name in self.session.output_names:
+                binding.bind_output(name)  # a new array per call, on the CPU
+            try:
+                self.session.session.run_with_iobinding(binding)
+                outputs = binding.copy_outputs_to_cpu()
+            finally:
+                binding.clear_binding_outputs()
+        return dict(zip(self.session.output_names, outputs, strict=True))
 
 
 def check_trace(path: Path) -> None:
@@ -255,13 +306,24 @@ def open_factor_inputs_session(
     output_names: tuple[str, ...] = (),
 ) -> OnnxRuntimeSession:
     """A session on a float variant's factor-inputs graph (a LoRA branch beside each mapped weight, its factors
-    graph inputs of any rank): one session for every set of adapters, optimised and cached as any other file."""
-    return OnnxRuntimeSession(path, options, name)
+    graph inputs of any rank) with the branches whose factors in ``shapes`` have rank 0 cut out: one session for
+    every set of adapters that touch the same weights (any ranks), optimised and cached under the file and the
+    branches kept."""
+    import hashlib
+
+    from lcm_export.runtime.factor_graph import cut_factor_branches
+
+    cut = {key.rsplit(".", 1)[0] for key, shape in shapes.items() if 0 in shape}
+    kept = factor_signature(shapes)
+    identity = hashlib.sha256(json.dumps([file_identity(path), kept]).encode()).hexdigest()
+    graph = cut_factor_branches(path.read_bytes(), cut)  # the graph alone: 1.5 MB, cut in 30 ms for SD1.5's U-Net
+    return OnnxRuntimeSession(path, options, name, identity, model_bytes=graph)
 
 
-def factor_signature(shapes: dict[str, tuple[int, ...]]) -> None:
-    """onnxruntime runs the factor-inputs graph with any ranks: one session serves every set of adapters."""
-    return None
+def factor_signature(shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """The weights whose branches a factor-inputs session keeps (their factors' rank is not 0): adapters that touch
+    the same weights share the session, whatever their ranks."""
+    return tuple(sorted({key.rsplit(".", 1)[0] for key, shape in shapes.items() if 0 not in shape}))
 
 
 def open_session(

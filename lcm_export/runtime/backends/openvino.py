@@ -383,6 +383,7 @@ class OpenVinoSession:
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self._idle: list[Any] = [self.compiled.create_infer_request()]
         self._created = 1
+        self._bound_to: dict[int, object] = {}  # id(request) -> the token of the BoundInputs its tensors are
         self._pool = threading.Condition()
         self.layer_profile = (
             LayerProfile(component_name, Path(options.profiling_dir), options.device) if options.profiling_dir else None
@@ -406,9 +407,13 @@ class OpenVinoSession:
             self._idle.append(request)
             self._pool.notify()
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], bound: BoundInputs | None = None) -> dict[str, np.ndarray]:
         request = self._acquire()
         try:
+            if bound is not None and self._bound_to.get(id(request)) is not bound.token:
+                for name, tensor in bound.tensors.items():  # once per request and set of bound inputs
+                    request.set_tensor(name, tensor)
+                self._bound_to[id(request)] = bound.token
             # share_outputs stays off: the arrays returned are copies, not views of the request's buffers, which
             # the next call on that request overwrites.
             if self._input_names is not None:  # a factor-inputs graph: the cut branches' factors are not inputs
@@ -428,6 +433,33 @@ class OpenVinoSession:
     def end_profiling(self) -> list[Path]:
         """Write the per-layer profile gathered so far (``profiling_dir``); [] when profiling is off."""
         return [self.layer_profile.write()] if self.layer_profile is not None else []
+
+    def bind_inputs(self, values: dict[str, np.ndarray]) -> BoundInputs:
+        """Runs of this compiled model with ``values`` (input name -> array) set once on each infer request, for
+        every call (run-time adapters' factors)."""
+        return BoundInputs(self, values)
+
+
+class BoundInputs:
+    """Runs of an :class:`OpenVinoSession` with some inputs set once per infer request: a call sets only its own
+    inputs. ``infer`` wraps and sets every input it is given at every call, which for a U-Net's LoRA factors costs
+    several percent of the call (SD1.5 shape at 256 px: +4.8% fed, +1.6% set once). The tensors share the arrays'
+    memory and keep them referenced."""
+
+    def __init__(self, session: OpenVinoSession, values: dict[str, np.ndarray]) -> None:
+        import openvino
+
+        self.session = session
+        self.token = object()
+        accepted = session._input_names
+        self.tensors = {
+            name: openvino.Tensor(np.ascontiguousarray(value), shared_memory=True)
+            for name, value in values.items()
+            if accepted is None or name in accepted
+        }
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.session.run(feeds, bound=self)
 
 
 class LayerProfile:
