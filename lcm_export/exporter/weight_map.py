@@ -300,9 +300,11 @@ def write_factor_inputs_graph(
       dilations, ``up`` (out, r, 1, 1).
 
     Every rank is its own symbolic dimension: the runtime feeds Σ λᵢ·upᵢ·downᵢ as the stacked factors of the active
-    adapters and rank 0 for a weight none of them touches (onnxruntime, which takes rank-1 zeros for an untouched
-    Conv; OpenVINO cuts those branches out before it compiles). A switch binds new factors and opens nothing; the
-    cost per call grows with the adapters' factors and not with the model's weights (docs/design-notes.md#adapters).
+    adapters, and cuts the branches of weights none of them touches out of the graph before it opens it (by the
+    node names: ``W.factor_down``, ``W.factor_up``, ``W.factor_add``; lcm_export.runtime.factor_graph on
+    onnxruntime, OpenVINO's own graph API there). A switch between adapters on the same weights binds new factors and
+    opens nothing; the cost per call grows with the adapters' factors and not with the model's weights
+    (docs/design-notes.md#adapters).
     """
     import onnx
     from onnx import helper

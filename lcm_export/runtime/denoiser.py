@@ -125,7 +125,8 @@ class Denoiser:
         return self._module.open_factor_inputs_session(path, self.options, name, shapes, outputs)
 
     def factor_signature(self, shapes: dict[str, tuple[int, ...]]) -> Any:
-        """What of the factor shapes a factor-inputs session is specialised for (one session serves them all: None)."""
+        """What of the factor shapes a factor-inputs session is specialised for: a new signature opens a new one
+        (onnxruntime: the weights whose branches it keeps; OpenVINO: their ranks too)."""
         return self._module.factor_signature(shapes)
 
     def replace_sessions(self, sessions: dict[str, Session]) -> None:
