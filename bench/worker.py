@@ -409,16 +409,57 @@ def serve(spec: dict[str, Any]) -> None:
     reply({"event": "bye", "peak_rss_gb": peak_rss_gb(), "peak_anon_gb": sampler.peak})
 
 
+def _status_gb(pid: int) -> tuple[float, float] | None:
+    """(RSS, anonymous RSS) of process ``pid`` in GB from /proc, None once it is gone."""
+    values = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "RssAnon"):
+                    values[key] = int(rest.split()[0]) * 1024 / GIGABYTE
+    except OSError:
+        return None
+    return (values["VmRSS"], values["RssAnon"]) if len(values) == 2 else None
+
+
 def measure(command: list[str]) -> None:
-    """Run ``command``; print its wall time, peak RSS (of it and the children it waited for) and exit code."""
+    """Run ``command``; print its wall time, peak RSS (of it and the children it waited for) and exit code, and
+    from a 0.5 s sampler of its /proc status: the anonymous peak (memory that is not mapped files), when the RSS
+    and anonymous peaks were seen, and a timeline (every 10 s: seconds, RSS GB, anonymous GB)."""
     import subprocess
+    import threading
 
     start = time.perf_counter()
     process = subprocess.Popen(command)
+    samples: list[tuple[float, float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            seen = _status_gb(process.pid)
+            if seen is not None:
+                samples.append((time.perf_counter() - start, *seen))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(process.pid, 0)
+    done.set()
+    sampler.join()
     seconds = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
-    print(json.dumps({"seconds": seconds, "peak_rss_gb": usage.ru_maxrss * 1024 / GIGABYTE, "returncode": code}))
+    result = {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss * 1024 / GIGABYTE, "returncode": code}
+    if samples:
+        rss_peak = max(samples, key=lambda entry: entry[1])
+        anon_peak = max(samples, key=lambda entry: entry[2])
+        result.update(
+            sampled_rss_peak_gb=rss_peak[1],
+            sampled_rss_peak_at_s=rss_peak[0],
+            anon_peak_gb=anon_peak[2],
+            anon_peak_at_s=anon_peak[0],
+            timeline=[[round(t), round(rss, 2), round(anon, 2)] for t, rss, anon in samples[::20]],
+        )
+    print(json.dumps(result))
     sys.exit(code)
 
 
