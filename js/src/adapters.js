@@ -11,9 +11,11 @@
  *   `weight_inputs_graph`) is opened once and fed every mapped weight with every call: the merged ones for the layers
  *   the adapters change, the stored ones for the rest (baseWeightInputs, weightInputs). A switch is the merge alone.
  * - "factors": a float variant's factor-inputs graph (a LoRA branch beside each mapped MatMul/Gemm/Conv weight, its
- *   two factors graph inputs of any rank; the weight map's `factor_inputs_graph` and `factor_inputs`) is opened once
- *   while the component runs so and fed the active adapters' stacked factors with every call (factorInputs): nothing
- *   is merged, a switch binds new factors, each call costs about the factors' share of the weights (factorShares).
+ *   two factors graph inputs of any rank; the weight map's `factor_inputs_graph` and `factor_inputs`), the branches
+ *   of the weights no active adapter touches cut out (factorgraph.js), is opened once per set of touched weights
+ *   (factorSignature) and fed the active adapters' stacked factors for the kept branches with every call
+ *   (factorInputs): nothing is merged, a switch between adapters touching the same weights feeds new factors, each
+ *   call costs about the factors' share of the weights (factorShares).
  * - "auto" (the default): "factors" where the backend, the variant and the bundle allow it and the factors are at
  *   most FACTOR_SHARE_AUTO of the component's adaptable weights, else "inputs" where they allow it, else "rebuild".
  *
@@ -438,8 +440,8 @@ export function factorShares(map, active) {
  * per weight W of the map's `factor_inputs` (by its initializer name), `W.down` and `W.up` holding the stacked
  * factors [down₁; down₂ …] and [λ₁·up₁ | λ₂·up₂ …] (each λ·up rounded to float32) in the graph's layouts (linear:
  * (in, r) and (r, out); conv: (r, in, kh, kw) and (out, r, 1, 1)), in the variant's stored dtype (fp16 as half
- * bits); for a weight no adapter touches rank 0 (empty tensors), or for a conv rank 1 of zeros (onnxruntime's Conv
- * does not write its output for an input of 0 channels). An AdapterError when an adapter touches a weight the graph
+ * bits); rank 0 (empty tensors) for a weight no adapter touches, whose branch the pipeline cuts out of the graph
+ * before it opens it (factorSignature) and does not feed. An AdapterError when an adapter touches a weight the graph
  * has no branch for.
  * @param {WeightMap} map @param {any} variant @param {Array<[Adapter, number]>} active
  * @returns {Record<string, WeightInput>}
@@ -464,10 +466,7 @@ export function factorInputs(map, variant, active) {
     const out = shape[0];
     const inner = product(shape.slice(1));
     const layerTerms = terms.get(name) || [];
-    // A conv no adapter touches gets rank 1 with zero factors, not rank 0: onnxruntime's Conv (1.30, node and WASM)
-    // leaves its output uninitialised when its input has 0 channels (seen as NaN and stray values), where MatMul
-    // with an inner size of 0 writes zeros. Zero factors add exactly 0, at the cost of one output channel.
-    const rank = layerTerms.reduce((sum, [, layer]) => sum + layer.rank, 0) || (mapped.kind === "conv" ? 1 : 0);
+    const rank = layerTerms.reduce((sum, [, layer]) => sum + layer.rank, 0);
     // ups (out, rank): [λ₁·up₁ | λ₂·up₂ …]; downs (rank, inner): [down₁; down₂ …]
     const ups = new Float32Array(out * rank);
     const downs = new Float32Array(rank * inner);
@@ -497,6 +496,23 @@ export function factorInputs(map, variant, active) {
     inputs[`${where.name}.up`] = { dtype: where.dtype, data: encode(up), dims: dims.up };
   }
   return inputs;
+}
+
+/**
+ * The branches a factor-inputs session keeps for `inputs` (factorInputs' result), by initializer name, sorted: the
+ * weights whose factors' rank is not 0; the others' branches are cut out of the graph and their factors not fed
+ * (Python: factor_signature). Adapters that touch the same weights share one session, whatever their ranks or
+ * weights. onnxruntime's Conv (1.30, node and WASM) leaves its output unwritten when its input has 0 channels (seen
+ * as NaN and stray values), so a rank-0 branch could not run there anyway.
+ * @param {Record<string, WeightInput>} inputs @returns {{kept: string[], cut: string[]}}
+ */
+export function factorSignature(inputs) {
+  const kept = new Set();
+  const cut = new Set();
+  for (const [key, input] of Object.entries(inputs)) {
+    (input.dims.includes(0) ? cut : kept).add(key.slice(0, key.lastIndexOf(".")));
+  }
+  return { kept: [...kept].sort(), cut: [...cut].sort() };
 }
 
 /**

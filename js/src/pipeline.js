@@ -16,6 +16,7 @@ import {
   FACTOR_SHARE_AUTO,
   factorInputs,
   factorShares,
+  factorSignature,
   patchedFiles,
   readAdapterFile,
   readWeightMaps,
@@ -23,6 +24,7 @@ import {
 } from "./adapters.js";
 import { openBackend } from "./backends.js";
 import { AdapterError, BundleError, NonFiniteError, UserError } from "./errors.js";
+import { cutFactorBranches, FactorGraphError } from "./factorgraph.js";
 import { loadManifest, strengthKey, verifyUsedFiles, VERIFY_MODES } from "./manifest.js";
 import { PhiloxGenerator, seedKey } from "./philox.js";
 import { openSource } from "./source.js";
@@ -55,6 +57,13 @@ const now = () => globalThis.performance.now();
  * @property {number[]} scales
  * @property {number[]} starts
  * @property {number[]} ends
+ */
+
+/**
+ * @typedef {object} FactorGraph   a session on a factor-inputs graph cut to the branches of some weights
+ * @property {any} session
+ * @property {string | null} folder   its temporary folder (onnxruntime-node, external data), removed with it
+ * @property {string[]} kept          the weights (initializer names, sorted) whose branches it has
  */
 
 /**
@@ -157,7 +166,7 @@ function perControlNet(name, value, count, low, high) {
 /** The backends whose sessions can take their weights as inputs with every call (adapterMode "inputs"). */
 const WEIGHT_INPUT_BACKENDS = ["node", "wasm"];
 /**
- * The backends that run a factor-inputs graph with every rank, rank 0 (empty factors) included (adapterMode
+ * The backends that run a factor-inputs graph, its untouched branches cut out, with factors of any rank (adapterMode
  * "factors"): onnxruntime's CPU kernels, in Node and in WASM.
  */
 const FACTOR_INPUT_BACKENDS = ["node", "wasm"];
@@ -219,8 +228,8 @@ export class Pipeline {
     this.modes = {};
     /** @private @type {Record<string, any>} component -> its weight-inputs graph's session (opened once, kept) */
     this.weightGraphs = {};
-    /** @private @type {Record<string, {session: any, folder: string | null}>} component -> its factor-inputs graph's
-     * session (and temporary folder), kept while the component runs its adapters as factors: it holds the weights */
+    /** @private @type {Record<string, FactorGraph>} component -> its cut factor-inputs graph's session (temporary
+     * folder, kept branches), kept while the component runs adapters touching those weights as factors */
     this.factorGraphs = {};
     /** @private @type {Record<string, Record<string, import("./adapters.js").WeightInput>>} the stored weights a
      * component in "inputs" mode is fed for the layers no adapter changes (read once, kept while it runs so) */
@@ -247,10 +256,11 @@ export class Pipeline {
    *          verify?: "full" | "cached" | "size", cacheDir?: string, threads?: number, sessionOptions?: object,
    *          adapters?: Record<string, number>, adapterMode?: "auto" | "factors" | "inputs" | "rebuild"}} [options]
    *   adapters: {file: weight} made by lcm-export adapter (see setAdapters); adapterMode: how they run: "factors"
-   *   (each adapted layer's LoRA factors fed with every call to a branch beside it, on one session kept while they
-   *   run so: a switch binds them, each call slower by about the factors' share of the weights; node and wasm, float
-   *   variants), "inputs" (the merged weights fed with every call to one session kept open: a switch is the merge
-   *   alone, each call slower by the weights the backend cannot pre-pack; node and wasm, float variants), "rebuild"
+   *   (each adapted layer's LoRA factors fed with every call to a branch beside it, the untouched layers' branches
+   *   cut out, on one session per set of touched layers: a switch between adapters touching the same layers feeds
+   *   new factors, each call slower by about the factors' share of the weights; node and wasm, float variants),
+   *   "inputs" (the merged weights fed with every call to one session kept open: a switch is the merge alone, each
+   *   call slower by the weights the backend cannot pre-pack; node and wasm, float variants), "rebuild"
    *   (merged into a new session per switch: no cost per call) or "auto" (the default: "factors" where it runs and
    *   the factors are at most 1% of the component's adaptable weights, else "inputs" where it runs, else "rebuild")
    * @returns {Promise<Pipeline>}
@@ -296,8 +306,9 @@ export class Pipeline {
    * weights, mixed: W + Σ λᵢ·Bᵢ·Aᵢ, always from the base weights (`{}`: the base). Every file and weight is
    * checked first (an AdapterError naming the file); the components they change get their new weights, swapped in
    * when no call is running (a call in progress finishes on the weights it started with): in "factors" mode the
-   * stacked factors their factor-inputs graph's session (opened at the first switch to factors) is fed, in "inputs"
-   * mode the merged weights their weight-inputs graph's session (opened once) is fed, in "rebuild" mode new sessions
+   * stacked factors are fed to a session on their factor-inputs graph with the branches of the weights no adapter
+   * touches cut out (kept while the adapters touch the same weights; others open a new cut graph and the old one
+   * closes), in "inputs" mode the merged weights their weight-inputs graph's session (opened once) is fed, in "rebuild" mode new sessions
    * on the patched bytes; back to the base (`{}`), a component's own session again, its factor-inputs session
    * closed (adapterModes says which runs).
    * @param {Record<string, number> | Map<string, number>} adapters
@@ -327,7 +338,7 @@ export class Pipeline {
     const fed = {};
     /** @type {Record<string, "factors" | "inputs" | "rebuild">} */
     const modes = {};
-    /** @type {Record<string, {session: any, folder: string | null}>} factor-inputs sessions opened here */
+    /** @type {Record<string, FactorGraph>} factor-inputs sessions opened here */
     const factorOpened = {};
     const created = []; // the sessions opened here (a weight-inputs graph's is kept even when this call fails)
     const release = async () => {
@@ -346,12 +357,17 @@ export class Pipeline {
         if (mode) modes[component] = mode;
         if (mode === "factors") {
           const inputs = factorInputs(map, variant, terms); // before a session opens: its errors are the adapter's
-          if (!this.factorGraphs[component]) {
-            factorOpened[component] = await this.factorInputsGraph(component, map);
+          const { kept, cut } = factorSignature(inputs);
+          const open = this.factorGraphs[component];
+          const reused = open && open.kept.join("\n") === kept.join("\n");
+          if (!reused) {
+            factorOpened[component] = await this.factorInputsGraph(component, map, kept, cut);
             created.push(factorOpened[component].session);
           }
-          sessions[component] = (this.factorGraphs[component] || factorOpened[component]).session;
-          fed[component] = { stored: null, tensors: this.weightTensors(inputs) };
+          sessions[component] = (reused ? open : factorOpened[component]).session;
+          // only the kept branches' factors: the cut ones are no inputs of the graph
+          const keptInputs = Object.fromEntries(Object.entries(inputs).filter(([, input]) => !input.dims.includes(0)));
+          fed[component] = { stored: null, tensors: this.weightTensors(keptInputs) };
           continue;
         }
         if (mode === "inputs") {
@@ -379,7 +395,7 @@ export class Pipeline {
       throw error;
     }
     const old = Object.keys(sessions).map((name) => [this.sessions[name], this.adaptedFolders[name]]);
-    /** @type {Array<{session: any, folder: string | null}>} factor-inputs sessions no component runs any more */
+    /** @type {FactorGraph[]} factor-inputs sessions no component runs any more */
     const dropped = [];
     for (const name of Object.keys(sessions)) {
       this.sessions[name] = sessions[name];
@@ -392,12 +408,12 @@ export class Pipeline {
       else delete this.storedWeights[name]; // a session holding its weights, or factors: the copy is not needed
       if (modes[name]) this.modes[name] = modes[name];
       else delete this.modes[name];
-      if (modes[name] === "factors") {
-        if (factorOpened[name]) this.factorGraphs[name] = factorOpened[name];
-      } else if (this.factorGraphs[name]) {
+      if (modes[name] === "factors" && !factorOpened[name]) continue; // the same branches: the same session
+      if (this.factorGraphs[name]) {
         dropped.push(this.factorGraphs[name]); // it holds the weights: not kept beside another session
         delete this.factorGraphs[name];
       }
+      if (factorOpened[name]) this.factorGraphs[name] = factorOpened[name];
     }
     this.activeAdapters = wanted;
     this.weightsVersion += 1;
@@ -470,26 +486,49 @@ export class Pipeline {
    * @private @param {string} component @param {import("./adapters.js").WeightMap} map @param {string} kind
    */
   async openGraphBeside(component, map, kind) {
+    return this.createSession(component, new Map(), this.graphBeside(component, map, kind));
+  }
+
+  /**
+   * The bundle path of the weight map's `kind` graph of `component`'s variant, once checked to be a file the
+   * manifest lists beside the variant.
+   * @private @param {string} component @param {import("./adapters.js").WeightMap} map @param {string} kind
+   */
+  graphBeside(component, map, kind) {
     const variant = this.variants[component].variant;
     const graph = map.variants[variant.name][kind];
     const folder = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
     if (!this.manifest.files.some((entry) => entry.path === graph) || !graph.startsWith(folder) || graph.slice(folder.length).includes("/")) {
       throw new AdapterError(`weight map '${map.path}' names '${graph}', which the manifest does not list beside ${variant.path}: re-export the bundle`);
     }
-    return this.createSession(component, new Map(), graph);
+    return graph;
   }
 
   /**
-   * A session on `component`'s factor-inputs graph (bundle-format.md, "Weight maps and adapter files"), its file's
-   * sha256 checked first as every opened file's, with its temporary folder (onnxruntime-node without file paths);
-   * onnxruntime runs it with factors of any rank, so one serves every set of adapters. setAdapters keeps it while
-   * the component runs as factors.
+   * A session on `component`'s factor-inputs graph (bundle-format.md, "Weight maps and adapter files") with the
+   * branches of the weights in `cut` cut out (factorgraph.js; `kept`: the others, what the session is for), its
+   * file's sha256 checked before it is cut, as every opened file's; the cut bytes open as patched bytes do
+   * (createSession: from memory, or onnxruntime-node's temporary folder beside links to the external data). A
+   * branch still runs fed rank 0 (7.9% of an SD1.5 U-Net's call on onnxruntime for a style adapter's untouched
+   * layers, against 1.0% cut), so setAdapters keeps it while the adapters touch the same weights.
    * @private @param {string} component @param {import("./adapters.js").WeightMap} map
-   * @returns {Promise<{session: any, folder: string | null}>}
+   * @param {string[]} kept @param {string[]} cut
+   * @returns {Promise<FactorGraph>}
    */
-  async factorInputsGraph(component, map) {
-    const [session, temporary] = await this.openGraphBeside(component, map, "factor_inputs_graph");
-    return { session, folder: temporary };
+  async factorInputsGraph(component, map, kept, cut) {
+    const graph = this.graphBeside(component, map, "factor_inputs_graph");
+    const patched = new Map();
+    if (cut.length) {
+      await verifyUsedFiles(this.manifest, this.source, this.verify, [graph]); // the bytes cut are the listed ones
+      try {
+        patched.set(graph, cutFactorBranches(await this.source.read(graph), cut));
+      } catch (error) {
+        if (!(error instanceof FactorGraphError)) throw error;
+        throw new FactorGraphError(`BUNDLE '${this.source.description}': ${graph}: ${error.message}: re-export the bundle`);
+      }
+    }
+    const [session, temporary] = await this.createSession(component, patched, graph);
+    return { session, folder: temporary, kept };
   }
 
   /**

@@ -5,7 +5,9 @@
  * switch keeps the one open session; an adapter made for another bundle, a bad adapterMode: one error naming it.
  * adapterMode "factors" against the Python runtime's own factors mode (test/factors_reference.py, run here with
  * $LCM_EDGE_PYTHON, else the repository's .venv/bin/python, else python3): its image on node and WASM (fp32, fp16),
- * the factor inputs it feeds (stacked, rank 0 for untouched layers) bit for bit, the shares "auto" decides on.
+ * the factor-inputs graph cut to the touched branches bit for bit (cutFactorBranches against cut_factor_branches),
+ * one session per set of touched weights (a switch keeps it or opens the new cut), the factor inputs (stacked, rank 0
+ * for untouched layers, which are cut and not fed) bit for bit, the shares "auto" decides on.
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -15,7 +17,8 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, describe, test } from "node:test";
 import { AdapterError, BundleError, Pipeline, UserError } from "../src/index.js";
-import { FACTOR_SHARE_AUTO, factorInputs, factorShares } from "../src/adapters.js";
+import { FACTOR_SHARE_AUTO, factorInputs, factorShares, factorSignature } from "../src/adapters.js";
+import { cutFactorBranches } from "../src/factorgraph.js";
 import { folder, read, maxAbs } from "./references.js";
 
 const REPOSITORY = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -188,6 +191,27 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
     }
   });
 
+  test("a factor-inputs graph is verified before it is cut and opens: a changed byte is a BundleError naming it", async () => {
+    const c = index.adapters.find((entry) => entry.name === "fp32");
+    const copy = join(mkdtempSync(join(tmpdir(), "lcm-edge-test-")), "bundle");
+    try {
+      cpSync(c.bundle, copy, { recursive: true });
+      const graph = join(copy, "unet", "model.factor-inputs.onnx");
+      const bytes = readFileSync(graph);
+      bytes[bytes.length >> 1] ^= 1;
+      writeFileSync(graph, bytes);
+      const pipe = await Pipeline.load(copy, { backend: "node", precision: c.name, verify: "full", adapterMode: "factors" }); // not opened yet
+      await assert.rejects(
+        pipe.setAdapters({ [c.adapter]: c.weight }),
+        (error) => error instanceof BundleError && /unet\/model\.factor-inputs\.onnx has sha256 .*the file is modified or corrupted$/.test(error.message),
+      );
+      assert.deepEqual(pipe.adapters, {});
+      assert.deepEqual(pipe.adapterModes, {});
+    } finally {
+      rmSync(join(copy, ".."), { recursive: true, force: true });
+    }
+  });
+
   for (const backend of ["node", "wasm"]) {
     test(`adapterMode factors gives the Python runtime's factors-mode image on ${backend}; A -> base -> A is exact`, async () => {
       const { out, index: python } = pythonFactors(floatCases(index));
@@ -203,12 +227,15 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
         for (const [name, session] of Object.entries(graphs)) {
           const map = /** @type {any} */ (pipe.weightMaps)[name];
           const branched = map.variants[pipe.variants[name].variant.name].factor_inputs;
+          const { kept } = python[c.name].cuts[name];
+          assert.deepEqual(pipe.factorGraphs[name].kept, kept, `${label}: the ${name} session keeps the branches Python's does`);
+          assert.ok(kept.length > 0 && kept.length < branched.length, `${label}: the adapter leaves some ${name} weights (the cut can fail)`);
           const factors = session.inputNames.filter((input) => /\.(down|up)$/.test(input));
-          assert.equal(factors.length, 2 * branched.length, `${label}: the ${name} session is its factor-inputs graph's`);
-          const fed = Object.values(pipe.fedWeights[name]);
-          const empty = fed.filter((tensor) => tensor.dims.includes(0)).length;
-          results[`${label}/${name}/factor-inputs-rank-0`] = `${empty} of ${fed.length}`;
-          assert.ok(empty > 0 && empty < fed.length, `${label}: ${name} is fed rank 0 for the linear layers the adapter leaves (${empty} of ${fed.length})`);
+          assert.deepEqual(factors.sort(), kept.flatMap((weight) => [`${weight}.down`, `${weight}.up`]).sort(), `${label}: the ${name} session is its cut factor-inputs graph's`);
+          const fed = pipe.fedWeights[name];
+          assert.deepEqual(Object.keys(fed).sort(), factors, `${label}: ${name} is fed the kept branches' factors only`);
+          assert.ok(Object.values(fed).every((tensor) => !tensor.dims.includes(0)), `${label}: ${name} is fed no rank 0`);
+          results[`${label}/${name}/branches-kept`] = `${kept.length} of ${branched.length}`;
         }
         const adapted = await image(pipe, c);
         results[label] = maxAbs(adapted, expected);
@@ -227,12 +254,75 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
         await pipe.setAdapters({ [c.adapter]: c.weight });
         assert.deepEqual(pipe.adapterModes, { text_encoder: "factors", unet: "factors" }, label);
         assert.equal(maxAbs(await image(pipe, c), adapted), 0, `${label}: A -> base -> A`);
+        const reopened = { unet: pipe.sessions.unet, text_encoder: pipe.sessions.text_encoder };
         await pipe.setAdapters({ [c.adapter]: 0.3 });
-        assert.equal(pipe.sessions.unet, pipe.factorGraphs.unet.session, `${label}: a switch keeps the factor-inputs session`);
+        assert.equal(pipe.sessions.unet, reopened.unet, `${label}: a switch touching the same weights keeps the U-Net's factor-inputs session`);
+        assert.equal(pipe.sessions.text_encoder, reopened.text_encoder, `${label}: ... and the text encoder's`);
+        assert.equal(pipe.sessions.unet, pipe.factorGraphs.unet.session);
         assert.ok(maxAbs(await image(pipe, c), adapted) > 1e-3, `${label}: another weight gives another image on the same session`);
+        // an adapter of one U-Net layer: another set of touched weights, another cut graph; the text encoder's own
+        const map = /** @type {any} */ (pipe.weightMaps).unet;
+        const stored = map.variants[pipe.variants.unet.variant.name];
+        const [[adapter]] = pipe.activeAdapters;
+        const [layer] = adapter.layers.filter((l) => l.component === "unet" && map.weights[l.weight].kind === "conv");
+        const keys = [`unet/${layer.weight}.down`, `unet/${layer.weight}.up`];
+        const one = subsetAdapter(c.adapter, join(folder, `factors-one-conv-${c.name}.adapter`), (key) => keys.includes(key));
+        await pipe.setAdapters({ [one]: 2 });
+        assert.deepEqual(pipe.adapterModes, { unet: "factors" }, label);
+        assert.notEqual(pipe.sessions.unet, reopened.unet, `${label}: other touched weights open another cut graph`);
+        assert.deepEqual(pipe.factorGraphs.unet.kept, [stored.tensors[layer.weight].name], `${label}: the one conv's branch kept`);
+        assert.deepEqual(Object.keys(pipe.factorGraphs), ["unet"], `${label}: the text encoder back to its own session`);
+        assert.deepEqual(pipe.sessions.unet.inputNames.filter((input) => /\.(down|up)$/.test(input)).length, 2);
+        const oneConv = await image(pipe, c);
+        const merged = await Pipeline.load(c.bundle, { backend, precision: c.name, adapterMode: "inputs", adapters: { [one]: 2 } });
+        results[`${label}/one-conv-against-inputs`] = maxAbs(oneConv, await image(merged, c));
+        results[`${label}/one-conv-against-base`] = maxAbs(oneConv, read(c.base));
+        assert.ok(results[`${label}/one-conv-against-base`] > 1e-3, `${label}: the one conv changes the image`);
+        assert.ok(results[`${label}/one-conv-against-inputs`] <= tolerance, `${label}: one conv as factors against merged: ${results[`${label}/one-conv-against-inputs`]}`);
+        await pipe.setAdapters({ [c.adapter]: c.weight });
+        assert.deepEqual(pipe.factorGraphs.unet.kept, python[c.name].cuts.unet.kept);
+        assert.equal(maxAbs(await image(pipe, c), adapted), 0, `${label}: A -> 0.3 -> one conv -> A`);
       }
     });
   }
+
+  test("onnxruntime-node opens a cut graph of a variant with external data from a temporary folder, removed with it", async () => {
+    const c = index.adapters.find((entry) => entry.name === "fp32");
+    const { index: python } = pythonFactors(floatCases(index));
+    const pipe = await Pipeline.load(c.bundle, { backend: "node", precision: c.name, adapterMode: "factors" });
+    // the tiny variant holds its weights inline: one more file of its folder stands for external data (linked beside)
+    const choice = pipe.variants.unet;
+    const variant = choice.variant;
+    const folderOf = variant.path.slice(0, variant.path.lastIndexOf("/") + 1);
+    pipe.variants.unet = { ...choice, variant: { ...variant, files: [...variant.files, `${folderOf}config.json`] } };
+    await pipe.setAdapters({ [c.adapter]: c.weight });
+    const first = pipe.factorGraphs.unet;
+    assert.ok(first.folder && existsSync(join(first.folder, "config.json")), "a temporary folder with the link beside the cut graph");
+    assert.deepEqual(first.kept, python[c.name].cuts.unet.kept);
+    const adapted = await image(pipe, c);
+    results["node/fp32/factors/temporary-folder"] = maxAbs(adapted, readFloats(pythonFactors(floatCases(index)).out, python[c.name].image));
+    assert.ok(results["node/fp32/factors/temporary-folder"] <= TOLERANCE, "the cut graph from the folder gives Python's image");
+    await pipe.setAdapters({ [c.adapter]: 0.3 });
+    assert.equal(pipe.factorGraphs.unet, first, "the same touched weights: the same session and folder");
+    await pipe.setAdapters({});
+    assert.ok(!existsSync(first.folder), "back to the base: the folder is removed");
+  });
+
+  test("the factor-inputs graph cut equals the Python runtime's cut bit for bit (the adapter's untouched branches; every branch)", async () => {
+    const { out, index: python } = pythonFactors(floatCases(index));
+    for (const c of floatCases(index)) {
+      for (const [component, cuts] of Object.entries(python[c.name].cuts)) {
+        const graph = readFileSync(cuts.graph);
+        for (const label of ["adapter", "every"]) {
+          const expected = readFileSync(join(out, cuts[label].file));
+          const cut = cutFactorBranches(new Uint8Array(graph), cuts[label].cut);
+          assert.ok(cuts[label].cut.length > 0, `${c.name}/${component}/${label}: something is cut`);
+          assert.ok(Buffer.from(cut).equals(expected), `${c.name}/${component}/${label}: ${cut.length} bytes against Python's ${expected.length}`);
+          results[`${c.name}/${component}/cut-${label}`] = `${cuts[label].cut.length} branches cut, ${graph.length} -> ${cut.length} bytes`;
+        }
+      }
+    }
+  });
 
   test("factor inputs equal the Python runtime's bit for bit (two adapters stacked, rank 0 elsewhere); the shares auto decides on", async () => {
     const { out, index: python } = pythonFactors(floatCases(index));
@@ -243,32 +333,34 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
       const maps = /** @type {any} */ (pipe.weightMaps);
       let stacked = 0;
       let empty = 0;
-      let zeroConvs = 0;
+      let emptyConvs = 0;
       for (const [component, tensors] of Object.entries(python[c.name].inputs)) {
         const fed = pipe.fedWeights[component];
         const variant = pipe.variants[component].variant;
-        // what setAdapters feeds is factorInputs' result
         const computed = factorInputs(maps[component], variant, pipe.activeAdapters);
-        assert.deepEqual(Object.keys(fed).sort(), Object.keys(tensors).sort(), `${c.name}/${component}: the factor inputs`);
+        assert.deepEqual(Object.keys(computed).sort(), Object.keys(tensors).sort(), `${c.name}/${component}: the factor inputs`);
+        // what setAdapters feeds is factorInputs' result for the kept branches (the others are cut)
+        const { kept } = factorSignature(computed);
+        assert.deepEqual(pipe.factorGraphs[component].kept, kept, `${c.name}/${component}: the session's branches`);
+        assert.deepEqual(Object.keys(fed).sort(), kept.flatMap((weight) => [`${weight}.down`, `${weight}.up`]).sort(), `${c.name}/${component}: fed`);
         for (const [key, entry] of Object.entries(tensors)) {
           const label = `${c.name}/${component} ${key}`;
           const conv = entry.shape.length === 4;
           const at = key.endsWith(".down") ? (conv ? 0 : 1) : conv ? 1 : 0; // where the rank is in the shape
           const rank = entry.shape[at];
-          assert.equal(fed[key].type, entry.dtype, label);
-          assert.ok(bytesOf(computed[key].data).equals(bytesOf(fed[key].data)), `${label}: factorInputs`);
-          if (rank === 6) stacked++; // 3 + 3: both adapters' factors
-          else assert.equal(rank, 0, `${label}: rank ${rank}`);
-          if (rank === 0 && conv) {
-            // Python's rank 0 is rank 1 of zeros here (onnxruntime-node's Conv leaves its output unwritten for 0 channels)
-            zeroConvs++;
-            assert.deepEqual(fed[key].dims.map(Number), entry.shape.map((dim, i) => (i === at ? 1 : dim)), label);
-            assert.ok(fed[key].data.every((value) => value === 0), `${label}: zero factors`);
-            continue;
+          assert.equal(computed[key].dtype, entry.dtype, label);
+          assert.deepEqual(computed[key].dims, entry.shape, label);
+          assert.ok(bytesOf(computed[key].data).equals(readFileSync(join(out, entry.file))), `${label}: the bytes Python feeds`);
+          if (rank === 6) {
+            stacked++; // 3 + 3: both adapters' factors
+            assert.equal(fed[key].type, entry.dtype, label);
+            assert.ok(bytesOf(computed[key].data).equals(bytesOf(fed[key].data)), `${label}: fed as factorInputs gives it`);
+          } else {
+            assert.equal(rank, 0, `${label}: rank ${rank}`);
+            assert.equal(fed[key], undefined, `${label}: a cut branch's factors are not fed`);
+            empty++;
+            if (conv) emptyConvs++;
           }
-          if (rank === 0) empty++;
-          assert.deepEqual(fed[key].dims.map(Number), entry.shape, label);
-          assert.ok(bytesOf(fed[key].data).equals(readFileSync(join(out, entry.file))), `${label}: the bytes Python feeds`);
         }
         const [[adapter]] = pipe.activeAdapters;
         const share = factorShares(maps[component], [[adapter, c.weight]]);
@@ -277,8 +369,8 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
         assert.ok(share > FACTOR_SHARE_AUTO, `${c.name}/${component}: the test LoRA is above the share auto runs as factors (${share})`);
         assert.equal(factorShares(maps[component], [[adapter, 0]]), 0, "an adapter at weight 0 adds no factors");
       }
-      results[`${c.name}/factor-inputs`] = { stacked_rank_6: stacked, rank_0: empty, conv_rank_1_zeros: zeroConvs };
-      assert.ok(stacked > 0 && empty > 0 && zeroConvs > 0, `${c.name}: ${stacked} inputs of rank 6 (stacked), ${empty} of rank 0, ${zeroConvs} conv zeros`);
+      results[`${c.name}/factor-inputs`] = { stacked_rank_6: stacked, rank_0: empty, conv_rank_0: emptyConvs };
+      assert.ok(stacked > 0 && empty > 0 && emptyConvs > 0, `${c.name}: ${stacked} inputs of rank 6 (stacked), ${empty} of rank 0 (${emptyConvs} of convs)`);
     }
   });
 

@@ -3,8 +3,10 @@
 SPEC is JSON: {"out": folder, "cases": [{"name", "bundle", "adapter", "second", "weight", "second_weight", "seed",
 "steps"}]}. Per case, into ``out``: the image with the adapter at ``weight`` in factors mode (onnxruntime, the
 case's variant), and every factor input ``factor_inputs`` gives for the adapter at ``weight`` plus ``second`` (a copy
-of it) at ``second_weight`` (stacked factors), as raw little-endian bytes; and ``factor_shares`` of the adapter alone.
-Prints the index as JSON on its last line.
+of it) at ``second_weight`` (stacked factors), as raw little-endian bytes; ``factor_shares`` of the adapter alone; and
+per component its factor-inputs graph cut as the Python runtime cuts it for the adapter alone (cut_factor_branches of
+the weights it leaves: the bytes onnxruntime opens), and cut of every branch. Prints the index as JSON on its last
+line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import numpy as np
 
 from lcm_export.runtime import Pipeline
 from lcm_export.runtime.adapters import factor_inputs, factor_shares
+from lcm_export.runtime.backends.onnxruntime import factor_signature
+from lcm_export.runtime.factor_graph import cut_factor_branches
 
 
 def main() -> None:
@@ -36,7 +40,7 @@ def main() -> None:
         state = pipe.adapter_state
         entry = {"image": {"file": f"{name}-image.f32", "shape": list(image.shape)}, "modes": dict(state.modes)}
         first, second = state._load(case["adapter"]), state._load(case["second"])
-        entry["shares"], entry["inputs"] = {}, {}
+        entry["shares"], entry["inputs"], entry["cuts"] = {}, {}, {}
         for component, weight_map in sorted(state.weight_maps.items()):
             variant = pipe.denoiser.variants[component].name
             entry["shares"][component] = factor_shares(weight_map, [(first, case["weight"])])
@@ -47,6 +51,17 @@ def main() -> None:
                 (out / file).write_bytes(np.ascontiguousarray(value).tobytes())
                 tensors[key] = {"file": file, "dtype": str(value.dtype), "shape": list(value.shape)}
             entry["inputs"][component] = tensors
+            alone = factor_inputs(weight_map, variant, [(first, case["weight"])])
+            shapes = {key: value.shape for key, value in alone.items()}
+            kept = factor_signature(shapes)
+            every = sorted({key.rsplit(".", 1)[0] for key in shapes})
+            graph = Path(case["bundle"]) / weight_map.variants[variant]["factor_inputs_graph"]
+            cuts = {}
+            for label, cut in (("adapter", sorted(set(every) - set(kept))), ("every", every)):
+                file = f"{name}-{component}-cut-{label}.onnx"
+                (out / file).write_bytes(cut_factor_branches(graph.read_bytes(), set(cut)))
+                cuts[label] = {"file": file, "cut": cut}
+            entry["cuts"][component] = {"graph": str(graph), "kept": list(kept), **cuts}
         index[name] = entry
     print(json.dumps(index))
 

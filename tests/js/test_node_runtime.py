@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -465,6 +466,8 @@ def test_the_node_tests_pass_against_the_python_runtime(references) -> None:
         **os.environ,
         "LCM_EDGE_REFERENCES": str(references),
         "LCM_EXPORT_CACHE_DIR": str(references / "cache"),
+        # js/test/factors_reference.py runs on this interpreter (a worktree has no .venv of its own)
+        "LCM_EDGE_PYTHON": os.environ.get("LCM_EDGE_PYTHON", sys.executable),
     }
     result = subprocess.run(
         ["node", "--test", "--test-concurrency=1", "test/"],
