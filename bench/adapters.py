@@ -502,6 +502,8 @@ def section_lines(results: dict) -> list[str]:
             f"per size, alternating, U-Net medians base / adapter; per round: the median over the rounds of the "
             f"adapter's U-Net time over the base's in the same round): {cells}.",
         ]
+        if results.get("style_per_call_note"):
+            lines += ["", str(results["style_per_call_note"])]
     int8 = results.get("int8")
     if int8:
         lines += [
