@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from lcm_export.errors import UserError
+from lcm_export.runtime.factor_graph import FactorGraphError
 from lcm_export.runtime.manifest import Manifest
 
 WEIGHT_MAP_NAME = "weights.json"  # per component folder
@@ -782,9 +783,9 @@ class AdapterState:
     def _factor_inputs_graph(
         self, denoiser: Any, component: str, weight_map: WeightMap, values: dict[str, np.ndarray]
     ) -> Any:
-        """The open factor-inputs session of ``component``'s variant for factors shaped as ``values`` (onnxruntime:
-        one for every rank; OpenVINO: one per set of ranks, compiled with them). One is kept per component: it holds
-        the component's weights."""
+        """The open factor-inputs session of ``component``'s variant for factors shaped as ``values``, the branches
+        of rank-0 factors cut out (onnxruntime: one per set of touched weights; OpenVINO: one per set of ranks,
+        compiled with them). One is kept per component: it holds the component's weights."""
         variant = denoiser.variants[component].name
         shapes = {name: value.shape for name, value in values.items()}
         key = (variant, denoiser.factor_signature(shapes))
@@ -793,7 +794,10 @@ class AdapterState:
             return kept[1]
         self._factor_graphs.pop(component, None)
         graph = self._listed_graph(weight_map, variant, "factor_inputs_graph")
-        session = denoiser.open_factor_inputs(component, graph, shapes)
+        try:
+            session = denoiser.open_factor_inputs(component, graph, shapes)
+        except FactorGraphError as error:  # a listed file, its sha256 checked at load, but not the graph expected
+            raise _map_error(weight_map.path, f"names '{graph.relative_to(self.bundle_dir)}', where {error}") from None
         self._factor_graphs[component] = (key, session)
         return session
 

@@ -247,6 +247,20 @@ def test_factors_mode_without_the_branch_or_the_graph(sd) -> None:
     assert np.abs(_images(pipe) - _images(sd["bundle_ab"])).max() <= EXACT
 
 
+def test_factors_mode_on_a_graph_without_its_branches(sd) -> None:
+    """A weight map whose factor-inputs graph is a listed file (its sha256 checked at load) without the branches
+    it promises: one line naming the map and the graph, nothing applied."""
+    pipe = Pipeline.load(sd["bundle_a"], backend="onnxruntime", precision="fp32", adapter_mode="factors")
+    weight_map = pipe.adapter_state.weight_maps["unet"]
+    weight_map.variants["fp32"]["factor_inputs_graph"] = "unet/model.onnx"  # the variant itself: no branch
+    with pytest.raises(AdapterError) as error:
+        pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    message = str(error.value)
+    assert message.startswith(f"weight map '{weight_map.path}' names 'unet/model.onnx', where the factor-inputs graph")
+    assert "has no branch for" in message and message.endswith(": re-export the bundle")
+    assert "\n" not in message and pipe.adapters == {}
+
+
 def test_auto_runs_small_adapters_as_factors(sd, monkeypatch) -> None:
     """adapter_mode "auto" runs an adapter as factors when its factors are at most FACTOR_SHARE_AUTO of the
     component's adaptable weights (the tiny model's B is far above 1%: it merges, as the tests above check); the
