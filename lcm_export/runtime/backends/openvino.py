@@ -383,7 +383,7 @@ class OpenVinoSession:
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self._idle: list[Any] = [self.compiled.create_infer_request()]
         self._created = 1
-        self._bound_to: dict[int, object] = {}  # id(request) -> the token of the BoundInputs its tensors are
+        self._bound_to: dict[int, object] = {}  # id(request) -> the token of the BoundInputs whose tensors it holds
         self._pool = threading.Condition()
         self.layer_profile = (
             LayerProfile(component_name, Path(options.profiling_dir), options.device) if options.profiling_dir else None
