@@ -561,6 +561,12 @@ def factor_inputs(weight_map: WeightMap, variant: str, active: list[tuple[Adapte
     return values
 
 
+def zero_factors(layouts: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
+    """Factor inputs of these shapes and dtypes, all zero: a factor-inputs session on the base weights. Both
+    factors are zero (not only ``up``), so a branch is 0 even where x·down would overflow a half-precision type."""
+    return {name: np.zeros(shape, dtype) for name, (shape, dtype) in layouts.items()}
+
+
 class WeightInputsSession:
     """A session on a weight-inputs or factor-inputs graph and the values it runs with: each call feeds them with
     its inputs. Several share one backend session (an adapter switch makes a new one on the same session).
@@ -652,7 +658,8 @@ class AdapterState:
         self.mode = check_adapter_mode(mode)
         self._weight_maps: dict[str, WeightMap] | None = None
         self._graphs: dict[tuple[str, str], Any] = {}  # (component, variant) -> its weight-inputs session
-        self._factor_graphs: dict[str, tuple[Any, Any]] = {}  # component -> ((variant, ranks), factor session)
+        # component -> ((variant, ranks), factor session, its factors' (shape, dtype) by input)
+        self._factor_graphs: dict[str, tuple[Any, Any, dict]] = {}
         # path -> (file status, adapter): the last LOADED_ADAPTERS_KEPT read, checked once
         self._loaded: OrderedDict[str, tuple[tuple, Adapter]] = OrderedDict()
         self.active: tuple[tuple[Adapter, float], ...] = ()
@@ -684,10 +691,15 @@ class AdapterState:
         sessions: dict[str, Any] = {}
         for component in sorted(touched):
             terms = [(adapter, weight) for adapter, weight in wanted if component in adapter.components]
-            if not terms:
-                sessions[component] = denoiser.new_session(component)  # back to the base weights
+            if not terms:  # back to the base weights
                 self.modes.pop(component, None)
-                self._factor_graphs.pop(component, None)  # it holds the weights: not kept beside the base session
+                kept = self._factor_graphs.get(component)
+                if kept is not None:
+                    # The factor session stays, its factors zero: each branch adds (x·0)·0 = 0 to the layer's own
+                    # output, so the image is the base session's bit for bit (tested), and no session opens.
+                    sessions[component] = denoiser.wrap_session(WeightInputsSession(kept[1], zero_factors(kept[2])))
+                else:
+                    sessions[component] = denoiser.new_session(component)
                 continue
             variant = denoiser.variants[component]
             weight_map = self.weight_maps[component]
@@ -798,7 +810,8 @@ class AdapterState:
             session = denoiser.open_factor_inputs(component, graph, shapes)
         except FactorGraphError as error:  # a listed file, its sha256 checked at load, but not the graph expected
             raise _map_error(weight_map.path, f"names '{graph.relative_to(self.bundle_dir)}', where {error}") from None
-        self._factor_graphs[component] = (key, session)
+        layouts = {name: (value.shape, value.dtype) for name, value in values.items()}
+        self._factor_graphs[component] = (key, session, layouts)
         return session
 
     def _weight_inputs_graph(self, denoiser: Any, component: str, weight_map: WeightMap) -> Any:

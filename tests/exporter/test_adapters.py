@@ -44,6 +44,13 @@ def _images(bundle_or_pipe, backend: str = "onnxruntime", **load) -> np.ndarray:
     return pipe("a photo of a cat", negative_prompt="blurry", guidance_scale=1.5, num_inference_steps=2, seed=5).images
 
 
+def _backend_session(session):
+    """The backend session under the runtime's wrappers (a lock, the bound weights or factors)."""
+    while "inner" in vars(session):
+        session = vars(session)["inner"]
+    return session
+
+
 def _psnr(first: np.ndarray, second: np.ndarray) -> float:
     mse = float(np.mean((first.astype(np.float64) - second) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
@@ -161,10 +168,35 @@ def test_factors_switch_binds_new_factors(sd, tmp_path, backend) -> None:
         pipe.set_adapters({other: 0.5})
         assert pipe.adapter_state._factor_graphs["unet"][1] is not sessions["unet"]
         assert np.abs(_images(pipe) - first).max() > 1e-3
-    pipe.set_adapters({})  # the base: the component's own session, the factor session (and its weights) let go
-    assert pipe.adapter_state._factor_graphs == {}
     pipe.set_adapters({sd["adapter"]: WEIGHT_B})
+    kept = {name: kept[1] for name, kept in pipe.adapter_state._factor_graphs.items()}
+    pipe.set_adapters({})  # the base: the factor session kept, its factors zero: the base image bit for bit
+    assert {name: kept[1] for name, kept in pipe.adapter_state._factor_graphs.items()} == kept
+    assert all(_backend_session(pipe.denoiser._sessions[name]) is kept[name] for name in ("unet", "text_encoder"))
+    assert pipe.adapter_state.modes == {} and pipe.adapters == {}
+    assert np.abs(_images(pipe) - _images(sd["bundle_a"], backend)).max() == 0.0
+    pipe.set_adapters({sd["adapter"]: WEIGHT_B})  # and back on the same session
+    assert {name: kept[1] for name, kept in pipe.adapter_state._factor_graphs.items()} == kept
     assert np.abs(_images(pipe) - first).max() == 0.0
+
+
+def test_factor_session_reopens_from_the_cache(sd, tmp_path) -> None:
+    """onnxruntime saves the cut factor graph it optimised; the next pipeline's first switch opens that copy (with
+    its weights and pre-packed blobs beside it, not the bundle's) and gives the same image."""
+
+    def load():
+        return Pipeline.load(
+            sd["bundle_a"], backend="onnxruntime", precision="fp32", cache_dir=tmp_path / "cache",
+            adapters={sd["adapter"]: WEIGHT_B}, adapter_mode="factors",
+        )  # fmt: skip
+
+    first = load()
+    assert not any(kept[1].loaded_from_cache for kept in first.adapter_state._factor_graphs.values())
+    second = load()
+    factor_sessions = second.adapter_state._factor_graphs
+    assert set(factor_sessions) == {"unet", "text_encoder"}
+    assert all(kept[1].loaded_from_cache for kept in factor_sessions.values())
+    assert np.abs(_images(second) - _images(first)).max() == 0.0
 
 
 def test_factor_graph_cut_to_the_touched_branches(sd) -> None:

@@ -126,11 +126,6 @@ class OnnxRuntimeSession:
         model: str | bytes = str(path)
         if weights:
             model, self._replaced = _with_weights(onnxruntime, path, session_options, weights)
-        elif model_bytes is not None:
-            model = model_bytes
-            session_options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(path.parent)
-            )
         self.loaded_from_cache = False
         if cached is not None and cached.is_file():
             try:
@@ -138,6 +133,13 @@ class OnnxRuntimeSession:
                 self.loaded_from_cache = True
             except Exception:  # an unreadable cache entry (disk full at write, a newer format): rebuild it
                 shutil.rmtree(cached.parent, ignore_errors=True)
+        if not self.loaded_from_cache and model_bytes is not None:
+            # Set only now: the cached copy's external data (weights and pre-packed blobs) sits beside it, and
+            # with this entry its open would read the bundle's file at the cached offsets and fail.
+            model = model_bytes
+            session_options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path.parent)
+            )
         if not self.loaded_from_cache:
             session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
             try:
