@@ -51,6 +51,14 @@ RUNS = (
     ("openvino", "auto", ("lcm-lora-r64", "style-r16")),
     ("openvino", "factors", ("lcm-lora-r64",)),
 )
+# Then each factors run again in a new process, its compiled-model cache now warm (every start after the first on
+# a device): the switches alone.
+WARM_RUNS = (
+    ("onnxruntime", "auto", ("style-r16",)),
+    ("onnxruntime", "factors", ("lcm-lora-r64",)),
+    ("openvino", "auto", ("style-r16",)),
+    ("openvino", "factors", ("lcm-lora-r64",)),
+)
 TOUCH_GB = 16  # memory written once before the runs (see main)
 
 
@@ -62,11 +70,13 @@ def rss_gb() -> float:
     return float("nan")
 
 
-def measure_backend(bundle: Path, adapters: dict[str, Path], backend: str, cache: Path, mode: str) -> dict:
+def measure_backend(
+    bundle: Path, adapters: dict[str, Path], backend: str, cache: Path, mode: str, per_call: bool = True
+) -> dict:
     """One backend's numbers in one adapter mode (run in its own process: see main), per adapter: the switches
     (base -> adapter, weight 1 -> 0.5, back to base, base -> adapter again), the RSS, the images after switching
-    back; then the U-Net per call with each adapter against a second pipeline on the base weights, calls
-    alternating between the two (a drift of the machine's speed over the run lands on both)."""
+    back; then (``per_call``) the U-Net per call with each adapter against a second pipeline on the base weights,
+    calls alternating between the two (a drift of the machine's speed over the run lands on both)."""
     import numpy as np
 
     from lcm_export.runtime import Pipeline
@@ -112,6 +122,14 @@ def measure_backend(bundle: Path, adapters: dict[str, Path], backend: str, cache
             "adapter_again_max_abs": float(np.abs(again_adapter - adapter_image).max()),
         }  # fmt: skip
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # before the second pipeline
+    if not per_call:
+        return {
+            "backend": backend,
+            "mode": mode,
+            "load_seconds": load_seconds,
+            "adapters": rows,
+            "rss_gb": {"base": rss_base, "peak": peak},
+        }
     reference = load()  # the base weights, for the cost per call
     unet_call(reference, SIZE)
     base_times: dict[int, list[float]] = {size: [] for size in SIZES}
@@ -276,10 +294,11 @@ def factor_share(bundle: Path, path: Path) -> float:
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--measure":
+    if len(sys.argv) > 2 and sys.argv[1] in ("--measure", "--measure-switches"):
+        per_call = sys.argv[1] == "--measure"
         bundle, backend, cache, mode, *adapters = sys.argv[2:]
         chosen = dict(value.split("=", 1) for value in adapters)
-        print(json.dumps(measure_backend(Path(bundle), chosen, backend, Path(cache), mode)))
+        print(json.dumps(measure_backend(Path(bundle), chosen, backend, Path(cache), mode, per_call)))
         return
     if len(sys.argv) > 2 and sys.argv[1] == "--measure-per-call":
         bundle, adapter, backend, cache, rounds = sys.argv[2:7]
@@ -407,6 +426,14 @@ def main() -> None:
         run = subprocess.run(command, check=True, env=env, stdout=subprocess.PIPE, text=True)
         results["backends"][f"{backend} {mode}"] = json.loads(run.stdout.strip().splitlines()[-1])
         print(json.dumps(results["backends"][f"{backend} {mode}"]), flush=True)
+    results["warm_start"] = {} if not int8_only else previous.get("warm_start", {})
+    for backend, mode, labels in () if int8_only else WARM_RUNS:
+        cache = work / f"cache-{backend}"
+        command = [python, str(Path(__file__).resolve()), "--measure-switches", str(bundle), backend, str(cache)]
+        command += [mode, *(f"{label}={files[label]}" for label in labels)]
+        run = subprocess.run(command, check=True, env=env, stdout=subprocess.PIPE, text=True)
+        results["warm_start"][f"{backend} {mode}"] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(json.dumps(results["warm_start"][f"{backend} {mode}"]), flush=True)
     if switch_only and "int8" in previous:  # keep the INT8 part of the last full run
         results["int8"] = previous["int8"]
         results["int8"].setdefault("machine", previous.get("machine", {}))  # where it was measured
@@ -470,12 +497,35 @@ def section_lines(results: dict) -> list[str]:
                 f"{entry['rss_gb']['base']:.1f} -> {row['rss_gb_adapter']:.1f} GB |"
             )
             exact = exact and row["base_again_max_abs"] == 0 and row["adapter_again_max_abs"] == 0
+    warm = results.get("warm_start") or {}
+    if warm:
+        lines += [
+            "",
+            "The same switches in a new process, the compiled-model cache warm from the runs above (every start "
+            "after the first on a device; the first switch opens the factor graph from that cache on onnxruntime, "
+            "and compiles it on OpenVINO, which does not cache factor graphs):",
+            "",
+            "| backend | adapter_mode | adapter | runs as | load (s) | switch base -> adapter | weight 1 -> 0.5 | "
+            "back to base | again |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for entry in warm.values():
+            for label, row in entry["adapters"].items():
+                switch = row["switch_seconds"]
+                lines.append(
+                    f"| {entry['backend']} | {entry['mode']} | {label} | {row['mode']} | {entry['load_seconds']:.1f} | "
+                    f"{switch['base_to_adapter']:.2f} s | {switch['adapter_weight_change']:.2f} s | "
+                    f"{switch['adapter_to_base']:.2f} s | {switch['again']:.2f} s |"
+                )
+                exact = exact and row["base_again_max_abs"] == 0 and row["adapter_again_max_abs"] == 0
+    first_load = next(iter(results["backends"].values()), {}).get("load_seconds")
     lines += [
         "",
         f"Images after switching back equal the first ones {'exactly (max abs 0.0)' if exact else 'NOT exactly'}, "
         "base and adapter alike. Export of the bundle "
         f"{results.get('export_seconds', float('nan')):.0f} s; `lcm-export adapter` "
-        f"{results['adapter_seconds']:.0f} s.",
+        f"{results['adapter_seconds']:.0f} s"
+        + (f"; the first load of the bundle, cache empty, {first_load:.0f} s." if first_load else "."),
     ]
     long_run = results.get("style_per_call")
     if long_run:

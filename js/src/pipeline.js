@@ -309,8 +309,9 @@ export class Pipeline {
    * stacked factors are fed to a session on their factor-inputs graph with the branches of the weights no adapter
    * touches cut out (kept while the adapters touch the same weights; others open a new cut graph and the old one
    * closes), in "inputs" mode the merged weights their weight-inputs graph's session (opened once) is fed, in "rebuild" mode new sessions
-   * on the patched bytes; back to the base (`{}`), a component's own session again, its factor-inputs session
-   * closed (adapterModes says which runs).
+   * on the patched bytes; back to the base (`{}`), a component that ran factors keeps its factor-inputs session fed
+   * zero factors (the base image bit for bit, no session opened), the others their own session again
+   * (adapterModes says which adapters run).
    * @param {Record<string, number> | Map<string, number>} adapters
    * @returns {Promise<void>}
    */
@@ -355,6 +356,13 @@ export class Pipeline {
         fed[component] = null;
         const mode = terms.length ? this.modeFor(component, map, terms) : null;
         if (mode) modes[component] = mode;
+        if (!mode && this.factorGraphs[component] && this.sessions[component] === this.factorGraphs[component].session) {
+          // back to the base on the factor-inputs session, its factors zero: each branch adds (x·0)·0 = 0 to the
+          // layer's own output (the base image bit for bit, as the Python runtime does), and no session opens
+          sessions[component] = this.factorGraphs[component].session;
+          fed[component] = { stored: null, tensors: this.zeroTensors(this.fedWeights[component]) };
+          continue;
+        }
         if (mode === "factors") {
           const inputs = factorInputs(map, variant, terms); // before a session opens: its errors are the adapter's
           const { kept, cut } = factorSignature(inputs);
@@ -409,6 +417,7 @@ export class Pipeline {
       if (modes[name]) this.modes[name] = modes[name];
       else delete this.modes[name];
       if (modes[name] === "factors" && !factorOpened[name]) continue; // the same branches: the same session
+      if (!modes[name] && this.factorGraphs[name] && sessions[name] === this.factorGraphs[name].session) continue; // zero factors
       if (this.factorGraphs[name]) {
         dropped.push(this.factorGraphs[name]); // it holds the weights: not kept beside another session
         delete this.factorGraphs[name];
@@ -542,6 +551,14 @@ export class Pipeline {
     this.weightGraphs[component] = session;
     if (temporary) this.adaptedFolders[`${component}.weight-inputs`] = temporary; // kept with the session
     return session;
+  }
+
+  /** @private: zero tensors of the types and dims of `tensors` (a factor-inputs session on the base weights) */
+  zeroTensors(tensors) {
+    const ort = this.backendImpl.ort;
+    return Object.fromEntries(
+      Object.entries(tensors).map(([name, tensor]) => [name, new ort.Tensor(tensor.type, new /** @type {any} */ (tensor.data).constructor(tensor.data.length), tensor.dims)]),
+    );
   }
 
   /** @private: weight inputs as the backend's tensors, made once per switch and fed with every call */

@@ -246,10 +246,13 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
         }
         await pipe.setAdapters({});
         assert.deepEqual(pipe.adapterModes, {});
-        assert.deepEqual(Object.keys(pipe.factorGraphs), [], `${label}: back to the base drops the factor-inputs sessions`);
-        assert.notEqual(pipe.sessions.unet, graphs.unet, `${label}: the base runs the U-Net's own session`);
+        assert.deepEqual(Object.keys(pipe.factorGraphs).sort(), ["text_encoder", "unet"], `${label}: back to the base keeps the factor-inputs sessions`);
+        assert.equal(pipe.sessions.unet, graphs.unet, `${label}: the base runs on the U-Net's factor-inputs session`);
+        assert.ok(Object.values(pipe.fedWeights.unet).every((tensor) => tensor.data.every((value) => value === 0)), `${label}: fed zero factors`);
         const plain = await image(pipe, c);
+        const own = await Pipeline.load(c.bundle, { backend, precision: c.name });
         results[`${label}/base`] = maxAbs(plain, read(c.base));
+        assert.equal(maxAbs(plain, await image(own, c)), 0, `${label}: zero factors give the base session's image bit for bit`);
         assert.ok(results[`${label}/base`] <= tolerance, `${label}: the base image after {}`);
         await pipe.setAdapters({ [c.adapter]: c.weight });
         assert.deepEqual(pipe.adapterModes, { text_encoder: "factors", unet: "factors" }, label);
@@ -271,7 +274,8 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
         assert.deepEqual(pipe.adapterModes, { unet: "factors" }, label);
         assert.notEqual(pipe.sessions.unet, reopened.unet, `${label}: other touched weights open another cut graph`);
         assert.deepEqual(pipe.factorGraphs.unet.kept, [stored.tensors[layer.weight].name], `${label}: the one conv's branch kept`);
-        assert.deepEqual(Object.keys(pipe.factorGraphs), ["unet"], `${label}: the text encoder back to its own session`);
+        assert.deepEqual(Object.keys(pipe.factorGraphs).sort(), ["text_encoder", "unet"], `${label}: the text encoder on its factor session, fed zeros`);
+        assert.ok(Object.values(pipe.fedWeights.text_encoder).every((tensor) => tensor.data.every((value) => value === 0)));
         assert.deepEqual(pipe.sessions.unet.inputNames.filter((input) => /\.(down|up)$/.test(input)).length, 2);
         const oneConv = await image(pipe, c);
         const merged = await Pipeline.load(c.bundle, { backend, precision: c.name, adapterMode: "inputs", adapters: { [one]: 2 } });
@@ -304,8 +308,16 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
     assert.ok(results["node/fp32/factors/temporary-folder"] <= TOLERANCE, "the cut graph from the folder gives Python's image");
     await pipe.setAdapters({ [c.adapter]: 0.3 });
     assert.equal(pipe.factorGraphs.unet, first, "the same touched weights: the same session and folder");
+    const [[adapter]] = pipe.activeAdapters;
     await pipe.setAdapters({});
-    assert.ok(!existsSync(first.folder), "back to the base: the folder is removed");
+    assert.equal(pipe.factorGraphs.unet, first, "back to the base: the factor session kept (fed zeros), its folder too");
+    assert.ok(existsSync(first.folder));
+    const [layer] = adapter.layers.filter((l) => l.component === "unet");
+    const keys = [`unet/${layer.weight}.down`, `unet/${layer.weight}.up`];
+    const one = subsetAdapter(c.adapter, join(folder, "temporary-folder-one-layer.adapter"), (key) => keys.includes(key));
+    await pipe.setAdapters({ [one]: 1 });
+    assert.notEqual(pipe.factorGraphs.unet, first, "other touched weights: another cut graph");
+    assert.ok(!existsSync(first.folder), "the replaced cut graph's folder is removed");
   });
 
   test("the factor-inputs graph cut equals the Python runtime's cut bit for bit (the adapter's untouched branches; every branch)", async () => {

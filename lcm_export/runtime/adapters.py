@@ -38,7 +38,10 @@ Three ways to run adapters (``adapter_mode``, measured in docs/design-notes.md#a
   the active factors are at most :data:`FACTOR_SHARE_AUTO` of the weights, else ``"inputs"`` where allowed, else
   ``"rebuild"``.
 
-Back to the base weights (``{}``), a component reopens its own optimised session (from the compiled-model cache).
+Back to the base weights (``{}``), a component that ran factors stays on its factor session with every factor zero:
+each branch adds (x·0)·0 = 0 to its layer's own output, so the image is the base session's bit for bit (tested on
+both backends) and the switch opens nothing (a style adapter on -> off -> on: three bindings). The others reopen
+their own optimised session (from the compiled-model cache).
 
 Everything read from an adapter file or a weight map is checked at the border: a file made for another bundle,
 factors for weights the bundle does not have, shapes or ranks that do not fit, non-finite values or weights are
