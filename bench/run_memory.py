@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,16 @@ def measure_run(bundle: Path, backend: str, arguments: argparse.Namespace, cache
 
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": common.machine_info(), "size": arguments.size, "rows": []}
+    names = [entry.split("=", 1)[0] for entry in arguments.bundles]
+    earlier = arguments.output / "run-memory-results.json"
+    if earlier.is_file():  # rows of other bundles from earlier runs stay (same size and machine), with their date
+        previous = json.loads(earlier.read_text())
+        if (
+            previous.get("size") == arguments.size
+            and previous.get("machine", {}).get("cpu") == results["machine"]["cpu"]
+        ):
+            results["rows"] = [row for row in previous.get("rows", []) if row["bundle"] not in names]
+    today = time.strftime("%Y-%m-%d")
     for entry in arguments.bundles:
         name, bundle = entry.split("=", 1)
         for backend in arguments.backends:
@@ -94,7 +105,8 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
                 cache, work = Path(scratch, "cache"), Path(scratch)
                 for start in ("first", "warm"):
                     measured = measure_run(Path(bundle), backend, arguments, cache, work)
-                    results["rows"].append({"bundle": name, "backend": backend, "start": start, **measured})
+                    row = {"bundle": name, "backend": backend, "start": start, "date": today, **measured}
+                    results["rows"].append(row)
                     print(json.dumps(results["rows"][-1])[:300], flush=True)
     return results
 
@@ -111,14 +123,14 @@ def section_lines(results: dict[str, Any]) -> list[str]:
         "Anonymous: memory that is not mapped files (the rest of the RSS is weights mapped from the bundle or the "
         "cache).",
         "",
-        "| bundle | backend | start | components | peak RSS (GB) | anonymous peak (GB) | process (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| bundle | backend | start | components | peak RSS (GB) | anonymous peak (GB) | process (s) | measured |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         variants = ", ".join(f"{name} {variant}" for name, variant in (row.get("variants") or {}).items())
         lines.append(
             f"| {row['bundle']} | {row['backend']} | {row['start']} | {variants} | {row['peak_rss_gb']:.2f} | "
-            f"{row.get('anon_peak_gb', float('nan')):.2f} | {row['seconds']:.0f} |"
+            f"{row.get('anon_peak_gb', float('nan')):.2f} | {row['seconds']:.0f} | {row.get('date', '2026-12-02')} |"
         )
     lines.append(SECTION_END)
     return lines

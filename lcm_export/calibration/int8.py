@@ -83,6 +83,7 @@ class Int8Settings:
     recipe: QdqRecipe = field(default_factory=QdqRecipe)
     quantize_decoder: bool = True  # the full VAE decoder too (the exporter decides; see the module docstring)
     quantize_controlnet: bool = True  # a ControlNet bundle's ControlNets too (see the module docstring)
+    quantize_text_encoders: bool = False  # the text encoders' weights too, weight-only (calibration/weight_only.py)
 
 
 def _float_pipeline(bundle: Path) -> Pipeline:
@@ -101,6 +102,10 @@ def quantize_components(
     height, width = settings.height or info.default_height, settings.width or info.default_width
     controlnets = pipe.manifest.controlnet.components if pipe.manifest.controlnet is not None else ()
     floats = {name: pipe.variants[name].artifact for name in ("unet", "vae_decoder", *controlnets)}
+    encoders = [encoder.component for encoder in pipe.manifest.conditioning.text_encoders]
+    encoder_floats = (
+        {name: pipe.variants[name].artifact for name in encoders} if settings.quantize_text_encoders else {}
+    )
     recorded = Trajectories([], [])
     for guidance in CALIBRATION_GUIDANCE[info.guidance]:
         trajectory = TrajectorySettings(
@@ -124,6 +129,8 @@ def quantize_components(
         **({"control_images": CONTROL_IMAGES} if controlnets else {}),
     }
     import onnxruntime
+
+    from lcm_export.calibration.weight_only import quantize_weights_only
 
     variants = {}
     for name, paths in samples.items():
@@ -162,6 +169,25 @@ def quantize_components(
                 "calibration": {**calibration, "samples": len(paths)},
                 **report,
             },
+        )
+    for name, artifact in encoder_floats.items():  # weight-only: no samples, nothing to calibrate
+        label = f"quantising the weights of the {name.replace('_', ' ')}"
+        if progress:
+            progress(label, 0, 1)
+        output = bundle / name / INT8_FILE
+        before = set(output.parent.iterdir())
+        report = quantize_weights_only(bundle / artifact.path, output)
+        if progress:
+            progress(label, 1, 1)
+        files = sorted(path for path in output.parent.iterdir() if path not in before)
+        variants[name] = Artifact(
+            format="onnx",
+            path=f"{name}/{INT8_FILE}",
+            precision="int8",
+            name=INT8_VARIANT,
+            io_dtype="float32",
+            files=tuple(path.relative_to(bundle).as_posix() for path in files),
+            produced_by={"tool": "lcm_export.calibration.weight_only", "from": artifact.path, **report},
         )
     return variants
 

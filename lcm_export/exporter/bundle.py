@@ -108,6 +108,7 @@ class ExportConfig:
     calibration_size: int | None = None
     calibration_resolution: int | None = None
     keep_fp32: bool = False
+    int8_text_encoders: bool = False  # the text encoders' weights as int8 (calibration/weight_only.py)
     controlnets: tuple[ControlNetSource, ...] = ()  # --controlnet CN[:SCALE]: the residual U-Net and each ControlNet
 
     def int8_settings(self, spatial_multiple: int, default_size: int) -> Any:
@@ -129,7 +130,12 @@ class ExportConfig:
         # The full VAE decoder where INT8 was measured to pay: the CPU backends that read the ONNX bundle.
         decoder = self.target == "onnx"
         return Int8Settings(
-            prompts=tuple(prompts[:count]), height=size, width=size, recipe=recipe, quantize_decoder=decoder
+            prompts=tuple(prompts[:count]),
+            height=size,
+            width=size,
+            recipe=recipe,
+            quantize_decoder=decoder,
+            quantize_text_encoders=self.int8_text_encoders,
         )
 
 
@@ -196,6 +202,11 @@ def check_config(config: ExportConfig) -> None:
     int8 = resolved_precision(config) == "int8"
     if not int8 and (config.keep_fp32 or config.calibration_prompts or config.calibration_size):
         raise ExportError("--keep-fp32 and --calibration-* apply to --precision int8: add it or drop them")
+    if config.int8_text_encoders and (not int8 or config.target != "onnx"):
+        raise ExportError(
+            "--int8-text-encoders applies to --precision int8 with --target onnx (the CPU backends): add them or "
+            "drop it"
+        )
     if config.calibration_prompts is not None and not config.calibration_prompts:
         raise ExportError("--calibration-prompts: the file holds no prompt (one per line)")
     if config.calibration_size is not None:

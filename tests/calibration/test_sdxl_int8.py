@@ -87,3 +87,76 @@ def test_sdxl_int8_runs_near_its_float_image(sdxl_int8_bundles, name, backend) -
     score = image_psnr(float_image, image)
     print(f"{name} on {backend}: INT8 vs float {score:.1f} dB")
     assert PSNR_FLOOR_DB <= score < 80, score  # close, and really different (the INT8 graph ran)
+
+
+@pytest.fixture(scope="module")
+def int8_text_encoders_bundle(other_sdxl_model, tmp_path_factory) -> Path:
+    """The other-SDXL INT8 bundle again (same LoRA, same calibration), its text encoders' weights int8 too."""
+    from lcm_export.exporter.bundle import LoraSource
+
+    other, other_lora = other_sdxl_model
+    folder = tmp_path_factory.mktemp("sdxl-int8-text-encoders")
+    options = dict(precision="int8", keep_fp32=True, calibration_size=2, int8_text_encoders=True)
+    return export(other, folder / "other", loras=(LoraSource(str(other_lora)),), **options)
+
+
+def test_int8_text_encoders_are_weight_only_int8(int8_text_encoders_bundle) -> None:
+    """Every MatMul/Gemm weight of both encoders int8 behind a per-channel DequantizeLinear, no activation
+    quantised; the float variant kept second; the weight map finds the int8 weights and their scales."""
+    import onnx
+
+    manifest = load_manifest(int8_text_encoders_bundle, verify="full")
+    for encoder in ("text_encoder", "text_encoder_2"):
+        variants = manifest.components[encoder].variants
+        assert [(v.name, v.precision) for v in variants] == [("int8-qdq", "int8"), ("fp32", "fp32")]
+        float_model = onnx.load(str(int8_text_encoders_bundle / variants[1].path), load_external_data=False)
+        float_weights = {init.name for init in float_model.graph.initializer}
+        layers = [
+            node
+            for node in float_model.graph.node
+            if node.op_type in ("MatMul", "Gemm") and node.input[1] in float_weights
+        ]
+        int8_model = onnx.load(str(int8_text_encoders_bundle / variants[0].path), load_external_data=False)
+        levels = [
+            init.name for init in int8_model.graph.initializer
+            if init.data_type == onnx.TensorProto.INT8 and init.name.endswith("_quantized")
+        ]  # fmt: skip
+        counts = quantised_ops(int8_text_encoders_bundle / variants[0].path)
+        assert counts.get("QuantizeLinear", 0) == 0, counts
+        assert counts.get("DequantizeLinear", 0) == len(levels) == len(layers) >= 6, (counts, len(layers))
+        produced = variants[0].produced_by
+        assert produced["quantised_weights"] == len(layers)
+        assert produced["weight_bytes"]["int8"] * 4 == produced["weight_bytes"]["float32"]
+        weight_map = manifest.components[encoder].weight_map
+        if weight_map is not None:  # the LoRA's layers: their int8 weights and scales located for adapters
+            import json
+
+            tensors = json.loads((int8_text_encoders_bundle / weight_map).read_text())["variants"]["int8-qdq"]
+            assert tensors["tensors"] and all(entry["dtype"] == "int8" for entry in tensors["tensors"].values())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int8_text_encoders_change_the_image_little(int8_text_encoders_bundle, sdxl_int8_bundles, backend) -> None:
+    """Against the same INT8 U-Net with float text encoders (the bundle without the flag, calibrated the same):
+    the image moves (the int8 encoders ran) but stays within the INT8 floor; their hidden states within 5%."""
+    reference, guidance = sdxl_int8_bundles["other-sdxl"]
+
+    def unet_int8_sha256(bundle: Path) -> str:
+        manifest = load_manifest(bundle)
+        return {entry.path: entry.sha256 for entry in manifest.files}[manifest.components["unet"].variants[0].path]
+
+    # the same INT8 U-Net: the encoders are the only difference
+    assert unet_int8_sha256(reference) == unet_int8_sha256(int8_text_encoders_bundle)
+    call = dict(CALL, guidance_scale=guidance)
+    float_encoders = Pipeline.load(reference, backend=backend, precision="fp32")
+    pipe = Pipeline.load(int8_text_encoders_bundle, backend=backend, precision="fp32")
+    assert {name: pipe.variants[name].name for name in ("unet", "text_encoder", "text_encoder_2")} == dict.fromkeys(
+        ("unet", "text_encoder", "text_encoder_2"), "int8-qdq"
+    )
+    hidden = pipe.encode_prompts(["a watercolor fox"]).hidden
+    expected = float_encoders.encode_prompts(["a watercolor fox"]).hidden
+    relative = float(np.linalg.norm(hidden - expected) / np.linalg.norm(expected))
+    score = image_psnr(float_encoders("a watercolor fox", **call).images, pipe("a watercolor fox", **call).images)
+    print(f"int8 text encoders on {backend}: hidden states {relative:.2%} off, image {score:.1f} dB")
+    assert 0 < relative <= 0.05, relative
+    assert PSNR_FLOOR_DB <= score < 80, score
