@@ -4,7 +4,7 @@ float, so no calibration is needed.
 
 This is the recipe optimum-intel's hybrid quantisation gives every diffusion component but the U-Net (NNCF's 8-bit
 weight compression). For SDXL's second text encoder (CLIP ViT-bigG, 695M parameters) it is what the memory is: on
-the Intel Xeon of stop 35, random weights, 2 threads, one call of 2 x 77 tokens (docs/design-notes.md#int8):
+the Intel Xeon of stop 35, random weights, 2 threads, one call of 2 x 77 tokens (docs/design-notes.md#calibration-int8):
 onnxruntime 2.74 -> 1.72 GB RSS and 0.60 -> 0.72 s (the weights are dequantised at every call), OpenVINO f32
 5.36 -> 1.69 GB and 1.42 -> 0.70 s (it keeps them compressed and decompresses in its kernels); the outputs move by
 3.2% (relative L2) against the fp32 encoder's, against 0.8% for OpenVINO's own bf16.
