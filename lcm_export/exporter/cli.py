@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     int8.add_argument(
         "--int8-text-encoders",
         action="store_true",
-        help="the text encoders' weights as int8 too (weight-only, per channel; --target onnx): SDXL's 2.8 GB "
-        "second encoder in 0.7 GB",
+        help="the text encoders' weights as int8 too (weight-only, per channel; --target onnx): SDXL's second "
+        "encoder in 0.9 GB instead of 2.8",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     trt = parser.add_argument_group("TensorRT")
