@@ -155,15 +155,11 @@ def quantize_components(
             report["decoded_psnr_db"] = _decoder_psnr(bundle / floats[name].path, output, paths[:2])
         if progress:
             progress(label, 1, 1)
-        files = sorted(path for path in output.parent.iterdir() if path not in before)
-        variants[name] = Artifact(
-            format="onnx",
-            path=f"{name}/{INT8_FILE}",
-            precision="int8",
-            name=INT8_VARIANT,
-            io_dtype="float32",
-            files=tuple(path.relative_to(bundle).as_posix() for path in files),
-            produced_by={
+        variants[name] = _int8_variant(
+            bundle,
+            name,
+            before,
+            {
                 "tool": f"onnxruntime.quantization.quantize_static {onnxruntime.__version__}",
                 "from": floats[name].path,
                 "calibration": {**calibration, "samples": len(paths)},
@@ -179,17 +175,25 @@ def quantize_components(
         report = quantize_weights_only(bundle / artifact.path, output)
         if progress:
             progress(label, 1, 1)
-        files = sorted(path for path in output.parent.iterdir() if path not in before)
-        variants[name] = Artifact(
-            format="onnx",
-            path=f"{name}/{INT8_FILE}",
-            precision="int8",
-            name=INT8_VARIANT,
-            io_dtype="float32",
-            files=tuple(path.relative_to(bundle).as_posix() for path in files),
-            produced_by={"tool": "lcm_export.calibration.weight_only", "from": artifact.path, **report},
-        )
+        produced_by = {"tool": "lcm_export.calibration.weight_only", "from": artifact.path, **report}
+        variants[name] = _int8_variant(bundle, name, before, produced_by)
     return variants
+
+
+def _int8_variant(bundle: Path, name: str, before: set[Path], produced_by: dict[str, Any]) -> Artifact:
+    """The INT8 variant just written to ``<name>/model-int8.onnx``: its files are those its folder did not hold
+    ``before``."""
+    folder = bundle / name
+    files = sorted(path for path in folder.iterdir() if path not in before)
+    return Artifact(
+        format="onnx",
+        path=f"{name}/{INT8_FILE}",
+        precision="int8",
+        name=INT8_VARIANT,
+        io_dtype="float32",
+        files=tuple(path.relative_to(bundle).as_posix() for path in files),
+        produced_by=produced_by,
+    )
 
 
 def _decoder_psnr(float_path: Path, int8_path: Path, samples: list[Path]) -> list[float]:
