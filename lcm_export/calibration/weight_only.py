@@ -24,6 +24,9 @@ import numpy as np
 
 LEVELS = 127  # symmetric int8: [-127, 127], scale = max|W| / 127 per output channel
 MIN_ELEMENTS = 256  # smaller weights stay float (a CLIP-L layer has 590k elements)
+# With external data, the int8 weights and float tensors from this size go beside the .onnx; every scale and zero
+# point stays in it (weight maps read them from the graph itself).
+INLINE_BYTES = 1024
 
 
 def quantize_weights_only(float_path: Path, output_path: Path, external_data: bool | None = None) -> dict[str, Any]:
@@ -92,10 +95,16 @@ def quantize_weights_only(float_path: Path, output_path: Path, external_data: bo
     if not any(opset.domain in ("", "ai.onnx") and opset.version >= 13 for opset in model.opset_import):
         raise ValueError(f"{float_path}: per-channel DequantizeLinear needs opset 13 or newer")
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    if external_data:
-        onnx.save(model, str(output_path), save_as_external_data=True, location=output_path.name + "_data")
-    else:
-        onnx.save(model, str(output_path))
+    if external_data:  # the int8 weights (and large float tensors) beside it; every scale and zero point inline
+        from onnx.external_data_helper import set_external_data
+
+        (output_path.parent / (output_path.name + "_data")).unlink(missing_ok=True)  # onnx appends to it
+        for tensor in graph.initializer:
+            side = tensor.name.endswith(("_scale", "_zero_point"))
+            if tensor.HasField("raw_data") and not side:
+                if tensor.name.endswith("_quantized") or len(tensor.raw_data) >= INLINE_BYTES:
+                    set_external_data(tensor, output_path.name + "_data")
+    onnx.save(model, str(output_path))  # writes the tensors marked external into <name>_data
     return {
         "recipe": {"weights": "int8, symmetric, per output channel", "activations": "float", "levels": LEVELS},
         "quantised_weights": quantised,

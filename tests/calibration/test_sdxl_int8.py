@@ -160,3 +160,29 @@ def test_int8_text_encoders_change_the_image_little(int8_text_encoders_bundle, s
     print(f"int8 text encoders on {backend}: hidden states {relative:.2%} off, image {score:.1f} dB")
     assert 0 < relative <= 0.05, relative
     assert PSNR_FLOOR_DB <= score < 80, score
+
+
+def test_weight_only_int8_with_external_data(int8_text_encoders_bundle, tmp_path) -> None:
+    """A large encoder keeps external data: its int8 weights go beside the graph, every scale and zero point stays
+    inline (a weight map reads them from the graph), and the file runs as the bundle's own int8 variant does."""
+    import onnx
+    import onnxruntime
+
+    from lcm_export.calibration.weight_only import quantize_weights_only
+
+    manifest = load_manifest(int8_text_encoders_bundle)
+    int8, fp32 = manifest.components["text_encoder_2"].variants
+    output = tmp_path / "model-int8.onnx"
+    report = quantize_weights_only(int8_text_encoders_bundle / fp32.path, output, external_data=True)
+    assert report["quantised_weights"] == int8.produced_by["quantised_weights"]
+    model = onnx.load(str(output), load_external_data=False)
+    external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    levels = {t.name for t in model.graph.initializer if t.name.endswith("_quantized")}
+    side = {t.name for t in model.graph.initializer if t.name.endswith(("_scale", "_zero_point"))}
+    assert levels and levels <= external and not side & external and (tmp_path / "model-int8.onnx_data").is_file()
+    ids = {"input_ids": np.arange(2 * 16, dtype=np.int64).reshape(2, 16) % 50}
+    outputs = [
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, ids)
+        for path in (output, int8_text_encoders_bundle / int8.path)
+    ]
+    assert all(np.array_equal(first, second) for first, second in zip(*outputs, strict=True))
