@@ -456,6 +456,17 @@ def earlier_run(measured_on: dict | None, machine: dict) -> str:
     return f"Measured in an earlier run on {measured_on.get('cpu', 'another CPU')} ({isa}). "
 
 
+def switch_cells(switch: dict) -> str:
+    """A row's four switch times as table cells: base -> adapter, weight 1 -> 0.5, back to base, again."""
+    keys = ("base_to_adapter", "adapter_weight_change", "adapter_to_base", "again")
+    return " | ".join(f"{switch[key]:.2f} s" for key in keys)
+
+
+def switched_back_exactly(row: dict) -> bool:
+    """The images after switching back equal the first ones, base and adapter."""
+    return row["base_again_max_abs"] == 0 and row["adapter_again_max_abs"] == 0
+
+
 def section_lines(results: dict) -> list[str]:
     machine = results["machine"]
     isa = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present)
@@ -496,12 +507,10 @@ def section_lines(results: dict) -> list[str]:
                 for size in SIZES
             )
             lines.append(
-                f"| {entry['backend']} | {entry['mode']} | {label} | {row['mode']} | "
-                f"{switch['base_to_adapter']:.2f} s | {switch['adapter_weight_change']:.2f} s | "
-                f"{switch['adapter_to_base']:.2f} s | {switch['again']:.2f} s | {calls} | "
-                f"{entry['rss_gb']['base']:.1f} -> {row['rss_gb_adapter']:.1f} GB |"
+                f"| {entry['backend']} | {entry['mode']} | {label} | {row['mode']} | {switch_cells(switch)} | "
+                f"{calls} | {entry['rss_gb']['base']:.1f} -> {row['rss_gb_adapter']:.1f} GB |"
             )
-            exact = exact and row["base_again_max_abs"] == 0 and row["adapter_again_max_abs"] == 0
+            exact = exact and switched_back_exactly(row)
     warm = results.get("warm_start") or {}
     if warm:
         lines += [
@@ -516,13 +525,11 @@ def section_lines(results: dict) -> list[str]:
         ]
         for entry in warm.values():
             for label, row in entry["adapters"].items():
-                switch = row["switch_seconds"]
                 lines.append(
                     f"| {entry['backend']} | {entry['mode']} | {label} | {row['mode']} | {entry['load_seconds']:.1f} | "
-                    f"{switch['base_to_adapter']:.2f} s | {switch['adapter_weight_change']:.2f} s | "
-                    f"{switch['adapter_to_base']:.2f} s | {switch['again']:.2f} s |"
+                    f"{switch_cells(row['switch_seconds'])} |"
                 )
-                exact = exact and row["base_again_max_abs"] == 0 and row["adapter_again_max_abs"] == 0
+                exact = exact and switched_back_exactly(row)
     first_load = next(iter(results["backends"].values()), {}).get("load_seconds")
     lines += [
         "",

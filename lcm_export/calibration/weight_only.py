@@ -37,11 +37,12 @@ def quantize_weights_only(float_path: Path, output_path: Path, external_data: bo
     from onnx import helper, numpy_helper
 
     started = time.perf_counter()
-    model = onnx.load(str(float_path))  # with its external data: the weights are read and rewritten
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx.load(str(float_path), load_external_data=False)  # parsed once: where its weights are, then them
     if external_data is None:
-        source = onnx.load(str(float_path), load_external_data=False)
-        external_data = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in source.graph.initializer)
-        del source
+        external_data = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)
+    load_external_data_for_model(model, str(float_path.parent))  # the weights are read and rewritten
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     readers: dict[str, int] = {}
