@@ -108,7 +108,8 @@ class ExportConfig:
     calibration_size: int | None = None
     calibration_resolution: int | None = None
     keep_fp32: bool = False
-    int8_text_encoders: bool = False  # the text encoders' weights as int8 (calibration/weight_only.py)
+    # the text encoders' weights as int8 (calibration/weight_only.py); None: on for INT8 with --target onnx
+    int8_text_encoders: bool | None = None
     controlnets: tuple[ControlNetSource, ...] = ()  # --controlnet CN[:SCALE]: the residual U-Net and each ControlNet
 
     def int8_settings(self, spatial_multiple: int, default_size: int) -> Any:
@@ -129,13 +130,16 @@ class ExportConfig:
         recipe = RECIPES.get(self.target, RECIPES["onnx"])
         # The full VAE decoder where INT8 was measured to pay: the CPU backends that read the ONNX bundle.
         decoder = self.target == "onnx"
+        # The text encoders' weights as int8 unless asked otherwise, on the same backends (weight-only: no
+        # activation is quantised, so CLIP's outlier channels in the hidden states are not clipped).
+        encoders = decoder if self.int8_text_encoders is None else self.int8_text_encoders
         return Int8Settings(
             prompts=tuple(prompts[:count]),
             height=size,
             width=size,
             recipe=recipe,
             quantize_decoder=decoder,
-            quantize_text_encoders=self.int8_text_encoders,
+            quantize_text_encoders=encoders,
         )
 
 
@@ -202,10 +206,10 @@ def check_config(config: ExportConfig) -> None:
     int8 = resolved_precision(config) == "int8"
     if not int8 and (config.keep_fp32 or config.calibration_prompts or config.calibration_size):
         raise ExportError("--keep-fp32 and --calibration-* apply to --precision int8: add it or drop them")
-    if config.int8_text_encoders and (not int8 or config.target != "onnx"):
+    if config.int8_text_encoders is not None and (not int8 or config.target != "onnx"):
+        flag = "--int8-text-encoders" if config.int8_text_encoders else "--float-text-encoders"
         raise ExportError(
-            "--int8-text-encoders applies to --precision int8 with --target onnx (the CPU backends): add them or "
-            "drop it"
+            f"{flag} applies to --precision int8 with --target onnx (the CPU backends): add them or drop it"
         )
     if config.calibration_prompts is not None and not config.calibration_prompts:
         raise ExportError("--calibration-prompts: the file holds no prompt (one per line)")

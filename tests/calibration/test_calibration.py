@@ -84,8 +84,11 @@ def test_the_int8_unet_is_quantised_and_listed_first(int8_bundle) -> None:
     assert kept[:2] == ["/post_quant_conv/Conv", "/decoder/conv_out/Conv"], kept
     assert any(name.startswith("/decoder/mid_block/attentions.0/MatMul") for name in kept), kept
     assert min(decoder.variants[0].produced_by["decoded_psnr_db"]) >= PSNR_FLOOR_DB
-    for name in ("text_encoder", "vae_encoder"):
-        assert {v.precision for v in manifest.components[name].variants} == {"fp32"}
+    assert {v.precision for v in manifest.components["vae_encoder"].variants} == {"fp32"}
+    # the text encoder's weights int8 by default (weight-only: no activation quantised), its float variant kept
+    encoder = manifest.components["text_encoder"].variants
+    assert [(v.name, v.precision) for v in encoder] == [("int8-qdq", "int8"), ("fp32", "fp32")]
+    assert encoder[0].produced_by["quantised_weights"] >= 6
 
 
 def test_quality_report_in_the_manifest(int8_bundle) -> None:
@@ -108,7 +111,7 @@ def test_int8_runs_on_cpu_backends_near_the_float_image(int8_bundle, backend) ->
     ).images
     pipe = Pipeline.load(int8_bundle, backend=backend, variant="int8")
     assert pipe.variants["unet"].name == "int8-qdq" and pipe.variants["vae_decoder"].name == "int8-qdq"
-    assert pipe.variants["text_encoder"].name == "fp32"
+    assert pipe.variants["text_encoder"].name == "int8-qdq"
     image = pipe("a red car", **CALL).images
     score = image_psnr(float_image, image)
     print(f"{backend}: INT8 vs float {score:.1f} dB")
@@ -248,7 +251,7 @@ def test_lcm_run_says_which_variant_ran(int8_bundle, tmp_path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "unet int8-qdq" in result.stdout and "text_encoder fp32" in result.stdout
+    assert "unet int8-qdq" in result.stdout and "text_encoder int8-qdq" in result.stdout
 
 
 def test_trajectories_are_recorded_once_and_hold_the_cfg_batch(tiny_cfg_bundle, tmp_path, monkeypatch) -> None:

@@ -62,9 +62,9 @@ def test_the_sdxl_int8_unet_is_quantised_and_reported(sdxl_int8_bundles, name) -
     assert produced["recipe"]["reduce_range"] is True
     cfg = manifest.pipeline.guidance == "cfg"
     assert produced["calibration"]["unet_calls"] == (2 if cfg else 1) * 2 * 4  # guidances x prompts x steps
-    # The two text encoders stay float.
+    # The two text encoders' weights are int8 by default, their float variants kept with --keep-fp32.
     for encoder in ("text_encoder", "text_encoder_2"):
-        assert [v.precision for v in manifest.components[encoder].variants] == ["fp32"]
+        assert [v.precision for v in manifest.components[encoder].variants] == ["int8", "fp32"]
     report = unet.variants[0].details["quality"]
     assert set(report["sets"]) == {"calibration", "held_out"}
     for per_guidance in report["sets"].values():
@@ -90,13 +90,19 @@ def test_sdxl_int8_runs_near_its_float_image(sdxl_int8_bundles, name, backend) -
 
 
 @pytest.fixture(scope="module")
-def int8_text_encoders_bundle(other_sdxl_model, tmp_path_factory) -> Path:
-    """The other-SDXL INT8 bundle again (same LoRA, same calibration), its text encoders' weights int8 too."""
+def int8_text_encoders_bundle(sdxl_int8_bundles) -> Path:
+    """The other-SDXL INT8 bundle: its text encoders' weights are int8 by default."""
+    return sdxl_int8_bundles["other-sdxl"][0]
+
+
+@pytest.fixture(scope="module")
+def float_text_encoders_bundle(other_sdxl_model, tmp_path_factory) -> Path:
+    """The other-SDXL INT8 bundle again (same LoRA, same calibration) with ``--float-text-encoders``."""
     from lcm_export.exporter.bundle import LoraSource
 
     other, other_lora = other_sdxl_model
-    folder = tmp_path_factory.mktemp("sdxl-int8-text-encoders")
-    options = dict(precision="int8", keep_fp32=True, calibration_size=2, int8_text_encoders=True)
+    folder = tmp_path_factory.mktemp("sdxl-int8-float-text-encoders")
+    options = dict(precision="int8", keep_fp32=True, calibration_size=2, int8_text_encoders=False)
     return export(other, folder / "other", loras=(LoraSource(str(other_lora)),), **options)
 
 
@@ -136,10 +142,14 @@ def test_int8_text_encoders_are_weight_only_int8(int8_text_encoders_bundle) -> N
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_int8_text_encoders_change_the_image_little(int8_text_encoders_bundle, sdxl_int8_bundles, backend) -> None:
-    """Against the same INT8 U-Net with float text encoders (the bundle without the flag, calibrated the same):
-    the image moves (the int8 encoders ran) but stays within the INT8 floor; their hidden states within 5%."""
-    reference, guidance = sdxl_int8_bundles["other-sdxl"]
+def test_int8_text_encoders_change_the_image_little(
+    int8_text_encoders_bundle, float_text_encoders_bundle, sdxl_int8_bundles, backend
+) -> None:
+    """Against the same INT8 U-Net with float text encoders (``--float-text-encoders``, calibrated the same): the
+    image moves (the int8 encoders ran) but stays within the INT8 floor; their hidden states within 5%."""
+    reference, (_, guidance) = float_text_encoders_bundle, sdxl_int8_bundles["other-sdxl"]
+    for encoder in ("text_encoder", "text_encoder_2"):
+        assert [v.precision for v in load_manifest(reference).components[encoder].variants] == ["fp32"]
 
     def unet_int8_sha256(bundle: Path) -> str:
         manifest = load_manifest(bundle)

@@ -20,8 +20,10 @@ from tests.helpers import export
 
 @pytest.fixture(scope="module")
 def int8_only_bundle(tiny_lcm_dir, tmp_path_factory) -> Path:
-    """An INT8 bundle exported without --keep-fp32: its U-Net and VAE decoder exist as INT8 only."""
-    return export(tiny_lcm_dir, tmp_path_factory.mktemp("int8-only") / "bundle", precision="int8")
+    """An INT8 bundle exported without --keep-fp32: its U-Net and VAE decoder exist as INT8 only, its text encoder
+    as fp32 only (``--float-text-encoders``)."""
+    folder = tmp_path_factory.mktemp("int8-only") / "bundle"
+    return export(tiny_lcm_dir, folder, precision="int8", int8_text_encoders=False)
 
 
 @pytest.fixture(scope="module")
