@@ -409,7 +409,7 @@ def serve(spec: dict[str, Any]) -> None:
     reply({"event": "bye", "peak_rss_gb": peak_rss_gb(), "peak_anon_gb": sampler.peak})
 
 
-def _status_gb(pid: int) -> tuple[float, float] | None:
+def _process_status_gb(pid: int) -> tuple[float, float] | None:
     """(RSS, anonymous RSS) of process ``pid`` in GB from /proc, None once it is gone."""
     values = {}
     try:
@@ -437,7 +437,7 @@ def measure(command: list[str]) -> None:
 
     def sample() -> None:
         while not done.wait(0.5):
-            seen = _status_gb(process.pid)
+            seen = _process_status_gb(process.pid)
             if seen is not None:
                 samples.append((time.perf_counter() - start, *seen))
 
