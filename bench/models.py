@@ -9,6 +9,9 @@ ViT-bigG/14 text towers, SDXL's VAE): its weights are stored in fp16 (6.5 GB ins
 ``fp16`` variants are; the exporter loads them upcast to fp32. Everything is built with
 diffusers' and transformers' own classes and written with ``save_pretrained``, so the exporter, diffusers and
 optimum-intel all load the same folders the way they load real models.
+
+``--sdxl-tiny`` / ``--ssd1b-tiny``: the same families' structure with narrow layers, for smoke tests of the SDXL
+benches (seconds to build and export; its timings mean nothing).
 """
 
 from __future__ import annotations
@@ -106,6 +109,43 @@ SDXL_TEXT_2_CONFIG = dict(
     hidden_act="gelu",
     projection_dim=1280,
 )
+# Smoke tests of the SDXL benches (not for timing): a family's U-Net structure (its blocks, attention layout, mid
+# block or none, guidance embedding) with narrow channels and one or two transformer layers, at 128 px by default;
+# small text towers (the real tokenizers) and a small VAE with SDXL's 8x latent scale, so that TAESD's decoder fits.
+TINY_TEXT_CONFIG = dict(
+    TEXT_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32
+)
+TINY_TEXT_2_CONFIG = dict(
+    SDXL_TEXT_2_CONFIG,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    projection_dim=64,
+)
+TINY_VAE_CONFIG = {**SDXL_VAE_CONFIG, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1}
+TINY_ADDITION_TIME_EMBED_DIM = 16
+
+
+def tiny_unet_config(config: dict) -> dict:
+    """``config`` (an SDXL-family U-Net's) narrowed for a smoke test: the same block types and mid block, channels
+    (32, 64, 64), two heads, at most two transformer layers per block; sized for the tiny text towers."""
+    tiny = dict(
+        config,
+        sample_size=16,
+        block_out_channels=(32, 64, 64),
+        attention_head_dim=(2, 2, 2),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=TINY_TEXT_CONFIG["hidden_size"] + TINY_TEXT_2_CONFIG["hidden_size"],
+        addition_time_embed_dim=TINY_ADDITION_TIME_EMBED_DIM,
+        # 6 size ids x the time embedding + the pooled text of the second tower
+        projection_class_embeddings_input_dim=6 * TINY_ADDITION_TIME_EMBED_DIM + TINY_TEXT_2_CONFIG["projection_dim"],
+    )
+    if config.get("reverse_transformer_layers_per_block"):  # SSD-1B's: its own depths per up block
+        tiny["reverse_transformer_layers_per_block"] = ((2, 2, 1), (1, 1, 1), (1, 1, 1))
+    return tiny
+
+
 # An SD1.5 ControlNet's (lllyasviel/control_v11p_sd15_canny) conditioning embedding: 8x down-sampling of the image.
 CONTROLNET_EMBEDDING_CHANNELS = (16, 32, 96, 256)
 # Its residual convolutions are zero-initialised by diffusers (a fresh ControlNet changes nothing); random ones of
@@ -198,9 +238,29 @@ def build_ssd1b_lcm(output_dir: Path, seed: int = 0) -> dict[str, int]:
     return build_sdxl_lcm(output_dir, seed, SSD1B_UNET_CONFIG)
 
 
-def build_sdxl_lcm(output_dir: Path, seed: int = 0, unet_config: dict | None = None) -> dict[str, int]:
+def build_tiny_sdxl_lcm(output_dir: Path, family: str = "sdxl", seed: int = 0) -> dict[str, int]:
+    """A narrow pipeline of the SDXL ``family`` ("sdxl" or "ssd1b") for smoke tests: :func:`tiny_unet_config` of
+    its U-Net, the tiny text towers and VAE, written as :func:`build_sdxl_lcm` writes the full-size one."""
+    unet = {"sdxl": SDXL_UNET_CONFIG, "ssd1b": SSD1B_UNET_CONFIG}[family]
+    return build_sdxl_lcm(
+        output_dir,
+        seed,
+        tiny_unet_config(unet),
+        text_configs=(TINY_TEXT_CONFIG, TINY_TEXT_2_CONFIG),
+        vae_config=TINY_VAE_CONFIG,
+    )
+
+
+def build_sdxl_lcm(
+    output_dir: Path,
+    seed: int = 0,
+    unet_config: dict | None = None,
+    text_configs: tuple[dict, dict] = (TEXT_CONFIG, SDXL_TEXT_2_CONFIG),
+    vae_config: dict = SDXL_VAE_CONFIG,
+) -> dict[str, int]:
     """Write the random full-size SDXL-shaped LCM pipeline to ``output_dir`` in fp16 (``unet_config``: another
-    SDXL-family U-Net's); return parameter counts.
+    SDXL-family U-Net's; ``text_configs`` and ``vae_config``: other text towers and VAE, for the tiny pipelines);
+    return parameter counts.
 
     Each module is built in fp32 (random initialisation as diffusers/transformers do it) and halved before the next
     one is built, so the build peaks near the fp32 U-Net alone (10.3 GB), not the fp32 pipeline (14 GB). Saved by
@@ -222,9 +282,9 @@ def build_sdxl_lcm(output_dir: Path, seed: int = 0, unet_config: dict | None = N
         return module.half().eval()
 
     unet = built("unet", UNet2DConditionModel(**(unet_config or SDXL_UNET_CONFIG)))
-    text_encoder_2 = built("text_encoder_2", CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2_CONFIG)))
-    text_encoder = built("text_encoder", CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)))
-    vae = built("vae", AutoencoderKL(**SDXL_VAE_CONFIG))
+    text_encoder_2 = built("text_encoder_2", CLIPTextModelWithProjection(CLIPTextConfig(**text_configs[1])))
+    text_encoder = built("text_encoder", CLIPTextModel(CLIPTextConfig(**text_configs[0])))
+    vae = built("vae", AutoencoderKL(**vae_config))
     # latent-consistency/lcm-sdxl's scheduler settings.
     scheduler = LCMScheduler(**LCM_SCHEDULER, timestep_spacing="leading", steps_offset=1)
     pipeline = functools.partial(
@@ -279,12 +339,26 @@ def build_taesd(output_dir: Path, seed: int = 0) -> dict[str, int]:
     return counts
 
 
+# ``models.py ROOT --NAME...``: each named model into ROOT/NAME (the SDXL family's are 10+ GB to build: on their own,
+# not part of the default benchmark); no name: the SD1.5-shaped pipeline and TAESD.
+BUILDERS = {
+    "sdxl": build_sdxl_lcm,
+    "ssd1b": build_ssd1b_lcm,
+    "sdxl-tiny": functools.partial(build_tiny_sdxl_lcm, family="sdxl"),
+    "ssd1b-tiny": functools.partial(build_tiny_sdxl_lcm, family="ssd1b"),
+    "taesd": build_taesd,
+}
+
+
 if __name__ == "__main__":
     import sys
 
-    root = Path(sys.argv[1])
-    if sys.argv[2:] == ["--sdxl"]:  # 10+ GB to build: on its own, not part of the default benchmark
-        counts = {"sdxl": build_sdxl_lcm(root / "sdxl")}
+    root, names = Path(sys.argv[1]), [option.removeprefix("--") for option in sys.argv[2:]]
+    unknown = [name for name in names if name not in BUILDERS]
+    if unknown:
+        raise SystemExit(f"usage: models.py ROOT [{' '.join('--' + name for name in BUILDERS)}]: not {unknown}")
+    if names:
+        counts = {name: BUILDERS[name](root / name) for name in names}
     else:
         counts = {"sd15-lcm": build_sd15_lcm(root / "sd15-lcm"), "taesd": build_taesd(root / "taesd")}
     print(json.dumps(counts))

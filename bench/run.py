@@ -670,11 +670,11 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
 
     old = path.read_text() if path.is_file() else ""
     # Sections written elsewhere stay as they were: the frame loop's (bench/stream.py), the SDXL export memory's,
-    # the SDXL speed bench's (bench/sdxl.py).
+    # the SDXL family's speed benches' (bench/sdxl.py, one per family).
     kept = (
         (stream.SECTION_START, stream.SECTION_END),
         (SDXL_EXPORT_SECTION_START, SDXL_EXPORT_SECTION_END),
-        (sdxl.SECTION_START, sdxl.SECTION_END),
+        *sdxl.SECTIONS,
     )
     for start, end in kept:
         if start in old and end in old:

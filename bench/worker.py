@@ -159,6 +159,7 @@ class LcmExportEngine:
             "inference_precision": precisions,
             "vae": self.pipeline.manifest.pipeline.vae,
             "loaded_from_cache": all(bool(session.loaded_from_cache) for session in sessions),
+            "variants": {name: choice.name for name, choice in self.pipeline.variants.items()},  # which weights ran
         }
 
     def run(self, prompt: str, latents: np.ndarray, noise: list[np.ndarray], steps: int, guidance: float):
@@ -409,7 +410,7 @@ def serve(spec: dict[str, Any]) -> None:
     reply({"event": "bye", "peak_rss_gb": peak_rss_gb(), "peak_anon_gb": sampler.peak})
 
 
-def _status_gb(pid: int) -> tuple[float, float] | None:
+def _process_status_gb(pid: int) -> tuple[float, float] | None:
     """(RSS, anonymous RSS) of process ``pid`` in GB from /proc, None once it is gone."""
     values = {}
     try:
@@ -437,7 +438,7 @@ def measure(command: list[str]) -> None:
 
     def sample() -> None:
         while not done.wait(0.5):
-            seen = _status_gb(process.pid)
+            seen = _process_status_gb(process.pid)
             if seen is not None:
                 samples.append((time.perf_counter() - start, *seen))
 
@@ -558,27 +559,31 @@ def optimum_taesd_encoder(job: dict[str, Any]) -> None:
 
 
 def optimum_int8(job: dict[str, Any]) -> None:
-    """The peer's fast INT8 pipeline: ``job`` = {ir, taesd, fast, int8, prompts, size, steps, guidance}.
+    """The peer's fast INT8 pipeline: ``job`` = {ir, taesd, fast, int8, prompts, size, steps, guidance} and
+    optionally {pipeline, vae_scale_factor}.
 
     ``fast``: optimum-intel's IR with TAESD's decoder in place of the VAE decoder (float U-Net); ``int8``: the same
     with the U-Net quantised by NNCF's post-training quantisation (``model_type=TRANSFORMER``, bias correction off:
-    OpenVINO's LCM notebook), calibrated on the U-Net inputs of optimum-intel's own pipeline running ``prompts``.
+    OpenVINO's LCM notebook), calibrated on the U-Net inputs of optimum-intel's own pipeline running ``prompts`` at
+    each ``guidance`` (a number or a list). ``pipeline``: the optimum-intel class that runs the IR (default
+    OVLatentConsistencyModelPipeline; OVStableDiffusionXLPipeline for an LCM-SDXL); ``vae_scale_factor`` (default 8):
+    image size over latent size, for the decoder's example input.
     """
     import shutil
 
     import nncf
     import openvino
-    from optimum.intel import OVLatentConsistencyModelPipeline
+    import optimum.intel
 
     ir, fast, int8 = Path(job["ir"]), Path(job["fast"]), Path(job["int8"])
     for folder in (fast, int8):
         shutil.rmtree(folder, ignore_errors=True)
     _link_tree(ir, fast, replaced="vae_decoder")
-    _taesd_decoder_ir(Path(job["taesd"]), fast / "vae_decoder", int(job["size"]) // 8)
+    latent_size = int(job["size"]) // int(job.get("vae_scale_factor", 8))
+    _taesd_decoder_ir(Path(job["taesd"]), fast / "vae_decoder", latent_size)
 
-    pipe = OVLatentConsistencyModelPipeline.from_pretrained(
-        str(fast), ov_config={"INFERENCE_PRECISION_HINT": "f32"}, compile=True
-    )
+    kind = getattr(optimum.intel, job.get("pipeline", "OVLatentConsistencyModelPipeline"))
+    pipe = kind.from_pretrained(str(fast), ov_config={"INFERENCE_PRECISION_HINT": "f32"}, compile=True)
     pipe.set_progress_bar_config(disable=True)
     recorded: list[dict[str, np.ndarray]] = []
     request = pipe.unet.request
@@ -588,15 +593,17 @@ def optimum_int8(job: dict[str, Any]) -> None:
         return request(inputs, **kwargs)
 
     pipe.unet.request = recording
-    for prompt in job["prompts"]:
-        pipe(
-            prompt,
-            height=int(job["size"]),
-            width=int(job["size"]),
-            num_inference_steps=int(job["steps"]),
-            guidance_scale=float(job["guidance"]),
-            output_type="np",
-        )
+    guidances = job["guidance"] if isinstance(job["guidance"], list) else [job["guidance"]]
+    for guidance in guidances:
+        for prompt in job["prompts"]:
+            pipe(
+                prompt,
+                height=int(job["size"]),
+                width=int(job["size"]),
+                num_inference_steps=int(job["steps"]),
+                guidance_scale=float(guidance),
+                output_type="np",
+            )
     del pipe
     unet = openvino.Core().read_model(str(ir / "unet" / "openvino_model.xml"))
     quantized = nncf.quantize(
