@@ -6,6 +6,8 @@ first self-attention has 4096 tokens and 8 heads: 2 x 537 MB, most of a fast INT
 one head after another the graph holds one head's scores at a time (2 x 67 MB); the arithmetic is the same, so
 are the outputs (the export is checked against PyTorch's unsliced model as always). This is diffusers'
 ``enable_attention_slicing`` made part of the graph, for CPUs where memory, not compute, limits the size.
+INT8 exports for the ONNX target slice by default only the self-attention layers whose scores are large at the
+model's default size (``LARGE_SCORES_BYTES``): those hold the run's peak; slicing the rest only costs time.
 
 The measured effect on the SD1.5-shaped fast INT8 bundle is in bench/RESULTS.md. TensorRT fuses the unsliced
 attention pattern into its own kernels; slicing is meant for the ONNX CPU backends.
@@ -16,19 +18,48 @@ from __future__ import annotations
 from typing import Any
 
 ATTENTION_SLICING = "head-sliced"
+# INT8 exports for the CPU backends slice, by default, the self-attention layers whose scores at the model's
+# default size would take at least this much per image (float32): SD1.5's 4096-token layers at 512 px (537 MB) and
+# SDXL's at 1024 px (671 MB), not the layers a quarter of their tokens (33-84 MB), where slicing only costs time.
+LARGE_SCORES_BYTES = 256 * 2**20
 
 
-def slice_attention(unet: Any) -> int:
-    """Give every attention layer of ``unet`` the head-sliced processor; returns how many layers it changed."""
+def slice_attention(unet: Any, latent_size: tuple[int, int] | None = None, min_bytes: int = 0) -> int:
+    """Give the attention layers of ``unet`` the head-sliced processor; returns how many layers it changed.
+
+    Every layer by default; with ``latent_size`` (the latents' height and width at the model's default size) only
+    the self-attention layers whose scores (heads x tokens x tokens float32 per image) reach ``min_bytes``.
+    """
     from diffusers.models.attention_processor import Attention
 
     processor = _processor()
     count = 0
-    for module in unet.modules():
-        if isinstance(module, Attention):
-            module.set_processor(processor)
-            count += 1
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        if latent_size is not None and scores_bytes(unet, name, module, latent_size) < min_bytes:
+            continue
+        module.set_processor(processor)
+        count += 1
     return count
+
+
+def scores_bytes(unet: Any, name: str, attention: Any, latent_size: tuple[int, int]) -> int:
+    """The float32 bytes of one image's attention scores in the layer ``name`` of ``unet`` at ``latent_size``: its
+    heads x tokens x keys, with the tokens of its block's resolution (each down block but the last halves it);
+    a cross-attention layer's keys are the text's few tokens, counted as 77."""
+    parts = name.split(".")
+    levels = len(unet.config.block_out_channels) - 1
+    if parts[0] == "down_blocks":
+        level = int(parts[1])
+    elif parts[0] == "up_blocks":
+        level = levels - int(parts[1])
+    else:  # the mid block, at the lowest resolution
+        level = levels
+    height, width = (-(-side // 2**level) for side in latent_size)
+    tokens = height * width
+    keys = 77 if attention.is_cross_attention else tokens
+    return attention.heads * tokens * keys * 4
 
 
 def _processor() -> Any:

@@ -98,7 +98,9 @@ class ExportConfig:
     dynamic: bool = False  # no explicit ranges: batch 1-4 and 0.5x-1.5x the default size
     tiny_vae: str | None = None  # an AutoencoderTiny (TAESD) whose decoder and encoder replace the VAE's
     vae: str | None = None  # an AutoencoderKL (e.g. an fp16-fixed one) replacing the pipeline's VAE
-    attention_slicing: bool = False  # the U-Net's attention one head at a time (exporter/attention.py)
+    # the U-Net's attention one head at a time (exporter/attention.py): True every layer, False none; None (the
+    # default) the layers with the largest scores for INT8 on the ONNX target, none elsewhere
+    attention_slicing: bool | None = None
     overwrite: bool = False
     quiet: bool = False
     target_options: dict[str, Any] = field(default_factory=dict)  # per-target settings (TensorRT, CoreML)
@@ -326,7 +328,9 @@ def _tokenizer_info(loaded: LoadedPipeline, staging: Path, name: str) -> Tokeniz
     )
 
 
-def _onnx_producer(config: ExportConfig, precision: str, component: str, kept_fp32: bool) -> dict[str, Any]:
+def _onnx_producer(
+    config: ExportConfig, precision: str, component: str, kept_fp32: bool, sliced_attention: int = 0
+) -> dict[str, Any]:
     """What made an ONNX variant: the exporter, opset, the library versions that decide its bytes, options that
     change the graph but not what it computes, and why a component of an fp16 export stayed fp32."""
     import importlib.metadata
@@ -341,11 +345,26 @@ def _onnx_producer(config: ExportConfig, precision: str, component: str, kept_fp
         producer["fp16_conversion"] = f"onnxruntime float16 converter {importlib.metadata.version('onnxruntime')}"
     if kept_fp32:
         producer["kept_fp32"] = _KEPT_FP32
-    if config.attention_slicing and component == "unet":
+    if sliced_attention:
         from lcm_export.exporter.attention import ATTENTION_SLICING
 
         producer["attention"] = ATTENTION_SLICING
+        producer["attention_sliced_layers"] = sliced_attention
     return producer
+
+
+def _slice_attention(config: ExportConfig, loaded: Any) -> int:
+    """Head-slice the U-Net's attention as ``config`` asks (every layer, or by default for INT8 on the ONNX target
+    the layers whose scores reach ``LARGE_SCORES_BYTES`` per image at the model's default size); returns how many
+    layers were sliced."""
+    from lcm_export.exporter.attention import LARGE_SCORES_BYTES, slice_attention
+
+    if config.attention_slicing:
+        return slice_attention(loaded.module("unet"))
+    if config.attention_slicing is None and resolved_precision(config) == "int8" and config.target == "onnx":
+        side = int(loaded.unet.config.sample_size)
+        return slice_attention(loaded.module("unet"), (side, side), LARGE_SCORES_BYTES)
+    return 0
 
 
 _KEPT_FP32 = "its VAE config sets force_upcast (diffusers runs it in fp32: it overflows in fp16)"
@@ -361,6 +380,7 @@ def _checked_variant(
     onnx_path: Path,
     spec: Any,
     kept_fp32: bool,
+    sliced_attention: int = 0,
 ) -> tuple[Artifact, Any]:
     """The ONNX file at ``onnx_path`` checked against PyTorch (an error when it does not match), as a variant;
     with the validation report. ``kept_fp32``: an fp32 variant where fp16 was asked (its producer says why)."""
@@ -380,7 +400,7 @@ def _checked_variant(
         precision=precision,
         io_dtype=io_dtype,
         files=tuple(path.relative_to(staging).as_posix() for path in files),
-        produced_by=_onnx_producer(config, precision, name, kept_fp32=kept_fp32),
+        produced_by=_onnx_producer(config, precision, name, kept_fp32=kept_fp32, sliced_attention=sliced_attention),
     )
     return variant, report
 
@@ -621,10 +641,7 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
     bar = _progress(names, config.quiet, "export ONNX")
     for position, name in enumerate(bar):
         bar.set_postfix_str(f"{name}: load")  # a full-size U-Net spends minutes in each stage
-        if name == "unet" and config.attention_slicing:
-            from lcm_export.exporter.attention import slice_attention
-
-            slice_attention(loaded.module("unet"))
+        sliced = _slice_attention(config, loaded) if name == "unet" else 0
         component = build_components(loaded, [name])[name]
         bar.set_postfix_str(f"{name}: trace")
         reference = pytorch_reference(component, check_values)
@@ -653,7 +670,9 @@ def _export_into(config: ExportConfig, staging: Path, scratch: Path) -> Manifest
         bar.set_postfix_str(f"{name}: check")
         wants_fp16 = onnx_precision == "fp16" or "fp16" in target.extra_onnx_precisions
         kept_fp32 = component.keep_fp32 and wants_fp16
-        checked = functools.partial(_checked_variant, config, staging, name, component, check_values, reference)
+        checked = functools.partial(
+            _checked_variant, config, staging, name, component, check_values, reference, sliced_attention=sliced
+        )
         variants = [checked(onnx_path, spec, kept_fp32)]
         if "fp16" in target.extra_onnx_precisions and onnx_precision == "fp32" and not component.keep_fp32:
             bar.set_postfix_str(f"{name}: fp16")  # the fp16 rule of the ONNX target, from the checked fp32 file

@@ -106,8 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--attention-slicing",
-        action="store_true",
-        help="U-Net attention one head at a time: less memory at large sizes on CPUs (ONNX backends)",
+        dest="attention_slicing",
+        action="store_const",
+        const=True,
+        default=None,
+        help="U-Net attention one head at a time in every layer: less memory at large sizes on CPUs (ONNX "
+        "backends; INT8 on --target onnx slices the layers with the largest scores by default)",
+    )
+    parser.add_argument(
+        "--no-attention-slicing",
+        dest="attention_slicing",
+        action="store_const",
+        const=False,
+        help="no layer sliced, not even INT8's default ones",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     int8 = parser.add_argument_group("INT8 (--precision int8)")
