@@ -86,17 +86,22 @@ def measure_run(bundle: Path, backend: str, arguments: argparse.Namespace, cache
     return result
 
 
+def _machine_label(machine: dict[str, Any]) -> str:
+    flags = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present)
+    return f"{machine['cpu']} ({flags})"
+
+
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": common.machine_info(), "size": arguments.size, "rows": []}
+    label = _machine_label(results["machine"])
     names = [entry.split("=", 1)[0] for entry in arguments.bundles]
     earlier = arguments.output / "run-memory-results.json"
-    if earlier.is_file():  # rows of other bundles from earlier runs stay (same size and machine), with their date
+    if earlier.is_file():  # rows of earlier runs at the same size stay, with their date and machine
         previous = json.loads(earlier.read_text())
-        if (
-            previous.get("size") == arguments.size
-            and previous.get("machine", {}).get("cpu") == results["machine"]["cpu"]
-        ):
-            results["rows"] = [row for row in previous.get("rows", []) if row["bundle"] not in names]
+        if previous.get("size") == arguments.size:
+            before = _machine_label(previous.get("machine", results["machine"]))
+            rows = [{"machine": before, **row} for row in previous.get("rows", [])]
+            results["rows"] = [row for row in rows if row["bundle"] not in names or row["machine"] != label]
     today = time.strftime("%Y-%m-%d")
     for entry in arguments.bundles:
         name, bundle = entry.split("=", 1)
@@ -105,32 +110,34 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
                 cache, work = Path(scratch, "cache"), Path(scratch)
                 for start in ("first", "warm"):
                     measured = measure_run(Path(bundle), backend, arguments, cache, work)
-                    row = {"bundle": name, "backend": backend, "start": start, "date": today, **measured}
-                    results["rows"].append(row)
+                    row = {"bundle": name, "backend": backend, "start": start, "date": today, "machine": label}
+                    results["rows"].append({**row, **measured})
                     print(json.dumps(results["rows"][-1])[:300], flush=True)
     return results
 
 
 def section_lines(results: dict[str, Any]) -> list[str]:
-    machine = results["machine"]
-    flags = ", ".join(flag for flag, present in machine.get("isa", {}).items() if present)
+    machines = list(dict.fromkeys(row["machine"] for row in results["rows"]))
     lines = [
         SECTION_START,
         f"## Peak memory at run time, {results['size']} px (bench/run_memory.py)",
         "",
-        f"{machine['cpu']} ({flags}). `lcm-run BUNDLE PROMPT` at {results['size']} px, 4 steps, one warm-up and 2 "
-        "runs, each line its own process: `first` with an empty compile cache, `warm` the next start with it. "
-        "Anonymous: memory that is not mapped files (the rest of the RSS is weights mapped from the bundle or the "
-        "cache).",
+        f"`lcm-run BUNDLE PROMPT` at {results['size']} px, 4 steps, one warm-up and 2 runs, each line its own "
+        "process: `first` with an empty compile cache, `warm` the next start with it. Anonymous: memory that is "
+        "not mapped files (the rest of the RSS is weights mapped from the bundle or the cache). Machines:",
         "",
-        "| bundle | backend | start | components | peak RSS (GB) | anonymous peak (GB) | process (s) | measured |",
-        "|---|---|---|---|---|---|---|---|",
+        *(f"- {chr(ord('A') + index)}: {machine}" for index, machine in enumerate(machines)),
+        "",
+        "| bundle | backend | start | components | peak RSS (GB) | anonymous peak (GB) | process (s) | machine | "
+        "measured |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         variants = ", ".join(f"{name} {variant}" for name, variant in (row.get("variants") or {}).items())
         lines.append(
             f"| {row['bundle']} | {row['backend']} | {row['start']} | {variants} | {row['peak_rss_gb']:.2f} | "
-            f"{row.get('anon_peak_gb', float('nan')):.2f} | {row['seconds']:.0f} | {row.get('date', 'earlier')} |"
+            f"{row.get('anon_peak_gb', float('nan')):.2f} | {row['seconds']:.0f} | "
+            f"{chr(ord('A') + machines.index(row['machine']))} | {row.get('date', 'earlier')} |"
         )
     lines.append(SECTION_END)
     return lines
