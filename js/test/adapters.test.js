@@ -29,11 +29,12 @@ const results = {};
 const image = async (pipe, c) => (await pipe.generate("a cat", { numInferenceSteps: c.steps, seed: c.seed })).images[0].data;
 /**
  * The adapter modes each case runs in, and how each component then runs its adapters: a float variant's weights fed
- * as inputs ("auto" on fp32 and fp16) or rebuilt; the INT8 bundle's U-Net rebuilt, its fp32 text encoder as inputs.
+ * as inputs ("auto" on fp32 and fp16) or rebuilt; the INT8 bundle's U-Net and (int8 weights by default) text encoder
+ * rebuilt.
  */
 const MODES = {
   fp32: { auto: { text_encoder: "inputs", unet: "inputs" }, rebuild: { text_encoder: "rebuild", unet: "rebuild" } },
-  int8: { auto: { text_encoder: "inputs", unet: "rebuild" } },
+  int8: { auto: { text_encoder: "rebuild", unet: "rebuild" } },
   fp16: { auto: { text_encoder: "inputs", unet: "inputs" }, rebuild: { text_encoder: "rebuild", unet: "rebuild" } },
 };
 
@@ -460,11 +461,11 @@ describe("run-time adapters against the Python runtime", { skip: folder ? false 
     const int8 = index.adapters.find((entry) => entry.name === "int8");
     await assert.rejects(
       Pipeline.load(int8.bundle, { backend: "node", precision: "int8", adapterMode: "inputs", adapters: { [int8.adapter]: int8.weight } }),
-      (error) => error instanceof AdapterError && /^adapterMode="inputs": the unet runs an int8 variant: load with precision "fp32", or pass adapterMode "auto"$/.test(error.message),
+      (error) => error instanceof AdapterError && /^adapterMode="inputs": the text_encoder runs an int8 variant: load with precision "fp32", or pass adapterMode "auto"$/.test(error.message),
     );
     await assert.rejects(
       Pipeline.load(int8.bundle, { backend: "node", precision: "int8", adapterMode: "factors", adapters: { [int8.adapter]: int8.weight } }),
-      (error) => error instanceof AdapterError && error.message === 'adapterMode="factors": the unet runs an int8 variant: load with precision "fp32", or pass adapterMode "auto"',
+      (error) => error instanceof AdapterError && error.message === 'adapterMode="factors": the text_encoder runs an int8 variant: load with precision "fp32", or pass adapterMode "auto"',
     );
   });
 
