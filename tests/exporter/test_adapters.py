@@ -480,13 +480,16 @@ def test_factors_mode_where_it_cannot_run(int8_bundles, tmp_path) -> None:
             bundle_a, backend="onnxruntime", precision="fp32", adapters={adapter: 1.0}, adapter_mode="factors"
         )
     assert str(error.value) == (
-        "adapter_mode='factors': the unet runs an int8 variant: load with variant='fp32', or pass adapter_mode='auto'"
+        "adapter_mode='factors': the text_encoder runs an int8 variant: load with variant='fp32', or pass "
+        "adapter_mode='auto'"
     )
     result = run_module(
         "lcm_export.runtime.cli", bundle_a, "a cat", "--adapter", adapter, "--adapter-mode", "factors",
         "-o", tmp_path / "y.png",
     )  # fmt: skip
-    assert_one_line_error(result, "adapter_mode='factors': the unet runs an int8 variant", "load with variant='fp32'")
+    assert_one_line_error(
+        result, "adapter_mode='factors': the text_encoder runs an int8 variant", "load with variant='fp32'"
+    )
     assert not (tmp_path / "y.png").exists()
     pipe = Pipeline.load(bundle_a, backend="onnxruntime", precision="fp32", adapters={adapter: 1.0})
     assert pipe.adapter_state.modes["unet"] == "rebuild"
