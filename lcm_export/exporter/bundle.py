@@ -328,9 +328,7 @@ def _tokenizer_info(loaded: LoadedPipeline, staging: Path, name: str) -> Tokeniz
     )
 
 
-def _onnx_producer(
-    config: ExportConfig, precision: str, component: str, kept_fp32: bool, sliced_attention: int = 0
-) -> dict[str, Any]:
+def _onnx_producer(config: ExportConfig, precision: str, kept_fp32: bool, sliced_attention: int = 0) -> dict[str, Any]:
     """What made an ONNX variant: the exporter, opset, the library versions that decide its bytes, options that
     change the graph but not what it computes, and why a component of an fp16 export stayed fp32."""
     import importlib.metadata
@@ -400,7 +398,7 @@ def _checked_variant(
         precision=precision,
         io_dtype=io_dtype,
         files=tuple(path.relative_to(staging).as_posix() for path in files),
-        produced_by=_onnx_producer(config, precision, name, kept_fp32=kept_fp32, sliced_attention=sliced_attention),
+        produced_by=_onnx_producer(config, precision, kept_fp32=kept_fp32, sliced_attention=sliced_attention),
     )
     return variant, report
 
