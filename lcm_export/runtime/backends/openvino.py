@@ -47,6 +47,7 @@ from lcm_export.runtime.backends import (
     cache_entry_writer,
     cpu_model_and_flags,
     file_identity,
+    mapped_files,
     warn_cache_unwritable,
 )
 from lcm_export.runtime.manifest import Component
@@ -358,26 +359,34 @@ class OpenVinoSession:
         config = compile_config(core, options)
         if options.profiling_dir:
             config["PERF_COUNT"] = "YES"  # per-layer counters, read after every inference
+        # The files the plugin maps and copies its weights from (the cached blob or IR, the bundle's ONNX): their
+        # pages are released while it copies them, in the compile and in the first call (where dynamic shapes
+        # re-lay the weights out); see mapped_files.
+        self._mapped_roots = tuple(
+            root for root in (Path(config["CACHE_DIR"]) if "CACHE_DIR" in config else None, path.parent) if root
+        )
+        self._first_call = threading.Lock()  # held by the first call until it is over; then None
         self._input_names: frozenset[str] | None = None
-        if factor_shapes is not None:
-            # A factor-inputs graph for these ranks: the rank-0 branches cut out, compiled uncached (OpenVINO's
-            # cache would hash every weight to key it; the session is kept while the ranks stay).
-            uncached = {key: value for key, value in config.items() if key != "CACHE_DIR"}
-            model = core.read_model(str(path))
-            cut_factor_branches(model, factor_shapes)
-            self.compiled = core.compile_model(model, options.device, uncached)
-            self._input_names = frozenset(name for port in self.compiled.inputs for name in port.get_names())
-            del model
-        elif weights:
-            # An adapter's merged weights: the model read, its constants replaced, compiled uncached (a merge is
-            # compiled once; OpenVINO's cache would hash every weight to key it).
-            shapes = {name: list(shape) for name, shape in (static_shapes or {}).items() if len(shape)}
-            uncached = {key: value for key, value in config.items() if key != "CACHE_DIR"}
-            model = _read(core, path, shapes, quantised, weights.values)
-            self.compiled = core.compile_model(model, options.device, uncached)
-            del model
-        else:
-            self.compiled = compile_onnx(core, path, options, config, static_shapes, identity, quantised)
+        with mapped_files.released_while(self._mapped_roots):
+            if factor_shapes is not None:
+                # A factor-inputs graph for these ranks: the rank-0 branches cut out, compiled uncached (OpenVINO's
+                # cache would hash every weight to key it; the session is kept while the ranks stay).
+                uncached = {key: value for key, value in config.items() if key != "CACHE_DIR"}
+                model = core.read_model(str(path))
+                cut_factor_branches(model, factor_shapes)
+                self.compiled = core.compile_model(model, options.device, uncached)
+                self._input_names = frozenset(name for port in self.compiled.inputs for name in port.get_names())
+                del model
+            elif weights:
+                # An adapter's merged weights: the model read, its constants replaced, compiled uncached (a merge is
+                # compiled once; OpenVINO's cache would hash every weight to key it).
+                shapes = {name: list(shape) for name, shape in (static_shapes or {}).items() if len(shape)}
+                uncached = {key: value for key, value in config.items() if key != "CACHE_DIR"}
+                model = _read(core, path, shapes, quantised, weights.values)
+                self.compiled = core.compile_model(model, options.device, uncached)
+                del model
+            else:
+                self.compiled = compile_onnx(core, path, options, config, static_shapes, identity, quantised)
         self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE"))
         # What the device runs: "f32", "bf16" or "f16" (for "auto", the plugin's choice).
         self.inference_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -408,6 +417,17 @@ class OpenVinoSession:
             self._pool.notify()
 
     def run(self, feeds: dict[str, np.ndarray], bound: BoundInputs | None = None) -> dict[str, np.ndarray]:
+        first = self._first_call
+        if first is not None:
+            with first:  # the first call runs alone, with the mapped pages released beside it; the others wait
+                if self._first_call is not None:
+                    with mapped_files.released_while(self._mapped_roots):
+                        outputs = self._run(feeds, bound)
+                    self._first_call = None
+                    return outputs
+        return self._run(feeds, bound)
+
+    def _run(self, feeds: dict[str, np.ndarray], bound: BoundInputs | None) -> dict[str, np.ndarray]:
         request = self._acquire()
         try:
             if bound is not None and self._bound_to.get(id(request)) is not bound.token:
