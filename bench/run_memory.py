@@ -39,7 +39,13 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
     parser.add_argument("--variant", default="auto")
     parser.add_argument("--output", type=Path, default=BENCH)
+    parser.add_argument(
+        "--note", action="append", default=[], metavar="NAME=TEXT", help="what a bundle is (kept with its rows)"
+    )
     arguments = parser.parse_args(argv)
+    for entry in arguments.note:
+        if "=" not in entry:
+            parser.error(f"--note {entry!r}: pass NAME=TEXT")
     for entry in arguments.bundles:
         if "=" not in entry or not Path(entry.split("=", 1)[1], "manifest.json").is_file():
             parser.error(f"{entry!r}: pass NAME=BUNDLE, BUNDLE a folder written by lcm-export")
@@ -91,8 +97,19 @@ def _machine_label(machine: dict[str, Any]) -> str:
     return f"{machine['cpu']} ({flags})"
 
 
+def code_version() -> str:
+    """The commit the measured code is at (``+`` when the work tree has changes), or "unknown"."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=BENCH, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    return commit + ("+" if git("status", "--porcelain", "--untracked-files=no") else "") if commit else "unknown"
+
+
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine": common.machine_info(), "size": arguments.size, "rows": []}
+    results: dict[str, Any] = {"machine": common.machine_info(), "size": arguments.size, "rows": [], "notes": {}}
     label = _machine_label(results["machine"])
     names = [entry.split("=", 1)[0] for entry in arguments.bundles]
     earlier = arguments.output / "run-memory-results.json"
@@ -102,7 +119,9 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
             before = _machine_label(previous.get("machine", results["machine"]))
             rows = [{"machine": before, **row} for row in previous.get("rows", [])]
             results["rows"] = [row for row in rows if row["bundle"] not in names or row["machine"] != label]
-    today = time.strftime("%Y-%m-%d")
+            results["notes"] = previous.get("notes", {})
+    results["notes"].update(dict(entry.split("=", 1) for entry in arguments.note))
+    today, code = time.strftime("%Y-%m-%d"), code_version()
     for entry in arguments.bundles:
         name, bundle = entry.split("=", 1)
         for backend in arguments.backends:
@@ -111,6 +130,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
                 for start in ("first", "warm"):
                     measured = measure_run(Path(bundle), backend, arguments, cache, work)
                     row = {"bundle": name, "backend": backend, "start": start, "date": today, "machine": label}
+                    row["code"] = code
                     results["rows"].append({**row, **measured})
                     print(json.dumps(results["rows"][-1])[:300], flush=True)
     return results
@@ -129,16 +149,24 @@ def section_lines(results: dict[str, Any]) -> list[str]:
         *(f"- {chr(ord('A') + index)}: {machine}" for index, machine in enumerate(machines)),
         "",
         "| bundle | backend | start | components | peak RSS (GB) | anonymous peak (GB) | process (s) | machine | "
-        "measured |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "measured | code |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         variants = ", ".join(f"{name} {variant}" for name, variant in (row.get("variants") or {}).items())
         lines.append(
             f"| {row['bundle']} | {row['backend']} | {row['start']} | {variants} | {row['peak_rss_gb']:.2f} | "
             f"{row.get('anon_peak_gb', float('nan')):.2f} | {row['seconds']:.0f} | "
-            f"{chr(ord('A') + machines.index(row['machine']))} | {row.get('date', 'earlier')} |"
+            f"{chr(ord('A') + machines.index(row['machine']))} | {row.get('date', 'earlier')} | "
+            f"{row.get('code', '—')} |"
         )
+    notes = {
+        name: text
+        for name, text in results.get("notes", {}).items()
+        if any(row["bundle"] == name for row in results["rows"])
+    }
+    if notes:
+        lines += ["", *(f"- {name}: {text}" for name, text in notes.items())]
     lines.append(SECTION_END)
     return lines
 

@@ -10,13 +10,13 @@ of the graph next to OpenVINO's (onnxruntime issue 20467: twice the memory); the
 ONNX directly, caches compiled blobs and has no such copy.
 
 When ``auto`` picks it (``auto_eligible``): only where the CPU plugin runs a float faster than f32 (bf16 on AVX-512
-BF16 / AMX, fp16 on AMX-FP16 / ARM fp16). Where it has only f32, onnxruntime is the faster and leaner choice:
-OpenVINO also holds the weights twice (the mapped blob and the copy re-laid out for its kernels) and loads slower.
-Measured: docs/design-notes.md#openvino.
+BF16 / AMX, fp16 on AMX-FP16 / ARM fp16). Where it has only f32, onnxruntime is the faster choice, and it loads
+faster. Measured: docs/design-notes.md#openvino.
 
 Dynamic shapes compile by path (``compile_model(path)``): a cache hit skips reading the model and keeps nothing of
 it. Static shapes are a little faster per call and move the weights' re-layout from the first call to the load. The
-cached blob is memory-mapped: its pages are file-backed and count in RSS next to the re-laid-out copy. Measured:
+cached blob is memory-mapped and the plugin copies the weights out of it for its kernels; the pages copied are
+released while it does (:mod:`.mapped_files`), so that they do not count in RSS beside the copy. Measured:
 docs/design-notes.md#openvino.
 
 An INT8 (QDQ) variant is read from the same file onnxruntime runs, with one change (:func:`float_layer_outputs`):
