@@ -569,6 +569,7 @@ def optimum_int8(job: dict[str, Any]) -> None:
     OVLatentConsistencyModelPipeline; OVStableDiffusionXLPipeline for an LCM-SDXL); ``vae_scale_factor`` (default 8):
     image size over latent size, for the decoder's example input.
     """
+    import gc
     import shutil
 
     import nncf
@@ -604,7 +605,12 @@ def optimum_int8(job: dict[str, Any]) -> None:
                 guidance_scale=float(guidance),
                 output_type="np",
             )
-    del pipe
+    # The recorder holds the compiled f32 U-Net's request: gone with the pipeline before NNCF compiles its own copy
+    # (kept, it took 5 GB of an SSD-1B-shaped U-Net's quantisation, which then ran out of 24 GB).
+    pipe.unet.request = request
+    del pipe, recording
+    request = None
+    gc.collect()
     unet = openvino.Core().read_model(str(ir / "unet" / "openvino_model.xml"))
     quantized = nncf.quantize(
         unet,
