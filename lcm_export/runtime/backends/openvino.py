@@ -362,9 +362,7 @@ class OpenVinoSession:
         # The files the plugin maps and copies its weights from (the cached blob or IR, the bundle's ONNX): their
         # pages are released while it copies them, in the compile and in the first call (where dynamic shapes
         # re-lay the weights out); see mapped_files.
-        self._mapped_roots = tuple(
-            root for root in (Path(config["CACHE_DIR"]) if "CACHE_DIR" in config else None, path.parent) if root
-        )
+        self._mapped_roots = tuple(Path(root) for root in (config.get("CACHE_DIR"), path.parent) if root)
         self._first_call = threading.Lock()  # held by the first call until it is over; then None
         self._input_names: frozenset[str] | None = None
         with mapped_files.released_while(self._mapped_roots):
