@@ -19,6 +19,7 @@ held-out prompts).
 from __future__ import annotations
 
 import gc
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,15 +29,16 @@ from typing import Any
 import numpy as np
 
 from lcm_export.calibration.control_images import CALIBRATION_SEED, HELD_OUT_SEED, control_images
-from lcm_export.calibration.onnx_qdq import QdqRecipe, quantize_qdq
+from lcm_export.calibration.onnx_qdq import QdqRecipe, RangeRecorder, quantize_qdq, ranges_ahead_supported
 from lcm_export.calibration.prompts import CALIBRATION_PROMPTS, HELD_OUT_PROMPTS
 from lcm_export.calibration.quality import psnr, ssim
 from lcm_export.calibration.trajectories import Trajectories, TrajectorySettings, load_sample, record_trajectories
 from lcm_export.runtime.backends import BackendOptions
 from lcm_export.runtime.backends.onnxruntime import OnnxRuntimeSession
 from lcm_export.runtime.denoiser import decoded_images
-from lcm_export.runtime.manifest import Artifact
+from lcm_export.runtime.manifest import Artifact, load_manifest
 from lcm_export.runtime.pipeline import Pipeline
+from lcm_export.runtime.variants import choose_variants
 
 INT8_VARIANT = "int8-qdq"
 INT8_FILE = "model-int8.onnx"
@@ -86,9 +88,12 @@ class Int8Settings:
     quantize_text_encoders: bool = False  # the text encoders' weights too, weight-only (calibration/weight_only.py)
 
 
-def _float_pipeline(bundle: Path) -> Pipeline:
-    """The float bundle as the runtime runs it (onnxruntime, fp32; no compile cache for a staging folder)."""
-    return Pipeline.load(bundle, backend="onnxruntime", variant="fp32", precision="fp32", cache=False, verify="size")
+def _float_pipeline(bundle: Path, sessions: dict[str, Any] | None = None) -> Pipeline:
+    """The float bundle as the runtime runs it (onnxruntime, fp32; no compile cache for a staging folder);
+    ``sessions`` run instead of those components' own (the U-Net's :class:`RangeRecorder`)."""
+    return Pipeline.load(
+        bundle, backend="onnxruntime", variant="fp32", precision="fp32", cache=False, verify="size", sessions=sessions
+    )
 
 
 def quantize_components(
@@ -96,42 +101,51 @@ def quantize_components(
 ) -> dict[str, Artifact]:
     """Record trajectories with the float bundle at ``bundle``, write ``unet/model-int8.onnx`` (and, where
     ``settings.quantize_decoder`` and the bundle's decoder is the full VAE, ``vae_decoder/model-int8.onnx``);
-    returns the variants by component (not yet in the manifest)."""
-    pipe = _float_pipeline(bundle)
-    info = pipe.manifest.pipeline
-    height, width = settings.height or info.default_height, settings.width or info.default_width
-    controlnets = pipe.manifest.controlnet.components if pipe.manifest.controlnet is not None else ()
-    floats = {name: pipe.variants[name].artifact for name in ("unet", "vae_decoder", *controlnets)}
-    encoders = [encoder.component for encoder in pipe.manifest.conditioning.text_encoders]
-    encoder_floats = (
-        {name: pipe.variants[name].artifact for name in encoders} if settings.quantize_text_encoders else {}
-    )
-    recorded = Trajectories([], [])
-    for guidance in CALIBRATION_GUIDANCE[info.guidance]:
-        trajectory = TrajectorySettings(
-            settings.prompts, settings.steps, guidance, height, width, settings.seed, len(controlnets)
+    returns the variants by component (not yet in the manifest).
+
+    The U-Net's activation ranges are gathered in the loop that records the trajectories: the loop runs the
+    U-Net as a :class:`RangeRecorder` (the float graph with a min and a max after every tensor to quantise), so
+    the U-Net calls are run once, not once to record and again to measure. Sets of trajectories found in the
+    cache are measured from their samples. The other components (the decoder, ControlNets) are measured on their
+    recorded samples afterwards (a few small calls).
+    """
+    import onnxruntime
+
+    from lcm_export.calibration.weight_only import quantize_weights_only
+
+    manifest = load_manifest(bundle, verify="size")
+    unet_float = choose_variants(manifest.components, ["unet"], "onnx", "fp32", bundle)["unet"].artifact
+    with tempfile.TemporaryDirectory(prefix="lcm-export-calibration-") as scratch:
+        started = time.perf_counter()
+        recorder = (
+            RangeRecorder(bundle / unet_float.path, settings.recipe, Path(scratch))
+            if ranges_ahead_supported()
+            else None
         )
-        label = f"calibration trajectories (guidance {guidance:g})"
-        step = (lambda done, total, label=label: progress(label, done, total)) if progress else None
-        recorded = recorded + record_trajectories(pipe, trajectory, progress=step)
-    del pipe
+        recorded, info, floats, calibration = _record(bundle, settings, progress, recorder)
+        ranges: dict[str, Any] = {}
+        if recorder is not None:
+            if recorder.calls != len(recorded.unet):  # some sets came from the cache: measure every sample
+                recorder.clear()
+                label = f"activation ranges of the U-Net on {len(recorded.unet)} U-Net calls"
+                for index, path in enumerate(recorded.unet):
+                    if progress:
+                        progress(label, index, len(recorded.unet))
+                    recorder.run(_as_float32(load_sample(path), recorder.input_names))
+                if progress:
+                    progress(label, len(recorded.unet), len(recorded.unet))
+            ranges["unet"] = recorder.ranges()
+            recorder.close()
+            del recorder
+            gc.collect()
+        ranges_seconds = time.perf_counter() - started
     samples = {"unet": recorded.unet}
     if settings.quantize_decoder and info.vae == "autoencoder_kl":
         samples["vae_decoder"] = recorded.vae_decoder
     if settings.quantize_controlnet:
         samples.update(recorded.controlnets)
-    calibration = {
-        "prompts": len(settings.prompts),
-        "steps": settings.steps,
-        "guidance": list(CALIBRATION_GUIDANCE[info.guidance]),
-        "size": [height, width],
-        "unet_calls": len(recorded.unet),
-        **({"control_images": CONTROL_IMAGES} if controlnets else {}),
-    }
-    import onnxruntime
-
-    from lcm_export.calibration.weight_only import quantize_weights_only
-
+    encoders = [encoder.component for encoder in manifest.conditioning.text_encoders]
+    encoder_floats = {name: floats[name] for name in encoders} if settings.quantize_text_encoders else {}
     variants = {}
     for name, paths in samples.items():
         component, samples_of = COMPONENT_LABELS.get(name, name), SAMPLE_LABELS.get(name, "calls")
@@ -150,7 +164,11 @@ def quantize_components(
             settings.recipe,
             progress=step,
             on_ranges=(lambda label=label: progress(label, 0, 1)) if progress else None,
+            ranges=ranges.get(name),
         )
+        if name in ranges:  # gathered in the trajectories' loop: that time is this component's calibration
+            report["ranges"] = "gathered in the loop that recorded the calibration trajectories"
+            report["seconds"] = round(report["seconds"] + ranges_seconds, 1)
         if name == "vae_decoder":  # its own share of the image error, on the first calibration latents
             report["decoded_psnr_db"] = _decoder_psnr(bundle / floats[name].path, output, paths[:2])
         if progress:
@@ -178,6 +196,47 @@ def quantize_components(
         produced_by = {"tool": "lcm_export.calibration.weight_only", "from": artifact.path, **report}
         variants[name] = _int8_variant(bundle, name, before, produced_by)
     return variants
+
+
+def _record(
+    bundle: Path,
+    settings: Int8Settings,
+    progress: Callable[[str, int, int], None] | None,
+    recorder: RangeRecorder | None,
+) -> tuple[Trajectories, Any, dict[str, Artifact], dict[str, Any]]:
+    """The calibration trajectories of the float bundle (its U-Net run as ``recorder`` where given), with the
+    pipeline's facts, the float variants by component and what the calibration ran; the pipeline is released."""
+    pipe = _float_pipeline(bundle, {"unet": recorder} if recorder is not None else None)
+    info = pipe.manifest.pipeline
+    height, width = settings.height or info.default_height, settings.width or info.default_width
+    controlnets = pipe.manifest.controlnet.components if pipe.manifest.controlnet is not None else ()
+    floats = {name: choice.artifact for name, choice in pipe.variants.items()}
+    recorded = Trajectories([], [])
+    for guidance in CALIBRATION_GUIDANCE[info.guidance]:
+        trajectory = TrajectorySettings(
+            settings.prompts, settings.steps, guidance, height, width, settings.seed, len(controlnets)
+        )
+        label = f"calibration trajectories (guidance {guidance:g})"
+        step = (lambda done, total, label=label: progress(label, done, total)) if progress else None
+        recorded = recorded + record_trajectories(pipe, trajectory, progress=step)
+    del pipe
+    gc.collect()
+    calibration = {
+        "prompts": len(settings.prompts),
+        "steps": settings.steps,
+        "guidance": list(CALIBRATION_GUIDANCE[info.guidance]),
+        "size": [height, width],
+        "unet_calls": len(recorded.unet),
+        **({"control_images": CONTROL_IMAGES} if controlnets else {}),
+    }
+    return recorded, info, floats, calibration
+
+
+def _as_float32(sample: dict[str, np.ndarray], inputs: frozenset[str]) -> dict[str, np.ndarray]:
+    """A recorded sample's feeds as the calibration graph reads them (np.require keeps a 0-d timestep 0-d)."""
+    return {
+        name: np.require(value, dtype=np.float32, requirements="C") for name, value in sample.items() if name in inputs
+    }
 
 
 def _int8_variant(bundle: Path, name: str, before: set[Path], produced_by: dict[str, Any]) -> Artifact:

@@ -156,6 +156,7 @@ def quantize_qdq(
     recipe: QdqRecipe | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_ranges: Callable[[], None] | None = None,
+    ranges: Any | None = None,
 ) -> dict[str, Any]:
     """Write the QDQ INT8 model of ``float_path`` to ``output_path`` (with ``<name>_data`` when over 2 GB).
 
@@ -164,11 +165,13 @@ def quantize_qdq(
     ``quantize_static`` loads the model again to rewrite it with those ranges. In one call ``quantize_static`` held
     the model, its augmented copy and the calibration session at once (measured: docs/design-notes.md).
 
+    ``ranges``: the activation ranges gathered already (a :class:`RangeRecorder`'s, run in the float loop that
+    recorded the samples): the first phase is skipped (``load`` and ``count`` are not read).
+
     ``progress(done, count)`` follows the samples through the ranges phase; ``on_ranges()`` is called when the
     ranges are known and the rewrite starts. Returns what the manifest records: the recipe, the float nodes, counts
     and the time it took.
     """
-    import inspect
     import tempfile
 
     import onnx
@@ -189,7 +192,9 @@ def quantize_qdq(
         **({"OpTypesToExcludeOutputQuantization": list(recipe.float_outputs)} if recipe.float_outputs else {}),
         **recipe.extra,
     }
-    two_phase = "calibration_cache_path" in inspect.signature(quantize_static).parameters  # onnxruntime >= 1.23
+    two_phase = ranges_ahead_supported()
+    if ranges is not None and not two_phase:
+        raise ValueError(f"onnxruntime {onnxruntime_version()} cannot quantise with ranges gathered ahead (>= 1.23)")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on the root logger: not the user's to read
@@ -200,7 +205,8 @@ def quantize_qdq(
                 from onnxruntime.quantization.calibrate import save_tensors_data
 
                 ranges_path = Path(scratch) / "ranges.json"
-                ranges = calibrate_ranges(float_path, reader, recipe, large, Path(scratch))
+                if ranges is None:
+                    ranges = calibrate_ranges(float_path, reader, recipe, large, Path(scratch))
                 save_tensors_data(ranges, ranges_path)
                 if on_ranges:
                     on_ranges()
@@ -238,40 +244,111 @@ def quantize_qdq(
     }
 
 
+def ranges_ahead_supported() -> bool:
+    """Whether this onnxruntime's ``quantize_static`` takes ranges computed beforehand (>= 1.23): what lets the
+    ranges be gathered apart from the rewrite, in their own phase or in the trajectories' loop."""
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def calibrate_ranges(float_path: Path, reader: _Reader, recipe: QdqRecipe, large: bool, scratch: Path) -> Any:
     """Activation ranges of every tensor the quantiser will read, over all of ``reader``'s samples
-    (onnxruntime's ``TensorsData``): per sample the tensor's min and max (ReduceMin/ReduceMax in the graph, so a
-    sample costs a few numbers of memory), merged as ``recipe.calibration`` says: "minmax" the extremes over all
-    samples, "mean-minmax" their means (NNCF's default for per-tensor activations: one outlying sample does not
+    (onnxruntime's ``TensorsData``): a :class:`RangeRecorder` run on each sample in turn."""
+    with RangeRecorder(float_path, recipe, scratch, large) as recorder:
+        reader.set_range(0, len(reader))
+        while (feeds := reader.get_next()) is not None:
+            recorder.run(feeds)
+        return recorder.ranges()
+
+
+class RangeRecorder:
+    """The model with a ReduceMin and a ReduceMax after every tensor the quantiser will read, run as a session:
+    ``run(feeds)`` returns the model's own outputs and keeps that call's min and max of each tensor (a few numbers
+    per tensor), so the ranges can be gathered in the loop that records the trajectories, with no second pass
+    over the samples. :meth:`ranges` merges the calls as ``recipe.calibration`` says: "minmax" the extremes over
+    all calls, "mean-minmax" their means (NNCF's default for per-tensor activations: one outlying call does not
     stretch the range for all).
 
-    onnxruntime's calibrator keeps the model it augmented in memory beside the session it runs; it is dropped as
-    soon as the augmented copy is on disk, so this phase holds one session and nothing else. The session is
-    :func:`calibration_session`'s, which frees each activation once its statistics are taken.
+    The augmentation and the merge are onnxruntime's own (``MinMaxCalibrater``); its copy of the model is dropped
+    as soon as the augmented one is on disk, so the recorder holds one session and nothing else, and the session is
+    :func:`calibration_session`'s, which frees each activation once its statistics are taken. The session runs the
+    graph unoptimised (a fusion would remove the tensors being measured): its outputs match the optimised float
+    session's to float rounding, not bit for bit.
     """
-    import gc
 
-    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+    def __init__(self, float_path: Path, recipe: QdqRecipe, scratch: Path, large: bool | None = None) -> None:
+        import gc
 
-    if recipe.calibration not in CALIBRATIONS:
-        raise ValueError(f"calibration {recipe.calibration!r}: one of {', '.join(CALIBRATIONS)}")
-    calibrator = MinMaxCalibrater(
-        Path(float_path),
-        list(recipe.op_types),
-        str(scratch / "augmented.onnx"),
-        use_external_data_format=large,
-        moving_average=recipe.calibration == "mean-minmax",  # with every sample in one batch: their mean
-    )
-    calibrator.augment_graph()
-    calibrator.model = None  # on disk now; collect_data and compute_data read only the session
-    gc.collect()
-    calibrator.infer_session = calibration_session(calibrator.augmented_model_path, calibrator.execution_providers)
-    reader.set_range(0, len(reader))
-    calibrator.collect_data(reader)
-    ranges = calibrator.compute_data()
-    del calibrator
-    gc.collect()
-    return ranges
+        import onnx
+        from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+        if recipe.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration {recipe.calibration!r}: one of {', '.join(CALIBRATIONS)}")
+        if large is None:
+            model = onnx.load(str(float_path), load_external_data=False)
+            large = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)
+            del model
+        calibrator = MinMaxCalibrater(
+            Path(float_path),
+            list(recipe.op_types),
+            str(Path(scratch) / "augmented.onnx"),
+            use_external_data_format=large,
+            moving_average=recipe.calibration == "mean-minmax",  # with every call in one batch: their mean
+        )
+        calibrator.augment_graph()
+        calibrator.model = None  # on disk now; the recorder reads only the session
+        gc.collect()
+        calibrator.infer_session = calibration_session(calibrator.augmented_model_path, calibrator.execution_providers)
+        self._outputs = [output.name for output in calibrator.infer_session.get_outputs()]
+        self._statistics = [name not in calibrator.model_original_outputs for name in self._outputs]
+        self._calibrator = calibrator
+        self.output_names = [name for name in self._outputs if name in calibrator.model_original_outputs]
+        self.input_names = frozenset(value.name for value in calibrator.infer_session.get_inputs())
+
+    @property
+    def calls(self) -> int:
+        """Calls whose statistics are kept."""
+        return len(self._calibrator.intermediate_outputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self._calibrator.infer_session.run(None, feeds)
+        statistics = [value if added else None for value, added in zip(values, self._statistics, strict=True)]
+        self._calibrator.intermediate_outputs.append(statistics)  # as MinMaxCalibrater.collect_data keeps them
+        named = zip(self._outputs, values, self._statistics, strict=True)
+        return {name: value for name, value, added in named if not added}
+
+    def clear(self) -> None:
+        """Forget the calls run so far."""
+        self._calibrator.clear_collected_data()
+
+    def ranges(self) -> Any:
+        """The merged ranges of the calls run so far (onnxruntime's ``TensorsData``)."""
+        if not self.calls:
+            raise ValueError("no call was run: nothing to calibrate on")
+        return self._calibrator.compute_data()
+
+    def close(self) -> None:
+        """Release the session (the augmented files stay in the caller's scratch folder)."""
+        self._calibrator.infer_session = None
+        self._calibrator = None
+
+    def __enter__(self) -> RangeRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        self.close()
+        gc.collect()
 
 
 def calibration_session(augmented_path: str | Path, providers: list[str]) -> Any:

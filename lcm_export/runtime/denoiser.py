@@ -63,6 +63,7 @@ class Denoiser:
         module: ModuleType,
         options: BackendOptions,
         variants: dict[str, VariantChoice],
+        sessions: dict[str, Session] | None = None,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -83,8 +84,13 @@ class Denoiser:
         self._prompt_lock = threading.Lock()
         self.weights_version = 0  # counts replace_sessions: what a frame loop's cached text encoding was made on
         self._memory_model = MemoryModel.from_bundle(bundle_dir)
+        given = sessions or {}
         for name in variants:
-            self._open(name)
+            if name in given:  # a caller's session over this variant's graph (the INT8 calibration's)
+                self._record_inputs(name)
+                self._sessions[name] = self.wrap_session(given[name])
+            else:
+                self._open(name)
 
     # -- sessions -------------------------------------------------------------------------------------------
 
@@ -99,11 +105,14 @@ class Denoiser:
         resolved = self.manifest.components[name].resolved(self._variants[name].artifact, hashes)
         extra = {"weights": weights} if weights else {}
         session = self._module.open_session(self.bundle_dir, resolved, self.options, self._static_shapes(name), **extra)
-        if not self._module.THREAD_SAFE:
-            session = LockedSession(session)
-        self._input_dtypes[name] = {t.name: np.dtype(t.dtype) for t in resolved.spec.inputs}
-        self._input_shapes[name] = {t.name: t.shape for t in resolved.spec.inputs}
-        return session
+        self._record_inputs(name)
+        return self.wrap_session(session)
+
+    def _record_inputs(self, name: str) -> None:
+        """Keep the input dtypes and shapes of ``name``'s chosen variant: what its calls are cast to."""
+        spec = self.manifest.components[name].spec.with_dtypes(self._variants[name].artifact.io_dtype)
+        self._input_dtypes[name] = {t.name: np.dtype(t.dtype) for t in spec.inputs}
+        self._input_shapes[name] = {t.name: t.shape for t in spec.inputs}
 
     @property
     def backend_module(self) -> ModuleType:

@@ -31,6 +31,7 @@ from lcm_export.errors import UserError
 from lcm_export.runtime.adapters import AdapterError, AdapterState, CallGuard, check_adapter_mode, one_weight_set
 from lcm_export.runtime.backends import (
     BackendOptions,
+    Session,
     backend_module,
     check_common_options,
     check_options,
@@ -100,6 +101,7 @@ class Pipeline:
         options: BackendOptions,
         variant: str = "auto",
         adapter_mode: str = "auto",
+        sessions: dict[str, Session] | None = None,
     ) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -116,7 +118,7 @@ class Pipeline:
             raise UserError(f"BUNDLE '{bundle_dir}' has no {', '.join(missing)}: re-export it")
         self._format = module.ARTIFACT_FORMAT
         chosen = choose_variants(manifest.components, needed, self._format, self.variant, bundle_dir)
-        self.denoiser = Denoiser(bundle_dir, manifest, module, options, chosen)
+        self.denoiser = Denoiser(bundle_dir, manifest, module, options, chosen, sessions)
         self.adapter_state = AdapterState(bundle_dir, manifest, adapter_mode)
         self.call_guard = CallGuard()
         self._streams: weakref.WeakSet[FrameStream] = weakref.WeakSet()  # a swap waits for none of them to hold frames
@@ -139,6 +141,7 @@ class Pipeline:
         low_memory: bool = False,
         adapters: dict[str | Path, float] | None = None,
         adapter_mode: str = "auto",
+        sessions: dict[str, Session] | None = None,
     ) -> Pipeline:
         """Load a bundle: validate the manifest, verify file hashes, check every option against the backend, choose
         one variant per component, open one session each.
@@ -166,6 +169,9 @@ class Pipeline:
           onnxruntime, float variants) or "rebuild" (merged into a new optimised session: no cost per call, a
           switch takes as long as a load).
           See :mod:`lcm_export.runtime.adapters`.
+        - ``sessions``: {component: session} run instead of opening those components (an object with
+          ``run(feeds) -> outputs`` over the chosen variant's graph and I/O; the INT8 calibration runs an
+          instrumented U-Net in the float bundle's own loop this way).
         """
         check_variant(variant)
         check_adapter_mode(adapter_mode)
@@ -188,7 +194,8 @@ class Pipeline:
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir, verify=verify)
         formats = {fmt for component in manifest.components.values() for fmt in component.artifacts}
-        pipeline = cls(bundle_dir, manifest, choose_backend(backend, formats), options, variant, adapter_mode)
+        backend = choose_backend(backend, formats)
+        pipeline = cls(bundle_dir, manifest, backend, options, variant, adapter_mode, sessions)
         if adapters:
             pipeline.set_adapters(adapters)
         return pipeline
