@@ -124,8 +124,10 @@ def quantize_components(
         )
         recorded, info, floats, calibration = _record(bundle, settings, progress, recorder)
         ranges: dict[str, Any] = {}
+        how = "gathered in the loop that recorded the calibration trajectories"
         if recorder is not None:
             if recorder.calls != len(recorded.unet):  # some sets came from the cache: measure every sample
+                how = "measured on the cached calibration samples"
                 recorder.clear()
                 label = f"activation ranges of the U-Net on {len(recorded.unet)} U-Net calls"
                 for index, path in enumerate(recorded.unet):
@@ -167,7 +169,7 @@ def quantize_components(
             ranges=ranges.get(name),
         )
         if name in ranges:  # gathered in the trajectories' loop: that time is this component's calibration
-            report["ranges"] = "gathered in the loop that recorded the calibration trajectories"
+            report["ranges"] = how
             report["seconds"] = round(report["seconds"] + ranges_seconds, 1)
         if name == "vae_decoder":  # its own share of the image error, on the first calibration latents
             report["decoded_psnr_db"] = _decoder_psnr(bundle / floats[name].path, output, paths[:2])

@@ -284,6 +284,32 @@ def test_trajectories_are_recorded_once_and_hold_the_cfg_batch(tiny_cfg_bundle, 
     assert again == recorded and not calls
 
 
+def test_the_unet_ranges_are_gathered_in_the_trajectories_loop(tiny_lcm_dir, tmp_path, monkeypatch) -> None:
+    """The U-Net runs once per calibration call: the loop that records the trajectories runs it instrumented and
+    keeps each call's ranges. A second export, whose trajectories come from the cache, measures them from the
+    samples instead, and writes the same INT8 U-Net, byte for byte."""
+    from lcm_export.calibration import onnx_qdq
+
+    monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(tmp_path / "cache"))
+    calls: list[int] = []  # the U-Net's (the decoder's ranges are measured on its 8 recorded inputs after)
+    run = onnx_qdq.RangeRecorder.run
+    monkeypatch.setattr(
+        onnx_qdq.RangeRecorder, "run", lambda self, feeds: calls.extend(["timestep" in feeds]) or run(self, feeds)
+    )
+    bundles, produced = [], []
+    for name in ("first", "cached"):
+        calls.clear()
+        bundle = export(tiny_lcm_dir, tmp_path / name, precision="int8")
+        unet = next(v for v in load_manifest(bundle).components["unet"].variants if v.precision == "int8")
+        assert sum(calls) == unet.produced_by["calibration"]["unet_calls"] == 8 * 4, name  # 8 prompts, 4 steps
+        bundles.append(bundle)
+        produced.append(unet)
+    assert produced[0].produced_by["ranges"] == "gathered in the loop that recorded the calibration trajectories"
+    assert produced[1].produced_by["ranges"] == "measured on the cached calibration samples"
+    for file in produced[0].files:
+        assert (bundles[0] / file).read_bytes() == (bundles[1] / file).read_bytes(), file
+
+
 def test_the_float_rule_finds_the_layers_it_names(int8_bundle) -> None:
     import onnx
 
