@@ -62,6 +62,43 @@ def test_each_module_is_loaded_for_its_component_and_freed_before_its_check(sdxl
     ]
 
 
+def test_a_module_loads_with_its_checkpoint_pages_released_and_the_same_weights(tiny_lcm_dir, tmp_path, monkeypatch):
+    """The exporter's load reclaims the checkpoint's mapped pages while the library copies from them (the
+    SDXL-shaped U-Net: 15.47 GB peak RSS without, 10.48 GB with), under the folders the process maps them from: the
+    module's folder and, where its files are links (the Hugging Face cache), their targets' folder. The weights
+    are the library's own load's."""
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from lcm_export.exporter import loading
+    from lcm_export.runtime.backends import mapped_files
+
+    folder, blobs = tmp_path / "snapshot" / "unet", tmp_path / "blobs"
+    folder.mkdir(parents=True)
+    blobs.mkdir()
+    for file in (tiny_lcm_dir / "unet").iterdir():  # laid out as the Hugging Face cache lays a snapshot out
+        (blobs / file.name).write_bytes(file.read_bytes())
+        (folder / file.name).symlink_to(blobs / file.name)
+    seen = []
+    released_while = mapped_files.released_while
+
+    def recording(roots, interval=mapped_files.INTERVAL_SECONDS, private=False):
+        seen.append((list(roots), private))
+        return released_while(roots, interval, private)
+
+    monkeypatch.setattr(mapped_files, "released_while", recording)
+    entry = json.loads((tiny_lcm_dir / "model_index.json").read_text())["unet"]
+    module = loading.load_module(folder, entry)
+
+    assert seen == [([folder.resolve(), blobs.resolve()], True)]
+    expected = UNet2DConditionModel.from_pretrained(str(tiny_lcm_dir / "unet"), torch_dtype=torch.float32)
+    ours, theirs = module.state_dict(), expected.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[key].dtype == torch.float32 and torch.equal(ours[key], theirs[key]) for key in ours)
+
+
 def test_a_released_module_is_not_loaded_again(tiny_lcm_dir) -> None:
     """Reloading from disk would silently drop what was done in memory (fused LoRAs, attention processors)."""
     from lcm_export.exporter.loading import load_pipeline

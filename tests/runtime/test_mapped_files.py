@@ -1,8 +1,9 @@
-"""Releasing resident pages of read-only file mappings (lcm_export.runtime.backends.mapped_files)."""
+"""Releasing resident pages of file mappings a process no longer reads (lcm_export.runtime.backends.mapped_files)."""
 
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def test_only_read_only_mappings_of_files_under_the_roots_are_chosen() -> None:
         (0x7F0000600000, 0x7F0000700000),
     ]
     assert mapped_files.read_only_mappings([], MAPS) == []
+    assert mapped_files.private_writable_mappings([Path("/cache"), Path("/bundle/")], MAPS) == [
+        (0x7F0000200000, 0x7F0000300000)
+    ]
 
 
 def _resident_kb(path: Path) -> int:
@@ -79,3 +83,35 @@ def test_release_drops_resident_pages_and_the_contents_read_back_the_same(tmp_pa
 
 def test_release_of_folders_nothing_maps_advises_nothing(tmp_path) -> None:
     assert mapped_files.release([tmp_path]) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
+def test_private_release_reclaims_unchanged_pages_of_a_copy_on_write_map_and_keeps_a_changed_one(tmp_path) -> None:
+    """How torch maps a safetensors checkpoint (MAP_PRIVATE, writable): the pages still as the file has them leave
+    the RSS and read back the same; a page this process changed keeps its change."""
+    pages = 256
+    data = np.random.default_rng(1).integers(0, 256, pages * PAGE, dtype=np.uint8)
+    checkpoint = tmp_path / "unet" / "weights.safetensors"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(data.tobytes())
+    with checkpoint.open("r+b") as file:
+        os.fsync(file.fileno())  # clean in the page cache, as a checkpoint on disk is: reclaim skips dirty pages
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        view = None
+        try:
+            view = np.frombuffer(mapping, dtype=np.uint8)
+            assert int(view.sum()) == int(data.sum())  # every page touched
+            mapping[:PAGE] = b"\x07" * PAGE  # a private change: in this process only, never in the file
+            assert _resident_kb(checkpoint) >= pages * PAGE // 1024
+            assert mapped_files.release([checkpoint.parent]) == 0  # not read-only: left alone by default
+
+            advised = mapped_files.release([checkpoint.parent], private=True)
+
+            assert advised == pages * PAGE
+            assert _resident_kb(checkpoint) < pages * PAGE // 1024 // 4
+            assert mapping[:PAGE] == b"\x07" * PAGE
+            np.testing.assert_array_equal(view[PAGE:], data[PAGE:])
+        finally:
+            del view
+            mapping.close()
+    assert checkpoint.read_bytes() == data.tobytes()
