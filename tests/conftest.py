@@ -10,9 +10,13 @@ from lcm_export.exporter.tiny import TinyPipelineConfig, build_tiny_pipeline
 from tests.helpers import OTHER_SDXL, export
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lcm-cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """The caches of this run, never the user's: session-wide, so that the module and session fixtures (INT8
+    bundles record calibration trajectories) are set up inside it too; a function-scoped one came after them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LCM_EXPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lcm-cache"))
+        yield
 
 
 @pytest.fixture(scope="session")

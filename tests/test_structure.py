@@ -322,3 +322,18 @@ def test_the_circle_finder_finds_a_function_local_circle(tmp_path: Path) -> None
     graph = import_graph(modules)
     assert graph == {"a": {"low", "b"}, "b": {"a"}, "c": {"low"}, "low": set()}
     assert import_circles(graph) == [["a", "b"]]
+
+
+@pytest.fixture(scope="module")
+def cache_seen_by_a_module_fixture() -> Path:
+    """What a module-scoped fixture (the INT8 bundles' exports) resolves the cache to while it is set up."""
+    from lcm_export.runtime.cache import cache_root
+
+    return cache_root()
+
+
+def test_fixtures_of_every_scope_use_this_run_s_cache(cache_seen_by_a_module_fixture, tmp_path_factory) -> None:
+    """Never the user's cache: an export's calibration trajectories would land there, and a later run would read
+    them instead of recording its own."""
+    base = tmp_path_factory.getbasetemp()
+    assert cache_seen_by_a_module_fixture.is_relative_to(base), cache_seen_by_a_module_fixture
