@@ -85,6 +85,12 @@ class Denoiser:
         self.weights_version = 0  # counts replace_sessions: what a frame loop's cached text encoding was made on
         self._memory_model = MemoryModel.from_bundle(bundle_dir)
         given = sessions or {}
+        unknown = sorted(set(given) - set(variants))
+        if unknown:
+            raise UserError(
+                f"sessions={{{', '.join(repr(name) for name in unknown)}: ...}}: not a component this pipeline opens "
+                f"(it opens {', '.join(variants)})"
+            )
         for name in variants:
             if name in given:  # a caller's session over this variant's graph (the INT8 calibration's)
                 self._record_inputs(name)

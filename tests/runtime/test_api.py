@@ -81,6 +81,7 @@ def test_variant_rules_on_a_component_with_several_variants(tiny_lcm_bundle: Pat
         ({"static_shape": (1, 32)}, r"static_shape=\(1, 32\): pass \(batch, height, width\)"),
         ({"static_shape": 5}, r"static_shape=5: pass \(batch, height, width\)"),
         ({"backend": "onnx"}, r"backend 'onnx' is unknown"),
+        ({"sessions": {"unett": None}}, r"sessions=\{'unett': ...\}: not a component this pipeline opens \(it opens "),
     ],
 )
 def test_every_load_option_is_checked_against_the_backend(tiny_lcm_bundle: Path, options, message) -> None:
