@@ -128,14 +128,12 @@ def quantize_components(
         if recorder is not None:
             if recorder.calls != len(recorded.unet):  # some sets came from the cache: measure every sample
                 how = "measured on the cached calibration samples"
-                recorder.clear()
                 label = f"activation ranges of the U-Net on {len(recorded.unet)} U-Net calls"
-                for index, path in enumerate(recorded.unet):
-                    if progress:
-                        progress(label, index, len(recorded.unet))
-                    recorder.run(_as_float32(load_sample(path), recorder.input_names))
-                if progress:
-                    progress(label, len(recorded.unet), len(recorded.unet))
+                recorder.measure_samples(
+                    lambda i: load_sample(recorded.unet[i]),
+                    len(recorded.unet),
+                    (lambda done, total: progress(label, done, total)) if progress else None,
+                )
             ranges["unet"] = recorder.ranges()
             recorder.close()
             del recorder
@@ -232,13 +230,6 @@ def _record(
         **({"control_images": CONTROL_IMAGES} if controlnets else {}),
     }
     return recorded, info, floats, calibration
-
-
-def _as_float32(sample: dict[str, np.ndarray], inputs: frozenset[str]) -> dict[str, np.ndarray]:
-    """A recorded sample's feeds as the calibration graph reads them (np.require keeps a 0-d timestep 0-d)."""
-    return {
-        name: np.require(value, dtype=np.float32, requirements="C") for name, value in sample.items() if name in inputs
-    }
 
 
 def _int8_variant(bundle: Path, name: str, before: set[Path], produced_by: dict[str, Any]) -> Artifact:

@@ -182,7 +182,7 @@ def quantize_qdq(
     model = onnx.load(str(float_path), load_external_data=False)
     keep = float_nodes(model, recipe.keep_float)
     inputs = [value.name for value in model.graph.input]
-    large = any(initializer.data_location == onnx.TensorProto.EXTERNAL for initializer in model.graph.initializer)
+    large = has_external_data(model)
     del model
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     reader = _Reader(load, count, inputs, progress)
@@ -194,7 +194,7 @@ def quantize_qdq(
     }
     two_phase = ranges_ahead_supported()
     if ranges is not None and not two_phase:
-        raise ValueError(f"onnxruntime {onnxruntime_version()} cannot quantise with ranges gathered ahead (>= 1.23)")
+        raise ValueError("this onnxruntime cannot quantise with ranges gathered ahead (>= 1.23 can)")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on the root logger: not the user's to read
@@ -254,19 +254,18 @@ def ranges_ahead_supported() -> bool:
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
-def onnxruntime_version() -> str:
-    import onnxruntime
+def has_external_data(model: Any) -> bool:
+    """Whether an ONNX model (loaded without its external data) keeps weights in files beside it."""
+    import onnx
 
-    return onnxruntime.__version__
+    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)
 
 
 def calibrate_ranges(float_path: Path, reader: _Reader, recipe: QdqRecipe, large: bool, scratch: Path) -> Any:
     """Activation ranges of every tensor the quantiser will read, over all of ``reader``'s samples
     (onnxruntime's ``TensorsData``): a :class:`RangeRecorder` run on each sample in turn."""
     with RangeRecorder(float_path, recipe, scratch, large) as recorder:
-        reader.set_range(0, len(reader))
-        while (feeds := reader.get_next()) is not None:
-            recorder.run(feeds)
+        recorder.measure(reader)
         return recorder.ranges()
 
 
@@ -294,9 +293,7 @@ class RangeRecorder:
         if recipe.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration {recipe.calibration!r}: one of {', '.join(CALIBRATIONS)}")
         if large is None:
-            model = onnx.load(str(float_path), load_external_data=False)
-            large = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)
-            del model
+            large = has_external_data(onnx.load(str(float_path), load_external_data=False))
         calibrator = MinMaxCalibrater(
             Path(float_path),
             list(recipe.op_types),
@@ -325,6 +322,22 @@ class RangeRecorder:
         self._calibrator.intermediate_outputs.append(statistics)  # as MinMaxCalibrater.collect_data keeps them
         named = zip(self._outputs, values, self._statistics, strict=True)
         return {name: value for name, value, added in named if not added}
+
+    def measure(self, reader: _Reader) -> None:
+        """Run every sample of ``reader`` (its progress follows them)."""
+        reader.set_range(0, len(reader))
+        while (feeds := reader.get_next()) is not None:
+            self.run(feeds)
+
+    def measure_samples(
+        self,
+        load: Callable[[int], dict[str, np.ndarray]],
+        count: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Forget the calls run so far and run recorded samples ``load(0)`` .. ``load(count - 1)`` instead."""
+        self.clear()
+        self.measure(_Reader(load, count, sorted(self.input_names), progress))
 
     def clear(self) -> None:
         """Forget the calls run so far."""

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from lcm_export.calibration.onnx_qdq import has_external_data
+
 LEVELS = 127  # symmetric int8: [-127, 127], scale = max|W| / 127 per output channel
 MIN_ELEMENTS = 256  # smaller weights stay float (a CLIP-L layer has 590k elements)
 # With external data, the int8 weights and float tensors from this size go beside the .onnx; every scale and zero
@@ -41,7 +43,7 @@ def quantize_weights_only(float_path: Path, output_path: Path, external_data: bo
 
     model = onnx.load(str(float_path), load_external_data=False)  # parsed once: where its weights are, then them
     if external_data is None:
-        external_data = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)
+        external_data = has_external_data(model)
     load_external_data_for_model(model, str(float_path.parent))  # the weights are read and rewritten
     graph = model.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
