@@ -795,7 +795,7 @@ def _add_int8_variants(
     float variants stay as second ones with ``keep_fp32``. The quality report is the U-Net's variant's."""
     from tqdm.auto import tqdm
 
-    from lcm_export.calibration.int8 import quality_report, quantize_components
+    from lcm_export.calibration.int8 import REPORT_BUDGET_SHARE, quality_report, quantize_components
 
     write_manifest(components, "onnx")  # the float ONNX bundle, complete: what the calibration runs
     settings = config.int8_settings(
@@ -827,9 +827,9 @@ def _add_int8_variants(
     if max_file_bytes is not None:  # onnxruntime's quantizer writes one "<name>.data" of any size
         int8 = {name: _with_files_at_most(staging, variant, max_file_bytes) for name, variant in int8.items()}
     write_manifest(with_int8(int8, keep_float=True), "onnx")
-    # The report takes at most the quantisation's own time (its runs at the bundle's size can cost more).
+    # The report takes at most half the quantisation's time (its runs at the bundle's size can cost more).
     quantisation_seconds = sum(variant.produced_by.get("seconds", 0.0) for variant in int8.values())
-    report = quality_report(staging, settings, progress, budget_seconds=quantisation_seconds)
+    report = quality_report(staging, settings, progress, budget_seconds=REPORT_BUDGET_SHARE * quantisation_seconds)
     for bar in bars.values():
         bar.close()
     int8["unet"] = dataclasses.replace(int8["unet"], details={**int8["unet"].details, "quality": report})

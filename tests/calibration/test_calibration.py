@@ -92,8 +92,17 @@ def test_the_int8_unet_is_quantised_and_listed_first(int8_bundle) -> None:
 
 
 def test_quality_report_in_the_manifest(int8_bundle) -> None:
-    report = load_manifest(int8_bundle).components["unet"].variants[0].details["quality"]
+    manifest = load_manifest(int8_bundle)
+    report = manifest.components["unet"].variants[0].details["quality"]
     assert set(report["sets"]) == {"calibration", "held_out"}
+    # its budget is half the quantisation's time (the components' calibration seconds), at most what it planned
+    quantisation = sum(
+        component.variants[0].produced_by.get("seconds", 0.0)
+        for component in manifest.components.values()
+        if component.variants[0].precision == "int8"
+    )
+    assert report["budget_seconds"] == pytest.approx(0.5 * quantisation, abs=0.2), (report, quantisation)
+    assert 4 <= report["runs"] <= report["runs_planned"] == 12, report
     for per_guidance in report["sets"].values():
         assert set(per_guidance) == {"4", "8.5"}
         for scores in per_guidance.values():
