@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lcm_export.runtime import Pipeline
 from tests.helpers import random_inputs
@@ -29,6 +32,37 @@ def test_second_load_opens_the_saved_optimised_graph(tiny_lcm_bundle, tmp_path, 
     latents, noise = random_inputs((1, 4, 16, 24), steps=4, seed=2)
     expected = first("a cat", latents=latents, noise=noise).images
     assert np.abs(second("a cat", latents=latents, noise=noise).images - expected).max() < 1e-5
+
+
+def _mapped_files(root: Path) -> set[Path]:
+    """Files under ``root`` this process maps (/proc/self/maps)."""
+    mapped = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(str(root)):
+            mapped.add(Path(fields[5]))
+    return mapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps is Linux's")
+def test_the_first_start_runs_on_the_saved_copy(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
+    """The session that optimised a graph (weights and packed copies in its heap) is replaced by the copy it saved,
+    whose weights are mapped from the cache as at every later start."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(cache))
+    first = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    assert not any(session.loaded_from_cache for session in first.denoiser.sessions.values())
+    weights = {path for path in _files(cache / "onnxruntime") if path.name == "model.onnx_data"}
+    assert len(weights) == 3  # one per component
+    assert weights <= _mapped_files(cache.resolve())
+    latents, noise = random_inputs((1, 4, 16, 24), steps=4, seed=4)
+    image = first("a cat", latents=latents, noise=noise).images
+    del first
+    gc.collect()
+    assert not _mapped_files(cache.resolve())  # nothing of the first start is held once it is gone
+    second = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    assert all(session.loaded_from_cache for session in second.denoiser.sessions.values())
+    assert np.array_equal(second("a cat", latents=latents, noise=noise).images, image)
 
 
 def test_a_broken_cache_entry_is_rebuilt(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:

@@ -164,23 +164,27 @@ def test_low_memory_is_a_load_option_in_the_report(tiny_lcm_bundle, tmp_path, ca
     assert (tmp_path / "low.png").stat().st_size > 0
 
 
-def test_onnxruntime_backend_profile(tiny_lcm_bundle, tmp_path, cache) -> None:
-    folder = tmp_path / "ort"
-    result = lcm_run(
-        tiny_lcm_bundle, "a cat", "--profile", "--runs", "1", "--warmup", "0", "--backend", "onnxruntime",
-        "--backend-profile", folder, "-q", cache=cache,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    traces = sorted(folder.glob("onnxruntime_*.json"))
-    assert {path.name.split("_2")[0] for path in traces} == {
-        "onnxruntime_text_encoder",
-        "onnxruntime_unet",
-        "onnxruntime_vae_decoder",
-    }
-    for path in traces:
-        events = json.loads(path.read_text())
-        assert isinstance(events, list) and events
-        assert any(event.get("cat") == "Node" for event in events), path.name
+def test_onnxruntime_backend_profile(tiny_lcm_bundle, tmp_path) -> None:
+    """One trace per component, at the first start (the optimising session is replaced by the cached copy, and
+    only the kept one is profiled) and at a later start from the cache."""
+    cache = tmp_path / "cache"
+    for start in ("first", "warm"):
+        folder = tmp_path / start
+        result = lcm_run(
+            tiny_lcm_bundle, "a cat", "--profile", "--runs", "1", "--warmup", "0", "--backend", "onnxruntime",
+            "--backend-profile", folder, "-q", cache=cache,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        traces = sorted(folder.glob("onnxruntime_*.json"))
+        assert sorted(path.name.split("_2")[0] for path in traces) == [
+            "onnxruntime_text_encoder",
+            "onnxruntime_unet",
+            "onnxruntime_vae_decoder",
+        ], start
+        for path in traces:
+            events = json.loads(path.read_text())
+            assert isinstance(events, list) and events
+            assert any(event.get("cat") == "Node" for event in events), (start, path.name)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")

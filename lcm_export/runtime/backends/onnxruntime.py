@@ -4,7 +4,9 @@ On the CPU provider, the graph onnxruntime optimises at the first load (fusions 
 vector width, weights already re-laid out, MatMul weights pre-packed) is saved into the user cache, keyed by the
 ONNX file's sha256, onnxruntime's version and the CPU; later loads open that file with graph optimisations off and
 map its weights from disk instead of copying them: many times faster, with the same run time and outputs and the
-weights as file pages the kernel can drop. Only onnxruntime's own CPU optimisations are used: its transformers
+weights as file pages the kernel can drop. The first load, too, runs on the saved copy: the session that optimised
+the graph (its weights in the heap) is replaced by one opened from the file it wrote
+(docs/design-notes.md#onnxruntime-first-start). Only onnxruntime's own CPU optimisations are used: its transformers
 Stable Diffusion optimizer mostly emits contrib ops with CUDA kernels only, and its attention fusion alone (CPU
 kernels) gains a few percent but needs the ``onnx`` package at load (not a runtime dependency), a long first load
 and a patch under numpy 2. ``static_shapes`` are not used: fixing the free dimensions gained nothing. Measured:
@@ -24,7 +26,7 @@ import json
 import os
 import shutil
 import threading
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -105,19 +107,28 @@ class OnnxRuntimeSession:
         cached under ``identity``."""
         import onnxruntime
 
-        session_options = onnxruntime.SessionOptions()
-        session_options.log_severity_level = 3
-        if options.threads:
-            session_options.intra_op_num_threads = options.threads
-        # Each session's arena keeps its largest working set for the next run, so the peak is the sum over the
-        # components; without arenas it is the largest one (measured: docs/design-notes.md#onnxruntime).
-        session_options.enable_cpu_mem_arena = not options.low_memory
         self.profiling_dir = Path(options.profiling_dir) if options.profiling_dir else None
-        if self.profiling_dir is not None:
-            # onnxruntime's own profiler: a Chrome-trace JSON of every node run, written by end_profiling().
-            self.profiling_dir.mkdir(parents=True, exist_ok=True)
-            session_options.enable_profiling = True
-            session_options.profile_file_prefix = str(self.profiling_dir / f"onnxruntime_{name}")
+
+        def profile(session_options) -> None:
+            if self.profiling_dir is not None:
+                # onnxruntime's own profiler: a Chrome-trace JSON of every node run, written by end_profiling().
+                self.profiling_dir.mkdir(parents=True, exist_ok=True)
+                session_options.enable_profiling = True
+                session_options.profile_file_prefix = str(self.profiling_dir / f"onnxruntime_{name}")
+
+        def new_options(profiled: bool = True):
+            session_options = onnxruntime.SessionOptions()
+            session_options.log_severity_level = 3
+            if options.threads:
+                session_options.intra_op_num_threads = options.threads
+            # Each session's arena keeps its largest working set for the next run, so the peak is the sum over the
+            # components; without arenas it is the largest one (measured: docs/design-notes.md#onnxruntime).
+            session_options.enable_cpu_mem_arena = not options.low_memory
+            if profiled:
+                profile(session_options)
+            return session_options
+
+        session_options = new_options()
         providers: list = ["CPUExecutionProvider"]
         gpu = cuda_device_id(options.device)
         if gpu is not None:  # check_device made sure the provider exists
@@ -133,6 +144,10 @@ class OnnxRuntimeSession:
                 self.loaded_from_cache = True
             except Exception:  # an unreadable cache entry (disk full at write, a newer format): rebuild it
                 shutil.rmtree(cached.parent, ignore_errors=True)
+        if not self.loaded_from_cache and cached is not None:
+            # This session is replaced by the cached copy it writes (below); a profiled session writes its trace
+            # when it is destroyed, so only the one kept is profiled.
+            session_options = new_options(profiled=False)
         if not self.loaded_from_cache and model_bytes is not None:
             # Set only now: the cached copy's external data (weights and pre-packed blobs) sits beside it, and
             # with this entry its open would read the bundle's file at the cached offsets and fail.
@@ -153,7 +168,15 @@ class OnnxRuntimeSession:
                 # The optimised copy could not be saved (a full cache disk): this load runs uncached.
                 warn_cache_unwritable(cached.parent.parent, error, needed=path.stat().st_size)
                 session_options.optimized_model_filepath = ""
+                profile(session_options)
                 self.session = onnxruntime.InferenceSession(model, session_options, providers=providers)
+            if cached is not None and cached.is_file():
+                # The session just optimised holds its weights and their packed copies in the heap; the copy it
+                # saved maps them from the file, as every later start does. That copy replaces it (its open maps
+                # the weights without reading them, so both are held only briefly): the first start's memory is
+                # then a later start's (docs/design-notes.md#onnxruntime-first-start).
+                with suppress(Exception):  # not expected (it was just written): the session just built stays
+                    self.session = _open_optimized(onnxruntime, cached, new_options(), providers)
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.input_names = frozenset(value.name for value in self.session.get_inputs())
 
