@@ -20,13 +20,15 @@ every call). Measured: docs/design-notes.md#onnxruntime.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import threading
-from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -157,26 +159,39 @@ class OnnxRuntimeSession:
             )
         if not self.loaded_from_cache:
             session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            try:
-                with cache_entry_writer(cached.parent) if cached is not None else nullcontext() as staging:
-                    if staging is not None:
-                        _save_optimized_into(session_options, staging / cached.name)
-                    self.session = onnxruntime.InferenceSession(model, session_options, providers=providers)
-            except Exception as error:
-                if cached is None:
-                    raise
-                # The optimised copy could not be saved (a full cache disk): this load runs uncached.
-                warn_cache_unwritable(cached.parent.parent, error, needed=path.stat().st_size)
+
+            def build_uncached():
                 session_options.optimized_model_filepath = ""
                 profile(session_options)
+                return onnxruntime.InferenceSession(model, session_options, providers=providers)
+
+            if cached is None:
                 self.session = onnxruntime.InferenceSession(model, session_options, providers=providers)
-            if cached is not None and cached.is_file():
-                # The session just optimised holds its weights and their packed copies in the heap; the copy it
-                # saved maps them from the file, as every later start does. That copy replaces it (its open maps
-                # the weights without reading them, so both are held only briefly): the first start's memory is
-                # then a later start's (docs/design-notes.md#onnxruntime-first-start).
-                with suppress(Exception):  # not expected (it was just written): the session just built stays
-                    self.session = _open_optimized(onnxruntime, cached, new_options(), providers)
+            else:
+                try:
+                    with cache_entry_writer(cached.parent) as staging:
+                        _save_optimized_into(session_options, staging / cached.name)
+                        optimising = onnxruntime.InferenceSession(model, session_options, providers=providers)
+                except Exception as error:
+                    # The optimised copy could not be saved (a full cache disk): this load runs uncached.
+                    warn_cache_unwritable(cached.parent.parent, error, needed=path.stat().st_size)
+                    self.session = build_uncached()
+                else:
+                    if cached.is_file():
+                        # The optimising session holds the weights and their packed copies in the heap; the copy
+                        # it saved has them in a file that every later start maps. It is dropped (and the heap it
+                        # freed given back) before that copy is opened in its place, so that the two are never
+                        # held at once: the first start then holds what a later one does
+                        # (docs/design-notes.md#onnxruntime-first-start).
+                        del optimising
+                        _return_freed_heap()
+                        try:
+                            self.session = _open_optimized(onnxruntime, cached, new_options(), providers)
+                        except Exception:  # not expected (this onnxruntime just wrote it): load uncached
+                            shutil.rmtree(cached.parent, ignore_errors=True)
+                            self.session = build_uncached()
+                    else:  # onnxruntime saved nothing (it skips some graphs): the optimising session stays
+                        self.session = optimising if self.profiling_dir is None else build_uncached()
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.input_names = frozenset(value.name for value in self.session.get_inputs())
 
@@ -297,6 +312,20 @@ def optimized_model_path(path: Path, options: BackendOptions, identity: str | No
         [identity or file_identity(path), onnxruntime.__version__, _cpu_identity(), "ORT_ENABLE_ALL+prepacked"]
     )
     return cache / hashlib.sha256(key.encode()).hexdigest()[:32] / "model.onnx"
+
+
+def _return_freed_heap() -> None:
+    """Give the heap pages malloc holds free back to the system (glibc's ``malloc_trim``): the optimising session's
+    weights were allocated in pieces below glibc's mmap threshold, and freed they stay in the process's heap
+    (measured: docs/design-notes.md#onnxruntime-first-start). Nothing is done where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError):  # another libc (musl has no malloc_trim)
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def _open_optimized(onnxruntime, cached: Path, session_options, providers: list[str]):
