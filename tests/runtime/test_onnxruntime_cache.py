@@ -65,6 +65,27 @@ def test_the_first_start_runs_on_the_saved_copy(tiny_lcm_bundle, tmp_path, monke
     assert np.array_equal(second("a cat", latents=latents, noise=noise).images, image)
 
 
+def test_a_saved_copy_that_does_not_open_leaves_an_uncached_load(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
+    """Opening the copy the first load just saved is not expected to fail; if it does, the load still works,
+    optimised without the cache, and the entry is removed so that the next load writes it again."""
+    from lcm_export.runtime.backends import onnxruntime as backend
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(cache))
+    reference = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime", cache=False)
+
+    def refuse(*arguments, **keywords):
+        raise RuntimeError("cannot open")
+
+    monkeypatch.setattr(backend, "_open_optimized", refuse)
+    runtime = Pipeline.load(tiny_lcm_bundle, backend="onnxruntime")
+    assert not any(session.loaded_from_cache for session in runtime.denoiser.sessions.values())
+    assert not [path for path in _files(cache / "onnxruntime") if path.name == "model.onnx"]
+    latents, noise = random_inputs((1, 4, 16, 24), steps=4, seed=5)
+    expected = reference("a cat", latents=latents, noise=noise).images
+    assert np.abs(runtime("a cat", latents=latents, noise=noise).images - expected).max() < 1e-5
+
+
 def test_a_broken_cache_entry_is_rebuilt(tiny_lcm_bundle, tmp_path, monkeypatch) -> None:
     cache = tmp_path / "cache"
     monkeypatch.setenv("LCM_EXPORT_CACHE_DIR", str(cache))
