@@ -130,54 +130,55 @@ class OnnxRuntimeSession:
                 profile(session_options)
             return session_options
 
-        session_options = new_options()
         providers: list = ["CPUExecutionProvider"]
         gpu = cuda_device_id(options.device)
         if gpu is not None:  # check_device made sure the provider exists
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         cached = optimized_model_path(path, options, identity) if gpu is None and not weights else None
-        model: str | bytes = str(path)
-        if weights:
-            model, self._replaced = _with_weights(onnxruntime, path, session_options, weights)
         self.loaded_from_cache = False
         if cached is not None and cached.is_file():
             try:
-                self.session = _open_optimized(onnxruntime, cached, session_options, providers)
+                self.session = _open_optimized(onnxruntime, cached, new_options(), providers)
                 self.loaded_from_cache = True
             except Exception:  # an unreadable cache entry (disk full at write, a newer format): rebuild it
                 shutil.rmtree(cached.parent, ignore_errors=True)
-        if not self.loaded_from_cache and cached is not None:
-            # This session is replaced by the cached copy it writes (below); a profiled session writes its trace
-            # when it is destroyed, so only the one kept is profiled.
-            session_options = new_options(profiled=False)
-        if not self.loaded_from_cache and model_bytes is not None:
-            # Set only now: the cached copy's external data (weights and pre-packed blobs) sits beside it, and
-            # with this entry its open would read the bundle's file at the cached offsets and fail.
-            model = model_bytes
-            session_options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(path.parent)
-            )
         if not self.loaded_from_cache:
+            # A session that writes the cached copy is replaced by that copy (below); onnxruntime writes a profiled
+            # session's trace when it is destroyed, so only the session kept is profiled.
+            session_options = new_options(profiled=cached is None)
             session_options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+            model: str | bytes = str(path)
+            if weights:
+                model, self._replaced = _with_weights(onnxruntime, path, session_options, weights)
+            if model_bytes is not None:  # its external data is the bundle's, beside ``path``
+                model = model_bytes
+                session_options.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", str(path.parent)
+                )
+
+            def build():
+                return onnxruntime.InferenceSession(model, session_options, providers=providers)
 
             def build_uncached():
                 session_options.optimized_model_filepath = ""
                 profile(session_options)
-                return onnxruntime.InferenceSession(model, session_options, providers=providers)
+                return build()
 
             if cached is None:
-                self.session = onnxruntime.InferenceSession(model, session_options, providers=providers)
+                self.session = build()
             else:
                 try:
                     with cache_entry_writer(cached.parent) as staging:
                         _save_optimized_into(session_options, staging / cached.name)
-                        optimising = onnxruntime.InferenceSession(model, session_options, providers=providers)
+                        optimising = build()
                 except Exception as error:
                     # The optimised copy could not be saved (a full cache disk): this load runs uncached.
                     warn_cache_unwritable(cached.parent.parent, error, needed=path.stat().st_size)
                     self.session = build_uncached()
                 else:
-                    if cached.is_file():
+                    if not cached.is_file():  # onnxruntime saved nothing (it skips some graphs): the session stays
+                        self.session = optimising if self.profiling_dir is None else build_uncached()
+                    else:
                         # The optimising session holds the weights and their packed copies in the heap; the copy
                         # it saved has them in a file that every later start maps. It is dropped (and the heap it
                         # freed given back) before that copy is opened in its place, so that the two are never
@@ -190,8 +191,6 @@ class OnnxRuntimeSession:
                         except Exception:  # not expected (this onnxruntime just wrote it): load uncached
                             shutil.rmtree(cached.parent, ignore_errors=True)
                             self.session = build_uncached()
-                    else:  # onnxruntime saved nothing (it skips some graphs): the optimising session stays
-                        self.session = optimising if self.profiling_dir is None else build_uncached()
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.input_names = frozenset(value.name for value in self.session.get_inputs())
 
